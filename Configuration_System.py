@@ -1,0 +1,511 @@
+"""The configuration tree: one dataclass per section, YAML loading, validation, overrides, dump.
+
+Every key has a type, a default, a one-line help text and (where it matters) a range or a set of
+choices, declared once on the field. Loading rejects unknown keys (naming the nearest valid one),
+values of the wrong type and values out of range, before any work starts. The documented
+reference file `configs/unified_config.yaml` is generated from these declarations
+(`python Configuration_System.py reference`), and a test keeps it in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line naming the key, value or file."""
+
+
+def _opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None,
+         choices: Iterable[Any] | None = None) -> Any:
+    """A dataclass field carrying its help text and its allowed range or choices."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "choices": tuple(choices) if choices is not None else None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    """Where the images are, how they are read, split and batched."""
+
+    root: str = _opt("data/demo", "Dataset folder: images with sidecar JSON files (X.json or X.ext.json).")
+    manifest: str = _opt("", "Optional JSON Lines manifest of {file, tags, rating} records used instead of sidecars; '' = scan root.")
+    demo_images: int = _opt(0, "If > 0 and root does not exist, generate the synthetic demo dataset there with this many images.", ge=0)
+    image_size: int = _opt(448, "Square training resolution in pixels (images are letterboxed to it).", ge=16)
+    batch_size: int = _opt(64, "Images per optimizer micro-batch on each process.", ge=1)
+    num_workers: int = _opt(8, "DataLoader worker processes (0 = load in the main process).", ge=0)
+    prefetch_factor: int = _opt(2, "Batches each worker prepares ahead.", ge=1)
+    persistent_workers: bool = _opt(False, "Keep worker processes alive between epochs.")
+    pin_memory: bool = _opt(True, "Pin host batches for asynchronous copies (only used on CUDA).")
+    val_fraction: float = _opt(0.1, "Share of samples held out for validation, chosen by a hash of the seed and the sample id.", ge=0.0, lt=1.0)
+    max_val_samples: int = _opt(0, "Cap on validation samples (0 = no cap); capped-out samples are excluded, never moved to training.", ge=0)
+    verify: str = _opt("header", "Start-up image check: none, header (open and read size) or decode (full decode, slow).", choices=("none", "header", "decode"))
+    max_bad_fraction: float = _opt(0.05, "Stop the run when more than this share of the data turns out to be broken.", ge=0.0, le=1.0)
+    min_tag_frequency: int = _opt(1, "Tags seen in fewer training samples than this are left out of the vocabulary.", ge=1)
+    top_k_tags: int = _opt(0, "Keep only the K most frequent tags (0 = no cap).", ge=0)
+    ignore_tags_file: str = _opt("configs/ignore_tags.txt", "File of meta tags never used as outputs (one a line); '' = none.")
+    vocabulary: str = _opt("", "Use this vocabulary.json instead of building one from the training split; '' = build.")
+    pad_color: list = _opt([255, 255, 255], "RGB colour of the letterbox padding and of composited transparency.")
+    mean: list = _opt([0.5, 0.5, 0.5], "Per-channel mean used to normalise images on the device.")
+    std: list = _opt([0.5, 0.5, 0.5], "Per-channel standard deviation used to normalise images on the device.")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (validation uses none)."""
+
+    flip_prob: float = _opt(0.5, "Probability of a horizontal flip (left/right tags are swapped; some tags veto it).", ge=0.0, le=1.0)
+    orientation_map: str = _opt("configs/orientation_map.json", "Left/right tag pairs and flip-forbidding tags.")
+    orientation_safety: str = _opt("conservative", "conservative: veto flips of samples with unmapped orientation-looking tags; permissive: only forbid tags veto.", choices=("conservative", "permissive"))
+    brightness: float = _opt(0.1, "Colour jitter: maximum relative brightness change.", ge=0.0, le=1.0)
+    contrast: float = _opt(0.1, "Colour jitter: maximum relative contrast change.", ge=0.0, le=1.0)
+    saturation: float = _opt(0.1, "Colour jitter: maximum relative saturation change.", ge=0.0, le=1.0)
+
+
+@dataclass
+class ModelConfig:
+    """The Vision Transformer."""
+
+    preset: str = _opt("base", "ViT size: tiny (192x12), small (384x12), base (768x12) or large (1024x24).", choices=("tiny", "small", "base", "large"))
+    patch_size: int = _opt(16, "Patch size in pixels; data.image_size must be a multiple of it.", ge=1)
+    embed_dim: int = _opt(0, "Override the preset's width (0 = preset).", ge=0)
+    depth: int = _opt(0, "Override the preset's number of blocks (0 = preset).", ge=0)
+    num_heads: int = _opt(0, "Override the preset's attention heads (0 = preset).", ge=0)
+    mlp_ratio: float = _opt(4.0, "MLP hidden width as a multiple of the embedding width.", gt=0.0)
+    drop_path_rate: float = _opt(0.1, "Stochastic depth rate at the last block (linearly increasing).", ge=0.0, lt=1.0)
+    layer_scale_init: float = _opt(0.0, "LayerScale initial value (0 = no LayerScale).", ge=0.0)
+    pooling: str = _opt("cls", "Feature fed to the heads: the class token (cls) or the mean of patch tokens (avg).", choices=("cls", "avg"))
+    grad_checkpoint_every: int = _opt(0, "Recompute activations of every n-th block in backward to save memory (0 = off).", ge=0)
+    init_from: str = _opt("", "Pretrained ViT weights in timm's layout (.safetensors or .pth) to start the backbone from; '' = random.")
+    compile: bool = _opt(False, "Compile the model with torch.compile.")
+
+
+@dataclass
+class LossConfig:
+    """Asymmetric focal loss for tags plus cross-entropy for the rating."""
+
+    gamma_neg: float = _opt(4.0, "Focusing exponent for negative tags.", ge=0.0)
+    gamma_pos: float = _opt(0.0, "Focusing exponent for positive tags.", ge=0.0)
+    clip: float = _opt(0.05, "Probability margin shifting negatives down (0 = none).", ge=0.0, lt=1.0)
+    eps: float = _opt(1e-8, "Numerical floor inside the logarithms.", gt=0.0, lt=1e-2)
+    tag_weighting: str = _opt("none", "Per-tag weights from training frequencies.", choices=("none", "inverse_sqrt", "effective_number"))
+    tag_weight: float = _opt(1.0, "Weight of the tag loss in the total.", ge=0.0)
+    rating_weight: float = _opt(1.0, "Weight of the rating loss in the total.", ge=0.0)
+    rating_label_smoothing: float = _opt(0.0, "Label smoothing of the rating cross-entropy.", ge=0.0, lt=1.0)
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, precision and reproducibility."""
+
+    epochs: int = _opt(10, "Passes over the training split.", ge=1)
+    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = no cap; the schedule then spans all epochs).", ge=0)
+    learning_rate: float = _opt(1e-3, "Peak learning rate of AdamW at the reference batch size.", gt=0.0, le=1.0)
+    lr_scaling: str = _opt("none", "Scale the learning rate with the effective batch (batch x accumulation x processes) over reference_batch_size: none, linear or sqrt.", choices=("none", "linear", "sqrt"))
+    reference_batch_size: int = _opt(256, "Effective batch size at which learning_rate applies unscaled.", ge=1)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to biases, norms, position embedding, class token).", ge=0.0)
+    beta1: float = _opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    beta2: float = _opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
+    scheduler: str = _opt("cosine", "Learning-rate schedule: cosine (linear warm-up then cosine) or cosine_restarts.", choices=("cosine", "cosine_restarts"))
+    warmup_steps: int = _opt(0, "Linear warm-up in optimizer steps (0 = use warmup_ratio).", ge=0)
+    warmup_ratio: float = _opt(0.05, "Warm-up as a share of all optimizer steps, when warmup_steps is 0.", ge=0.0, lt=1.0)
+    min_lr_ratio: float = _opt(0.01, "Final learning rate as a share of the peak.", ge=0.0, le=1.0)
+    restart_period_steps: int = _opt(0, "cosine_restarts: first cycle length in steps (0 = a quarter of the run).", ge=0)
+    restart_period_mult: float = _opt(1.0, "cosine_restarts: each cycle is this many times longer than the last.", ge=1.0)
+    restart_decay: float = _opt(1.0, "cosine_restarts: peak learning rate multiplier per restart.", gt=0.0, le=1.0)
+    grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0.0)
+    precision: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with loss scaling) or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    max_consecutive_skips: int = _opt(10, "Stop (with a checkpoint of the last good state) after this many non-finite steps in a row.", ge=1)
+    ema_decay: float = _opt(0.0, "Exponential moving average of the weights (0 = off, e.g. 0.9998).", ge=0.0, lt=1.0)
+    ema_warmup_steps: int = _opt(0, "Steps over which the EMA decay ramps up from 0.", ge=0)
+    seed: int = _opt(0, "Seed of the split, the sampler, the augmentation and the initial weights.", ge=0)
+    device: str = _opt("auto", "auto (CUDA when available), cuda, cuda:N or cpu.")
+    deterministic: bool = _opt(False, "Ask PyTorch for deterministic kernels (slower on GPU).")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    every_steps: int = _opt(0, "Write a checkpoint every N optimizer steps (0 = at the end of each epoch).", ge=0)
+    keep_last: int = _opt(3, "Step folders kept besides the best one.", ge=1)
+    async_write: bool = _opt(True, "Write checkpoints from a background thread after copying the state to the CPU.")
+
+
+@dataclass
+class ValidationConfig:
+    """Inline validation during training."""
+
+    every_steps: int = _opt(0, "Validate every N optimizer steps (0 = at the end of each epoch).", ge=0)
+    threshold: float = _opt(0.5, "Probability threshold for F1, precision and recall.", gt=0.0, lt=1.0)
+    max_batches: int = _opt(0, "Validate on at most this many batches (0 = the whole split).", ge=0)
+    batch_size: int = _opt(0, "Validation batch size (0 = data.batch_size).", ge=0)
+    selection_metric: str = _opt("mAP", "Metric that picks the best checkpoint (higher is better).", choices=("mAP", "f1_micro", "f1_macro"))
+    use_ema: bool = _opt(False, "Validate and select with the EMA weights (needs training.ema_decay > 0).")
+    early_stopping_patience: int = _opt(0, "Stop after this many validations without improvement (0 = never).", ge=0)
+    early_stopping_min_delta: float = _opt(0.0, "Improvement smaller than this does not count.", ge=0.0)
+
+
+@dataclass
+class MonitorConfig:
+    """Console, TensorBoard and metrics.jsonl."""
+
+    log_every_steps: int = _opt(10, "Write training scalars every N optimizer steps.", ge=1)
+    console_interval_s: float = _opt(10.0, "Seconds between console progress lines.", ge=0.0)
+    tensorboard: bool = _opt(True, "Write TensorBoard event files to the run folder.")
+    system_stats_interval_s: float = _opt(15.0, "Seconds between CPU/RAM/GPU samples (0 = off).", ge=0.0)
+
+
+@dataclass
+class RootConfig:
+    """The whole run."""
+
+    experiment_name: str = _opt("experiment", "Name of the run folder under output_root.")
+    output_root: str = _opt("runs", "Folder holding run folders.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset, split and loading."})
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Training augmentation."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The Vision Transformer."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Loss functions."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
+    validation: ValidationConfig = field(default_factory=ValidationConfig, metadata={"help": "Inline validation."})
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "Logging."})
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: output_root/experiment_name."""
+        return Path(self.output_root) / self.experiment_name
+
+
+# --------------------------------------------------------------------------------------------
+# Building and checking
+# --------------------------------------------------------------------------------------------
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key below a section, for 'did you mean' suggestions."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if _is_section(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], name + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    """'unknown config key', with the nearest valid key: first in the same section, then anywhere."""
+    candidates = _all_keys(RootConfig)
+    parent = key.rpartition(".")[0]
+    siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+    close = (difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+             or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5))
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check (and where lossless, convert) a value against its field type."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}{key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads 3e-4 (no dot) as a string: accept what float() reads as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise bad("a string")
+    if tp is list or get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise bad("a list")
+    raise ConfigError(f"{where}{key} has an unsupported type {tp!r}")  # a programming error
+
+
+def _check_range(key: str, value: Any, meta: Mapping[str, Any], where: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        limit = meta.get(bound)
+        if limit is not None and not ok(value, limit):
+            raise ConfigError(f"{where}{key} must be {word} {limit}; got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, where: str) -> Any:
+    """Build one section from a mapping, rejecting unknown keys and bad values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key_error(prefix + str(key), where)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, prefix + name + ".", where)
+        else:
+            value = _coerce(prefix + name, data[name], tp, where)
+            _check_range(prefix + name, value, f.metadata, where)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_lists(cfg: RootConfig) -> None:
+    for key in ("pad_color", "mean", "std"):
+        value = getattr(cfg.data, key)
+        if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"data.{key} must be a list of 3 numbers; got {value!r}")
+    if not all(0 <= v <= 255 for v in cfg.data.pad_color):
+        raise ConfigError(f"data.pad_color values must be in 0..255; got {cfg.data.pad_color!r}")
+    if not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"data.std values must be > 0; got {cfg.data.std!r}")
+
+
+def validate_config(cfg: RootConfig) -> RootConfig:
+    """Cross-field checks that no single field can make; returns cfg."""
+    _check_lists(cfg)
+    if cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be divisible by model.patch_size ({cfg.model.patch_size})")
+    m = cfg.model
+    if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
+    if cfg.validation.use_ema and cfg.training.ema_decay == 0:
+        raise ConfigError("validation.use_ema needs training.ema_decay > 0")
+    if not cfg.experiment_name or any(c in cfg.experiment_name for c in '/\\:*?"<>|'):
+        raise ConfigError(f"experiment_name must be a plain folder name; got {cfg.experiment_name!r}")
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any], where: str = "") -> RootConfig:
+    """Build and validate a RootConfig from a nested mapping (as read from YAML)."""
+    return validate_config(_build(RootConfig, data, "", where))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text as a string; the type check judges it
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply `section.key=value` overrides to a nested dict (values parsed as YAML scalars)."""
+    hints_root = RootConfig
+    for text in overrides:
+        key, value = _parse_override(text)
+        parts = key.split(".")
+        cls, node = hints_root, data
+        for i, part in enumerate(parts):
+            hints = get_type_hints(cls)
+            if part not in hints:
+                raise _unknown_key_error(key, "--set: ")
+            if i == len(parts) - 1:
+                tp = hints[part]
+                if _is_section(tp):
+                    raise ConfigError(f"--set: '{key}' is a section; set one of its keys")
+                if tp is str and not isinstance(value, str) and value is not None:
+                    value = text.split("=", 1)[1]  # e.g. experiment_name=2024 stays a string
+                node[part] = value
+            else:
+                if not _is_section(hints[part]):
+                    raise _unknown_key_error(key, "--set: ")
+                cls = hints[part]
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                node = child
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RootConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `--set` overrides."""
+    data: dict = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = f"{path}: "
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}not valid YAML: {exc}".splitlines()[0]) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}the top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, where)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts and lists."""
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    replace_with_retry(tmp, path)
+
+
+def replace_with_retry(src: str | Path, dst: str | Path, attempts: int = 10, delay_s: float = 0.05) -> None:
+    """os.replace that retries briefly on PermissionError (Windows: a reader may hold the file)."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay_s * (attempt + 1))
+
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def resolve_resource(path: str | Path) -> Path:
+    """A shipped resource path (e.g. configs/orientation_map.json): as given if it exists, else
+    relative to the project folder, so runs started from another working directory still find it."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = PROJECT_DIR / p
+    return candidate if candidate.exists() else p
+
+
+def dump_config(cfg: RootConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: RootConfig, path: str | Path) -> None:
+    """Write the resolved config to path atomically."""
+    atomic_write_text(path, dump_config(cfg))
+
+
+def reference_yaml() -> str:
+    """Every key with its default and help text: the body of configs/unified_config.yaml."""
+    lines = [
+        "# OppaiOracle trainer: every configuration key, its default and what it does.",
+        "# Generated from Configuration_System.py (python Configuration_System.py reference);",
+        "# copy what you need into your own file; unknown keys are rejected.",
+        "",
+    ]
+
+    def emit(cls: type, obj: Any, indent: str) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            help_text = f.metadata.get("help", "")
+            meta = f.metadata
+            extra = []
+            if meta.get("choices"):
+                extra.append("one of: " + ", ".join(map(str, meta["choices"])))
+            for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if meta.get(bound) is not None:
+                    extra.append(f"{word} {meta[bound]}")
+            suffix = f" [{'; '.join(extra)}]" if extra else ""
+            if _is_section(hints[f.name]):
+                lines.append(f"{indent}# {help_text}")
+                lines.append(f"{indent}{f.name}:")
+                emit(hints[f.name], value, indent + "  ")
+                lines.append("")
+            else:
+                lines.append(f"{indent}# {help_text}{suffix}")
+                rendered = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+                lines.append(f"{indent}{rendered[1:-1]}")
+
+    emit(RootConfig, RootConfig(), "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `reference [--out FILE]` writes the documented reference; `check FILE` validates one."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("reference", help="print or write the documented full config")
+    ref.add_argument("--out", type=Path, default=None)
+    chk = sub.add_parser("check", help="validate a config file and print the resolved config")
+    chk.add_argument("config", type=Path)
+    chk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.command == "reference":
+        text = reference_yaml()
+        if args.out:
+            atomic_write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
