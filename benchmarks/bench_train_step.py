@@ -1,0 +1,425 @@
+"""Benchmark one full training step of SimplifiedTagger (and timm's ViT of the same shape, when installed).
+
+A step is: uint8 images normalised on the device, forward, MultiTaskLoss(AsymmetricFocalLoss),
+backward, AdamW step (fused on CUDA), zero_grad(set_to_none=True). Reports images/s, step time,
+peak memory (CUDA: max_memory_allocated; CPU: RSS growth sampled with psutil), and on CUDA the
+FLOPs of one forward+backward (FlopCounterMode), achieved TFLOP/s and MFU against a bf16 matmul
+peak measured in the same run. Prints a short table to stderr and one JSON object to stdout.
+
+Example (GPU): python benchmarks/bench_train_step.py --preset base --image-size 448 --tags 10000 \
+    --batch-size 64 --compile --json-out /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # Run as a script, sys.path[0] is benchmarks/; the project modules live one level up.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
+from model_architecture import (  # noqa: E402
+    SimplifiedTagger,
+    VisionTransformerConfig,
+    param_groups_for_weight_decay,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ImageNet mean/std in 0-255 units: (u8 - mean) / std normalises in one fused elementwise pass.
+MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+NUM_RATINGS = 4
+POSITIVE_RATE = 0.01  # share of positive tags in the synthetic targets, typical for booru vocabularies
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the CLI (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=("tiny", "small", "base", "large"), default="base")
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--tags", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--embed-dim", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--grad-checkpoint-every", type=int, default=0)
+    parser.add_argument("--no-timm", action="store_true", help="skip the timm reference even if installed")
+    parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul used for the peak")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    for name in ("image_size", "patch_size", "tags", "batch_size", "steps"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+class TimmTagger(nn.Module):
+    """timm VisionTransformer backbone with the same tag and rating heads as SimplifiedTagger."""
+
+    def __init__(self, cfg: VisionTransformerConfig) -> None:
+        """Build timm's ViT (no classifier) of cfg's shape plus two linear heads."""
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.backbone = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            num_classes=0,
+            global_pool="token",
+        )
+        if cfg.grad_checkpoint_every > 0:
+            self.backbone.set_grad_checkpointing(True)
+        self.tag_head = nn.Linear(cfg.embed_dim, cfg.num_tags)
+        self.rating_head = nn.Linear(cfg.embed_dim, cfg.num_ratings)
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
+        pooled = self.backbone(images)  # (B, C): class token after the final norm
+        return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
+
+
+def timm_available() -> bool:
+    """True when timm's VisionTransformer can be imported."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes."""
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def release_host_memory() -> None:
+    """Collect garbage and, on glibc, return freed heap to the OS so the next RSS baseline is honest."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: the RSS growth may then under-count memory reused from an earlier run
+
+
+def measure_matmul_peak_tflops(device: torch.device, size: int, iters: int = 20) -> float:
+    """Achieved bf16 TFLOP/s of size^3 matmuls: the MFU reference measured on this very GPU."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.mm(a, b)
+    end.record()
+    sync(device)
+    seconds = start.elapsed_time(end) / 1000.0
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * size**3 * iters / seconds / 1e12
+
+
+class StepRunner:
+    """Holds the synthetic batch, loss, optimizer and the one training-step function for a model."""
+
+    def __init__(self, model: nn.Module, cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device) -> None:
+        """Create the batch on the device, the loss and AdamW (fused on CUDA)."""
+        self.model = model
+        self.device = device
+        self.dtype = DTYPES[args.dtype]
+        self.autocast = self.dtype != torch.float32
+        gen = torch.Generator().manual_seed(0)
+        batch, size = args.batch_size, args.image_size
+        self.images_u8 = torch.randint(0, 256, (batch, 3, size, size), generator=gen, dtype=torch.uint8).to(device)
+        self.tag_targets = (torch.rand(batch, cfg.num_tags, generator=gen) < POSITIVE_RATE).float().to(device)
+        self.rating_targets = torch.randint(-1, NUM_RATINGS, (batch,), generator=gen).to(device)  # -1 = unknown
+        self.mean = torch.tensor(MEAN_255, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD_255, device=device).view(1, 3, 1, 1)
+        self.loss_fn = MultiTaskLoss(AsymmetricFocalLoss()).to(device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=device.type == "cuda"
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.forward_fn: Callable[[torch.Tensor], Dict[str, torch.Tensor]] = model
+        self.sample_rss = device.type == "cpu"
+        self.rss_peak = 0
+
+    def forward_loss(self) -> torch.Tensor:
+        """Normalise the uint8 batch on the device, run forward and the loss; returns the scalar total."""
+        images = (self.images_u8.float() - self.mean) / self.std  # (B, 3, H, W) float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            outputs = self.forward_fn(images)
+            total, _parts = self.loss_fn(outputs, self.tag_targets, self.rating_targets)
+        if self.sample_rss:
+            # End of forward is where activations peak; CPU only, where RSS is the memory measure.
+            self.rss_peak = max(self.rss_peak, rss_bytes())
+        return total
+
+    def step(self) -> torch.Tensor:
+        """One training step; returns the detached loss without syncing (no .item())."""
+        total = self.forward_loss()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.detach()
+
+    def count_flops(self) -> int:
+        """FLOPs of one forward + backward, counted once with FlopCounterMode (no optimizer step)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        saved = self.forward_fn
+        self.forward_fn = self.model  # count the eager graph; compiled graphs hide ops from the counter
+        counter = FlopCounterMode(display=False)
+        with counter:
+            total = self.forward_loss()
+            total.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_fn = saved
+        return int(counter.get_total_flops())
+
+
+def time_steps(runner: StepRunner, steps: int, warmup: int) -> List[float]:
+    """Per-step times in seconds: CUDA events around each step (read after one final sync), perf_counter on CPU."""
+    device = runner.device
+    for _ in range(warmup):
+        runner.step()
+    sync(device)
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            runner.step()
+            events[i + 1].record()
+        sync(device)
+        return [events[i].elapsed_time(events[i + 1]) / 1000.0 for i in range(steps)]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_variant(
+    name: str,
+    build: Callable[[], nn.Module],
+    cfg: VisionTransformerConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    compiled: bool,
+    matmul_peak: Optional[float],
+) -> Dict[str, Any]:
+    """Build, (optionally compile,) warm up and time one model; returns its metrics."""
+    release_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    else:
+        base_mem = rss_bytes()
+    torch.manual_seed(0)
+    model = build().to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    runner = StepRunner(model, cfg, args, device)
+    flops = runner.count_flops() if device.type == "cuda" else None
+    compile_s = None
+    if compiled:
+        runner.forward_fn = torch.compile(model)
+        start = time.perf_counter()
+        runner.step()  # the first call compiles forward and backward
+        sync(device)
+        compile_s = time.perf_counter() - start
+    times = time_steps(runner, args.steps, args.warmup)
+    final_loss = float(runner.forward_loss().detach().float().cpu())  # outside the timed loop
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) - base_mem
+        memory_kind = "cuda_max_memory_allocated"
+    else:
+        peak_mem = max(runner.rss_peak, rss_bytes()) - base_mem
+        memory_kind = "cpu_rss_growth"
+    mean_step = statistics.fmean(times)
+    result: Dict[str, Any] = {
+        "name": name,
+        "compiled": compiled,
+        "params": params,
+        "images_per_s": args.batch_size / mean_step,
+        "step_time_ms": mean_step * 1000.0,
+        "step_time_ms_median": statistics.median(times) * 1000.0,
+        "step_time_ms_min": min(times) * 1000.0,
+        "peak_memory_mib": peak_mem / 2**20,
+        "memory_kind": memory_kind,
+        "compile_s": compile_s,
+        "flops_per_step": flops,
+        "achieved_tflops": None,
+        "mfu": None,
+        "final_loss": final_loss,
+    }
+    if flops:
+        result["achieved_tflops"] = flops / mean_step / 1e12
+        if matmul_peak:
+            result["mfu"] = result["achieved_tflops"] / matmul_peak
+    del runner, model
+    release_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def prime_runtime(args: argparse.Namespace, device: torch.device, with_timm: bool) -> None:
+    """One untimed step of a micro model (ours and timm's) so one-time library start-up costs
+    (allocator pools, kernel caches, lazy imports) are not charged to the first measured variant."""
+    micro = argparse.Namespace(**vars(args))
+    micro.batch_size, micro.image_size = 2, args.patch_size * 2
+    cfg = VisionTransformerConfig.from_preset(
+        "tiny", image_size=micro.image_size, patch_size=args.patch_size, num_tags=8, embed_dim=64, depth=1, num_heads=4
+    )
+    builders: List[Callable[[], nn.Module]] = [functools.partial(SimplifiedTagger, cfg)]
+    if with_timm:
+        builders.append(functools.partial(TimmTagger, cfg))
+    for build in builders:
+        runner = StepRunner(build().to(device).train(), cfg, micro, device)
+        runner.step()
+        del runner
+    sync(device)
+
+
+def format_table(results: Dict[str, Dict[str, Any]]) -> str:
+    """Human-readable summary lines for stderr."""
+    lines = [f"{'variant':<16}{'img/s':>10}{'step ms':>10}{'mem MiB':>10}{'TFLOP/s':>10}{'MFU':>8}"]
+    for key, r in results.items():
+        tflops = f"{r['achieved_tflops']:.1f}" if r["achieved_tflops"] else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        lines.append(
+            f"{key:<16}{r['images_per_s']:>10.1f}{r['step_time_ms']:>10.2f}{r['peak_memory_mib']:>10.1f}{tflops:>10}{mfu:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark and print/write its JSON report; returns the report."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cfg = VisionTransformerConfig.from_preset(
+        args.preset,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_tags=args.tags,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        grad_checkpoint_every=args.grad_checkpoint_every,
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    matmul_peak = measure_matmul_peak_tflops(device, args.matmul_size) if device.type == "cuda" else None
+
+    with_timm = not args.no_timm and timm_available()
+    variants: List[Tuple[str, Callable[[], nn.Module]]] = [("ours", functools.partial(SimplifiedTagger, cfg))]
+    if with_timm:
+        variants.append(("timm", functools.partial(TimmTagger, cfg)))
+    modes = [False, True] if args.compile else [False]
+    prime_runtime(args, device, with_timm)
+    results: Dict[str, Dict[str, Any]] = {}
+    for compiled in modes:
+        for name, build in variants:
+            key = f"{name}_{'compiled' if compiled else 'eager'}"
+            results[key] = run_variant(key, build, cfg, args, device, compiled, matmul_peak)
+            print(f"[bench] {key}: {results[key]['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+
+    ratios: Dict[str, Dict[str, float]] = {}
+    for mode in ("eager", "compiled"):
+        ours, theirs = results.get(f"ours_{mode}"), results.get(f"timm_{mode}")
+        if ours and theirs:
+            ratios[mode] = {
+                "images_per_s_ours_over_timm": ours["images_per_s"] / theirs["images_per_s"],
+                "peak_memory_ours_over_timm": (
+                    ours["peak_memory_mib"] / theirs["peak_memory_mib"] if theirs["peak_memory_mib"] > 0 else math.nan
+                ),
+            }
+    report: Dict[str, Any] = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "dtype": args.dtype,
+        "config": {
+            "preset": args.preset,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "tags": cfg.num_tags,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "embed_dim": cfg.embed_dim,
+            "depth": cfg.depth,
+            "heads": cfg.num_heads,
+            "grad_checkpoint_every": cfg.grad_checkpoint_every,
+        },
+        "timm_available": with_timm,
+        "matmul_peak_tflops": matmul_peak,
+        "results": results,
+        "ratios": ratios,
+    }
+    print(format_table(results), file=sys.stderr)
+    for mode, r in ratios.items():
+        print(
+            f"ours/timm {mode}: images/s x{r['images_per_s_ours_over_timm']:.3f}, "
+            f"memory x{r['peak_memory_ours_over_timm']:.3f}",
+            file=sys.stderr,
+        )
+    text = json.dumps(report, indent=2, allow_nan=True)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json_out.with_name(args.json_out.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, args.json_out)
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
