@@ -1,0 +1,190 @@
+"""Test helper: writes small image datasets with sidecars, including every kind of broken file.
+
+`make_broken_corpus` builds a dataset folder whose bad files cover each skip reason of
+dataset_loader and returns the counts a scan must report, so tests compare against what was
+actually written rather than against hard-coded numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# EXIF tag id for Orientation (TIFF tag 0x0112).
+EXIF_ORIENTATION = 0x0112
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A random-noise image (noise keeps JPEGs large enough to truncate meaningfully)."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    if channels == 1:
+        return Image.fromarray(arr[..., 0], "L")
+    return Image.fromarray(arr, mode)
+
+
+def write_image(path: Path, width: int = 40, height: int = 30, *, seed: int = 0,
+                color: tuple[int, int, int] | None = None, exif_orientation: int | None = None) -> Path:
+    """Write an RGB image (format from the suffix); solid `color` or noise; optional EXIF orientation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", (width, height), color) if color is not None else noise_image(width, height, seed)
+    kwargs: dict[str, Any] = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        kwargs["quality"] = 95
+    img.save(path, **kwargs)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write `data` as UTF-8 JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def write_truncated_jpeg(path: Path, width: int = 64, height: int = 48, seed: int = 0) -> Path:
+    """A JPEG whose header is intact but whose scan data stops half-way (fails only at decode)."""
+    write_image(path, width, height, seed=seed)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def write_zero_byte(path: Path) -> Path:
+    """An empty file with an image suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def write_text_as_image(path: Path) -> Path:
+    """A text file renamed to an image suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("this is not an image\n", encoding="utf-8")
+    return path
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with length and CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def write_png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG declaring width x height RGB pixels with (almost) no pixel data: a decompression bomb."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 16)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+@dataclass
+class BrokenCorpus:
+    """What make_broken_corpus wrote: good sample ids and the skip counts a scan must report."""
+
+    root: Path
+    good_ids: list[str] = field(default_factory=list)
+    decode_only_ids: list[str] = field(default_factory=list)  # pass a header check, fail decoding
+    unknown_rating_ids: list[str] = field(default_factory=list)
+    skips: dict[str, int] = field(default_factory=dict)  # reasons known without decoding
+
+    def expected_skips(self, verify: str) -> dict[str, int]:
+        """Skip counts by reason that scan_dataset(root, verify=verify) must report."""
+        out = dict(self.skips)
+        if verify == "decode" and self.decode_only_ids:
+            out["image_undecodable"] = out.get("image_undecodable", 0) + len(self.decode_only_ids)
+        if verify == "none":  # nothing opens the images: only file-level problems remain
+            for reason in ("image_undecodable", "decompression_bomb"):
+                out.pop(reason, None)
+        return {k: v for k, v in out.items() if v}
+
+    def expected_records(self, verify: str) -> int:
+        """Number of records the scan must keep."""
+        broken_images = self.skips.get("image_undecodable", 0) + self.skips.get("decompression_bomb", 0)
+        kept = len(self.good_ids) + len(self.unknown_rating_ids)
+        if verify == "none":
+            return kept + len(self.decode_only_ids) + broken_images
+        if verify == "header":
+            return kept + len(self.decode_only_ids)
+        return kept
+
+
+def make_broken_corpus(root: Path, *, good: int = 40, copies: int = 1, size: tuple[int, int] = (40, 30),
+                       outside_target: Path | None = None) -> BrokenCorpus:
+    """Write `good` valid samples plus `copies` of each broken kind under `root`.
+
+    Per copy: a truncated JPEG, a zero-byte PNG, a text file renamed .png, invalid JSON, a JSON
+    list, numeric tags, a "../../x.jpg" escape, an absolute path, a 100000x100000 PNG header,
+    a sidecar without image, an image without sidecar, a sidecar with no tags, and one valid
+    sample with an unknown rating (kept). `outside_target` is an existing image outside the root
+    that the escaping sidecars point at (so only the root check can reject them).
+    """
+    corpus = BrokenCorpus(root=root)
+    width, height = size
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(good):
+        sub = "a" if i % 2 else "b/c"
+        name = f"{sub}/good_{i:04d}.jpg"
+        write_image(root / name, width, height, seed=i)
+        # alternate the two sidecar conventions
+        sidecar = root / (name + ".json") if i % 3 else (root / name).with_suffix(".json")
+        write_json(sidecar, {"tags": [f"tag_{i % 7}", "common"], "rating": "g"})
+        corpus.good_ids.append(name)
+
+    def bump(reason: str) -> None:
+        """Count one expected skip."""
+        corpus.skips[reason] = corpus.skips.get(reason, 0) + 1
+
+    for c in range(copies):
+        d = root / "bad" / f"copy_{c}"
+        ok = {"tags": ["common"], "rating": "s"}
+        write_truncated_jpeg(d / "truncated.jpg", seed=1000 + c)
+        write_json(d / "truncated.jpg.json", ok)
+        corpus.decode_only_ids.append(f"bad/copy_{c}/truncated.jpg")
+        write_zero_byte(d / "zero.png")
+        write_json(d / "zero.json", ok)
+        bump("image_undecodable")
+        write_text_as_image(d / "text.png")
+        write_json(d / "text.png.json", ok)
+        bump("image_undecodable")
+        write_png_header_only(d / "bomb.png", 100000, 100000)
+        write_json(d / "bomb.png.json", ok)
+        bump("decompression_bomb")
+        write_image(d / "badjson.jpg", width, height)
+        (d / "badjson.jpg.json").write_text('{"tags": ["a", ', encoding="utf-8")
+        bump("sidecar_unreadable")
+        write_image(d / "listjson.jpg", width, height)
+        write_json(d / "listjson.jpg.json", ["common"])
+        bump("sidecar_unreadable")
+        write_image(d / "numtags.jpg", width, height)
+        write_json(d / "numtags.jpg.json", {"tags": [1, 2, 3]})
+        bump("sidecar_unreadable")
+        target = outside_target if outside_target is not None else root.parent / "outside.jpg"
+        write_json(d / "escape.json", {"filename": "../../../" + target.name, "tags": ["common"]})
+        bump("path_outside_root")
+        write_json(d / "absolute.json", {"filename": str(target.resolve()), "tags": ["common"]})
+        bump("path_outside_root")
+        write_json(d / "orphan.jpg.json", ok)
+        bump("image_missing")
+        write_image(d / "lonely.jpg", width, height)
+        bump("sidecar_missing")
+        write_image(d / "notags.jpg", width, height)
+        write_json(d / "notags.jpg.json", {"tags": [], "rating": "g"})
+        bump("no_tags")
+        write_image(d / "norating.jpg", width, height)
+        write_json(d / "norating.jpg.json", {"tags": "common, extra"})
+        corpus.unknown_rating_ids.append(f"bad/copy_{c}/norating.jpg")
+    return corpus
