@@ -38,17 +38,16 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vocabulary import normalize_tag
-
-if TYPE_CHECKING:  # only for annotations: orientation_handler is duck-typed at run time
-    from orientation_handler import OrientationHandler
+from Configuration_System import RootConfig, resolve_resource
+from orientation_handler import OrientationHandler
+from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list, normalize_tag
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -1435,14 +1434,20 @@ def _worker_init(worker_id: int) -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image raises on these
 
 
-def build_dataloader(dataset: Dataset, sampler: Sampler, *, batch_size: int, num_workers: int,
+def build_dataloader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_size: int, num_workers: int,
                      pin_memory: bool, drop_last: bool, prefetch_factor: int = 2,
                      persistent_workers: bool = False, multiprocessing_context: Any = None,
-                     timeout: float = 0) -> DataLoader:
-    """A DataLoader with collate_samples and a picklable worker_init_fn."""
+                     timeout: float = 0, generator_seed: int | None = None) -> DataLoader:
+    """A DataLoader with collate_samples and a picklable worker_init_fn.
+
+    With `generator_seed`, the workers' base seed comes from a private generator instead of the
+    global torch RNG, so starting an epoch does not consume global random state (exact resume).
+    """
     extra: dict[str, Any] = {}
+    if generator_seed is not None:
+        extra["generator"] = torch.Generator().manual_seed(int(generator_seed))
     if num_workers > 0:
-        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
+        extra |= {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
                  "multiprocessing_context": multiprocessing_context, "timeout": timeout}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_samples, pin_memory=pin_memory, drop_last=drop_last,
@@ -1506,6 +1511,174 @@ class ImagePreFetcher:
             ready = upcoming
             upcoming = preload()
             yield ready
+
+
+# --------------------------------------------------------------------------------------------
+# Run-level wiring: config -> records -> split -> vocabulary -> datasets and loaders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataBundle:
+    """The data side of a run: records, split, vocabulary, preprocessing and datasets."""
+
+    train_records: list[SampleRecord]
+    val_records: list[SampleRecord]
+    vocab: TagVocabulary
+    vocab_path: Path
+    preprocess: PreprocessParams
+    train_dataset: SidecarJsonDataset | None
+    val_dataset: SidecarJsonDataset
+    report: dict[str, Any]
+
+
+def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
+    """Preprocessing parameters from the data section (stored in every checkpoint)."""
+    d = cfg.data
+    return PreprocessParams(image_size=d.image_size, pad_color=tuple(int(v) for v in d.pad_color),
+                            mean=tuple(float(v) for v in d.mean), std=tuple(float(v) for v in d.std))
+
+
+def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None] | None) -> Path:
+    """The dataset root; the demo is generated there first when configured and absent."""
+    root = Path(cfg.data.root)
+    if cfg.data.manifest:
+        manifest = Path(cfg.data.manifest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"data.manifest: manifest file not found: {manifest}")
+        return root
+    if not root.exists() and cfg.data.demo_images > 0 and is_main:
+        from demo_dataset import generate_demo_dataset  # only the demo path needs the generator
+
+        started = time.perf_counter()
+        generate_demo_dataset(root, num_images=cfg.data.demo_images, seed=0, image_size=cfg.data.image_size)
+        if log:
+            log(f"demo: generated {cfg.data.demo_images} images in {root} ({time.perf_counter() - started:.1f}s)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
+    return root
+
+
+def scan_from_config(cfg: RootConfig, root: Path, verify: str | None = None) -> DatasetScan:
+    """Scan the dataset folder, or read the manifest, as the config says."""
+    verify = verify or cfg.data.verify
+    if cfg.data.manifest:
+        return load_manifest(cfg.data.manifest, root if str(cfg.data.root) else None, verify=verify)
+    return scan_dataset(root, verify=verify)
+
+
+def _wait_for_rank0(world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[SampleRecord], vocab: TagVocabulary,
+              preprocess: PreprocessParams) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
+    train_ds = None
+    if train is not None:
+        a = cfg.augment
+        orientation = (OrientationHandler.from_file(resolve_resource(a.orientation_map), a.orientation_safety)
+                       if a.flip_prob > 0 else None)
+        train_ds = SidecarJsonDataset(train, vocab.tag_to_index, preprocess,
+                                      augment=AugmentParams(flip_prob=a.flip_prob, brightness=a.brightness,
+                                                            contrast=a.contrast, saturation=a.saturation),
+                                      orientation=orientation, seed=cfg.training.seed)
+    val_ds = SidecarJsonDataset(val, vocab.tag_to_index, preprocess, augment=None, orientation=None, seed=cfg.training.seed)
+    return train_ds, val_ds
+
+
+def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: int = 1, resume: bool = False,
+                 log: Callable[[str], None] | None = print) -> DataBundle:
+    """Scan, audit, split and build the vocabulary for a training run; write the run's data files.
+
+    On resume the split and vocabulary saved in the run folder are reused, so a resumed run sees
+    exactly the samples and tag columns it started with.
+    """
+    is_main = rank == 0
+    run_dir = Path(run_dir)
+    if is_main:
+        root = ensure_dataset(cfg, is_main=True, log=log)
+    _wait_for_rank0(world_size)
+    root = ensure_dataset(cfg, is_main=False, log=None)
+    scan = scan_from_config(cfg, root)
+    if log:
+        log(format_scan_summary(scan))
+    check_scan_quality(scan, cfg.data.max_bad_fraction)
+
+    split_path, vocab_path = run_dir / "split.json", run_dir / "vocabulary.json"
+    if resume and split_path.is_file():
+        split = load_split(split_path, scan.records)
+    else:
+        split = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
+                              max_val=cfg.data.max_val_samples)
+    if resume and vocab_path.is_file():
+        vocab = TagVocabulary.load(vocab_path)
+    elif cfg.data.vocabulary:
+        vocab = TagVocabulary.load(cfg.data.vocabulary)
+    else:
+        ignore = load_ignore_list(resolve_resource(cfg.data.ignore_tags_file)) if cfg.data.ignore_tags_file else ()
+        vocab = create_vocabulary_from_datasets(split.train, min_frequency=cfg.data.min_tag_frequency,
+                                                top_k=cfg.data.top_k_tags, ignore_tags=ignore)
+    if len(vocab) == 0:
+        raise DataQualityError(f"no tag reaches data.min_tag_frequency={cfg.data.min_tag_frequency} in the training split of {root}")
+    train, dropped_train = filter_known_tags(split.train, vocab)
+    val, dropped_val = filter_known_tags(split.val, vocab)
+    if not train or not val:
+        raise DataQualityError(f"{root}: {len(train)} training and {len(val)} validation samples after the split; "
+                               "need at least one of each (add data or change data.val_fraction)")
+    report = scan.to_report()
+    report["split"] = split.to_report()
+    report["no_known_tags"] = {"train": dropped_train, "val": dropped_val}
+    report["used"] = {"train": len(train), "val": len(val), "tags": len(vocab)}
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (resume and split_path.is_file()):
+            save_split(split_path, split)
+        if not (resume and vocab_path.is_file()):
+            vocab.save(vocab_path)
+        write_data_report(run_dir / "data_report.json", report)
+        if log:
+            excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
+            log(f"split: {len(train)} train / {len(val)} val{excluded}; vocabulary: {len(vocab)} tags"
+                + (f"; {dropped_train + dropped_val} samples without a known tag dropped" if dropped_train + dropped_val else ""))
+    _wait_for_rank0(world_size)
+    preprocess = preprocess_from_config(cfg)
+    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess)
+    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report)
+
+
+def prepare_eval_data(cfg: RootConfig, vocab: TagVocabulary, preprocess: PreprocessParams, *,
+                      data_root: str | Path | None = None, log: Callable[[str], None] | None = print) -> DataBundle:
+    """Validation data for a checkpoint: the run's validation split, or every sample of data_root."""
+    if data_root is not None:
+        root = Path(data_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data: dataset folder not found: {root}")
+        scan = scan_dataset(root, verify=cfg.data.verify)
+        records = scan.records
+    else:
+        root = ensure_dataset(cfg, is_main=False, log=None)
+        scan = scan_from_config(cfg, root)
+        records = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
+                                max_val=cfg.data.max_val_samples).val
+    if log:
+        log(format_scan_summary(scan))
+    val, dropped = filter_known_tags(records, vocab)
+    if not val:
+        raise DataQualityError(f"{root}: no sample carries a tag of the checkpoint's vocabulary")
+    report = scan.to_report()
+    report["no_known_tags"] = {"val": dropped}
+    _, val_ds = _datasets(cfg, None, val, vocab, preprocess)
+    return DataBundle([], val, vocab, Path(), preprocess, None, val_ds, report)
+
+
+def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Validation batches in file order, this rank's share only (no sample on two ranks)."""
+    batch_size = cfg.validation.batch_size or cfg.data.batch_size
+    shard = list(range(rank, len(data.val_dataset), world_size))
+    return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=cfg.data.num_workers,
+                            pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), drop_last=False,
+                            prefetch_factor=cfg.data.prefetch_factor, generator_seed=cfg.training.seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""End-to-end tests of train_direct.py as a process, plus its small pure helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train_direct as T
+from Configuration_System import ConfigError, load_config
+from conftest import ROOT, TrainedRun, read_jsonl, run_cli
+
+
+def frequency_baseline_map(run_dir: Path) -> float:
+    """mAP of scoring every validation image with each tag's training frequency (a constant per
+    tag): each tag's AP is then its prevalence in the validation split."""
+    vocab = json.loads((run_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    val_ids = set(split["val"])
+    data_root = Path(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["data"]["root"])
+    from dataset_loader import scan_dataset
+
+    records = [r for r in scan_dataset(data_root).records if r.sample_id in val_ids]
+    records = [r for r in records if any(t in vocab["tag_to_index"] for t in r.tags)]
+    aps = []
+    for tag in vocab["index_to_tag"]:
+        positives = sum(tag in r.tags for r in records)
+        if positives:
+            aps.append(positives / len(records))
+    return sum(aps) / len(aps)
+
+
+def test_run_folder_layout(trained_run: TrainedRun) -> None:
+    run = trained_run.run_dir
+    for name in ("config.yaml", "vocabulary.json", "data_report.json", "metrics.jsonl", "split.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    ckpts = run / "checkpoints"
+    last = (ckpts / "last").read_text(encoding="utf-8").strip()
+    best = (ckpts / "best").read_text(encoding="utf-8").strip()
+    for step_dir in {last, best}:
+        files = {p.name for p in (ckpts / step_dir).iterdir()}
+        assert {"model.safetensors", "training_state.pt", "config.yaml", "vocabulary.json", "COMPLETE"} <= files
+    report = json.loads((run / "data_report.json").read_text(encoding="utf-8"))
+    assert report["used"]["train"] > 0 and report["used"]["val"] > 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    assert resolved["data"]["image_size"] == 32 and resolved["model"]["embed_dim"] == 64
+
+
+def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) -> None:
+    events = read_jsonl(trained_run.run_dir / "metrics.jsonl")
+    losses = [e["loss"] for e in events if e["type"] == "train"]
+    assert len(losses) >= 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    vals = [e for e in events if e["type"] == "val"]
+    assert vals, "no validation event"
+    baseline = frequency_baseline_map(trained_run.run_dir)
+    assert vals[-1]["mAP"] > baseline + 0.05, (vals[-1]["mAP"], baseline)
+    assert "done: finished" in trained_run.proc.stdout
+    assert "data: " in trained_run.proc.stdout and "val step" in trained_run.proc.stdout
+
+
+def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: Path) -> None:
+    run = trained_run.run_dir
+    best_step = int((run / "checkpoints" / "best").read_text(encoding="utf-8").strip().split("_")[1])
+    reported = [e for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "val" and e["step"] == best_step]
+    assert reported
+    proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(run / "checkpoints" / "best"),
+                    "--out", str(tmp_path / "eval")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert abs(metrics["mAP"] - reported[-1]["mAP"]) < 1e-4
+    assert abs(metrics["f1_micro"] - reported[-1]["f1_micro"]) < 1e-4
+    for key in ("mAP", "f1_micro", "f1_macro", "rating_accuracy", "num_samples", "num_tags"):
+        assert key in metrics
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.bach_size=8", "did you mean 'data.batch_size'"),
+    ("training.epochs=many", "training.epochs must be an integer"),
+    ("data.root=/nonexistent/dataset", "/nonexistent/dataset"),
+])
+def test_bad_config_stops_before_work(tmp_path: Path, override: str, fragment: str) -> None:
+    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                    "--set", "data.demo_images=0", "--set", override, "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written before the config and data are valid"
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                    "--resume", "latest", "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+
+
+def test_schedule_helpers() -> None:
+    cfg = load_config(None, ["data.batch_size=64", "training.grad_accum_steps=2", "training.reference_batch_size=256",
+                             "training.learning_rate=0.001", "training.lr_scaling=linear"])
+    assert T.effective_learning_rate(cfg, world_size=2) == pytest.approx(0.001)
+    cfg.training.lr_scaling = "sqrt"
+    assert T.effective_learning_rate(cfg, world_size=1) == pytest.approx(0.001 * 0.5**0.5)
+    assert T.steps_per_epoch(10, 3) == 4  # a partial window at the end is a step
+    cfg.training.epochs, cfg.training.max_steps = 3, 5
+    assert T.total_optimizer_steps(cfg, 4) == 5
+    sig = T.schedule_signature(cfg, 1)
+    changed = dict(sig, **{"data.batch_size": 32})
+    with pytest.raises(ConfigError, match="--accept-schedule-change"):
+        T.check_resume_compatible(sig, changed, accept=False)
+    assert T.check_resume_compatible(sig, changed, accept=True) == ["data.batch_size: 64 -> 32"]

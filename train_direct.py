@@ -1,0 +1,611 @@
+"""Train a ViT tagger: config -> data -> model -> loss -> optimizer/schedule -> resume -> loop.
+
+    python train_direct.py --config configs/demo.yaml [--set section.key=value ...] [--resume latest|PATH]
+
+`main()` wires the phases top to bottom; per-step work lives in small functions below it. The same
+script runs unchanged under `torchrun --nproc-per-node N` (DDP; rank 0 writes files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as tdist
+
+from Configuration_System import ConfigError, RootConfig, atomic_write_text, dump_config, load_config
+from Monitor_log import TrainingMonitor
+from dataset_loader import (
+    DataBundle, DataQualityError, FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader,
+    build_eval_loader, prepare_data,
+)
+from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
+from model_architecture import (
+    SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, param_groups_for_weight_decay,
+)
+from schedulers import LinearWarmupCosineLR
+from training_utils import (
+    CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
+    CosineAnnealingWarmupRestarts, EarlyStopping, GracefulStopper, MixedPrecisionTrainer, ModelEma,
+    capture_rng_state, restore_rng_state, seed_everything, snapshot_state,
+)
+from validation_loop import evaluate
+
+# Config keys whose change alters the schedule or the data order of a resumed run.
+SCHEDULE_KEYS = ("data.batch_size", "training.grad_accum_steps", "training.epochs", "training.max_steps",
+                 "training.learning_rate", "training.lr_scaling", "training.scheduler",
+                 "training.warmup_steps", "training.warmup_ratio", "training.min_lr_ratio", "training.seed")
+
+
+# --------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    """This process's place in a (possibly single-process) job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files."""
+        return self.rank == 0
+
+
+def init_distributed(device_pref: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world,
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if device_pref == "auto":
+        device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(device_pref)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"training.device={device_pref} but CUDA is not available")
+        torch.cuda.set_device(device)
+    if world > 1:
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:
+    """learning_rate scaled by effective batch / reference batch (none, linear or sqrt rule)."""
+    t = cfg.training
+    ratio = cfg.data.batch_size * t.grad_accum_steps * world_size / t.reference_batch_size
+    if t.lr_scaling == "linear":
+        return t.learning_rate * ratio
+    if t.lr_scaling == "sqrt":
+        return t.learning_rate * math.sqrt(ratio)
+    return t.learning_rate
+
+
+def steps_per_epoch(batches_per_epoch: int, accum: int) -> int:
+    """Optimizer steps in one epoch (a partial accumulation window at the end counts as one)."""
+    return math.ceil(batches_per_epoch / accum)
+
+
+def total_optimizer_steps(cfg: RootConfig, per_epoch: int) -> int:
+    """Optimizer steps of the whole run (epochs x steps per epoch, capped by max_steps)."""
+    total = cfg.training.epochs * per_epoch
+    return min(total, cfg.training.max_steps) if cfg.training.max_steps else total
+
+
+def build_model(cfg: RootConfig, data: DataBundle) -> SimplifiedTagger:
+    """The tagger, its tag-head biases at the log-odds of each tag's training frequency."""
+    m = cfg.model
+    overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
+    freqs = data.vocab.frequencies_array()
+    n_train = max(1, len(data.train_records))
+    model_cfg = VisionTransformerConfig.from_preset(
+        m.preset, image_size=cfg.data.image_size, patch_size=m.patch_size, num_tags=len(data.vocab),
+        mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
+        layer_scale_init=m.layer_scale_init or None, pooling=m.pooling,
+        grad_checkpoint_every=m.grad_checkpoint_every,
+        tag_bias_init=[f / n_train for f in freqs], **overrides)
+    return SimplifiedTagger(model_cfg)
+
+
+def build_loss(cfg: RootConfig, data: DataBundle, device: torch.device) -> MultiTaskLoss:
+    """Asymmetric focal loss for tags plus rating cross-entropy."""
+    l = cfg.loss
+    weights = None
+    if l.tag_weighting != "none":
+        weights = tag_weights_from_frequencies(data.vocab.frequencies_array(), len(data.train_records), l.tag_weighting).to(device)
+    tag_loss = AsymmetricFocalLoss(gamma_neg=l.gamma_neg, gamma_pos=l.gamma_pos, clip=l.clip, eps=l.eps, tag_weights=weights)
+    return MultiTaskLoss(tag_loss, tag_weight=l.tag_weight, rating_weight=l.rating_weight,
+                         rating_label_smoothing=l.rating_label_smoothing).to(device)
+
+
+def build_scheduler(cfg: RootConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The configured learning-rate schedule, stepped once per optimizer update."""
+    t = cfg.training
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+    if t.scheduler == "cosine_restarts":
+        period = t.restart_period_steps or max(1, total_steps // 4)
+        return CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=period, warmup_steps=min(warmup, period - 1),
+                                             cycle_mult=t.restart_period_mult, gamma=t.restart_decay, min_lr_ratio=t.min_lr_ratio)
+    return LinearWarmupCosineLR(optimizer, warmup_steps=min(warmup, total_steps), total_steps=total_steps, min_lr_ratio=t.min_lr_ratio)
+
+
+def schedule_signature(cfg: RootConfig, world_size: int) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint to continue the same schedule."""
+    sig = {}
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        sig[key] = getattr(getattr(cfg, section), name)
+    sig["world_size"] = world_size
+    return sig
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], accept: bool) -> list[str]:
+    """Refuse (or, with accept, list) schedule changes between a checkpoint and this run."""
+    changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if changes and not accept:
+        raise ConfigError("resuming would change the schedule (" + "; ".join(changes)
+                          + "). Use the checkpoint's settings, or pass --accept-schedule-change to continue with the new ones")
+    return changes
+
+
+# --------------------------------------------------------------------------------------------
+# Run state
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint carries besides model, optimizer and RNG."""
+
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0                # current epoch (0-based)
+    batch_in_epoch: int = 0       # micro-batches of this epoch already consumed (this rank)
+    images_seen: int = 0          # all ranks
+    best_metric: float | None = None
+    best_step: int | None = None
+    last_val_step: int | None = None
+    last_ckpt_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches, built once in main()."""
+
+    cfg: RootConfig
+    dist: Distributed
+    device: torch.device
+    data: DataBundle
+    model: torch.nn.Module            # what forward runs (maybe DDP/compiled)
+    raw_model: SimplifiedTagger       # the module whose weights are saved
+    loss_fn: MultiTaskLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: MixedPrecisionTrainer
+    ema: ModelEma | None
+    sampler: ResumableSampler
+    failures: FailureTracker
+    early_stopping: EarlyStopping
+    ckpt: CheckpointManager
+    writer: AsyncCheckpointWriter
+    monitor: TrainingMonitor
+    total_steps: int
+    steps_per_epoch: int
+    state: RunState = field(default_factory=RunState)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)   # device-side running sums for logging
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step work
+# --------------------------------------------------------------------------------------------
+
+def forward_backward(tr: Trainer, batch: dict[str, Any], window: int, sync: bool) -> None:
+    """Forward, loss and backward of one micro-batch; adds the loss parts to the device sums."""
+    ctx = tr.model.no_sync() if (not sync and isinstance(tr.model, torch.nn.parallel.DistributedDataParallel)) else _null()
+    with ctx:
+        with tr.amp.autocast():
+            outputs = tr.model(batch["images"])  # {"tag_logits": (B,T), "rating_logits": (B,4)}
+        total, parts = tr.loss_fn(outputs, batch["tag_targets"], batch["ratings"])
+        tr.amp.backward(total, window)
+    _accumulate(tr, "loss", total.detach())
+    for name, value in parts.items():
+        _accumulate(tr, f"loss/{name}", value.detach())
+
+
+def optimizer_step(tr: Trainer) -> None:
+    """Clip, update (unless non-finite), schedule, EMA; no host sync."""
+    grad_norm, skipped = tr.amp.step([p for p in tr.raw_model.parameters() if p.requires_grad])
+    tr.scheduler.step()
+    if tr.ema is not None:
+        tr.ema.update(tr.raw_model, tr.state.step, skipped)
+    _accumulate(tr, "grad_norm", torch.where(skipped, torch.zeros_like(grad_norm), grad_norm.float()), count=(~skipped).float())
+    tr.state.step += 1
+
+
+def _accumulate(tr: Trainer, name: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+    s = tr.sums.get(name)
+    if s is None:
+        s = tr.sums[name] = torch.zeros(2, dtype=torch.float64, device=tr.device)
+    s[0] += value.double()
+    s[1] += count
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def read_and_reset_sums(tr: Trainer) -> dict[str, float]:
+    """Means of the device sums since the last call (one host sync)."""
+    if not tr.sums:
+        return {}
+    names = list(tr.sums)
+    stacked = torch.stack([tr.sums[n] for n in names]).cpu()  # (K, 2): sum, count
+    tr.sums.clear()
+    return {n: (float(s) / float(c) if c > 0 else float("nan")) for n, (s, c) in zip(names, stacked.tolist())}
+
+
+def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> None:
+    """Read the device sums and counters once and hand them to the monitor."""
+    values = read_and_reset_sums(tr)
+    values["skipped_steps"] = float(tr.amp.skipped_total.item())
+    if tr.amp.max_consecutive_skips.item() >= tr.cfg.training.max_consecutive_skips:
+        raise NonFiniteTrainingError(
+            f"{tr.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
+    tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
+                         images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
+                         lr=tr.scheduler.get_last_lr()[0])
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops after saving the last good state."""
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def run_validation(tr: Trainer) -> dict[str, Any]:
+    """Inline validation with the same function validation_loop.py uses; updates the best metric."""
+    model = tr.raw_model
+    if tr.cfg.validation.use_ema and tr.ema is not None:
+        model = _ema_model(tr)
+    loader = build_eval_loader(tr.cfg, tr.data, rank=tr.dist.rank, world_size=tr.dist.world_size)
+    result = evaluate(model, loader, tr.device, tr.data.vocab, tr.data.preprocess,
+                      threshold=tr.cfg.validation.threshold, autocast=tr.amp.autocast,
+                      world_size=tr.dist.world_size, max_batches=tr.cfg.validation.max_batches)
+    metrics = result.metrics
+    tr.monitor.log_validation(tr.state.step, metrics)
+    tr.state.last_val_step = tr.state.step
+    return metrics
+
+
+def _ema_model(tr: Trainer) -> SimplifiedTagger:
+    shadow = SimplifiedTagger(tr.raw_model.cfg).to(tr.device)
+    tr.ema.copy_to(shadow)
+    return shadow
+
+
+def update_best(tr: Trainer, metrics: dict[str, Any]) -> tuple[bool, bool]:
+    """(is_new_best, should_stop_early) for the selection metric."""
+    value = float(metrics[tr.cfg.validation.selection_metric])
+    is_best = tr.state.best_metric is None or value > tr.state.best_metric
+    if is_best:
+        tr.state.best_metric, tr.state.best_step = value, tr.state.step
+    stop = tr.early_stopping.update(value)
+    return is_best, stop
+
+
+def training_state_dict(tr: Trainer) -> dict[str, Any]:
+    """Everything besides the weights that an exact resume needs (tensors and plain types)."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "run_state": tr.state.to_dict(),
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "amp": tr.amp.state_dict(),
+        "rng": capture_rng_state(),
+        "sampler": tr.sampler.state_dict(),
+        "early_stopping": tr.early_stopping.state_dict(),
+        "failures": tr.failures.to_dict(),
+        "schedule": schedule_signature(tr.cfg, tr.dist.world_size),
+        "vocabulary_fingerprint": tr.data.vocab.fingerprint(),
+    }
+
+
+def save_checkpoint(tr: Trainer, is_best: bool, wait: bool = False) -> None:
+    """Snapshot the state to the CPU now, write it in the background (rank 0 only)."""
+    tr.state.last_ckpt_step = tr.state.step
+    if not tr.dist.is_main:
+        return
+    model_state, train_state, ema_state = snapshot_state(
+        tr.raw_model.state_dict(), training_state_dict(tr), tr.ema.state_dict() if tr.ema else None)
+    files = {
+        "config.yaml": dump_config(tr.cfg),
+        "vocabulary.json": tr.data.vocab_path.read_text(encoding="utf-8"),
+        "model_config.json": json.dumps(tr.raw_model.cfg.to_dict(), indent=2),
+        "preprocess.json": json.dumps(tr.data.preprocess.to_dict(), indent=2),
+    }
+    tr.writer.submit(CheckpointPayload(step=tr.state.step, model_state=model_state, training_state=train_state,
+                                       files=files, ema_state=ema_state, is_best=is_best))
+    if wait:
+        tr.writer.wait()
+
+
+def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) -> None:
+    """Restore weights, EMA, optimizer, scheduler, scaler, RNG, sampler position and counters."""
+    state = CheckpointManager.load_training_state(folder)
+    fingerprint = state["vocabulary_fingerprint"]
+    if fingerprint != tr.data.vocab.fingerprint():
+        raise ConfigError(f"{folder}: the checkpoint's vocabulary differs from this run's ({tr.data.vocab_path}); "
+                          "resume with the run's own vocabulary.json (data.vocabulary)")
+    changes = check_resume_compatible(state["schedule"], schedule_signature(tr.cfg, tr.dist.world_size), accept_schedule_change)
+    tr.raw_model.load_state_dict(CheckpointManager.load_model_state(folder))
+    if tr.ema is not None:
+        if (folder / "ema.safetensors").is_file():
+            tr.ema.load_state_dict(CheckpointManager.load_model_state(folder, ema=True))
+        else:
+            tr.ema = ModelEma(tr.raw_model, tr.ema.decay, tr.ema.warmup_steps)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    tr.amp.load_state_dict(state["amp"])
+    tr.early_stopping.load_state_dict(state["early_stopping"])
+    tr.state = RunState(**state["run_state"])
+    if changes:
+        # A changed schedule: keep the weights and the optimizer moments, restart the data order
+        # at the epoch boundary and rebuild the sampler position from the new batch size.
+        tr.state.batch_in_epoch = 0
+        tr.monitor.log_event(tr.state.step, "schedule_changed", changes=changes)
+    if state["schedule"].get("world_size") == tr.dist.world_size:
+        restore_rng_state(state["rng"])
+    tr.monitor.log_event(tr.state.step, "resumed", checkpoint=str(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def epoch_batches(tr: Trainer, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+    """Device batches of one epoch, starting after `start_batch` already-consumed micro-batches."""
+    tr.sampler.set_epoch(epoch, start_batch=start_batch)
+    loader = build_dataloader(
+        tr.data.train_dataset, tr.sampler, batch_size=tr.cfg.data.batch_size,
+        num_workers=tr.cfg.data.num_workers, pin_memory=tr.cfg.data.pin_memory and tr.device.type == "cuda",
+        drop_last=True, prefetch_factor=tr.cfg.data.prefetch_factor,
+        persistent_workers=False, generator_seed=tr.cfg.training.seed * 1000003 + epoch)
+    return iter(ImagePreFetcher(loader, tr.device, tr.data.preprocess, len(tr.data.vocab)))
+
+
+def train(tr: Trainer, stopper: GracefulStopper) -> str:
+    """Run the loop until done, stopped or early-stopped; returns why it ended."""
+    cfg, st = tr.cfg, tr.state
+    accum = cfg.training.grad_accum_steps
+    per_epoch_batches = tr.sampler.batches_per_epoch()
+    t_log, images_since, wait_since = time.perf_counter(), 0, 0.0
+    while st.epoch < cfg.training.epochs and st.step < tr.total_steps:
+        batches = epoch_batches(tr, st.epoch, st.batch_in_epoch)
+        while st.batch_in_epoch < per_epoch_batches and st.step < tr.total_steps:
+            window = min(accum, per_epoch_batches - st.batch_in_epoch)
+            for i in range(window):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                wait_since += time.perf_counter() - t0
+                tr.failures.observe(batch)
+                forward_backward(tr, batch, window, sync=(i == window - 1))
+                images_since += batch["images"].shape[0] * tr.dist.world_size
+                st.batch_in_epoch += 1
+            optimizer_step(tr)
+            if st.step % cfg.monitor.log_every_steps == 0 or st.step == tr.total_steps:
+                now = time.perf_counter()
+                st.images_seen += images_since
+                log_training(tr, images_since, now - t_log, wait_since)
+                t_log, images_since, wait_since = now, 0, 0.0
+            tr.writer.check()
+            epoch_done = st.batch_in_epoch >= per_epoch_batches
+            if epoch_done:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+            outcome = after_step(tr, epoch_done, stopper)
+            if outcome:
+                return outcome
+            if epoch_done:
+                break
+    return "finished"
+
+
+def after_step(tr: Trainer, epoch_done: bool, stopper: GracefulStopper) -> str | None:
+    """Validation, checkpoints and stop requests at an optimizer-step boundary."""
+    cfg, st = tr.cfg, tr.state
+    last = st.step >= tr.total_steps or st.epoch >= cfg.training.epochs
+    v_every, c_every = cfg.validation.every_steps, cfg.checkpoint.every_steps
+    validate = last or (v_every and st.step % v_every == 0) or (not v_every and epoch_done)
+    checkpoint = last or (c_every and st.step % c_every == 0) or (not c_every and epoch_done)
+    is_best = early_stop = False
+    if validate:
+        metrics = run_validation(tr)
+        is_best, early_stop = update_best(tr, metrics)
+    stop_now = stopper.requested
+    if checkpoint or is_best or stop_now or early_stop:
+        save_checkpoint(tr, is_best=is_best, wait=last or stop_now or early_stop)
+    if stop_now:
+        return f"stopped ({stopper.reason})"
+    if early_stop:
+        return "early stopping"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description="Train a ViT image tagger from images with sidecar JSON tags.")
+    p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the run's newest checkpoint or a given one")
+    p.add_argument("--init-from", default=None, metavar="PATH", help="load model weights only (a checkpoint folder or timm-layout ViT weights)")
+    p.add_argument("--accept-schedule-change", action="store_true", help="resume even if batch size, epochs or learning rate changed")
+    return p.parse_args(argv)
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint folder --resume names (None when not resuming)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        folder = CheckpointManager(run_dir / "checkpoints").latest()
+        if folder is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {run_dir / 'checkpoints'}")
+        return folder
+    return CheckpointManager.resolve(resume)
+
+
+def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
+    """--init-from / model.init_from: a checkpoint folder (weights only) or timm-layout ViT weights."""
+    p = Path(path)
+    if p.is_dir() or (p.is_file() and p.name in ("last", "best")):
+        folder = CheckpointManager.resolve(p)
+        missing, unexpected = model.load_state_dict(CheckpointManager.load_model_state(folder), strict=False)
+        return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
+    report = load_pretrained_backbone(model, p)
+    return f"backbone from {p}: {report}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Wire the phases: config, data, model, optimisation, resume, loop, final report."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        # Absolute, so the checkpoint's config finds the data from any working directory.
+        cfg.data.root = str(Path(cfg.data.root).absolute())
+        dist, device = init_distributed(cfg.training.device)
+        resume_dir = find_resume_checkpoint(args.resume, cfg.run_dir)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seed_everything(cfg.training.seed + dist.rank)
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = cfg.run_dir
+    try:
+        data = prepare_data(cfg, run_dir, rank=dist.rank, world_size=dist.world_size,
+                            resume=resume_dir is not None, log=print if dist.is_main else None)
+    except (ConfigError, FileNotFoundError, DataQualityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    raw_model = build_model(cfg, data).to(device)
+    init_from = args.init_from or cfg.model.init_from
+    if init_from and resume_dir is None:
+        print(f"init: {load_initial_weights(raw_model, init_from)}")
+    model: torch.nn.Module = raw_model
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        model = torch.compile(model)
+
+    train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
+                                     seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)
+    per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
+    total_steps = total_optimizer_steps(cfg, per_epoch)
+    lr = effective_learning_rate(cfg, dist.world_size)
+    optimizer = torch.optim.AdamW(param_groups_for_weight_decay(raw_model, cfg.training.weight_decay), lr=lr,
+                                  betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    monitor = TrainingMonitor(run_dir, enabled=dist.is_main, total_steps=total_steps,
+                              console_interval_s=cfg.monitor.console_interval_s, tensorboard=cfg.monitor.tensorboard,
+                              system_stats_interval_s=cfg.monitor.system_stats_interval_s,
+                              resume_step=None if resume_dir is None else CheckpointManager.load_training_state(resume_dir)["run_state"]["step"])
+    tr = Trainer(
+        cfg=cfg, dist=dist, device=device, data=data, model=model, raw_model=raw_model,
+        loss_fn=build_loss(cfg, data, device), optimizer=optimizer,
+        scheduler=build_scheduler(cfg, optimizer, total_steps),
+        amp=MixedPrecisionTrainer(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
+        ema=ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
+        sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
+        early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
+        ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write), monitor=monitor,
+        total_steps=total_steps, steps_per_epoch=per_epoch)
+    if resume_dir is not None:
+        try:
+            restore_checkpoint(tr, resume_dir, args.accept_schedule_change)
+        except (ConfigError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if dist.is_main:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
+              f"{len(data.vocab)} tags; device {device}, precision {tr.amp.precision}; "
+              f"{total_steps} steps ({per_epoch}/epoch), lr {lr:.3g}")
+        monitor.log_hparams(_flat_hparams(cfg), {})
+
+    stopper = GracefulStopper(run_dir / "STOP").install()
+    outcome = "failed"
+    try:
+        outcome = train(tr, stopper)
+    except NonFiniteTrainingError as exc:
+        save_checkpoint(tr, is_best=False, wait=True)  # the weights are the last good ones: skipped steps changed nothing
+        print(f"error: {exc}; saved the last good state to {run_dir / 'checkpoints'}", file=sys.stderr)
+        return 3
+    except DataQualityError as exc:
+        save_checkpoint(tr, is_best=False, wait=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        stopper.uninstall()
+        tr.writer.wait()
+        monitor.log_event(tr.state.step, "end", outcome=outcome)
+        monitor.close()
+        if dist.world_size > 1:
+            tdist.destroy_process_group()
+    if dist.is_main:
+        report_end(tr, outcome, args)
+    return 0
+
+
+def report_end(tr: Trainer, outcome: str, args: argparse.Namespace) -> None:
+    """The closing lines: what happened, the best checkpoint, how to resume or evaluate."""
+    run_dir = tr.cfg.run_dir
+    print(f"done: {outcome} at step {tr.state.step}/{tr.total_steps}; "
+          f"best {tr.cfg.validation.selection_metric} {tr.state.best_metric if tr.state.best_metric is not None else float('nan'):.4f} "
+          f"at step {tr.state.best_step}")
+    if outcome.startswith("stopped"):
+        cmd = " ".join([sys.executable, "train_direct.py"] + (["--config", str(args.config)] if args.config else [])
+                       + [f"--set {s}" for s in args.set] + ["--resume", "latest"])
+        print(f"resume with: {cmd}")
+    best = run_dir / "checkpoints" / "best"
+    if best.is_file():
+        print(f"evaluate with: {sys.executable} validation_loop.py --checkpoint {best} --out {run_dir / 'eval'}")
+
+
+def _flat_hparams(cfg: RootConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section in ("data", "model", "loss", "training"):
+        for k, v in getattr(cfg, section).__dict__.items():
+            out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
