@@ -410,6 +410,13 @@ class MetricComputer:
         step = max(1, _COMPUTE_CELLS_PER_CHUNK // (2 * self.num_bins))
         return [(s, min(s + step, self.num_tags)) for s in range(0, self.num_tags, step)]
 
+    def histograms(self, tag_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positives, negatives) score counts of one tag over the bins of `bin_edges()`, on CPU."""
+        if not 0 <= tag_index < self.num_tags:
+            raise ValueError(f"tag_index {tag_index} outside [0, {self.num_tags})")
+        hist = self._hist_view()[tag_index].to("cpu", torch.int64)  # (2, K)
+        return hist[1], hist[0]
+
     def _hist_view(self) -> torch.Tensor:
         """The histogram as (T, 2, K): [:, 0] negatives, [:, 1] positives, bins ascending."""
         return self._hist[: self._cells].view(self.num_tags, 2, self.num_bins)

@@ -37,7 +37,7 @@ from training_utils import (
     CosineAnnealingWarmupRestarts, EarlyStopping, GracefulStopper, MixedPrecisionTrainer, ModelEma,
     capture_rng_state, restore_rng_state, seed_everything, snapshot_state,
 )
-from validation_loop import evaluate
+from validation_loop import EvalResult, evaluate
 
 # Config keys whose change alters the schedule or the data order of a resumed run.
 SCHEDULE_KEYS = ("data.batch_size", "training.grad_accum_steps", "training.epochs", "training.max_steps",
@@ -291,11 +291,36 @@ def run_validation(tr: Trainer) -> dict[str, Any]:
     loader = build_eval_loader(tr.cfg, tr.data, rank=tr.dist.rank, world_size=tr.dist.world_size)
     result = evaluate(model, loader, tr.device, tr.data.vocab, tr.data.preprocess,
                       threshold=tr.cfg.validation.threshold, autocast=tr.amp.autocast,
-                      world_size=tr.dist.world_size, max_batches=tr.cfg.validation.max_batches)
+                      world_size=tr.dist.world_size, max_batches=tr.cfg.validation.max_batches,
+                      num_examples=tr.cfg.monitor.validation_images)
     metrics = result.metrics
     tr.monitor.log_validation(tr.state.step, metrics)
+    log_validation_pictures(tr, result)
     tr.state.last_val_step = tr.state.step
     return metrics
+
+
+def log_validation_pictures(tr: Trainer, result: EvalResult) -> None:
+    """PR curves of a few tags (most frequent, median, rarest with positives) and an example grid."""
+    if not tr.dist.is_main:
+        return
+    vocab, step = tr.data.vocab, tr.state.step
+    support = result.computer.per_tag()["support"]
+    with_positives = [i for i in range(len(vocab)) if int(support[i]) > 0]  # index order = frequency order
+    if with_positives and tr.cfg.monitor.pr_curve_tags:
+        picks = {with_positives[0], with_positives[len(with_positives) // 2], with_positives[-1]}
+        for i in sorted(picks)[: tr.cfg.monitor.pr_curve_tags]:
+            pos, neg = result.computer.histograms(i)
+            tr.monitor.log_pr_curve(step, vocab.index_to_tag[i], pos, neg, bin_edges=result.computer.bin_edges())
+    ex = result.examples
+    if ex is not None:
+        captions = []
+        for probs, targets in zip(ex.probs, ex.targets):
+            true = [vocab.index_to_tag[i] for i in torch.nonzero(targets).flatten().tolist()]
+            top = torch.topk(probs, k=min(5, probs.numel()))
+            pred = [f"{vocab.index_to_tag[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            captions.append("true: " + " ".join(true) + "\npred: " + ", ".join(pred))
+        tr.monitor.log_image_grid(step, ex.images, captions)
 
 
 def _ema_model(tr: Trainer) -> SimplifiedTagger:

@@ -38,23 +38,44 @@ RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
 
 
 @dataclass
+class EvalExamples:
+    """The first few validation images with their scores, for a picture in TensorBoard."""
+
+    images: torch.Tensor   # (N, 3, H, W) uint8, as the model saw them
+    probs: torch.Tensor    # (N, T) float
+    targets: torch.Tensor  # (N, T) float in {0, 1}
+
+
+@dataclass
 class EvalResult:
     """Headline metrics and the metric state they came from (for per-tag reports)."""
 
     metrics: dict[str, Any]
     computer: MetricComputer
+    examples: EvalExamples | None = None
+
+
+def _denormalize(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Tensor:
+    """Normalised float (N, 3, H, W) back to uint8 for display."""
+    mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, vocab: TagVocabulary,
              preprocess: PreprocessParams, *, threshold: float,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             world_size: int = 1, max_batches: int = 0) -> EvalResult:
-    """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP)."""
+             world_size: int = 1, max_batches: int = 0, num_examples: int = 0) -> EvalResult:
+    """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP).
+
+    With num_examples > 0 the first images of the first batch are kept with their scores.
+    """
     was_training = model.training
     model.eval()
     computer = MetricComputer(len(vocab), threshold=threshold, device=device, tag_names=vocab.index_to_tag,
                               tag_categories=[vocab.tag_categories.get(t, "") for t in vocab.index_to_tag],
                               tag_frequencies=vocab.frequencies_array())
+    examples: EvalExamples | None = None
     try:
         with torch.inference_mode():
             for i, batch in enumerate(ImagePreFetcher(loader, device, preprocess, len(vocab))):
@@ -62,13 +83,18 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
                     break
                 with autocast():
                     outputs = model(batch["images"])
-                computer.update(torch.sigmoid(outputs["tag_logits"].float()), batch["tag_targets"])  # (B, T)
-                computer.update_rating(outputs["rating_logits"].float(), batch["ratings"])         # (B, 4)
+                probs = torch.sigmoid(outputs["tag_logits"].float())  # (B, T)
+                computer.update(probs, batch["tag_targets"])
+                computer.update_rating(outputs["rating_logits"].float(), batch["ratings"])  # (B, 4)
+                if num_examples and examples is None:
+                    n = min(num_examples, probs.shape[0])
+                    examples = EvalExamples(_denormalize(batch["images"][:n], preprocess),
+                                            probs[:n].cpu(), batch["tag_targets"][:n].cpu())
         if world_size > 1:
             computer.all_reduce_()
     finally:
         model.train(was_training)
-    return EvalResult(metrics=computer.compute(), computer=computer)
+    return EvalResult(metrics=computer.compute(), computer=computer, examples=examples)
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,3 +112,18 @@ def test_schedule_helpers() -> None:
     with pytest.raises(ConfigError, match="--accept-schedule-change"):
         T.check_resume_compatible(sig, changed, accept=False)
     assert T.check_resume_compatible(sig, changed, accept=True) == ["data.batch_size: 64 -> 32"]
+
+
+def test_tensorboard_has_training_validation_and_pictures(trained_run: TrainedRun) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained_run.run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for name in ("train/loss", "train/loss/tags", "train/loss/rating", "train/grad_norm", "train/lr", "val/mAP",
+                 "val/f1_micro", "val/rating_accuracy", "perf/images_per_s"):
+        assert name in tags["scalars"], (name, tags["scalars"])
+    assert "val/examples" in tags["images"]
+    assert any(t.startswith("val/pr") for t in tags["tensors"]), tags["tensors"]
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
