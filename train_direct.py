@@ -348,7 +348,7 @@ def training_state_dict(tr: Trainer) -> dict[str, Any]:
         "scheduler": tr.scheduler.state_dict(),
         "amp": tr.amp.state_dict(),
         "rng": capture_rng_state(),
-        "sampler": tr.sampler.state_dict(),
+        "sampler": tr.sampler.state_dict(batches_done=tr.state.batch_in_epoch),
         "early_stopping": tr.early_stopping.state_dict(),
         "failures": tr.failures.to_dict(),
         "schedule": schedule_signature(tr.cfg, tr.dist.world_size),

@@ -1,0 +1,134 @@
+"""Exact resume, end to end: a run killed (SIGKILL) or stopped (SIGTERM, STOP file) and resumed with
+`--resume latest` ends with bit-identical weights and per-step losses to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_RUN, read_jsonl, run_cli
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+
+STEPS = 36  # about 1.3 epochs of the 600-image demo at batch 16: the resume crosses an epoch boundary
+RESUME_RUN = TINY_RUN + [
+    "data.batch_size=16", f"training.max_steps={STEPS}", "training.epochs=3", "checkpoint.every_steps=6",
+    "validation.every_steps=12", "model.drop_path_rate=0.1", "training.ema_decay=0.9",
+    "checkpoint.keep_last=10", "data.num_workers=2",
+]
+
+
+def train_args(data: Path, name: str, extra: list[str] = ()) -> list[str]:
+    args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in RESUME_RUN + [f"data.root={data}", "output_root=runs", f"experiment_name={name}", *extra]:
+        args += ["--set", o]
+    return args
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if e["type"] == "train"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip()
+    assert last == f"step_{STEPS}", last
+    folder = run_dir / "checkpoints" / last
+    return {**load_file(str(folder / "model.safetensors")),
+            **{f"ema.{k}": v for k, v in load_file(str(folder / "ema.safetensors")).items()}}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la, lb = step_losses(a), step_losses(b)
+    assert sorted(la) == list(range(1, STEPS + 1)) and la == lb  # exact float equality, every step
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("resume")
+    proc = run_cli(train_args(demo_data, "ref"), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, work / "runs" / "ref"
+
+
+def start_and_interrupt(work: Path, args: list[str], run_dir: Path, after_step: int, how: str) -> subprocess.Popen:
+    """Start training, wait for the checkpoint of `after_step`, then interrupt the process."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    marker = run_dir / "checkpoints" / f"step_{after_step}" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"run ended before its step {after_step} checkpoint: {err[-2000:]}")
+        time.sleep(0.05)
+    if how == "kill":
+        proc.send_signal(signal.SIGKILL)
+    elif how == "term":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        (run_dir / "STOP").write_text("", encoding="utf-8")
+    return proc
+
+
+def test_sigkill_then_resume_is_bit_identical(reference: tuple[Path, Path], demo_data: Path) -> None:
+    work, ref_dir = reference
+    run_dir = work / "runs" / "killed"
+    proc = start_and_interrupt(work, train_args(demo_data, "killed"), run_dir, after_step=18, how="kill")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_cli(train_args(demo_data, "killed") + ["--resume", "latest"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(ref_dir, run_dir)
+
+
+@pytest.mark.parametrize("how", ["term", "stopfile"])
+def test_safe_stop_then_resume_is_bit_identical(reference: tuple[Path, Path], demo_data: Path, how: str) -> None:
+    work, ref_dir = reference
+    name = f"stopped_{how}"
+    run_dir = work / "runs" / name
+    proc = start_and_interrupt(work, train_args(demo_data, name), run_dir, after_step=24, how=how)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resume with:" in out and "--resume latest" in out
+    stopped_at = int((run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip().split("_")[1])
+    assert 24 <= stopped_at < STEPS
+    if how == "stopfile":
+        (run_dir / "STOP").unlink()
+    resumed = run_cli(train_args(demo_data, name) + ["--resume", "latest"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(ref_dir, run_dir)
+
+
+def test_resume_with_changed_batch_size_is_refused(reference: tuple[Path, Path], demo_data: Path) -> None:
+    work, _ = reference
+    proc = run_cli(train_args(demo_data, "ref", ["data.batch_size=8"]) + ["--resume", "latest"], cwd=work)
+    assert proc.returncode == 2
+    assert "data.batch_size: 16 -> 8" in proc.stderr and "--accept-schedule-change" in proc.stderr
+
+
+def test_incomplete_newest_checkpoint_is_skipped(reference: tuple[Path, Path], demo_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    work, ref_dir = reference
+    copy = work / "runs" / "partial"
+    shutil.copytree(ref_dir, copy)
+    crashed = copy / "checkpoints" / f"step_{STEPS + 6}"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"torn write")
+    proc = run_cli(train_args(demo_data, "partial") + ["--resume", "latest"], cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"step_{STEPS}" in [e.get("checkpoint", "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+                               for e in read_jsonl(copy / "metrics.jsonl") if e.get("kind") == "resumed"]
