@@ -512,7 +512,7 @@ def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
         missing, unexpected = model.load_state_dict(CheckpointManager.load_model_state(folder), strict=False)
         return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
     report = load_pretrained_backbone(model, p)
-    return f"backbone from {p}: {report}"
+    return report.summary()
 
 
 def main(argv: list[str] | None = None) -> int:

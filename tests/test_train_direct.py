@@ -127,3 +127,26 @@ def test_tensorboard_has_training_validation_and_pictures(trained_run: TrainedRu
     assert any(t.startswith("val/pr") for t in tags["tensors"]), tags["tensors"]
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_init_from_timm_layout_weights_loads_backbone_only(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from model_architecture import SimplifiedTagger, VisionTransformerConfig
+
+    cfg = VisionTransformerConfig.from_preset("tiny", image_size=32, patch_size=8, num_tags=5, embed_dim=32, depth=2, num_heads=2)
+    import torch as torch_mod
+
+    torch_mod.manual_seed(0)
+    source = SimplifiedTagger(cfg)
+    save_file({k: v.contiguous() for k, v in source.backbone_state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    torch_mod.manual_seed(1)
+    target = SimplifiedTagger(cfg)
+    head_before = target.tag_head.weight.detach().clone()
+    summary = T.load_initial_weights(target, str(tmp_path / "vit.safetensors"))
+    assert f"loaded {len(source.backbone_state_dict())} tensors, 0 missing" in summary
+    for k, v in source.backbone_state_dict().items():
+        assert torch_mod.equal(target.state_dict()[k], v), k
+    assert torch_mod.equal(target.tag_head.weight, head_before)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        T.load_initial_weights(target, str(tmp_path / "nope.safetensors"))
