@@ -267,12 +267,12 @@ def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> Non
     """Read the device sums and counters once and hand them to the monitor."""
     values = read_and_reset_sums(tr)
     values["skipped_steps"] = float(tr.amp.skipped_total.item())
-    if tr.amp.max_consecutive_skips.item() >= tr.cfg.training.max_consecutive_skips:
-        raise NonFiniteTrainingError(
-            f"{tr.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
     tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
                          lr=tr.scheduler.get_last_lr()[0])
+    if tr.amp.max_consecutive_skips.item() >= tr.cfg.training.max_consecutive_skips:
+        raise NonFiniteTrainingError(
+            f"{tr.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
 
 
 class NonFiniteTrainingError(RuntimeError):

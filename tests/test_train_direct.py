@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train_direct as T
@@ -150,3 +151,44 @@ def test_init_from_timm_layout_weights_loads_backbone_only(tmp_path: Path) -> No
     assert torch_mod.equal(target.tag_head.weight, head_before)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         T.load_initial_weights(target, str(tmp_path / "nope.safetensors"))
+
+
+class _NaNLoss(torch.nn.Module):
+    """A loss that turns non-finite from the third call on, to exercise the guarded step."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, outputs: dict, tags: torch.Tensor, ratings: torch.Tensor) -> tuple:
+        self.calls += 1
+        total, parts = self.inner(outputs, tags, ratings)
+        if self.calls >= 3:
+            total = total * float("nan")
+        return total, parts
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from conftest import TINY_RUN
+
+    real_build_loss = T.build_loss
+    monkeypatch.setattr(T, "build_loss", lambda *a, **k: _NaNLoss(real_build_loss(*a, **k)))
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in TINY_RUN + [f"data.root={demo_data}", "data.num_workers=0", "experiment_name=nan",
+                         "training.max_consecutive_skips=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]:
+        args += ["--set", o]
+    assert T.main(args) == 3
+    err = capsys.readouterr().err
+    assert "4 optimizer steps in a row had a non-finite loss" in err and "last good state" in err
+    run = tmp_path / "runs" / "nan"
+    skipped = {e["step"]: e["skipped_steps"] for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "train"}
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 2, 5: 3, 6: 4}
+    from safetensors.torch import load_file
+
+    assert (run / "checkpoints" / "last").read_text(encoding="utf-8").strip() == "step_6"
+    good = load_file(str(run / "checkpoints" / "step_2" / "model.safetensors"))
+    final = load_file(str(run / "checkpoints" / "step_6" / "model.safetensors"))
+    assert all(torch.equal(good[k], final[k]) for k in good)  # skipped updates changed nothing
