@@ -1678,7 +1678,8 @@ def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world
     shard = list(range(rank, len(data.val_dataset), world_size))
     return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=cfg.data.num_workers,
                             pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), drop_last=False,
-                            prefetch_factor=cfg.data.prefetch_factor, generator_seed=cfg.training.seed)
+                            prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
+                            generator_seed=cfg.training.seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,6 +204,8 @@ class Trainer:
     ckpt: CheckpointManager
     writer: AsyncCheckpointWriter
     monitor: TrainingMonitor
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
     total_steps: int
     steps_per_epoch: int
     state: RunState = field(default_factory=RunState)
@@ -288,8 +290,7 @@ def run_validation(tr: Trainer) -> dict[str, Any]:
     model = tr.raw_model
     if tr.cfg.validation.use_ema and tr.ema is not None:
         model = _ema_model(tr)
-    loader = build_eval_loader(tr.cfg, tr.data, rank=tr.dist.rank, world_size=tr.dist.world_size)
-    result = evaluate(model, loader, tr.device, tr.data.vocab, tr.data.preprocess,
+    result = evaluate(model, tr.val_loader, tr.device, tr.data.vocab, tr.data.preprocess,
                       threshold=tr.cfg.validation.threshold, autocast=tr.amp.autocast,
                       world_size=tr.dist.world_size, max_batches=tr.cfg.validation.max_batches,
                       num_examples=tr.cfg.monitor.validation_images)
@@ -411,12 +412,7 @@ def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) 
 def epoch_batches(tr: Trainer, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
     """Device batches of one epoch, starting after `start_batch` already-consumed micro-batches."""
     tr.sampler.set_epoch(epoch, start_batch=start_batch)
-    loader = build_dataloader(
-        tr.data.train_dataset, tr.sampler, batch_size=tr.cfg.data.batch_size,
-        num_workers=tr.cfg.data.num_workers, pin_memory=tr.cfg.data.pin_memory and tr.device.type == "cuda",
-        drop_last=True, prefetch_factor=tr.cfg.data.prefetch_factor,
-        persistent_workers=False, generator_seed=tr.cfg.training.seed * 1000003 + epoch)
-    return iter(ImagePreFetcher(loader, tr.device, tr.data.preprocess, len(tr.data.vocab)))
+    return iter(ImagePreFetcher(tr.train_loader, tr.device, tr.data.preprocess, len(tr.data.vocab)))
 
 
 def train(tr: Trainer, stopper: GracefulStopper) -> str:
@@ -571,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
         ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write), monitor=monitor,
+        train_loader=build_dataloader(
+            data.train_dataset, train_sampler, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+            pin_memory=cfg.data.pin_memory and device.type == "cuda", drop_last=True,
+            prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
+            generator_seed=cfg.training.seed),
+        val_loader=build_eval_loader(cfg, data, rank=dist.rank, world_size=dist.world_size),
         total_steps=total_steps, steps_per_epoch=per_epoch)
     if resume_dir is not None:
         try:
