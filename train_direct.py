@@ -420,7 +420,8 @@ def train(tr: Trainer, stopper: GracefulStopper) -> str:
     cfg, st = tr.cfg, tr.state
     accum = cfg.training.grad_accum_steps
     per_epoch_batches = tr.sampler.batches_per_epoch()
-    t_log, images_since, wait_since = time.perf_counter(), 0, 0.0
+    # Throughput counts training time only: validation and checkpoint pauses are subtracted.
+    t_log, images_since, wait_since, paused = time.perf_counter(), 0, 0.0, 0.0
     while st.epoch < cfg.training.epochs and st.step < tr.total_steps:
         batches = epoch_batches(tr, st.epoch, st.batch_in_epoch)
         while st.batch_in_epoch < per_epoch_batches and st.step < tr.total_steps:
@@ -437,14 +438,16 @@ def train(tr: Trainer, stopper: GracefulStopper) -> str:
             if st.step % cfg.monitor.log_every_steps == 0 or st.step == tr.total_steps:
                 now = time.perf_counter()
                 st.images_seen += images_since
-                log_training(tr, images_since, now - t_log, wait_since)
-                t_log, images_since, wait_since = now, 0, 0.0
+                log_training(tr, images_since, now - t_log - paused, wait_since)
+                t_log, images_since, wait_since, paused = now, 0, 0.0, 0.0
             tr.writer.check()
             epoch_done = st.batch_in_epoch >= per_epoch_batches
             if epoch_done:
                 st.epoch += 1
                 st.batch_in_epoch = 0
+            t_pause = time.perf_counter()
             outcome = after_step(tr, epoch_done, stopper)
+            paused += time.perf_counter() - t_pause
             if outcome:
                 return outcome
             if epoch_done:

@@ -192,3 +192,26 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, t
     good = load_file(str(run / "checkpoints" / "step_2" / "model.safetensors"))
     final = load_file(str(run / "checkpoints" / "step_6" / "model.safetensors"))
     assert all(torch.equal(good[k], final[k]) for k in good)  # skipped updates changed nothing
+
+
+def test_accumulation_with_a_partial_window_at_epoch_end(demo_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import TINY_RUN
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in TINY_RUN + [f"data.root={demo_data}", "data.num_workers=0", "experiment_name=accum",
+                         "training.grad_accum_steps=4", "training.epochs=2", "validation.every_steps=0",
+                         "checkpoint.every_steps=0", "training.scheduler=cosine_restarts"]:
+        args += ["--set", o]
+    assert T.main(args) == 0
+    run = tmp_path / "runs" / "accum"
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    batches = len(split["train"]) // 32
+    assert batches % 4, "the test needs an epoch that does not divide into whole windows"
+    per_epoch = -(-batches // 4)
+    steps = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "train"]
+    assert steps == list(range(1, 2 * per_epoch + 1))
+    vals = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "val"]
+    assert vals == [per_epoch, 2 * per_epoch]  # validation at each epoch end
+    assert (run / "checkpoints" / "last").read_text(encoding="utf-8").strip() == f"step_{2 * per_epoch}"
