@@ -55,11 +55,11 @@ def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) ->
     losses = [e["loss"] for e in events if e["type"] == "train"]
     assert len(losses) >= 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
     vals = [e for e in events if e["type"] == "val"]
     assert vals, "no validation event"
     baseline = frequency_baseline_map(trained_run.run_dir)
-    assert vals[-1]["mAP"] > baseline + 0.05, (vals[-1]["mAP"], baseline)
+    assert vals[-1]["mAP"] > baseline + 0.15, (vals[-1]["mAP"], baseline)
     assert "done: finished" in trained_run.proc.stdout
     assert "data: " in trained_run.proc.stdout and "val step" in trained_run.proc.stdout
 
