@@ -51,6 +51,7 @@ class DataConfig:
     batch_size: int = _opt(64, "Images per optimizer micro-batch on each process.", ge=1)
     num_workers: int = _opt(8, "DataLoader worker processes (0 = load in the main process).", ge=0)
     prefetch_factor: int = _opt(2, "Batches each worker prepares ahead.", ge=1)
+    worker_start_method: str = _opt("", "How worker processes start: '' (the platform's default), spawn (the only one on Windows), fork or forkserver.", choices=("", "spawn", "fork", "forkserver"))
     persistent_workers: bool = _opt(True, "Keep worker processes alive between epochs and validations (epochs start at once, notably on Windows).")
     pin_memory: bool = _opt(True, "Pin host batches for asynchronous copies (only used on CUDA).")
     val_fraction: float = _opt(0.1, "Share of samples held out for validation, chosen by a hash of the seed and the sample id.", ge=0.0, lt=1.0)

@@ -1679,6 +1679,7 @@ def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world
     return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=cfg.data.num_workers,
                             pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), drop_last=False,
                             prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
+                            multiprocessing_context=cfg.data.worker_start_method or None,
                             generator_seed=cfg.training.seed)
 
 

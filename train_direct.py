@@ -260,7 +260,10 @@ def read_and_reset_sums(tr: Trainer) -> dict[str, float]:
     if not tr.sums:
         return {}
     names = list(tr.sums)
-    stacked = torch.stack([tr.sums[n] for n in names]).cpu()  # (K, 2): sum, count
+    stacked = torch.stack([tr.sums[n] for n in names])  # (K, 2): sum, count
+    if tr.dist.world_size > 1:
+        tdist.all_reduce(stacked)  # every rank's micro-batches: the same numbers as one process
+    stacked = stacked.cpu()
     tr.sums.clear()
     return {n: (float(s) / float(c) if c > 0 else float("nan")) for n, (s, c) in zip(names, stacked.tolist())}
 
@@ -340,6 +343,18 @@ def update_best(tr: Trainer, metrics: dict[str, Any]) -> tuple[bool, bool]:
     return is_best, stop
 
 
+def stop_agreed(tr: Trainer, stopper: GracefulStopper, poll: bool) -> bool:
+    """Whether to stop now. Under DDP the ranks agree (any rank asked) at polling steps only, so
+    every rank leaves the loop at the same step and no collective is left waiting."""
+    if tr.dist.world_size == 1:
+        return stopper.requested
+    if not poll:
+        return False
+    flag = torch.tensor([1.0 if stopper.requested else 0.0], device=tr.device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def training_state_dict(tr: Trainer) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (tensors and plain types)."""
     return {
@@ -348,7 +363,7 @@ def training_state_dict(tr: Trainer) -> dict[str, Any]:
         "optimizer": tr.optimizer.state_dict(),
         "scheduler": tr.scheduler.state_dict(),
         "amp": tr.amp.state_dict(),
-        "rng": capture_rng_state(),
+        "rng": rng_states(tr),
         "sampler": tr.sampler.state_dict(batches_done=tr.state.batch_in_epoch),
         "early_stopping": tr.early_stopping.state_dict(),
         "failures": tr.failures.to_dict(),
@@ -357,13 +372,25 @@ def training_state_dict(tr: Trainer) -> dict[str, Any]:
     }
 
 
+def rng_states(tr: Trainer) -> list[dict[str, Any]]:
+    """Every rank's RNG state, index = rank (a collective call under DDP)."""
+    mine = capture_rng_state()
+    if tr.dist.world_size == 1:
+        return [mine]
+    gathered: list[Any] = [None] * tr.dist.world_size
+    tdist.all_gather_object(gathered, mine)
+    return gathered
+
+
 def save_checkpoint(tr: Trainer, is_best: bool, wait: bool = False) -> None:
-    """Snapshot the state to the CPU now, write it in the background (rank 0 only)."""
+    """Snapshot the state to the CPU now, write it in the background (called on every rank;
+    rank 0 writes)."""
     tr.state.last_ckpt_step = tr.state.step
+    train_state = training_state_dict(tr)  # collective under DDP (RNG states are gathered)
     if not tr.dist.is_main:
         return
     model_state, train_state, ema_state = snapshot_state(
-        tr.raw_model.state_dict(), training_state_dict(tr), tr.ema.state_dict() if tr.ema else None)
+        tr.raw_model.state_dict(), train_state, tr.ema.state_dict() if tr.ema else None)
     files = {
         "config.yaml": dump_config(tr.cfg),
         "vocabulary.json": tr.data.vocab_path.read_text(encoding="utf-8"),
@@ -401,7 +428,7 @@ def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) 
         tr.state.batch_in_epoch = 0
         tr.monitor.log_event(tr.state.step, "schedule_changed", changes=changes)
     if state["schedule"].get("world_size") == tr.dist.world_size:
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"][tr.dist.rank])
     tr.monitor.log_event(tr.state.step, "resumed", checkpoint=str(folder))
 
 
@@ -466,11 +493,11 @@ def after_step(tr: Trainer, epoch_done: bool, stopper: GracefulStopper) -> str |
     if validate:
         metrics = run_validation(tr)
         is_best, early_stop = update_best(tr, metrics)
-    stop_now = stopper.requested
+    stop_now = stop_agreed(tr, stopper, poll=bool(last or validate or checkpoint or st.step % cfg.monitor.log_every_steps == 0))
     if checkpoint or is_best or stop_now or early_stop:
         save_checkpoint(tr, is_best=is_best, wait=last or stop_now or early_stop)
     if stop_now:
-        return f"stopped ({stopper.reason})"
+        return f"stopped ({stopper.reason or 'on another rank'})"
     if early_stop:
         return "early stopping"
     return None
@@ -574,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             data.train_dataset, train_sampler, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and device.type == "cuda", drop_last=True,
             prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
-            generator_seed=cfg.training.seed),
+            multiprocessing_context=cfg.data.worker_start_method or None, generator_seed=cfg.training.seed),
         val_loader=build_eval_loader(cfg, data, rank=dist.rank, world_size=dist.world_size),
         total_steps=total_steps, steps_per_epoch=per_epoch)
     if resume_dir is not None:
