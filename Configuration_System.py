@@ -401,14 +401,27 @@ def config_to_dict(cfg: Any) -> dict:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a UTF-8 text file atomically (temp file in the same folder, then os.replace)."""
+    atomic_write_bytes(path, [text.encode("utf-8")])
+
+
+def atomic_write_bytes(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write bytes atomically: a temp file in the same folder, fsync, then os.replace (with a
+    retry for Windows readers); the temp file never outlives a failure."""
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    replace_with_retry(tmp, path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        replace_with_retry(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def replace_with_retry(src: str | Path, dst: str | Path, attempts: int = 10, delay_s: float = 0.05) -> None:

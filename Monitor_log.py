@@ -3,7 +3,8 @@
 Owns `TrainingMonitor` (the one object the training loop reports to; only rank 0 enables it),
 `ThreadSafeMetricsTracker` (running sums/counts written from other threads), and the pure helpers
 they use (`format_duration`, `pr_curve_from_histograms`, `render_image_grid`, `flatten_dict`).
-Middle module: it imports no other project module and takes plain parameters, not the config.
+Middle module: it imports only Configuration_System (for atomic file replacement) and takes plain
+parameters, not the config.
 
 Files it writes in `run_dir`:
 - `metrics.jsonl`: one JSON object a line, `{"type": "train"|"val"|"system"|"event", "step": int,
@@ -28,6 +29,8 @@ from typing import IO, Any, Callable, Mapping, Sequence
 import numpy as np
 import psutil
 import torch
+
+from Configuration_System import replace_with_retry
 
 __all__ = [
     "TrainingMonitor",
@@ -331,7 +334,7 @@ def truncate_metrics_jsonl(path: Path, resume_step: int) -> tuple[int, int]:
                 dst.write(text + "\n")
             dst.flush()
             os.fsync(dst.fileno())
-        os.replace(tmp, path)
+        replace_with_retry(tmp, path)
         replaced = True
     finally:
         if not replaced:

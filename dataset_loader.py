@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from Configuration_System import RootConfig, resolve_resource
+from Configuration_System import RootConfig, atomic_write_bytes, atomic_write_text, resolve_resource
 from orientation_handler import OrientationHandler
 from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list, normalize_tag
 
@@ -763,16 +763,8 @@ def check_scan_quality(scan: DatasetScan, max_bad_fraction: float) -> float:
 
 
 def write_data_report(path: str | Path, report: Mapping[str, Any]) -> None:
-    """Write `report` as JSON atomically (temp file in the same folder, then os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    """Write `report` as JSON atomically."""
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_scan_summary(scan: DatasetScan) -> str:
@@ -1725,17 +1717,6 @@ def _is_inside(child: Path, parent: Path) -> bool:
     return child_r == parent_r or parent_r in child_r.parents
 
 
-def _write_atomic_bytes(target: Path, chunks: Iterable[bytes]) -> None:
-    """Write bytes through a temp file in the same folder, then os.replace."""
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-
-
 def _read_cache_index(out: Path) -> tuple[dict[str, Any], np.ndarray] | None:
     """(index, entries) of an existing cache folder, or None when it has none yet."""
     index_path = out / _CACHE_INDEX
@@ -1827,7 +1808,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
                 pixels.append(data)
             position += len(batch)
             if pixels:
-                _write_atomic_bytes(out / name, pixels)
+                atomic_write_bytes(out / name, pixels)
                 shards.append({"file": name, "count": len(pixels)})
     finally:
         if pool is not None:
@@ -1835,7 +1816,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
 
     ids = sorted(set(keep) | set(new_rows))
     rows = np.stack([new_rows.get(s, keep.get(s)) for s in ids]) if ids else np.zeros((0, 8), np.int64)
-    _write_atomic_bytes(out / _CACHE_ENTRIES, [_npy_bytes(rows.astype(np.int64))])
+    atomic_write_bytes(out / _CACHE_ENTRIES, [_npy_bytes(rows.astype(np.int64))])
     write_data_report(out / _CACHE_INDEX, {
         "format_version": CACHE_FORMAT_VERSION, "key": key, "params": params.to_dict(),
         "shards": shards, "ids": ids})

@@ -9,7 +9,7 @@ Sidecars mix the `X.json` {"tags", "rating"} layout with gallery-dl `X.png.json`
 
 The dataset is written into a temporary sibling folder and moved into place with os.replace, a
 `DEMO_COMPLETE` marker (plain text, not JSON) written last, so a crash never leaves half a
-dataset. It imports no other project module.
+dataset. It imports only Configuration_System (for atomic folder replacement).
 
 CLI: python demo_dataset.py --out DIR [--images N] [--seed S] [--image-size PX] [--force]
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from Configuration_System import replace_with_retry
 
 GENERATOR_VERSION = 1
 MARKER_NAME = "DEMO_COMPLETE"
@@ -544,12 +546,12 @@ def generate_demo_dataset(
         _write_text(staging / MARKER_NAME, marker_text(num_images, seed, image_size))
         if out.exists():
             # Windows cannot os.replace onto an existing folder: move the old one aside first.
-            os.replace(out, retired)
-        os.replace(staging, out)
+            replace_with_retry(out, retired)
+        replace_with_retry(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if retired.exists() and not out.exists():
-            os.replace(retired, out)  # put the previous demo back
+            replace_with_retry(retired, out)  # put the previous demo back
         raise
     if retired.exists():
         shutil.rmtree(retired, ignore_errors=True)

@@ -3,8 +3,9 @@
 This module owns `normalize_tag`, `TagVocabulary` (vocabulary.json format, save/load, including
 files written by the original OppaiOracle with `<PAD>`/`<UNK>` specials), the meta-tag ignore
 list (`configs/ignore_tags.txt`), `create_vocabulary_from_datasets` and the
-`python vocabulary.py build` CLI. It is a bottom module: its library part imports no other
-project module (the CLI imports `dataset_loader` lazily, inside the command function).
+`python vocabulary.py build` CLI. It is a bottom module: its library part imports only
+Configuration_System's atomic write (the CLI imports `dataset_loader` lazily, inside the command
+function).
 
 Column i of the model's tag output is tag i; no special tokens occupy output columns.
 """
@@ -14,10 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from Configuration_System import atomic_write_text
 
 FORMAT_VERSION = 1
 # Tokens the original OppaiOracle vocabulary kept in output columns; they are dropped on load.
@@ -163,7 +164,7 @@ class TagVocabulary:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
-        _atomic_write_text(target, text)
+        atomic_write_text(target, text)
         return target
 
     @classmethod
@@ -297,21 +298,6 @@ def _categories_from_document(data: Mapping[str, Any], source: str) -> dict[str,
             raise ValueError(f"{source}: tag_categories[{tag!r}] is not a string: {category!r}")
         categories[tag] = category
     return categories
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    """Write UTF-8 text to `target` via a temp file in the same folder and os.replace."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        # Never leave a stray temp file behind, whatever interrupted the write.
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
