@@ -79,7 +79,9 @@ def init_distributed(device_pref: str) -> tuple[Distributed, torch.device]:
             raise ConfigError(f"training.device={device_pref} but CUDA is not available")
         torch.cuda.set_device(device)
     if world > 1:
-        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # NCCL where it exists (Linux CUDA builds); gloo on CPU and on Windows.
+        nccl = device.type == "cuda" and tdist.is_nccl_available()
+        tdist.init_process_group(backend="nccl" if nccl else "gloo")
     return dist, device
 
 
