@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Mapping, get_origin, get_type_hints
 
 import yaml
 
@@ -422,6 +422,22 @@ def atomic_write_bytes(path: str | Path, chunks: Iterable[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_json_file(path: str | Path, what: str = "file") -> Any:
+    """Parse a UTF-8 JSON file; FileNotFoundError / ValueError name the file and the reason."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
 
 
 def replace_with_retry(src: str | Path, dst: str | Path, attempts: int = 10, delay_s: float = 0.05) -> None:

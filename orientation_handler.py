@@ -2,7 +2,8 @@
 
 This module owns `OrientationHandler` (reads `configs/orientation_map.json`), the `FlipDecision`
 it returns for one sample's tags, and `FlipStats`, which counts flips done and vetoed and the
-tags that caused the vetoes. It is a bottom module: it imports no other project module.
+tags that caused the vetoes. It is a bottom module: it imports only the tag normalisation of
+`vocabulary` and the JSON reader of `Configuration_System`.
 
 Rules, in priority order, for one tag:
 1. `forbid_flip` tags (text, signature, watermark, ...) veto the flip in every safety mode:
@@ -24,13 +25,15 @@ Tags passed to `decide` are expected normalised (lower-case, "_" for spaces), as
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from Configuration_System import load_json_file
+from vocabulary import normalize_tag as _normalize
 
 FORMAT_VERSION = 1
 SAFETY_MODES = ("conservative", "permissive")
@@ -48,18 +51,12 @@ _ALLOWED_KEYS = frozenset(
     }
 )
 _TOKEN_SPLIT = re.compile(r"([a-z0-9]+)")
-_WHITESPACE_RUN = re.compile(r"\s+")
 
 # Per-tag classification kinds (internal).
 _KEEP = "keep"
 _SWAP = "swap"
 _FORBID = "forbid"
 _UNMAPPED = "unmapped"
-
-
-def _normalize(tag: str) -> str:
-    """Same rule as vocabulary.normalize_tag; repeated here because bottom modules import no peers."""
-    return _WHITESPACE_RUN.sub("_", tag.strip().lower())
 
 
 @dataclass(frozen=True)
@@ -187,15 +184,7 @@ class OrientationHandler:
     def from_file(cls, path: str | Path, safety_mode: str = "conservative") -> "OrientationHandler":
         """Load an orientation map JSON file; FileNotFoundError/ValueError name the file."""
         map_path = Path(path)
-        if not map_path.is_file():
-            raise FileNotFoundError(f"orientation map not found: {map_path}")
-        try:
-            with open(map_path, "r", encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{map_path}: not valid JSON ({error})") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{map_path}: not UTF-8 text ({error})") from error
+        data = load_json_file(map_path, "orientation map")
         return cls.from_dict(data, safety_mode=safety_mode, source=str(map_path))
 
     @classmethod

@@ -12,23 +12,20 @@ place with `os.replace`, so a crash mid-write never leaves a folder that looks c
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import pickle
-import queue
 import random
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from Configuration_System import atomic_write_text, replace_with_retry
+from Configuration_System import atomic_write_text, load_json_file, replace_with_retry
 from schedulers import warmup_cosine_factor
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -460,13 +457,7 @@ class CheckpointManager:
     @staticmethod
     def read_json(folder: str | Path, name: str) -> dict[str, Any]:
         """A JSON file of a checkpoint folder."""
-        path = Path(folder) / name
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return load_json_file(Path(folder) / name, name)
 
 
 class AsyncCheckpointWriter:

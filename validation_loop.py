@@ -27,7 +27,7 @@ import torch
 
 from Configuration_System import ConfigError, RootConfig, atomic_write_text, config_from_dict
 from dataset_loader import (
-    DataBundle, DataQualityError, ImagePreFetcher, PreprocessParams, build_eval_loader, prepare_eval_data,
+    DataQualityError, ImagePreFetcher, PreprocessParams, build_eval_loader, prepare_eval_data,
 )
 from evaluation_metrics import MetricComputer
 from model_architecture import SimplifiedTagger, VisionTransformerConfig

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from Configuration_System import atomic_write_text
+from Configuration_System import atomic_write_text, load_json_file
 
 FORMAT_VERSION = 1
 # Tokens the original OppaiOracle vocabulary kept in output columns; they are dropped on load.
@@ -188,15 +188,7 @@ class TagVocabulary:
     def load(cls, path: str | Path) -> "TagVocabulary":
         """Read vocabulary.json; legacy `<PAD>`/`<UNK>` specials are dropped and indices re-packed."""
         source = Path(path)
-        if not source.is_file():
-            raise FileNotFoundError(f"vocabulary file not found: {source}")
-        try:
-            with open(source, "r", encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: not valid JSON ({error})") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{source}: not UTF-8 text ({error})") from error
+        data = load_json_file(source, "vocabulary file")
         return cls.from_dict(data, source=str(source))
 
 
