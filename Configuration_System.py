@@ -173,6 +173,8 @@ class MonitorConfig:
     tensorboard: bool = _opt(True, "Write TensorBoard event files to the run folder.")
     system_stats_interval_s: float = _opt(15.0, "Seconds between CPU/RAM/GPU samples (0 = off).", ge=0.0)
     validation_images: int = _opt(8, "Validation images shown in TensorBoard with their true and top predicted tags (0 = none).", ge=0, le=64)
+    wandb_project: str = _opt("", "Also log to this Weights & Biases project when wandb is installed ('' = off).")
+    wandb_mode: str = _opt("offline", "Weights & Biases mode: offline (no network; sync later with `wandb sync`) or online.", choices=("offline", "online"))
     pr_curve_tags: int = _opt(3, "Tags whose precision-recall curve is logged at each validation (the most frequent, a median and the rarest).", ge=0, le=3)
 
 

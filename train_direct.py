@@ -22,7 +22,7 @@ import torch
 import torch.distributed as tdist
 
 from Configuration_System import ConfigError, RootConfig, atomic_write_text, dump_config, load_config
-from Monitor_log import TrainingMonitor
+from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from dataset_loader import (
     DataBundle, DataQualityError, FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader,
     build_eval_loader, prepare_data,
@@ -210,6 +210,7 @@ class Trainer:
     val_loader: torch.utils.data.DataLoader
     total_steps: int
     steps_per_epoch: int
+    background: ThreadSafeMetricsTracker = field(default_factory=ThreadSafeMetricsTracker)  # other threads' timings
     state: RunState = field(default_factory=RunState)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)   # device-side running sums for logging
 
@@ -274,12 +275,24 @@ def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> Non
     """Read the device sums and counters once and hand them to the monitor."""
     values = read_and_reset_sums(tr)
     values["skipped_steps"] = float(tr.amp.skipped_total.item())
+    values.update(tr.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
     tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
                          lr=tr.scheduler.get_last_lr()[0])
     if tr.amp.max_consecutive_skips.item() >= tr.cfg.training.max_consecutive_skips:
         raise NonFiniteTrainingError(
             f"{tr.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
+
+
+@dataclass
+class CheckpointTimings:
+    """Collects the background checkpoint writer's timings for the next training log line."""
+
+    tracker: ThreadSafeMetricsTracker
+
+    def record_write(self, folder: Path, seconds: float) -> None:
+        """Called by the writer thread after each checkpoint."""
+        self.tracker.update("checkpoint/write_seconds", seconds)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -589,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     monitor = TrainingMonitor(run_dir, enabled=dist.is_main, total_steps=total_steps,
                               console_interval_s=cfg.monitor.console_interval_s, tensorboard=cfg.monitor.tensorboard,
                               system_stats_interval_s=cfg.monitor.system_stats_interval_s,
+                              wandb={"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode,
+                                     "name": cfg.experiment_name} if cfg.monitor.wandb_project else None,
                               resume_step=None if resume_dir is None else CheckpointManager.load_training_state(resume_dir)["run_state"]["step"])
+    background = CheckpointTimings(ThreadSafeMetricsTracker())
     tr = Trainer(
         cfg=cfg, dist=dist, device=device, data=data, model=model, raw_model=raw_model,
         loss_fn=build_loss(cfg, data, device), optimizer=optimizer,
@@ -598,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         ema=ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
         sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
-        ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write), monitor=monitor,
+        ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),
+        monitor=monitor, background=background.tracker,
         train_loader=build_dataloader(
             data.train_dataset, train_sampler, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and device.type == "cuda", drop_last=True,

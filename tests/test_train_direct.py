@@ -60,6 +60,7 @@ def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) ->
     assert vals, "no validation event"
     baseline = frequency_baseline_map(trained_run.run_dir)
     assert vals[-1]["mAP"] > baseline + 0.15, (vals[-1]["mAP"], baseline)
+    assert any(e.get("checkpoint/write_seconds", 0) > 0 for e in events if e["type"] == "train")
     assert "done: finished" in trained_run.proc.stdout
     assert "data: " in trained_run.proc.stdout and "val step" in trained_run.proc.stdout
 
