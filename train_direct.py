@@ -409,7 +409,8 @@ def save_checkpoint(tr: Trainer, is_best: bool, wait: bool = False) -> None:
     files = {
         "config.yaml": dump_config(tr.cfg),
         "vocabulary.json": tr.data.vocab_path.read_text(encoding="utf-8"),
-        "model_config.json": json.dumps(tr.raw_model.cfg.to_dict(), indent=2),
+        # tag_bias_init only matters at initialisation: not thousands of numbers in every checkpoint
+        "model_config.json": json.dumps({**tr.raw_model.cfg.to_dict(), "tag_bias_init": None}, indent=2),
         "preprocess.json": json.dumps(tr.data.preprocess.to_dict(), indent=2),
     }
     tr.writer.submit(CheckpointPayload(step=tr.state.step, model_state=model_state, training_state=train_state,
@@ -584,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     raw_model = build_model(cfg, data).to(device)
     init_from = args.init_from or cfg.model.init_from
     if init_from and resume_dir is None:
-        print(f"init: {load_initial_weights(raw_model, init_from)}")
+        try:
+            print(f"init: {load_initial_weights(raw_model, init_from)}")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     model: torch.nn.Module = raw_model
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
