@@ -341,7 +341,8 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def _fsync_dir_files(folder: Path) -> None:
     for p in folder.iterdir():
-        with open(p, "rb") as fh:
+        # "r+b": Windows flushes only handles opened for writing
+        with open(p, "r+b") as fh:
             os.fsync(fh.fileno())
 
 
