@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import socket
 import subprocess
 import sys
@@ -21,9 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from Monitor_log import (  # noqa: E402
+from Monitor_log import (
     ThreadSafeMetricsTracker,
     TrainingMonitor,
     flatten_dict,

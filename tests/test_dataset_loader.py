@@ -15,15 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-_REPO = Path(__file__).resolve().parents[1]
-for _p in (str(_REPO), str(_REPO / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import broken_corpus as bc
 
-import broken_corpus as bc  # noqa: E402
-import dataset_loader as dl  # noqa: E402
-from orientation_handler import OrientationHandler  # noqa: E402
-from vocabulary import create_vocabulary_from_datasets  # noqa: E402
+_REPO = Path(__file__).resolve().parents[1]
+import dataset_loader as dl
+from orientation_handler import OrientationHandler
+from vocabulary import create_vocabulary_from_datasets
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,9 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import demo_dataset  # noqa: E402
-from demo_dataset import (  # noqa: E402
+import demo_dataset
+from demo_dataset import (
     ALL_TAGS,
     COLOURS,
     MARKER_NAME,
@@ -29,7 +26,7 @@ from demo_dataset import (  # noqa: E402
     read_demo_marker,
     tag_statistics,
 )
-from orientation_handler import OrientationHandler  # noqa: E402
+from orientation_handler import OrientationHandler
 
 SIZE = 64
 COUNT = 240

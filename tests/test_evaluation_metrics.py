@@ -6,15 +6,12 @@ import json
 import math
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from evaluation_metrics import MetricComputer, json_safe  # noqa: E402
+from evaluation_metrics import MetricComputer, json_safe
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

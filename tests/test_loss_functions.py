@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loss_functions import (  # noqa: E402
+from loss_functions import (
     AsymmetricFocalLoss,
     MultiTaskLoss,
     tag_weights_from_frequencies,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -10,9 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model_architecture import (  # noqa: E402
+from model_architecture import (
     SimplifiedTagger,
     TransformerBlock,
     VisionTransformerConfig,

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from orientation_handler import DEFAULT_MAP_PATH, FlipDecision, FlipStats, OrientationHandler  # noqa: E402
+from orientation_handler import DEFAULT_MAP_PATH, FlipDecision, FlipStats, OrientationHandler
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,11 @@ import io
 import math
 import warnings
 from pathlib import Path
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from schedulers import LinearWarmupCosineLR, warmup_cosine_factor  # noqa: E402
+from schedulers import LinearWarmupCosineLR, warmup_cosine_factor
 
 BASE_LR = 3e-4
 

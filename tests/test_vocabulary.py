@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import vocabulary  # noqa: E402
-from vocabulary import (  # noqa: E402
+import vocabulary
+from vocabulary import (
     DEFAULT_IGNORE_PATH,
     TagVocabulary,
     build_vocabulary,
