@@ -73,7 +73,7 @@ __all__ = [
     "PreprocessParams",
     "load_image",
     "AugmentParams",
-    "color_jitter",
+    "apply_color_jitter",
     "SidecarJsonDataset",
     "collate_samples",
     "targets_from_indices",
@@ -1048,14 +1048,28 @@ class AugmentParams:
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    """Apply brightness, contrast and saturation factors (1.0 = unchanged) to a (H, W, 3) uint8 array."""
-    x = image.astype(np.float32) * brightness  # (H, W, 3)
-    gray_mean = float((x @ _LUMA).mean())
-    x = (x - gray_mean) * contrast + gray_mean
-    gray = (x @ _LUMA)[..., None]  # (H, W, 1)
-    x = (x - gray) * saturation + gray
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation factors (B, 3) (1.0 = unchanged) applied inside each
+    sample's content box (B, 4: x0, y0, x1, y1) of float images (B, 3, H, W) in [0, 255].
+
+    Runs on the device: workers only draw the factors, so a worker spends no time on it. The
+    letterbox outside the box keeps exactly the pad colour.
+    """
+    b, _, h, w = images.shape
+    f = factors.to(images.device, images.dtype).view(b, 3, 1, 1)
+    boxes = boxes.to(images.device)
+    rows = torch.arange(h, device=images.device).view(1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w)
+    inside = ((rows >= boxes[:, 1].view(b, 1, 1)) & (rows < boxes[:, 3].view(b, 1, 1))
+              & (cols >= boxes[:, 0].view(b, 1, 1)) & (cols < boxes[:, 2].view(b, 1, 1))).unsqueeze(1)  # (B, 1, H, W)
+    luma = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    x = images * f[:, 0:1]                                                    # brightness
+    area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1)                  # (B, 1, 1, 1)
+    gray_mean = ((x * luma).sum(1, keepdim=True) * inside).sum(dim=(2, 3), keepdim=True) / area
+    x = (x - gray_mean) * f[:, 1:2] + gray_mean                               # contrast
+    gray = (x * luma).sum(1, keepdim=True)                                    # (B, 1, H, W)
+    x = ((x - gray) * f[:, 2:3] + gray).clamp_(0.0, 255.0)                    # saturation
+    return torch.where(inside, x, images)
 
 
 def _sample_rng(seed: int, epoch: int, index: int, *extra: int) -> np.random.Generator:
@@ -1166,6 +1180,7 @@ class SidecarJsonDataset(Dataset):
             image, box = _load_letterboxed(path, self.params)
         tags = self.tag_indices(index).astype(np.int64)
         flip = 0
+        jitter = (1.0, 1.0, 1.0)
         if self.augment is not None:
             rng = _sample_rng(self.seed, epoch, index)
             # always draw the same numbers so one setting never shifts the others' randomness
@@ -1183,16 +1198,13 @@ class SidecarJsonDataset(Dataset):
                     flip = 1
                 else:
                     flip = 2
-            if aug.brightness or aug.contrast or aug.saturation:
-                x0, y0, x1, y1 = box
-                image = np.ascontiguousarray(image)
-                # jitter only the picture, so the letterbox stays exactly the pad colour
-                image[y0:y1, x0:x1] = color_jitter(
-                    image[y0:y1, x0:x1], 1.0 + aug.brightness * factors[0],
-                    1.0 + aug.contrast * factors[1], 1.0 + aug.saturation * factors[2])
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()  # (3, H, W)
+            # colour jitter is applied on the device (apply_color_jitter); here only its factors
+            jitter = (1.0 + aug.brightness * float(factors[0]), 1.0 + aug.contrast * float(factors[1]),
+                      1.0 + aug.saturation * float(factors[2]))
+        # a (3, H, W) view: collate_samples' stack makes the one contiguous copy
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         return {"image": tensor, "tag_indices": torch.from_numpy(tags), "rating": int(self._ratings[index]),
-                "index": index, "flip": flip}
+                "index": index, "flip": flip, "jitter": jitter, "box": tuple(int(v) for v in box)}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Sample for key (index, epoch) or index; a failing file is replaced deterministically."""
@@ -1242,6 +1254,8 @@ def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "ratings": torch.tensor([int(s["rating"]) for s in batch], dtype=torch.long),  # (B,)
         "indices": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long),  # (B,)
         "flip": torch.tensor([int(s["flip"]) for s in batch], dtype=torch.long),  # (B,)
+        "jitter": torch.tensor([s["jitter"] for s in batch], dtype=torch.float32),  # (B, 3)
+        "box": torch.tensor([s["box"] for s in batch], dtype=torch.long),  # (B, 4)
         "failures": failures,
     }
 
@@ -1259,7 +1273,7 @@ def targets_from_indices(tag_indices: torch.Tensor, num_tags: int) -> torch.Tens
 
 def normalize_images(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B,3,H,W) uint8 -> float (x/255 - mean)/std, computed on the tensor's device.
+    """(B,3,H,W) uint8 (or float in [0, 255]) -> float (x/255 - mean)/std, on the tensor's device.
 
     Computed as x * (1 / (255 std)) - mean / std with per-channel tensors: two passes instead of
     three, and the same IEEE operations on CPU and CUDA (CUDA turns a scalar division into a
@@ -1466,6 +1480,10 @@ class ImagePreFetcher:
         images = batch["images"].to(self.device, non_blocking=True)  # (B, 3, H, W) uint8
         tag_indices = batch["tag_indices"].to(self.device, non_blocking=True)  # (B, L)
         ratings = batch["ratings"].to(self.device, non_blocking=True)  # (B,)
+        jitter = batch.get("jitter")  # (B, 3) on the host: checking it costs no device sync
+        if jitter is not None and bool((jitter != 1.0).any()):
+            images = apply_color_jitter(images.float(), jitter.to(self.device, non_blocking=True),
+                                        batch["box"].to(self.device, non_blocking=True))  # (B, 3, H, W) float
         return {
             "images": normalize_images(images, self.params.mean, self.params.std),
             "tag_targets": targets_from_indices(tag_indices, self.num_tags),  # (B, T)

@@ -554,24 +554,34 @@ def test_augmentation_deterministic_per_seed_epoch_index(tmp_path: Path) -> None
     assert any(not torch.equal(epochs[0], x) for x in epochs[1:])
     flips = {ds[(i, e)]["flip"] for i in range(6) for e in range(4)}
     assert flips == {0, 1}
-    # colour jitter leaves the letterbox exactly the pad colour (content is rows 4..11 of 16)
-    img = ds[(1, 1)]["image"].permute(1, 2, 0).numpy()
-    assert (img[:4] == 7).all() and (img[12:] == 7).all()
+    # the jitter factors (applied on the device) come from the same per-sample randomness
+    factors = {ds[(i, e)]["jitter"] for i in range(6) for e in range(4)}
+    assert len(factors) > 1 and all(0.7 <= f <= 1.3 for fs in factors for f in fs)
+    assert ds[(2, 1)]["jitter"] == again[(2, 1)]["jitter"] == clone[(2, 1)]["jitter"]
 
 
 def test_color_jitter_matches_direct_formula() -> None:
-    """color_jitter equals the sequential brightness/contrast/saturation formula."""
+    """apply_color_jitter equals the sequential brightness/contrast/saturation formula inside
+    the content box and leaves the letterbox untouched; factors of 1 change nothing."""
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(dl.color_jitter(img, 1.0, 1.0, 1.0), img)
-    x = img.astype(np.float64) * 1.2
+    img = rng.integers(0, 256, size=(2, 3, 6, 7)).astype(np.float64)  # (B, 3, H, W)
+    boxes = np.array([[1, 2, 6, 5], [0, 0, 7, 6]])
+    factors = np.array([[1.2, 0.8, 1.1], [0.9, 1.1, 0.7]])
+    out = dl.apply_color_jitter(torch.tensor(img, dtype=torch.float32), torch.tensor(factors, dtype=torch.float32),
+                                torch.tensor(boxes)).numpy()
     luma = np.array([0.299, 0.587, 0.114])
-    m = (x @ luma).mean()
-    x = (x - m) * 0.8 + m
-    g = (x @ luma)[..., None]
-    x = (x - g) * 1.1 + g
-    expected = np.clip(np.rint(x), 0, 255)
-    assert np.abs(dl.color_jitter(img, 1.2, 0.8, 1.1).astype(int) - expected).max() <= 1
+    for b, (x0, y0, x1, y1) in enumerate(boxes):
+        x = img[b, :, y0:y1, x0:x1].transpose(1, 2, 0) * factors[b, 0]  # (h, w, 3)
+        m = (x @ luma).mean()
+        x = (x - m) * factors[b, 1] + m
+        g = (x @ luma)[..., None]
+        x = np.clip((x - g) * factors[b, 2] + g, 0, 255)
+        np.testing.assert_allclose(out[b, :, y0:y1, x0:x1].transpose(1, 2, 0), x, atol=1e-3)
+        outside = np.ones(img.shape[2:], dtype=bool)
+        outside[y0:y1, x0:x1] = False
+        np.testing.assert_array_equal(out[b][:, outside], img[b][:, outside])
+    same = dl.apply_color_jitter(torch.tensor(img, dtype=torch.float32), torch.ones(2, 3), torch.tensor(boxes))
+    np.testing.assert_allclose(same.numpy(), img, atol=1e-3)
 
 
 def test_failed_sample_replaced_deterministically(tmp_path: Path) -> None:
@@ -595,7 +605,7 @@ def test_collate_and_targets_from_indices() -> None:
     """Collation pads with -1; multi-hot targets equal a direct loop."""
     samples = [{"image": torch.full((3, 4, 4), i, dtype=torch.uint8),
                 "tag_indices": torch.tensor(t, dtype=torch.long), "rating": r, "index": i, "flip": f,
-                "failure": fail, "more_failures": []}
+                "failure": fail, "more_failures": [], "jitter": (1.0, 1.0 + i / 10, 1.0), "box": (0, i, 4, 4)}
                for i, (t, r, f, fail) in enumerate([([3, 1], 0, 1, None), ([], -1, 0, ("x", "image_undecodable")),
                                                     ([0, 2, 4], 2, 2, None)])]
     batch = dl.collate_samples(samples)
@@ -603,6 +613,7 @@ def test_collate_and_targets_from_indices() -> None:
     assert batch["tag_indices"].tolist() == [[3, 1, -1], [-1, -1, -1], [0, 2, 4]]
     assert batch["ratings"].tolist() == [0, -1, 2] and batch["flip"].tolist() == [1, 0, 2]
     assert batch["indices"].tolist() == [0, 1, 2] and batch["failures"] == [("x", "image_undecodable")]
+    assert batch["jitter"].shape == (3, 3) and batch["box"].tolist() == [[0, 0, 4, 4], [0, 1, 4, 4], [0, 2, 4, 4]]
     rng = np.random.default_rng(1)
     idx = torch.tensor(rng.integers(-1, 20, size=(6, 9)))
     targets = dl.targets_from_indices(idx, 20)
@@ -855,3 +866,18 @@ def test_prepare_cli(corpus: bc.BrokenCorpus, tmp_path: Path) -> None:
     assert proc.stderr.startswith(f"data: {header_records} samples used")
     assert _listing(corpus.root) == before
     assert (out / "index.json").is_file()
+
+
+def test_prefetcher_applies_jitter_then_normalises() -> None:
+    """Batches with jitter factors are jittered on the device before normalisation."""
+    params = dl.PreprocessParams(4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    batch = {"images": images, "tag_indices": torch.tensor([[0, -1], [1, 2]]), "ratings": torch.tensor([0, -1]),
+             "jitter": torch.tensor([[1.2, 0.9, 1.1], [1.0, 1.0, 1.0]]), "box": torch.tensor([[0, 1, 4, 3], [0, 0, 4, 4]]),
+             "failures": [], "flip": torch.zeros(2), "indices": torch.arange(2)}
+    out = next(iter(dl.ImagePreFetcher([batch], "cpu", params, num_tags=3)))
+    expected = dl.normalize_images(dl.apply_color_jitter(images.float(), batch["jitter"], batch["box"]),
+                                   params.mean, params.std)
+    torch.testing.assert_close(out["images"], expected)
+    assert not torch.allclose(out["images"][0], dl.normalize_images(images, params.mean, params.std)[0])
+    torch.testing.assert_close(out["images"][1], dl.normalize_images(images, params.mean, params.std)[1])
