@@ -56,6 +56,7 @@ class DataConfig:
     pin_memory: bool = _opt(True, "Pin host batches for asynchronous copies (only used on CUDA).")
     val_fraction: float = _opt(0.1, "Share of samples held out for validation, chosen by a hash of the seed and the sample id.", ge=0.0, lt=1.0)
     max_val_samples: int = _opt(0, "Cap on validation samples (0 = no cap); capped-out samples are excluded, never moved to training.", ge=0)
+    cache_dir: str = _opt("", "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.")
     verify: str = _opt("header", "Start-up image check: none, header (open and read size) or decode (full decode, slow).", choices=("none", "header", "decode"))
     max_bad_fraction: float = _opt(0.05, "Stop the run when more than this share of the data turns out to be broken.", ge=0.0, le=1.0)
     min_tag_frequency: int = _opt(1, "Tags seen in fewer training samples than this are left out of the vocabulary.", ge=1)

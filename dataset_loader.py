@@ -1583,7 +1583,8 @@ def _wait_for_rank0(world_size: int) -> None:
 
 
 def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[SampleRecord], vocab: TagVocabulary,
-              preprocess: PreprocessParams) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
+              preprocess: PreprocessParams, cache: "PreparedCache | None" = None,
+              ) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
     train_ds = None
     if train is not None:
         a = cfg.augment
@@ -1592,8 +1593,9 @@ def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[Sampl
         train_ds = SidecarJsonDataset(train, vocab.tag_to_index, preprocess,
                                       augment=AugmentParams(flip_prob=a.flip_prob, brightness=a.brightness,
                                                             contrast=a.contrast, saturation=a.saturation),
-                                      orientation=orientation, seed=cfg.training.seed)
-    val_ds = SidecarJsonDataset(val, vocab.tag_to_index, preprocess, augment=None, orientation=None, seed=cfg.training.seed)
+                                      orientation=orientation, seed=cfg.training.seed, cache=cache)
+    val_ds = SidecarJsonDataset(val, vocab.tag_to_index, preprocess, augment=None, orientation=None,
+                                seed=cfg.training.seed, cache=cache)
     return train_ds, val_ds
 
 
@@ -1651,9 +1653,17 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
             excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
             log(f"split: {len(train)} train / {len(val)} val{excluded}; vocabulary: {len(vocab)} tags"
                 + (f"; {dropped_train + dropped_val} samples without a known tag dropped" if dropped_train + dropped_val else ""))
-    _wait_for_rank0(world_size)
     preprocess = preprocess_from_config(cfg)
-    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess)
+    if cfg.data.cache_dir and is_main:
+        started = time.perf_counter()
+        cache_report = prepare_cache(train + val, cfg.data.cache_dir, preprocess, num_workers=cfg.data.num_workers,
+                                     data_root=root)
+        if log:
+            log(f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
+                f"({cache_report.get('decoded', 0)} images decoded, {cache_report.get('reused', 0)} reused)")
+    _wait_for_rank0(world_size)
+    cache = PreparedCache(cfg.data.cache_dir, preprocess) if cfg.data.cache_dir else None
+    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache)
     return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report)
 
 

@@ -237,3 +237,25 @@ def test_spawned_workers_give_the_same_run(trained_run: TrainedRun) -> None:
 
     assert pick(spawned, "train", "loss") == pick(forked, "train", "loss")
     assert pick(spawned, "val", "mAP") == pick(forked, "val", "mAP")
+
+
+def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
+    """data.cache_dir builds the cache on first use; training from it sees the same pixels, so the
+    run is identical to decoding every image; the dataset folder is left untouched."""
+    from conftest import TINY_RUN
+
+    before = sorted(p.name for p in trained_run.data.rglob("*"))
+    cache = trained_run.workdir / "cache32"
+    args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in TINY_RUN + [f"data.root={trained_run.data}", "output_root=runs", "experiment_name=e2e_cache",
+                         f"data.cache_dir={cache}"]:
+        args += ["--set", o]
+    proc = run_cli(args, cwd=trained_run.workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cache: " in proc.stdout and "decoded" in proc.stdout
+    assert (cache / "index.json").is_file() and (cache / "entries.npy").is_file()
+    cached = read_jsonl(trained_run.workdir / "runs" / "e2e_cache" / "metrics.jsonl")
+    decoded = read_jsonl(trained_run.run_dir / "metrics.jsonl")
+    assert [(e["step"], e["loss"]) for e in cached if e["type"] == "train"] == \
+        [(e["step"], e["loss"]) for e in decoded if e["type"] == "train"]
+    assert sorted(p.name for p in trained_run.data.rglob("*")) == before
