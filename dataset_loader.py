@@ -46,7 +46,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from Configuration_System import RootConfig, atomic_write_bytes, atomic_write_text, resolve_resource
-from orientation_handler import OrientationHandler
+from orientation_handler import FlipStats, OrientationHandler
 from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list, normalize_tag
 
 __all__ = [
@@ -1582,6 +1582,15 @@ def _wait_for_rank0(world_size: int) -> None:
         torch.distributed.barrier()
 
 
+def flip_audit(records: Sequence[SampleRecord], vocab: TagVocabulary, handler: OrientationHandler) -> FlipStats:
+    """Which training samples a flip would be allowed for, and the tags that veto the others
+    (decided on vocabulary tags, as the dataset does)."""
+    stats = FlipStats()
+    for record in records:
+        stats.record(handler.decide([t for t in record.tags if t in vocab.tag_to_index]))
+    return stats
+
+
 def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[SampleRecord], vocab: TagVocabulary,
               preprocess: PreprocessParams, cache: "PreparedCache | None" = None,
               ) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
@@ -1642,6 +1651,9 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     report["split"] = split.to_report()
     report["no_known_tags"] = {"train": dropped_train, "val": dropped_val}
     report["used"] = {"train": len(train), "val": len(val), "tags": len(vocab)}
+    if cfg.augment.flip_prob > 0:
+        handler = OrientationHandler.from_file(resolve_resource(cfg.augment.orientation_map), cfg.augment.orientation_safety)
+        report["flip_audit"] = flip_audit(train, vocab, handler).to_dict()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and split_path.is_file()):
@@ -1653,6 +1665,11 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
             excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
             log(f"split: {len(train)} train / {len(val)} val{excluded}; vocabulary: {len(vocab)} tags"
                 + (f"; {dropped_train + dropped_val} samples without a known tag dropped" if dropped_train + dropped_val else ""))
+            if "flip_audit" in report:
+                audit = report["flip_audit"]
+                causes = {**audit["vetoed_by_forbid_tag"], **audit["vetoed_by_unmapped_tag"]}
+                top = ", ".join(f"{t}: {n}" for t, n in sorted(causes.items(), key=lambda kv: -kv[1])[:5])
+                log(f"flips: {audit['vetoed']} of {audit['considered']} training samples never flip" + (f" ({top})" if top else ""))
     preprocess = preprocess_from_config(cfg)
     if cfg.data.cache_dir and is_main:
         started = time.perf_counter()

@@ -211,6 +211,7 @@ class Trainer:
     total_steps: int
     steps_per_epoch: int
     background: ThreadSafeMetricsTracker = field(default_factory=ThreadSafeMetricsTracker)  # other threads' timings
+    flips: list[int] = field(default_factory=lambda: [0, 0])  # flipped, vetoed since the last log line
     state: RunState = field(default_factory=RunState)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)   # device-side running sums for logging
 
@@ -230,6 +231,12 @@ def forward_backward(tr: Trainer, batch: dict[str, Any], window: int, sync: bool
     _accumulate(tr, "loss", total.detach())
     for name, value in parts.items():
         _accumulate(tr, f"loss/{name}", value.detach())
+
+
+def count_flips(tr: Trainer, flip: torch.Tensor) -> None:
+    """Flips done (1) and vetoed (2) in a host-side batch tensor, for the next log line."""
+    tr.flips[0] += int((flip == 1).sum())
+    tr.flips[1] += int((flip == 2).sum())
 
 
 def optimizer_step(tr: Trainer) -> None:
@@ -276,6 +283,8 @@ def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> Non
     values = read_and_reset_sums(tr)
     values["skipped_steps"] = float(tr.amp.skipped_total.item())
     values.update(tr.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
+    values["augment/flipped"], values["augment/flip_vetoed"] = float(tr.flips[0]), float(tr.flips[1])
+    tr.flips = [0, 0]
     tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
                          lr=tr.scheduler.get_last_lr()[0])
@@ -474,6 +483,7 @@ def train(tr: Trainer, stopper: GracefulStopper) -> str:
                 batch = next(batches)
                 wait_since += time.perf_counter() - t0
                 tr.failures.observe(batch)
+                count_flips(tr, batch["flip"])
                 forward_backward(tr, batch, window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * tr.dist.world_size
                 st.batch_in_epoch += 1

@@ -46,6 +46,12 @@ def test_run_folder_layout(trained_run: TrainedRun) -> None:
         assert {"model.safetensors", "training_state.pt", "config.yaml", "vocabulary.json", "COMPLETE"} <= files
     report = json.loads((run / "data_report.json").read_text(encoding="utf-8"))
     assert report["used"]["train"] > 0 and report["used"]["val"] > 0
+    audit = report["flip_audit"]  # the demo's text mark forbids flipping
+    assert audit["considered"] == report["used"]["train"] and audit["vetoed_by_forbid_tag"].get("text", 0) > 0
+    train_events = [e for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "train"]
+    flipped = sum(e["augment/flipped"] for e in train_events)
+    vetoed = sum(e["augment/flip_vetoed"] for e in train_events)
+    assert flipped > 0 and vetoed > 0 and vetoed < flipped
     resolved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert resolved["data"]["image_size"] == 32 and resolved["model"]["embed_dim"] == 64
 
