@@ -284,6 +284,7 @@ def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> Non
     values["skipped_steps"] = float(tr.amp.skipped_total.item())
     values.update(tr.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
     values["augment/flipped"], values["augment/flip_vetoed"] = float(tr.flips[0]), float(tr.flips[1])
+    values["data/replaced_samples"] = float(tr.failures.failed)
     tr.flips = [0, 0]
     tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
@@ -446,6 +447,11 @@ def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) 
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.amp.load_state_dict(state["amp"])
     tr.early_stopping.load_state_dict(state["early_stopping"])
+    saved_failures = state.get("failures", {})
+    tr.failures.delivered = int(saved_failures.get("delivered", 0))
+    tr.failures.failed = int(saved_failures.get("failed", 0))
+    tr.failures.by_reason = dict(saved_failures.get("by_reason", {}))
+    tr.failures.examples = list(saved_failures.get("examples", []))
     tr.state = RunState(**state["run_state"])
     if changes:
         # A changed schedule: keep the weights and the optimizer moments, restart the data order
@@ -671,8 +677,20 @@ def main(argv: list[str] | None = None) -> int:
         if dist.world_size > 1:
             tdist.destroy_process_group()
     if dist.is_main:
+        record_worker_failures(tr)
         report_end(tr, outcome, args)
     return 0
+
+
+def record_worker_failures(tr: Trainer) -> None:
+    """Add the samples that failed inside workers (and were replaced) to data_report.json."""
+    path = tr.cfg.run_dir / "data_report.json"
+    report = json.loads(path.read_text(encoding="utf-8"))
+    report["replaced_during_training"] = tr.failures.to_dict()
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if tr.failures.failed:
+        print(f"data: {tr.failures.failed} samples failed in workers and were replaced "
+              f"({', '.join(f'{k}: {v}' for k, v in sorted(tr.failures.by_reason.items()))})")
 
 
 def report_end(tr: Trainer, outcome: str, args: argparse.Namespace) -> None:

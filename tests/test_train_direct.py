@@ -265,3 +265,33 @@ def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
     assert [(e["step"], e["loss"]) for e in cached if e["type"] == "train"] == \
         [(e["step"], e["loss"]) for e in decoded if e["type"] == "train"]
     assert sorted(p.name for p in trained_run.data.rglob("*")) == before
+
+
+def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
+    """num_workers=2 over a corpus where 20% of the samples are broken: the run completes, the
+    audit counts every reason, and a file that only fails when decoded in a worker is replaced
+    and counted."""
+    import broken_corpus as bc
+    from conftest import TINY_RUN
+
+    outside = bc.write_image(tmp_path / "outside.jpg")
+    corpus = bc.make_broken_corpus(tmp_path / "root", good=47, copies=1, outside_target=outside)
+    args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in TINY_RUN + [f"data.root={corpus.root}", "output_root=runs", "experiment_name=broken",
+                         "data.verify=header", "data.max_bad_fraction=0.25", "data.batch_size=8",
+                         "data.val_fraction=0.1", "training.epochs=3", "augment.flip_prob=0"]:
+        args += ["--set", o]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "broken" / "data_report.json").read_text(encoding="utf-8"))
+    assert report["skipped"] == corpus.expected_skips("header")
+    assert report["num_samples"] == corpus.expected_records("header")
+    # the truncated JPEG passes the header check, lands in training, and fails in a worker
+    split = json.loads((tmp_path / "runs" / "broken" / "split.json").read_text(encoding="utf-8"))
+    assert corpus.decode_only_ids[0] in split["train"]
+    replaced = report["replaced_during_training"]
+    assert replaced["failed"] >= 1 and set(replaced["by_reason"]) == {"image_undecodable"}
+    assert "samples failed in workers and were replaced (image_undecodable: " in proc.stdout
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("data: ")][0]
+    for reason, count in corpus.expected_skips("header").items():
+        assert f"{reason}: {count}" in line
