@@ -161,7 +161,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             results[name] = loader_rate(dataset, args.loader_workers, args.batch_size,
                                         args.loader_passes, args.device)
 
+    # what one sample costs to send from a worker to the main process: the collated batch's tensors
+    batch = dl.collate_samples([cached[(i, 0)] for i in range(min(args.batch_size, len(cached)))])
+    queue_bytes = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
     return {
+        "queue_bytes_per_sample": queue_bytes / len(batch["indices"]),
         "config": {"images": args.images, "width": args.width, "height": args.height,
                    "megapixels": round(args.width * args.height / 1e6, 3), "image_size": size,
                    "repeat": args.repeat, "cpu_count": os.cpu_count()},

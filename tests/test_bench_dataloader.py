@@ -27,6 +27,7 @@ def test_tiny_run_reports_every_variant(tmp_path: Path) -> None:
     assert json.loads(out_file.read_text(encoding="utf-8")) == report
     assert report["config"]["images"] == 3 and report["config"]["image_size"] == 32
     assert report["cache_bytes_per_image"] == 32 * 32 * 3
+    assert 32 * 32 * 3 < report["queue_bytes_per_sample"] < 32 * 32 * 3 + 512  # the image plus a few labels
     source = sorted((tmp_path / "data" / "data").glob("*.jpg"))
     assert len(source) == 3
     assert report["source_bytes_per_image"] == sum(p.stat().st_size for p in source) / 3
