@@ -34,7 +34,7 @@ from model_architecture import (
 from schedulers import LinearWarmupCosineLR
 from training_utils import (
     CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
-    CosineAnnealingWarmupRestarts, EarlyStopping, GracefulStopper, MixedPrecisionTrainer, ModelEma,
+    CosineAnnealingWarmupRestarts, EarlyStopping, GracefulStopper, MixedPrecisionTrainer, ModelEma, TrainStep,
     capture_rng_state, restore_rng_state, seed_everything, snapshot_state,
 )
 from validation_loop import EvalResult, evaluate
@@ -193,13 +193,8 @@ class Trainer:
     dist: Distributed
     device: torch.device
     data: DataBundle
-    model: torch.nn.Module            # what forward runs (maybe DDP/compiled)
-    raw_model: SimplifiedTagger       # the module whose weights are saved
-    loss_fn: MultiTaskLoss
+    step_fn: TrainStep                # forward, loss, backward, update, schedule, EMA
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    amp: MixedPrecisionTrainer
-    ema: ModelEma | None
     sampler: ResumableSampler
     failures: FailureTracker
     early_stopping: EarlyStopping
@@ -213,25 +208,31 @@ class Trainer:
     background: ThreadSafeMetricsTracker = field(default_factory=ThreadSafeMetricsTracker)  # other threads' timings
     flips: list[int] = field(default_factory=lambda: [0, 0])  # flipped, vetoed since the last log line
     state: RunState = field(default_factory=RunState)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)   # device-side running sums for logging
+
+    @property
+    def raw_model(self) -> SimplifiedTagger:
+        """The module whose weights are trained and saved."""
+        return self.step_fn.raw_model
+
+    @property
+    def amp(self) -> MixedPrecisionTrainer:
+        """Autocast, loss scaling and the guarded update."""
+        return self.step_fn.amp
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule."""
+        return self.step_fn.scheduler
+
+    @property
+    def ema(self) -> ModelEma | None:
+        """The weight EMA, if enabled."""
+        return self.step_fn.ema
 
 
 # --------------------------------------------------------------------------------------------
 # Per-step work
 # --------------------------------------------------------------------------------------------
-
-def forward_backward(tr: Trainer, batch: dict[str, Any], window: int, sync: bool) -> None:
-    """Forward, loss and backward of one micro-batch; adds the loss parts to the device sums."""
-    ctx = tr.model.no_sync() if (not sync and isinstance(tr.model, torch.nn.parallel.DistributedDataParallel)) else _null()
-    with ctx:
-        with tr.amp.autocast():
-            outputs = tr.model(batch["images"])  # {"tag_logits": (B,T), "rating_logits": (B,4)}
-        total, parts = tr.loss_fn(outputs, batch["tag_targets"], batch["ratings"])
-        tr.amp.backward(total, window)
-    _accumulate(tr, "loss", total.detach())
-    for name, value in parts.items():
-        _accumulate(tr, f"loss/{name}", value.detach())
-
 
 def count_flips(tr: Trainer, flip: torch.Tensor) -> None:
     """Flips done (1) and vetoed (2) in a host-side batch tensor, for the next log line."""
@@ -239,48 +240,9 @@ def count_flips(tr: Trainer, flip: torch.Tensor) -> None:
     tr.flips[1] += int((flip == 2).sum())
 
 
-def optimizer_step(tr: Trainer) -> None:
-    """Clip, update (unless non-finite), schedule, EMA; no host sync."""
-    grad_norm, skipped = tr.amp.step([p for p in tr.raw_model.parameters() if p.requires_grad])
-    tr.scheduler.step()
-    if tr.ema is not None:
-        tr.ema.update(tr.raw_model, tr.state.step, skipped)
-    _accumulate(tr, "grad_norm", torch.where(skipped, torch.zeros_like(grad_norm), grad_norm.float()), count=(~skipped).float())
-    tr.state.step += 1
-
-
-def _accumulate(tr: Trainer, name: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
-    s = tr.sums.get(name)
-    if s is None:
-        s = tr.sums[name] = torch.zeros(2, dtype=torch.float64, device=tr.device)
-    s[0] += value.double()
-    s[1] += count
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def read_and_reset_sums(tr: Trainer) -> dict[str, float]:
-    """Means of the device sums since the last call (one host sync)."""
-    if not tr.sums:
-        return {}
-    names = list(tr.sums)
-    stacked = torch.stack([tr.sums[n] for n in names])  # (K, 2): sum, count
-    if tr.dist.world_size > 1:
-        tdist.all_reduce(stacked)  # every rank's micro-batches: the same numbers as one process
-    stacked = stacked.cpu()
-    tr.sums.clear()
-    return {n: (float(s) / float(c) if c > 0 else float("nan")) for n, (s, c) in zip(names, stacked.tolist())}
-
-
 def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> None:
     """Read the device sums and counters once and hand them to the monitor."""
-    values = read_and_reset_sums(tr)
+    values = tr.step_fn.read_and_reset_sums(tr.dist.world_size)
     values["skipped_steps"] = float(tr.amp.skipped_total.item())
     values.update(tr.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
     values["augment/flipped"], values["augment/flip_vetoed"] = float(tr.flips[0]), float(tr.flips[1])
@@ -442,7 +404,7 @@ def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) 
         if (folder / "ema.safetensors").is_file():
             tr.ema.load_state_dict(CheckpointManager.load_model_state(folder, ema=True))
         else:
-            tr.ema = ModelEma(tr.raw_model, tr.ema.decay, tr.ema.warmup_steps)
+            tr.step_fn.ema = ModelEma(tr.raw_model, tr.ema.decay, tr.ema.warmup_steps)  # start from the loaded weights
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.amp.load_state_dict(state["amp"])
@@ -490,10 +452,12 @@ def train(tr: Trainer, stopper: GracefulStopper) -> str:
                 wait_since += time.perf_counter() - t0
                 tr.failures.observe(batch)
                 count_flips(tr, batch["flip"])
-                forward_backward(tr, batch, window, sync=(i == window - 1))
+                tr.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"],
+                                            window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * tr.dist.world_size
                 st.batch_in_epoch += 1
-            optimizer_step(tr)
+            tr.step_fn.optimizer_step(st.step)
+            st.step += 1
             if st.step % cfg.monitor.log_every_steps == 0 or st.step == tr.total_steps:
                 now = time.perf_counter()
                 st.images_seen += images_since
@@ -627,12 +591,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "name": cfg.experiment_name} if cfg.monitor.wandb_project else None,
                               resume_step=None if resume_dir is None else CheckpointManager.load_training_state(resume_dir)["run_state"]["step"])
     background = CheckpointTimings(ThreadSafeMetricsTracker())
+    step_fn = TrainStep(
+        model, raw_model, build_loss(cfg, data, device),
+        MixedPrecisionTrainer(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
+        build_scheduler(cfg, optimizer, total_steps),
+        ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
+        device)
     tr = Trainer(
-        cfg=cfg, dist=dist, device=device, data=data, model=model, raw_model=raw_model,
-        loss_fn=build_loss(cfg, data, device), optimizer=optimizer,
-        scheduler=build_scheduler(cfg, optimizer, total_steps),
-        amp=MixedPrecisionTrainer(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
-        ema=ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
+        cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=optimizer,
         sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
         ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),

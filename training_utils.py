@@ -567,3 +567,70 @@ class GracefulStopper:
         if self.reason is None and self.stop_file is not None and self.stop_file.exists():
             self.reason = f"{self.stop_file.name} file"
         return self.reason is not None
+
+
+class TrainStep:
+    """The per-step work of training: forward, loss, backward, guarded update, schedule, EMA.
+
+    `train_direct.py` runs exactly this, and so does `benchmarks/bench_train_step.py`, so the
+    benchmark measures the real step. Loss parts and the gradient norm are summed on the device
+    (no host sync); `read_and_reset_sums` reads them once per log line.
+    """
+
+    def __init__(self, model: torch.nn.Module, raw_model: torch.nn.Module, loss_fn: torch.nn.Module,
+                 amp: MixedPrecisionTrainer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 ema: ModelEma | None, device: torch.device) -> None:
+        self.model = model            # what forward runs (maybe DDP and/or compiled)
+        self.raw_model = raw_model    # the module whose parameters are updated and saved
+        self.loss_fn = loss_fn
+        self.amp = amp
+        self.scheduler = scheduler
+        self.ema = ema
+        self.device = device
+        self.params = [p for p in raw_model.parameters() if p.requires_grad]
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def forward_backward(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor,
+                         window: int, sync: bool = True) -> None:
+        """One micro-batch of a `window`-long accumulation window; `sync=False` skips the DDP
+        gradient all-reduce (every micro-batch but the window's last)."""
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel) or \
+            isinstance(getattr(self.model, "_orig_mod", None), torch.nn.parallel.DistributedDataParallel)
+        ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+        with ctx:
+            with self.amp.autocast():
+                outputs = self.model(images)  # {"tag_logits": (B, T), "rating_logits": (B, 4)}
+            total, parts = self.loss_fn(outputs, tag_targets, ratings)
+            self.amp.backward(total, window)
+        self._accumulate("loss", total.detach())
+        for name, value in parts.items():
+            self._accumulate(f"loss/{name}", value.detach())
+
+    def optimizer_step(self, step: int) -> None:
+        """Clip, update unless non-finite, advance the schedule, update the EMA (`step` is the
+        number of updates before this one)."""
+        grad_norm, skipped = self.amp.step(self.params)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.raw_model, step, skipped)
+        self._accumulate("grad_norm", torch.where(skipped, torch.zeros_like(grad_norm), grad_norm.float()),
+                         count=(~skipped).float())
+
+    def _accumulate(self, name: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+        s = self.sums.get(name)
+        if s is None:
+            s = self.sums[name] = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, count
+        s[0] += value.double()
+        s[1] += count
+
+    def read_and_reset_sums(self, world_size: int = 1) -> dict[str, float]:
+        """Means since the last call, over every rank under DDP (one host sync)."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names])  # (K, 2)
+        if world_size > 1:
+            torch.distributed.all_reduce(stacked)  # every rank's micro-batches: the same numbers as one process
+        stacked = stacked.cpu()
+        self.sums.clear()
+        return {n: (float(s) / float(c) if c > 0 else float("nan")) for n, (s, c) in zip(names, stacked.tolist())}

@@ -206,3 +206,39 @@ def test_resolve_precision() -> None:
     with pytest.raises(ValueError, match="fp16"):
         U.resolve_precision("fp16", torch.device("cpu"))
     assert math.isfinite(1.0)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A stand-in tagger: the output dict of SimplifiedTagger from a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags = torch.nn.Linear(4, 3)
+        self.rating = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"tag_logits": self.tags(x), "rating_logits": self.rating(x)}
+
+
+def test_train_step_sums_update_and_ema() -> None:
+    from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
+
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss_fn = MultiTaskLoss(AsymmetricFocalLoss())
+    step = U.TrainStep(model, model, loss_fn, U.MixedPrecisionTrainer(opt, torch.device("cpu"), "fp32"), sched,
+                       U.ModelEma(model, 0.5), torch.device("cpu"))
+    x, tags, ratings = torch.randn(6, 4), (torch.rand(6, 3) < 0.5).float(), torch.tensor([0, 1, 2, 3, -1, 0])
+    expected = [float(loss_fn(model(x[i:i + 3]), tags[i:i + 3], ratings[i:i + 3])[0]) for i in (0, 3)]
+    before = model.tags.weight.detach().clone()
+    for i in (0, 3):
+        step.forward_backward(x[i:i + 3], tags[i:i + 3], ratings[i:i + 3], window=2, sync=i == 3)
+    step.optimizer_step(0)
+    values = step.read_and_reset_sums()
+    assert values["loss"] == pytest.approx(sum(expected) / 2)
+    assert values["grad_norm"] > 0 and set(values) >= {"loss/tags", "loss/rating"}
+    assert not torch.equal(before, model.tags.weight)
+    torch.testing.assert_close(step.ema.shadow["tags.weight"], 0.5 * before + 0.5 * model.tags.weight.detach())
+    assert step.read_and_reset_sums() == {}
