@@ -231,7 +231,8 @@ def test_train_step_sums_update_and_ema() -> None:
     step = U.TrainStep(model, model, loss_fn, U.MixedPrecisionTrainer(opt, torch.device("cpu"), "fp32"), sched,
                        U.ModelEma(model, 0.5), torch.device("cpu"))
     x, tags, ratings = torch.randn(6, 4), (torch.rand(6, 3) < 0.5).float(), torch.tensor([0, 1, 2, 3, -1, 0])
-    expected = [float(loss_fn(model(x[i:i + 3]), tags[i:i + 3], ratings[i:i + 3])[0]) for i in (0, 3)]
+    with torch.no_grad():
+        expected = [float(loss_fn(model(x[i:i + 3]), tags[i:i + 3], ratings[i:i + 3])[0]) for i in (0, 3)]
     before = model.tags.weight.detach().clone()
     for i in (0, 3):
         step.forward_backward(x[i:i + 3], tags[i:i + 3], ratings[i:i + 3], window=2, sync=i == 3)
