@@ -33,17 +33,17 @@ if str(REPO_ROOT) not in sys.path:
     # Run as a script, sys.path[0] is benchmarks/; the project modules live one level up.
     sys.path.insert(0, str(REPO_ROOT))
 
+import dataset_loader as dl
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
 from model_architecture import (  # noqa: E402
     SimplifiedTagger,
     VisionTransformerConfig,
     param_groups_for_weight_decay,
 )
+from schedulers import LinearWarmupCosineLR
+from training_utils import MixedPrecisionTrainer, ModelEma, TrainStep
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# ImageNet mean/std in 0-255 units: (u8 - mean) / std normalises in one fused elementwise pass.
-MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 NUM_RATINGS = 4
 POSITIVE_RATE = 0.01  # share of positive tags in the synthetic targets, typical for booru vocabularies
 
@@ -67,6 +67,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--grad-checkpoint-every", type=int, default=0)
     parser.add_argument("--no-timm", action="store_true", help="skip the timm reference even if installed")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul used for the peak")
+    parser.add_argument("--ema-decay", type=float, default=0.9998, help="weight EMA as in training (0 = off)")
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--pipeline-images", type=int, default=0,
+                        help="also train ours from a prepared cache of this many generated 1.5 MP JPEGs, "
+                             "with DataLoader workers on every CPU core (0 = skip)")
+    parser.add_argument("--pipeline-workers", type=int, default=0, help="default: os.cpu_count()")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -163,49 +169,61 @@ def measure_matmul_peak_tflops(device: torch.device, size: int, iters: int = 20)
 
 
 class StepRunner:
-    """Holds the synthetic batch, loss, optimizer and the one training-step function for a model."""
+    """One model with the synthetic batch and training_utils.TrainStep: the step train_direct.py
+    runs (uint8 normalised and multi-hot targets built on the device, MultiTaskLoss with
+    AsymmetricFocalLoss, guarded fused AdamW with clipping, the warm-up/cosine schedule, EMA)."""
 
     def __init__(self, model: nn.Module, cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device) -> None:
-        """Create the batch on the device, the loss and AdamW (fused on CUDA)."""
+        """Create the batch on the device and the training step around `model`."""
         self.model = model
         self.device = device
-        self.dtype = DTYPES[args.dtype]
-        self.autocast = self.dtype != torch.float32
+        self.num_tags = cfg.num_tags
         gen = torch.Generator().manual_seed(0)
         batch, size = args.batch_size, args.image_size
         self.images_u8 = torch.randint(0, 256, (batch, 3, size, size), generator=gen, dtype=torch.uint8).to(device)
-        self.tag_targets = (torch.rand(batch, cfg.num_tags, generator=gen) < POSITIVE_RATE).float().to(device)
+        per_image = max(1, int(POSITIVE_RATE * cfg.num_tags))
+        self.tag_indices = torch.randint(0, cfg.num_tags, (batch, per_image), generator=gen).to(device)  # (B, L)
         self.rating_targets = torch.randint(-1, NUM_RATINGS, (batch,), generator=gen).to(device)  # -1 = unknown
-        self.mean = torch.tensor(MEAN_255, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD_255, device=device).view(1, 3, 1, 1)
-        self.loss_fn = MultiTaskLoss(AsymmetricFocalLoss()).to(device)
-        self.optimizer = torch.optim.AdamW(
-            param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=device.type == "cuda"
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.forward_fn: Callable[[torch.Tensor], Dict[str, torch.Tensor]] = model
+        self.params = dl.PreprocessParams(size)
+        optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=True)
+        self.train_step = TrainStep(
+            model, model, MultiTaskLoss(AsymmetricFocalLoss()).to(device),
+            MixedPrecisionTrainer(optimizer, device, args.dtype, grad_clip=args.grad_clip),
+            LinearWarmupCosineLR(optimizer, warmup_steps=10, total_steps=100_000),
+            ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None, device)
+        self.updates = 0
         self.sample_rss = device.type == "cpu"
         self.rss_peak = 0
 
-    def forward_loss(self) -> torch.Tensor:
-        """Normalise the uint8 batch on the device, run forward and the loss; returns the scalar total."""
-        images = (self.images_u8.float() - self.mean) / self.std  # (B, 3, H, W) float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            outputs = self.forward_fn(images)
-            total, _parts = self.loss_fn(outputs, self.tag_targets, self.rating_targets)
-        if self.sample_rss:
-            # End of forward is where activations peak; CPU only, where RSS is the memory measure.
-            self.rss_peak = max(self.rss_peak, rss_bytes())
-        return total
+    @property
+    def forward_fn(self) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
+        """What forward runs (the model, or its compiled form)."""
+        return self.train_step.model
 
-    def step(self) -> torch.Tensor:
-        """One training step; returns the detached loss without syncing (no .item())."""
-        total = self.forward_loss()
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total.detach()
+    @forward_fn.setter
+    def forward_fn(self, fn: nn.Module) -> None:
+        self.train_step.model = fn
+
+    def step(self, batch: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """One training step on the synthetic batch (or a real device batch); no host sync."""
+        if batch is None:
+            images = dl.normalize_images(self.images_u8, self.params.mean, self.params.std)  # (B, 3, H, W)
+            targets = dl.targets_from_indices(self.tag_indices, self.num_tags)                # (B, T)
+            batch = {"images": images, "tag_targets": targets, "ratings": self.rating_targets}
+        self.train_step.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"], window=1)
+        if self.sample_rss:
+            self.rss_peak = max(self.rss_peak, rss_bytes())
+        self.train_step.optimizer_step(self.updates)
+        self.updates += 1
+
+    def forward_loss(self) -> torch.Tensor:
+        """Forward and loss of the synthetic batch (for FLOP counting and the final loss)."""
+        images = dl.normalize_images(self.images_u8, self.params.mean, self.params.std)
+        with self.train_step.amp.autocast():
+            outputs = self.forward_fn(images)
+        total, _parts = self.train_step.loss_fn(outputs, dl.targets_from_indices(self.tag_indices, self.num_tags),
+                                                self.rating_targets)
+        return total
 
     def count_flops(self) -> int:
         """FLOPs of one forward + backward, counted once with FlopCounterMode (no optimizer step)."""
@@ -217,7 +235,7 @@ class StepRunner:
         with counter:
             total = self.forward_loss()
             total.backward()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.train_step.amp.optimizer.zero_grad(set_to_none=True)
         self.forward_fn = saved
         return int(counter.get_total_flops())
 
@@ -309,6 +327,62 @@ def run_variant(
     return result
 
 
+def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device, compiled: bool,
+                 synthetic_images_per_s: float) -> Dict[str, Any]:
+    """Our step fed by the real data pipeline: generated 1.5 MP JPEGs, prepared cache, flip and
+    jitter augmentation, DataLoader workers on every core, ImagePreFetcher; images/s and its share
+    of the synthetic-input rate."""
+    import tempfile
+
+    from bench_dataloader import generate  # sibling script: the same generated JPEGs
+    from orientation_handler import OrientationHandler
+
+    workers = args.pipeline_workers or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        root = Path(tmp)
+        generate(root, args.pipeline_images, 1414, 1061)
+        scan = dl.scan_dataset(root / "data", verify="none")
+        names = sorted({t for r in scan.records for t in r.tags})
+        tag_to_index = {t: i % cfg.num_tags for i, t in enumerate(names)}
+        params = dl.PreprocessParams(cfg.image_size)
+        started = time.perf_counter()
+        dl.prepare_cache(scan.records, root / "cache", params, num_workers=workers, data_root=root / "data")
+        prepare_s = time.perf_counter() - started
+        dataset = dl.SidecarJsonDataset(scan.records, tag_to_index, params, augment=dl.AugmentParams(),
+                                        orientation=OrientationHandler.default(), seed=0,
+                                        cache=dl.PreparedCache(root / "cache", params))
+        sampler = dl.ResumableSampler(len(dataset), batch_size=args.batch_size, shuffle=True, seed=0, drop_last=True)
+        loader = dl.build_dataloader(dataset, sampler, batch_size=args.batch_size, num_workers=workers,
+                                     pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4,
+                                     persistent_workers=workers > 0, generator_seed=0)
+        torch.manual_seed(0)
+        model = SimplifiedTagger(cfg).to(device).train()
+        runner = StepRunner(model, cfg, args, device)
+        if compiled:
+            runner.forward_fn = torch.compile(model)
+
+        def batches() -> Any:
+            epoch = 0
+            while True:
+                sampler.set_epoch(epoch)
+                yield from dl.ImagePreFetcher(loader, device, params, cfg.num_tags)
+                epoch += 1
+
+        stream = batches()
+        for _ in range(args.warmup + 1):
+            runner.step(next(stream))
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            runner.step(next(stream))
+        sync(device)
+        seconds = time.perf_counter() - started
+    rate = args.batch_size * args.steps / seconds
+    return {"name": f"ours_{'compiled' if compiled else 'eager'}_pipeline", "images_per_s": rate,
+            "share_of_synthetic": rate / synthetic_images_per_s, "workers": workers,
+            "images": args.pipeline_images, "cache_prepare_s": prepare_s}
+
+
 def prime_runtime(args: argparse.Namespace, device: torch.device, with_timm: bool) -> None:
     """One untimed step of a micro model (ours and timm's) so one-time library start-up costs
     (allocator pools, kernel caches, lazy imports) are not charged to the first measured variant."""
@@ -371,6 +445,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             results[key] = run_variant(key, build, cfg, args, device, compiled, matmul_peak)
             print(f"[bench] {key}: {results[key]['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
 
+    pipeline = None
+    if args.pipeline_images > 0:
+        compiled = bool(args.compile)
+        synthetic = results[f"ours_{'compiled' if compiled else 'eager'}"]["images_per_s"]
+        pipeline = run_pipeline(cfg, args, device, compiled, synthetic)
+        print(f"[bench] {pipeline['name']}: {pipeline['images_per_s']:.1f} img/s "
+              f"({pipeline['share_of_synthetic']:.1%} of synthetic input, {pipeline['workers']} workers)",
+              file=sys.stderr, flush=True)
+
     ratios: Dict[str, Dict[str, float]] = {}
     for mode in ("eager", "compiled"):
         ours, theirs = results.get(f"ours_{mode}"), results.get(f"timm_{mode}")
@@ -402,6 +485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "timm_available": with_timm,
         "matmul_peak_tflops": matmul_peak,
         "results": results,
+        "pipeline": pipeline,
+        "step": {"ema_decay": args.ema_decay, "grad_clip": args.grad_clip,
+                 "what": "training_utils.TrainStep, as train_direct.py runs it"},
         "ratios": ratios,
     }
     print(format_table(results), file=sys.stderr)
@@ -411,6 +497,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f"memory x{r['peak_memory_ours_over_timm']:.3f}",
             file=sys.stderr,
         )
+    if pipeline:
+        print(f"end to end from the prepared cache: {pipeline['images_per_s']:.1f} img/s = "
+              f"{pipeline['share_of_synthetic']:.1%} of the synthetic-input rate", file=sys.stderr)
     text = json.dumps(report, indent=2, allow_nan=True)
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

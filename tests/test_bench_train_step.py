@@ -65,6 +65,21 @@ def test_cpu_micro_run_reports_positive_numbers(tmp_path: Path) -> None:
         )
         assert ratios["peak_memory_ours_over_timm"] > 0
     assert "img/s" in proc.stderr  # the human table goes to stderr
+    assert report["step"]["what"].startswith("training_utils.TrainStep")
+    assert report["pipeline"] is None
+
+
+def test_pipeline_rate_from_the_prepared_cache(tmp_path: Path) -> None:
+    """--pipeline-images trains ours from generated JPEGs through the cache and real loader."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), *MICRO_ARGS, "--no-timm", "--pipeline-images", "8",
+                           "--pipeline-workers", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    pipe = report["pipeline"]
+    assert pipe["name"] == "ours_eager_pipeline" and pipe["workers"] == 1 and pipe["images"] == 8
+    assert pipe["images_per_s"] > 0
+    assert pipe["share_of_synthetic"] == pytest.approx(pipe["images_per_s"] / report["results"]["ours_eager"]["images_per_s"])
+    assert "of the synthetic-input rate" in proc.stderr
 
 
 def test_bad_arguments_fail_cleanly() -> None:
