@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 import broken_corpus as bc
 
@@ -390,7 +390,9 @@ def test_letterbox_geometry_and_upscale_filter(tmp_path: Path) -> None:
     # content 32x16 centred vertically: rows 0-7 and 24-31 are pad
     assert (out[:8] == (10, 20, 30)).all() and (out[24:] == (10, 20, 30)).all()
     reference = np.asarray(src.resize((32, 16), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(out[8:24], reference)
+    # torch's antialiased uint8 bicubic computes PIL's filter, rounding to within one grey level
+    assert np.abs(out[8:24].astype(int) - reference.astype(int)).max() <= 1
+    assert (out[8:24] == reference).mean() > 0.95
     # tall image: pad left and right
     bc.write_image(tmp_path / "tall.png", 6, 24, color=(200, 0, 0))
     tall = dl.load_image(tmp_path / "tall.png", params)
@@ -881,3 +883,16 @@ def test_prefetcher_applies_jitter_then_normalises() -> None:
     torch.testing.assert_close(out["images"], expected)
     assert not torch.allclose(out["images"][0], dl.normalize_images(images, params.mean, params.std)[0])
     torch.testing.assert_close(out["images"][1], dl.normalize_images(images, params.mean, params.std)[1])
+
+
+@pytest.mark.parametrize("mode, pil", [("bicubic", Image.Resampling.BICUBIC), ("bilinear", Image.Resampling.BILINEAR)])
+@pytest.mark.parametrize("size", [(448, 336), (120, 90), (900, 700)])
+def test_fast_resize_matches_pillow(mode: str, pil: int, size: tuple[int, int]) -> None:
+    """The torch resize used for letterboxing reproduces Pillow's antialiased filters."""
+    src = bc.noise_image(707, 531, seed=5).filter(ImageFilter.GaussianBlur(2))
+    ours = dl._resize_uint8(np.array(src), size[1], size[0], mode).astype(int)
+    reference = np.asarray(src.resize(size, pil)).astype(int)
+    assert ours.shape == reference.shape
+    diff = np.abs(ours - reference)
+    # rounding differs in rare pixels: measured max 2, mean 0.005 grey levels
+    assert diff.max() <= 2 and diff.mean() < 0.02
