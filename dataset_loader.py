@@ -987,7 +987,8 @@ def _load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nd
                 # libjpeg DCT scaling: decode at >= the final size, far cheaper than full size
                 img.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
         img.load()
-        oriented = ImageOps.exif_transpose(img)  # a new image; first frame for animations
+        # exif_transpose copies the image even when there is nothing to turn: ask first
+        oriented = ImageOps.exif_transpose(img) if img.getexif().get(_EXIF_ORIENTATION, 1) != 1 else img
         rgb = _to_rgb(oriented, params.pad_color)
     width, height = rgb.size
     scale = size / max(width, height)
@@ -1001,10 +1002,15 @@ def _load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nd
         # reducing_gap: integer-factor box reduce first, then the filter; fast and alias-free
         gap = 3.0 if scale < 1.0 else None
         content = np.asarray(rgb.resize((new_w, new_h), _RESAMPLE[params.resample], reducing_gap=gap), dtype=np.uint8)
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[...] = np.asarray(params.pad_color, dtype=np.uint8)
     x0 = (size - new_w) // 2
     y0 = (size - new_h) // 2
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    pad = np.asarray(params.pad_color, dtype=np.uint8)
+    # fill only the letterbox bands; the content overwrites the rest
+    canvas[:y0] = pad
+    canvas[y0 + new_h:] = pad
+    canvas[y0:y0 + new_h, :x0] = pad
+    canvas[y0:y0 + new_h, x0 + new_w:] = pad
     canvas[y0:y0 + new_h, x0:x0 + new_w] = content
     return canvas, (x0, y0, x0 + new_w, y0 + new_h)
 
@@ -1012,6 +1018,7 @@ def _load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nd
 # torch's antialiased uint8 kernels compute PIL's bicubic/bilinear filters (to within one grey
 # level) about five times faster than Pillow on one core: the largest cost after JPEG decoding.
 _TORCH_RESAMPLE = {"bicubic": "bicubic", "bilinear": "bilinear"}
+_EXIF_ORIENTATION = 0x0112
 
 
 def _resize_uint8(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
