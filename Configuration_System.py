@@ -45,7 +45,7 @@ class DataConfig:
     """Where the images are, how they are read, split and batched."""
 
     root: str = _opt("data/demo", "Dataset folder: images with sidecar JSON files (X.json or X.ext.json).")
-    manifest: str = _opt("", "Optional JSON Lines manifest of {file, tags, rating} records used instead of sidecars; '' = scan root.")
+    manifest: str = _opt("", "Optional JSON Lines manifest of {file, tags, rating} records used instead of sidecars, 'file' relative to data.root (or to the manifest's folder when data.root is ''); '' = scan data.root.")
     demo_images: int = _opt(0, "If > 0 and root does not exist, generate the synthetic demo dataset there with this many images.", ge=0)
     image_size: int = _opt(448, "Square training resolution in pixels (images are letterboxed to it).", ge=16)
     batch_size: int = _opt(64, "Images per optimizer micro-batch on each process.", ge=1)

@@ -1578,6 +1578,10 @@ def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None]
         manifest = Path(cfg.data.manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"data.manifest: manifest file not found: {manifest}")
+        root = root if cfg.data.root else manifest.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: dataset folder not found: {root} (the manifest's 'file' paths are "
+                                    "relative to it; set data.root='' to use the manifest's folder)")
         return root
     if not root.exists() and cfg.data.demo_images > 0 and is_main:
         from demo_dataset import generate_demo_dataset  # only the demo path needs the generator
@@ -1595,7 +1599,7 @@ def scan_from_config(cfg: RootConfig, root: Path, verify: str | None = None) -> 
     """Scan the dataset folder, or read the manifest, as the config says."""
     verify = verify or cfg.data.verify
     if cfg.data.manifest:
-        return load_manifest(cfg.data.manifest, root if str(cfg.data.root) else None, verify=verify)
+        return load_manifest(cfg.data.manifest, root, verify=verify)
     return scan_dataset(root, verify=verify)
 
 

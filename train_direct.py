@@ -543,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         # Absolute, so the checkpoint's config finds the data from any working directory.
-        cfg.data.root = str(Path(cfg.data.root).absolute())
+        for key in ("root", "manifest", "cache_dir"):
+            if getattr(cfg.data, key):
+                setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).absolute()))
         dist, device = init_distributed(cfg.training.device)
         resume_dir = find_resume_checkpoint(args.resume, cfg.run_dir)
     except (ConfigError, FileNotFoundError) as exc:

@@ -295,3 +295,26 @@ def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("data: ")][0]
     for reason, count in corpus.expected_skips("header").items():
         assert f"{reason}: {count}" in line
+
+
+def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedRun) -> None:
+    """data.manifest (JSON Lines of {file, tags, rating}) gives the same samples, so the same run."""
+    from conftest import TINY_RUN
+    from dataset_loader import scan_dataset
+
+    records = scan_dataset(trained_run.data).records
+    manifest = trained_run.workdir / "index.jsonl"
+    manifest.write_text("".join(json.dumps({"file": r.sample_id, "tags": list(r.tags), "rating": r.rating}) + "\n"
+                                for r in records), encoding="utf-8")
+    args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    for o in TINY_RUN + [f"data.root={trained_run.data}", f"data.manifest={manifest}", "output_root=runs",
+                         "experiment_name=e2e_manifest", "training.max_steps=10"]:
+        args += ["--set", o]
+    proc = run_cli(args, cwd=trained_run.workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_manifest = read_jsonl(trained_run.workdir / "runs" / "e2e_manifest" / "metrics.jsonl")
+    assert f"data: {len(records)} samples used, 0 skipped" in proc.stdout
+    split_a = json.loads((trained_run.workdir / "runs" / "e2e_manifest" / "split.json").read_text(encoding="utf-8"))
+    split_b = json.loads((trained_run.run_dir / "split.json").read_text(encoding="utf-8"))
+    assert sorted(split_a["val"]) == sorted(split_b["val"])
+    assert len([e for e in from_manifest if e["type"] == "train"]) == 10
