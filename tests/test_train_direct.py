@@ -318,3 +318,11 @@ def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedR
     split_b = json.loads((trained_run.run_dir / "split.json").read_text(encoding="utf-8"))
     assert sorted(split_a["val"]) == sorted(split_b["val"])
     assert len([e for e in from_manifest if e["type"] == "train"]) == 10
+
+
+def test_batch_larger_than_the_training_split_is_a_clear_error(demo_data: Path, tmp_path: Path) -> None:
+    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                    "--set", f"data.root={demo_data}", "--set", "data.batch_size=4096", "--set", "output_root=runs",
+                    "--set", "data.image_size=32"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "fewer than one batch (data.batch_size=4096)" in proc.stderr
