@@ -578,12 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.compile:
         model = torch.compile(model)
 
-    train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
-                                     seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)
-    if train_sampler.batches_per_epoch() == 0:
-        print(f"error: the training split has {len(data.train_dataset)} samples"
-              f"{f' per process ({dist.world_size} processes)' if dist.world_size > 1 else ''}, fewer than one batch "
-              f"(data.batch_size={cfg.data.batch_size}); lower data.batch_size or add data", file=sys.stderr)
+    try:
+        train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
+                                         seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)
+    except ValueError as exc:  # e.g. a batch larger than the training split
+        print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
     per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
     total_steps = total_optimizer_steps(cfg, per_epoch)

@@ -325,4 +325,4 @@ def test_batch_larger_than_the_training_split_is_a_clear_error(demo_data: Path, 
                     "--set", f"data.root={demo_data}", "--set", "data.batch_size=4096", "--set", "output_root=runs",
                     "--set", "data.image_size=32"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert "fewer than one batch (data.batch_size=4096)" in proc.stderr
+    assert "data.batch_size=4096" in proc.stderr and "no full batch" in proc.stderr
