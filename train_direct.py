@@ -25,7 +25,7 @@ from Configuration_System import ConfigError, RootConfig, atomic_write_text, dum
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from dataset_loader import (
     DataBundle, DataQualityError, FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader,
-    build_eval_loader, prepare_data,
+    build_eval_loader, prepare_data, write_data_report,
 )
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from model_architecture import (
@@ -656,10 +656,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def record_worker_failures(tr: Trainer) -> None:
     """Add the samples that failed inside workers (and were replaced) to data_report.json."""
-    path = tr.cfg.run_dir / "data_report.json"
-    report = json.loads(path.read_text(encoding="utf-8"))
-    report["replaced_during_training"] = tr.failures.to_dict()
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    tr.data.report["replaced_during_training"] = tr.failures.to_dict()
+    write_data_report(tr.cfg.run_dir / "data_report.json", tr.data.report)
     if tr.failures.failed:
         print(f"data: {tr.failures.failed} samples failed in workers and were replaced "
               f"({', '.join(f'{k}: {v}' for k, v in sorted(tr.failures.by_reason.items()))})")

@@ -216,6 +216,16 @@ class ModelEma:
 # Mixed precision and the optimizer update
 # --------------------------------------------------------------------------------------------
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of a resolved precision (no autocast for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' becomes bf16 on CUDA and fp32 elsewhere; bf16/fp16 on CPU fall back to fp32 for fp16."""
     if precision == "auto":
@@ -241,7 +251,7 @@ class MixedPrecisionTrainer:
         self.device = device
         self.precision = resolve_precision(precision, device)
         self.grad_clip = grad_clip
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        self.dtype = PRECISION_DTYPES[self.precision]
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
@@ -250,9 +260,7 @@ class MixedPrecisionTrainer:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context for forward and loss."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_context(self.precision, self.device)
 
     def backward(self, loss: torch.Tensor, window: int) -> None:
         """Backward of one micro-batch of an accumulation window of `window` micro-batches."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -29,9 +30,9 @@ from Configuration_System import ConfigError, RootConfig, atomic_write_text, con
 from dataset_loader import (
     DataQualityError, ImagePreFetcher, PreprocessParams, build_eval_loader, prepare_eval_data,
 )
-from evaluation_metrics import MetricComputer
+from evaluation_metrics import MetricComputer, json_safe
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
-from training_utils import CheckpointManager, resolve_precision
+from training_utils import CheckpointManager, autocast_context, resolve_precision
 from vocabulary import TagVocabulary
 
 RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
@@ -212,22 +213,10 @@ def write_reports(out: Path, metrics: dict[str, Any], result: EvalResult, vocab:
     """metrics.json, per_tag.csv, thresholds.json, report.md."""
     out.mkdir(parents=True, exist_ok=True)
     rows = per_tag_rows(result, vocab)
-    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(metrics), indent=2))
     write_per_tag_csv(rows, out / "per_tag.csv")
     atomic_write_text(out / "thresholds.json", json.dumps(thresholds_dict(result, vocab), indent=2))
     atomic_write_text(out / "report.md", report_markdown(metrics, rows, source))
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 def select_tags(result: EvalResult, vocab: TagVocabulary, names: list[str]) -> dict[str, Any]:
@@ -281,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     precision = resolve_precision(cfg.training.precision, device)
-    autocast = (contextlib.nullcontext if precision == "fp32" else
-                (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)))
+    autocast = functools.partial(autocast_context, precision, device)
     loader = build_eval_loader(cfg, data)
     result = evaluate(ck.model, loader, device, ck.vocab, ck.preprocess, threshold=threshold, autocast=autocast,
                       max_batches=args.fast_batches if args.mode == "fast" else 0)

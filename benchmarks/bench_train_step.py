@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import dataset_loader as dl
+from Configuration_System import atomic_write_text
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
 from model_architecture import (  # noqa: E402
     SimplifiedTagger,
@@ -502,10 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"{pipeline['share_of_synthetic']:.1%} of the synthetic-input rate", file=sys.stderr)
     text = json.dumps(report, indent=2, allow_nan=True)
     if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json_out.with_name(args.json_out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, args.json_out)
+        atomic_write_text(args.json_out, text + "\n")
     print(text)
     return report
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 import random
 from pathlib import Path
 
@@ -205,7 +205,9 @@ def test_resolve_precision() -> None:
     assert U.resolve_precision("auto", torch.device("cuda")) == "bf16"
     with pytest.raises(ValueError, match="fp16"):
         U.resolve_precision("fp16", torch.device("cpu"))
-    assert math.isfinite(1.0)
+    assert isinstance(U.autocast_context("fp32", torch.device("cpu")), contextlib.nullcontext)
+    with U.autocast_context("bf16", torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 class _TwoHeads(torch.nn.Module):
