@@ -15,8 +15,10 @@ This module owns everything between a user's image folder and a normalised batch
   ``collate_samples`` function, the resumable sharded ``ResumableSampler``, ``build_dataloader``,
   and the ``ImagePreFetcher`` that moves uint8 batches to the device and normalises them there.
 
-It imports only the bottom module ``vocabulary`` (for ``normalize_tag``). Nothing here ever
-writes into the user's dataset folder.
+It also holds the run-level wiring from the config to datasets and loaders (``prepare_data``,
+``prepare_eval_data``, ``build_eval_loader``) and the prepared cache (``prepare_cache``,
+``PreparedCache``). It imports the bottom modules ``Configuration_System``, ``vocabulary`` and
+``orientation_handler``. Nothing here ever writes into the user's dataset folder.
 """
 
 from __future__ import annotations
@@ -1644,9 +1646,10 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     is_main = rank == 0
     run_dir = Path(run_dir)
     if is_main:
-        root = ensure_dataset(cfg, is_main=True, log=log)
+        root = ensure_dataset(cfg, is_main=True, log=log)  # may generate the demo
     _wait_for_rank0(world_size)
-    root = ensure_dataset(cfg, is_main=False, log=None)
+    if not is_main:
+        root = ensure_dataset(cfg, is_main=False, log=None)
     scan = scan_from_config(cfg, root)
     if log:
         log(format_scan_summary(scan))

@@ -331,10 +331,11 @@ def update_best(tr: Trainer, metrics: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def stop_agreed(tr: Trainer, stopper: GracefulStopper, poll: bool) -> bool:
-    """Whether to stop now. Under DDP the ranks agree (any rank asked) at polling steps only, so
-    every rank leaves the loop at the same step and no collective is left waiting."""
+    """Whether to stop now. Signals count at once; the STOP file is looked for at polling steps
+    only (no file-system call per step). Under DDP the ranks agree (any rank asked) at polling
+    steps, so every rank leaves the loop at the same step and no collective is left waiting."""
     if tr.dist.world_size == 1:
-        return stopper.requested
+        return stopper.reason is not None or (poll and stopper.requested)
     if not poll:
         return False
     flag = torch.tensor([1.0 if stopper.requested else 0.0], device=tr.device)
