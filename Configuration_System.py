@@ -12,13 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import yaml
+
+# The file helpers live in file_io; re-exported for the modules that still import them from here,
+# until those import file_io.
+from file_io import (  # noqa: F401
+    atomic_write_bytes, atomic_write_text, load_json_file, replace_with_retry, resolve_resource,
+)
 
 
 class ConfigError(ValueError):
@@ -400,74 +406,6 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RootC
 def config_to_dict(cfg: Any) -> dict:
     """The config as plain nested dicts and lists."""
     return dataclasses.asdict(cfg)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a UTF-8 text file atomically (temp file in the same folder, then os.replace)."""
-    atomic_write_bytes(path, [text.encode("utf-8")])
-
-
-def atomic_write_bytes(path: str | Path, chunks: Iterable[bytes]) -> None:
-    """Write bytes atomically: a temp file in the same folder, fsync, then os.replace (with a
-    retry for Windows readers); the temp file never outlives a failure."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        replace_with_retry(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_json_file(path: str | Path, what: str = "file") -> Any:
-    """Parse a UTF-8 JSON file; FileNotFoundError / ValueError name the file and the reason."""
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
-
-
-def replace_with_retry(src: str | Path, dst: str | Path, attempts: int = 10, delay_s: float = 0.05) -> None:
-    """os.replace that retries briefly on PermissionError (Windows: a reader may hold the file)."""
-    import time
-
-    for attempt in range(attempts):
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(delay_s * (attempt + 1))
-
-
-PROJECT_DIR = Path(__file__).resolve().parent
-
-
-def resolve_resource(path: str | Path) -> Path:
-    """A shipped resource path (e.g. configs/orientation_map.json): as given if it exists, else
-    relative to the project folder, so runs started from another working directory still find it."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    candidate = PROJECT_DIR / p
-    return candidate if candidate.exists() else p
 
 
 def dump_config(cfg: RootConfig) -> str:

@@ -1,7 +1,9 @@
 """Learning-rate schedules stepped once per optimizer update.
 
-Owns `warmup_cosine_factor` (the pure closed-form multiplier) and `LinearWarmupCosineLR`, a
-`torch.optim.lr_scheduler.LRScheduler` that applies it to every param group. Bottom module: it
+Owns `warmup_cosine_factor` (the pure closed-form multiplier) and the two
+`torch.optim.lr_scheduler.LRScheduler`s built on it: `LinearWarmupCosineLR` (one warm-up, one
+cosine decay) and `CosineAnnealingWarmupRestarts` (repeated warm-up and cosine cycles). Both are
+closed forms of the step count, so they resume exactly from their state dicts. Bottom module: it
 imports nothing from the project.
 """
 
@@ -15,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["warmup_cosine_factor", "validate_warmup_cosine_args", "LinearWarmupCosineLR"]
+__all__ = ["warmup_cosine_factor", "validate_warmup_cosine_args", "LinearWarmupCosineLR", "CosineAnnealingWarmupRestarts"]
 
 
 def _check_int(name: str, value: object) -> int:
@@ -156,3 +158,53 @@ class LinearWarmupCosineLR(LRScheduler):
             g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
             for g in self.optimizer.param_groups
         ]
+
+
+class CosineAnnealingWarmupRestarts(LRScheduler):
+    """Cosine cycles with a linear warm-up at the start of each, optionally growing and decaying.
+
+    Cycle k lasts `first_cycle_steps * cycle_mult**k` steps; its peak is `base_lr * gamma**k`; each
+    cycle warms up linearly over `warmup_steps` and then decays to `min_lr_ratio * peak`. Closed form
+    from the step count, so it resumes exactly from its state dict.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, first_cycle_steps: int, warmup_steps: int = 0,
+                 cycle_mult: float = 1.0, gamma: float = 1.0, min_lr_ratio: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        """Validate the cycle arguments and set every group's LR to its step-0 value."""
+        if first_cycle_steps < 1:
+            raise ValueError(f"first_cycle_steps must be >= 1, got {first_cycle_steps}")
+        if not 0 <= warmup_steps < first_cycle_steps:
+            raise ValueError(f"warmup_steps must be in [0, first_cycle_steps={first_cycle_steps}), got {warmup_steps}")
+        if cycle_mult < 1.0:
+            raise ValueError(f"cycle_mult must be >= 1, got {cycle_mult}")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.first_cycle_steps = first_cycle_steps
+        self.warmup_steps = warmup_steps
+        self.cycle_mult = cycle_mult
+        self.gamma = gamma
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def cycle_position(self, step: int) -> tuple[int, int, int]:
+        """(cycle index, step inside the cycle, cycle length) for an optimizer step."""
+        cycle, start, length = 0, 0, self.first_cycle_steps
+        while step >= start + length:
+            start += length
+            cycle += 1
+            length = max(1, int(round(self.first_cycle_steps * self.cycle_mult**cycle)))
+        return cycle, step - start, length
+
+    def factor(self, step: int) -> float:
+        """Learning-rate multiplier of base_lr at an optimizer step."""
+        cycle, inside, length = self.cycle_position(step)
+        warmup = min(self.warmup_steps, length - 1)
+        return (self.gamma**cycle) * warmup_cosine_factor(inside, warmup, length, self.min_lr_ratio, 0.0)
+
+    def get_lr(self) -> list[float]:
+        """Learning rates for the current step (closed form)."""
+        f = self.factor(max(self.last_epoch, 0))
+        return [base * f for base in self.base_lrs]

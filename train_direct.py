@@ -9,33 +9,37 @@ script runs unchanged under `torchrun --nproc-per-node N` (DDP; rank 0 writes fi
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from Configuration_System import ConfigError, RootConfig, atomic_write_text, dump_config, load_config
-from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
-from dataset_loader import (
-    DataBundle, DataQualityError, FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader,
-    build_eval_loader, prepare_data, write_data_report,
+from checkpoint_store import (
+    BEST_POINTER, CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
+    checkpoint_files, checkpoints_dir, has_ema, is_checkpoint_reference, latest_checkpoint, load_model_state,
+    load_training_state, resolve_checkpoint, snapshot_state,
 )
+from Configuration_System import ConfigError, RootConfig, dump_config, load_config
+from batching import FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader
+from data_setup import DataBundle, build_eval_loader, prepare_data
+from dataset_scan import DataQualityError, write_data_report
+from file_io import atomic_write_text
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from model_architecture import (
     SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, param_groups_for_weight_decay,
 )
-from schedulers import LinearWarmupCosineLR
+from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
+from process_group import Distributed, any_rank, init_distributed
+from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
 from training_utils import (
-    CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
-    CosineAnnealingWarmupRestarts, EarlyStopping, GracefulStopper, MixedPrecisionTrainer, ModelEma, TrainStep,
-    capture_rng_state, restore_rng_state, seed_everything, snapshot_state,
+    BestMetric, EarlyStopping, GracefulStopper, GuardedOptimizerStep, ModelEma, RankRngStates, Stateful, TrainStep,
+    seed_everything,
 )
 from validation_loop import EvalResult, evaluate
 
@@ -48,42 +52,6 @@ SCHEDULE_KEYS = ("data.batch_size", "training.grad_accum_steps", "training.epoch
 # --------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class Distributed:
-    """This process's place in a (possibly single-process) job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that writes files."""
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun process group when launched by torchrun; pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    if device_pref == "auto":
-        device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(device_pref)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", dist.local_rank)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"training.device={device_pref} but CUDA is not available")
-        torch.cuda.set_device(device)
-    if world > 1:
-        # NCCL where it exists (Linux CUDA builds); gloo on CPU and on Windows.
-        nccl = device.type == "cuda" and tdist.is_nccl_available()
-        tdist.init_process_group(backend="nccl" if nccl else "gloo")
-    return dist, device
-
 
 def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:
     """learning_rate scaled by effective batch / reference batch (none, linear or sqrt rule)."""
@@ -169,25 +137,49 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], acce
 
 @dataclass
 class RunState:
-    """Counters that a checkpoint carries besides model, optimizer and RNG."""
+    """Where the run is: the counters a checkpoint carries besides weights, optimizer and RNG."""
 
     step: int = 0                 # optimizer steps done
     epoch: int = 0                # current epoch (0-based)
     batch_in_epoch: int = 0       # micro-batches of this epoch already consumed (this rank)
     images_seen: int = 0          # all ranks
-    best_metric: float | None = None
-    best_step: int | None = None
     last_val_step: int | None = None
     last_ckpt_step: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain-type dict."""
         return dict(self.__dict__)
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore state_dict(). Format-1 checkpoints written before BestMetric also hold
+        best_metric/best_step here; `with_best_entry` hands those to the best record."""
+        missing = [f.name for f in fields(self) if f.name not in state]
+        if missing:
+            raise ValueError(f"run_state lacks {', '.join(missing)}")
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+class SamplerPosition:
+    """The sampler's place in the data order, with the loop's own count of consumed micro-batches."""
+
+    def __init__(self, sampler: ResumableSampler, position: RunState) -> None:
+        """Checkpoint `sampler` at the epoch and micro-batch `position` has reached."""
+        self.sampler = sampler
+        self.position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state at the run's epoch and micro-batch (the sampler's own epoch lags at an epoch end)."""
+        return {**self.sampler.state_dict(batches_done=self.position.batch_in_epoch), "epoch": self.position.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the position; ValueError when the data or batch layout changed since."""
+        self.sampler.load_state_dict(state)
+
 
 @dataclass
-class Trainer:
-    """Everything the loop touches, built once in main()."""
+class TrainingRun:
+    """Everything the loop touches, built once in main(); `components()` is what a checkpoint saves."""
 
     cfg: RootConfig
     dist: Distributed
@@ -197,8 +189,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     sampler: ResumableSampler
     failures: FailureTracker
+    best: BestMetric                  # the selection metric's best value and step
     early_stopping: EarlyStopping
-    ckpt: CheckpointManager
     writer: AsyncCheckpointWriter
     monitor: TrainingMonitor
     train_loader: torch.utils.data.DataLoader
@@ -215,7 +207,7 @@ class Trainer:
         return self.step_fn.raw_model
 
     @property
-    def amp(self) -> MixedPrecisionTrainer:
+    def amp(self) -> GuardedOptimizerStep:
         """Autocast, loss scaling and the guarded update."""
         return self.step_fn.amp
 
@@ -229,31 +221,39 @@ class Trainer:
         """The weight EMA, if enabled."""
         return self.step_fn.ema
 
+    def components(self) -> dict[str, Stateful]:
+        """The stateful pieces, by their key in training_state.pt (the weights go in safetensors).
+        Restored in this order: RNG last, so nothing restored after it draws random numbers."""
+        return {"run_state": self.state, "optimizer": self.optimizer, "scheduler": self.scheduler, "amp": self.amp,
+                "sampler": SamplerPosition(self.sampler, self.state), "early_stopping": self.early_stopping,
+                "best": self.best, "failures": self.failures, "monitor": self.monitor,
+                "rng": RankRngStates(self.dist.rank, self.dist.world_size)}
+
 
 # --------------------------------------------------------------------------------------------
 # Per-step work
 # --------------------------------------------------------------------------------------------
 
-def count_flips(tr: Trainer, flip: torch.Tensor) -> None:
+def count_flips(run: TrainingRun, flip: torch.Tensor) -> None:
     """Flips done (1) and vetoed (2) in a host-side batch tensor, for the next log line."""
-    tr.flips[0] += int((flip == 1).sum())
-    tr.flips[1] += int((flip == 2).sum())
+    run.flips[0] += int((flip == 1).sum())
+    run.flips[1] += int((flip == 2).sum())
 
 
-def log_training(tr: Trainer, images: int, seconds: float, wait_s: float) -> None:
+def log_training(run: TrainingRun, images: int, seconds: float, wait_s: float) -> None:
     """Read the device sums and counters once and hand them to the monitor."""
-    values = tr.step_fn.read_and_reset_sums(tr.dist.world_size)
-    values["skipped_steps"] = float(tr.amp.skipped_total.item())
-    values.update(tr.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
-    values["augment/flipped"], values["augment/flip_vetoed"] = float(tr.flips[0]), float(tr.flips[1])
-    values["data/replaced_samples"] = float(tr.failures.failed)
-    tr.flips = [0, 0]
-    tr.monitor.log_train(tr.state.step, tr.state.epoch + 1, values,
-                         images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
-                         lr=tr.scheduler.get_last_lr()[0])
-    if tr.amp.max_consecutive_skips.item() >= tr.cfg.training.max_consecutive_skips:
+    values = run.step_fn.read_and_reset_sums(run.dist.world_size)
+    values["skipped_steps"] = float(run.amp.skipped_total.item())
+    values.update(run.background.snapshot(reset=True))  # e.g. checkpoint/write_seconds from the writer thread
+    values["augment/flipped"], values["augment/flip_vetoed"] = float(run.flips[0]), float(run.flips[1])
+    values["data/replaced_samples"] = float(run.failures.failed)
+    run.flips = [0, 0]
+    run.monitor.log_train(run.state.step, run.state.epoch + 1, values,
+                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
+                          lr=run.scheduler.get_last_lr()[0])
+    if run.amp.max_consecutive_skips.item() >= run.cfg.training.max_consecutive_skips:
         raise NonFiniteTrainingError(
-            f"{tr.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
+            f"{run.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
 
 
 @dataclass
@@ -275,34 +275,39 @@ class NonFiniteTrainingError(RuntimeError):
 # Validation and checkpoints
 # --------------------------------------------------------------------------------------------
 
-def run_validation(tr: Trainer) -> dict[str, Any]:
-    """Inline validation with the same function validation_loop.py uses; updates the best metric."""
-    model = tr.raw_model
-    if tr.cfg.validation.use_ema and tr.ema is not None:
-        model = _ema_model(tr)
-    result = evaluate(model, tr.val_loader, tr.device, tr.data.vocab, tr.data.preprocess,
-                      threshold=tr.cfg.validation.threshold, autocast=tr.amp.autocast,
-                      world_size=tr.dist.world_size, max_batches=tr.cfg.validation.max_batches,
-                      num_examples=tr.cfg.monitor.validation_images)
-    metrics = result.metrics
-    tr.monitor.log_validation(tr.state.step, metrics)
-    log_validation_pictures(tr, result)
-    tr.state.last_val_step = tr.state.step
-    return metrics
+def run_validation(run: TrainingRun) -> tuple[bool, bool]:
+    """Inline validation with the same function validation_loop.py uses; returns (is_new_best,
+    should_stop_early). The best is updated before logging, so the monitor shows what
+    checkpoints/best holds."""
+    model = run.raw_model
+    if run.cfg.validation.use_ema and run.ema is not None:
+        model = _ema_model(run)
+    result = evaluate(model, run.val_loader, run.device, run.data.vocab, run.data.preprocess,
+                      threshold=run.cfg.validation.threshold, autocast=run.amp.autocast,
+                      world_size=run.dist.world_size, max_batches=run.cfg.validation.max_batches,
+                      num_examples=run.cfg.monitor.validation_images)
+    value = float(result.metrics[run.best.name])
+    is_best = run.best.update(run.state.step, value)
+    stop = run.early_stopping.update(value)
+    run.monitor.log_validation(run.state.step, result.metrics, best_name=run.best.name,
+                               best_value=run.best.value, best_step=run.best.step)
+    log_validation_pictures(run, result)
+    run.state.last_val_step = run.state.step
+    return is_best, stop
 
 
-def log_validation_pictures(tr: Trainer, result: EvalResult) -> None:
+def log_validation_pictures(run: TrainingRun, result: EvalResult) -> None:
     """PR curves of a few tags (most frequent, median, rarest with positives) and an example grid."""
-    if not tr.dist.is_main:
+    if not run.dist.is_main:
         return
-    vocab, step = tr.data.vocab, tr.state.step
+    vocab, step = run.data.vocab, run.state.step
     support = result.computer.per_tag()["support"]
     with_positives = [i for i in range(len(vocab)) if int(support[i]) > 0]  # index order = frequency order
-    if with_positives and tr.cfg.monitor.pr_curve_tags:
+    if with_positives and run.cfg.monitor.pr_curve_tags:
         picks = {with_positives[0], with_positives[len(with_positives) // 2], with_positives[-1]}
-        for i in sorted(picks)[: tr.cfg.monitor.pr_curve_tags]:
+        for i in sorted(picks)[: run.cfg.monitor.pr_curve_tags]:
             pos, neg = result.computer.histograms(i)
-            tr.monitor.log_pr_curve(step, vocab.index_to_tag[i], pos, neg, bin_edges=result.computer.bin_edges())
+            run.monitor.log_pr_curve(step, vocab.index_to_tag[i], pos, neg, bin_edges=result.computer.bin_edges())
     ex = result.examples
     if ex is not None:
         captions = []
@@ -311,166 +316,141 @@ def log_validation_pictures(tr: Trainer, result: EvalResult) -> None:
             top = torch.topk(probs, k=min(5, probs.numel()))
             pred = [f"{vocab.index_to_tag[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist())]
             captions.append("true: " + " ".join(true) + "\npred: " + ", ".join(pred))
-        tr.monitor.log_image_grid(step, ex.images, captions)
+        run.monitor.log_image_grid(step, ex.images, captions)
 
 
-def _ema_model(tr: Trainer) -> SimplifiedTagger:
-    shadow = SimplifiedTagger(tr.raw_model.cfg).to(tr.device)
-    tr.ema.copy_to(shadow)
+def _ema_model(run: TrainingRun) -> SimplifiedTagger:
+    shadow = SimplifiedTagger(run.raw_model.cfg).to(run.device)
+    run.ema.copy_to(shadow)
     return shadow
 
 
-def update_best(tr: Trainer, metrics: dict[str, Any]) -> tuple[bool, bool]:
-    """(is_new_best, should_stop_early) for the selection metric."""
-    value = float(metrics[tr.cfg.validation.selection_metric])
-    is_best = tr.state.best_metric is None or value > tr.state.best_metric
-    if is_best:
-        tr.state.best_metric, tr.state.best_step = value, tr.state.step
-    stop = tr.early_stopping.update(value)
-    return is_best, stop
-
-
-def stop_agreed(tr: Trainer, stopper: GracefulStopper, poll: bool) -> bool:
+def stop_agreed(run: TrainingRun, stopper: GracefulStopper, poll: bool) -> bool:
     """Whether to stop now. Signals count at once; the STOP file is looked for at polling steps
     only (no file-system call per step). Under DDP the ranks agree (any rank asked) at polling
     steps, so every rank leaves the loop at the same step and no collective is left waiting."""
-    if tr.dist.world_size == 1:
+    if run.dist.world_size == 1:
         return stopper.reason is not None or (poll and stopper.requested)
-    if not poll:
-        return False
-    flag = torch.tensor([1.0 if stopper.requested else 0.0], device=tr.device)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-    return bool(flag.item())
+    return poll and any_rank(stopper.requested, run.dist, run.device)
 
 
-def training_state_dict(tr: Trainer) -> dict[str, Any]:
-    """Everything besides the weights that an exact resume needs (tensors and plain types)."""
-    return {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "run_state": tr.state.to_dict(),
-        "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.scheduler.state_dict(),
-        "amp": tr.amp.state_dict(),
-        "rng": rng_states(tr),
-        "sampler": tr.sampler.state_dict(batches_done=tr.state.batch_in_epoch),
-        "early_stopping": tr.early_stopping.state_dict(),
-        "failures": tr.failures.to_dict(),
-        "schedule": schedule_signature(tr.cfg, tr.dist.world_size),
-        "vocabulary_fingerprint": tr.data.vocab.fingerprint(),
-    }
+def training_state_dict(run: TrainingRun) -> dict[str, Any]:
+    """Everything besides the weights that an exact resume needs (tensors and plain types); a
+    collective call under DDP (the RNG states of every rank are gathered)."""
+    return {"format_version": CHECKPOINT_FORMAT_VERSION,
+            **{name: component.state_dict() for name, component in run.components().items()},
+            "schedule": schedule_signature(run.cfg, run.dist.world_size),
+            "vocabulary_fingerprint": run.data.vocab.fingerprint()}
 
 
-def rng_states(tr: Trainer) -> list[dict[str, Any]]:
-    """Every rank's RNG state, index = rank (a collective call under DDP)."""
-    mine = capture_rng_state()
-    if tr.dist.world_size == 1:
-        return [mine]
-    gathered: list[Any] = [None] * tr.dist.world_size
-    tdist.all_gather_object(gathered, mine)
-    return gathered
-
-
-def save_checkpoint(tr: Trainer, is_best: bool, wait: bool = False) -> None:
+def save_checkpoint(run: TrainingRun, is_best: bool, wait: bool = False) -> None:
     """Snapshot the state to the CPU now, write it in the background (called on every rank;
     rank 0 writes)."""
-    tr.state.last_ckpt_step = tr.state.step
-    train_state = training_state_dict(tr)  # collective under DDP (RNG states are gathered)
-    if not tr.dist.is_main:
+    run.state.last_ckpt_step = run.state.step
+    train_state = training_state_dict(run)  # collective under DDP
+    if not run.dist.is_main:
         return
     model_state, train_state, ema_state = snapshot_state(
-        tr.raw_model.state_dict(), train_state, tr.ema.state_dict() if tr.ema else None)
-    files = {
-        "config.yaml": dump_config(tr.cfg),
-        "vocabulary.json": tr.data.vocab_path.read_text(encoding="utf-8"),
-        # tag_bias_init only matters at initialisation: not thousands of numbers in every checkpoint
-        "model_config.json": json.dumps({**tr.raw_model.cfg.to_dict(), "tag_bias_init": None}, indent=2),
-        "preprocess.json": json.dumps(tr.data.preprocess.to_dict(), indent=2),
-    }
-    tr.writer.submit(CheckpointPayload(step=tr.state.step, model_state=model_state, training_state=train_state,
-                                       files=files, ema_state=ema_state, is_best=is_best))
+        run.raw_model.state_dict(), train_state, run.ema.state_dict() if run.ema else None)
+    files = checkpoint_files(run.cfg, run.data.vocab_path.read_text(encoding="utf-8"), run.raw_model.cfg,
+                             run.data.preprocess)
+    run.writer.submit(CheckpointPayload(step=run.state.step, model_state=model_state, training_state=train_state,
+                                        files=files, ema_state=ema_state, is_best=is_best))
     if wait:
-        tr.writer.wait()
+        run.writer.wait()
 
 
-def restore_checkpoint(tr: Trainer, folder: Path, accept_schedule_change: bool) -> None:
-    """Restore weights, EMA, optimizer, scheduler, scaler, RNG, sampler position and counters."""
-    state = CheckpointManager.load_training_state(folder)
-    fingerprint = state["vocabulary_fingerprint"]
-    if fingerprint != tr.data.vocab.fingerprint():
-        raise ConfigError(f"{folder}: the checkpoint's vocabulary differs from this run's ({tr.data.vocab_path}); "
+# Entries older checkpoints lack: "monitor" is newer than format 1's first checkpoints, and a
+# missing "failures" was always accepted ("best" is filled in by with_best_entry).
+OPTIONAL_STATE = ("monitor", "failures")
+
+
+def with_best_entry(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A training state with a "best" entry: older checkpoints kept the best in run_state."""
+    if "best" in state:
+        return dict(state)
+    saved = state["run_state"]
+    return {**state, "best": {"metric": None, "value": saved.get("best_metric"), "step": saved.get("best_step")}}
+
+
+def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any], accept_schedule_change: bool) -> None:
+    """Restore weights, EMA and every component of `state` (the folder's training state)."""
+    if state["vocabulary_fingerprint"] != run.data.vocab.fingerprint():
+        raise ConfigError(f"{folder}: the checkpoint's vocabulary differs from this run's ({run.data.vocab_path}); "
                           "resume with the run's own vocabulary.json (data.vocabulary)")
-    changes = check_resume_compatible(state["schedule"], schedule_signature(tr.cfg, tr.dist.world_size), accept_schedule_change)
-    tr.raw_model.load_state_dict(CheckpointManager.load_model_state(folder))
-    if tr.ema is not None:
-        if (folder / "ema.safetensors").is_file():
-            tr.ema.load_state_dict(CheckpointManager.load_model_state(folder, ema=True))
+    changes = check_resume_compatible(state["schedule"], schedule_signature(run.cfg, run.dist.world_size),
+                                      accept_schedule_change)
+    run.raw_model.load_state_dict(load_model_state(folder))
+    if run.ema is not None:
+        if has_ema(folder):
+            run.ema.load_state_dict(load_model_state(folder, ema=True))
         else:
-            tr.step_fn.ema = ModelEma(tr.raw_model, tr.ema.decay, tr.ema.warmup_steps)  # start from the loaded weights
-    tr.optimizer.load_state_dict(state["optimizer"])
-    tr.scheduler.load_state_dict(state["scheduler"])
-    tr.amp.load_state_dict(state["amp"])
-    tr.early_stopping.load_state_dict(state["early_stopping"])
-    saved_failures = state.get("failures", {})
-    tr.failures.delivered = int(saved_failures.get("delivered", 0))
-    tr.failures.failed = int(saved_failures.get("failed", 0))
-    tr.failures.by_reason = dict(saved_failures.get("by_reason", {}))
-    tr.failures.examples = list(saved_failures.get("examples", []))
-    tr.state = RunState(**state["run_state"])
+            run.step_fn.ema = ModelEma(run.raw_model, run.ema.decay, run.ema.warmup_steps)  # start from the loaded weights
+    skip = set()
     if changes:
-        # A changed schedule: keep the weights and the optimizer moments, restart the data order
-        # at the epoch boundary and rebuild the sampler position from the new batch size.
-        tr.state.batch_in_epoch = 0
-        tr.monitor.log_event(tr.state.step, "schedule_changed", changes=changes)
-    if state["schedule"].get("world_size") == tr.dist.world_size:
-        restore_rng_state(state["rng"][tr.dist.rank])
-    tr.monitor.log_event(tr.state.step, "resumed", checkpoint=str(folder))
+        # A changed schedule keeps the weights and the optimizer moments but restarts the data
+        # order at the epoch boundary: the saved position counts batches of the old layout.
+        skip.add("sampler")
+    if state["schedule"].get("world_size") != run.dist.world_size:
+        skip.add("rng")  # another number of ranks: each rank keeps its freshly seeded streams
+    state = with_best_entry(state)
+    for name, component in run.components().items():
+        if name in skip or (name not in state and name in OPTIONAL_STATE):
+            continue
+        if name not in state:
+            raise ValueError(f"{folder}: training_state.pt has no '{name}' entry")
+        component.load_state_dict(state[name])
+    if changes:
+        run.state.batch_in_epoch = 0
+        run.monitor.log_event(run.state.step, "schedule_changed", changes=changes)
+    run.monitor.log_event(run.state.step, "resumed", checkpoint=str(folder))
 
 
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
-def epoch_batches(tr: Trainer, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+def epoch_batches(run: TrainingRun, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
     """Device batches of one epoch, starting after `start_batch` already-consumed micro-batches."""
-    tr.sampler.set_epoch(epoch, start_batch=start_batch)
-    return iter(ImagePreFetcher(tr.train_loader, tr.device, tr.data.preprocess, len(tr.data.vocab)))
+    run.sampler.set_epoch(epoch, start_batch=start_batch)
+    return iter(ImagePreFetcher(run.train_loader, run.device, run.data.preprocess, len(run.data.vocab)))
 
 
-def train(tr: Trainer, stopper: GracefulStopper) -> str:
+def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     """Run the loop until done, stopped or early-stopped; returns why it ended."""
-    cfg, st = tr.cfg, tr.state
+    cfg, st = run.cfg, run.state
     accum = cfg.training.grad_accum_steps
-    per_epoch_batches = tr.sampler.batches_per_epoch()
+    per_epoch_batches = run.sampler.batches_per_epoch()
     # Throughput counts training time only: validation and checkpoint pauses are subtracted.
     t_log, images_since, wait_since, paused = time.perf_counter(), 0, 0.0, 0.0
-    while st.epoch < cfg.training.epochs and st.step < tr.total_steps:
-        batches = epoch_batches(tr, st.epoch, st.batch_in_epoch)
-        while st.batch_in_epoch < per_epoch_batches and st.step < tr.total_steps:
+    while st.epoch < cfg.training.epochs and st.step < run.total_steps:
+        batches = epoch_batches(run, st.epoch, st.batch_in_epoch)
+        while st.batch_in_epoch < per_epoch_batches and st.step < run.total_steps:
             window = min(accum, per_epoch_batches - st.batch_in_epoch)
             for i in range(window):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait_since += time.perf_counter() - t0
-                tr.failures.observe(batch)
-                count_flips(tr, batch["flip"])
-                tr.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"],
-                                            window, sync=(i == window - 1))
-                images_since += batch["images"].shape[0] * tr.dist.world_size
+                run.failures.observe(batch)
+                count_flips(run, batch["flip"])
+                run.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"],
+                                             window, sync=(i == window - 1))
+                images_since += batch["images"].shape[0] * run.dist.world_size
                 st.batch_in_epoch += 1
-            tr.step_fn.optimizer_step(st.step)
+            run.step_fn.optimizer_step(st.step)
             st.step += 1
-            if st.step % cfg.monitor.log_every_steps == 0 or st.step == tr.total_steps:
+            if st.step % cfg.monitor.log_every_steps == 0 or st.step == run.total_steps:
                 now = time.perf_counter()
                 st.images_seen += images_since
-                log_training(tr, images_since, now - t_log - paused, wait_since)
+                log_training(run, images_since, now - t_log - paused, wait_since)
                 t_log, images_since, wait_since, paused = now, 0, 0.0, 0.0
-            tr.writer.check()
+            run.writer.check()
             epoch_done = st.batch_in_epoch >= per_epoch_batches
             if epoch_done:
                 st.epoch += 1
                 st.batch_in_epoch = 0
             t_pause = time.perf_counter()
-            outcome = after_step(tr, epoch_done, stopper)
+            outcome = after_step(run, epoch_done, stopper)
             paused += time.perf_counter() - t_pause
             if outcome:
                 return outcome
@@ -479,20 +459,19 @@ def train(tr: Trainer, stopper: GracefulStopper) -> str:
     return "finished"
 
 
-def after_step(tr: Trainer, epoch_done: bool, stopper: GracefulStopper) -> str | None:
+def after_step(run: TrainingRun, epoch_done: bool, stopper: GracefulStopper) -> str | None:
     """Validation, checkpoints and stop requests at an optimizer-step boundary."""
-    cfg, st = tr.cfg, tr.state
-    last = st.step >= tr.total_steps or st.epoch >= cfg.training.epochs
+    cfg, st = run.cfg, run.state
+    last = st.step >= run.total_steps or st.epoch >= cfg.training.epochs
     v_every, c_every = cfg.validation.every_steps, cfg.checkpoint.every_steps
     validate = last or (v_every and st.step % v_every == 0) or (not v_every and epoch_done)
     checkpoint = last or (c_every and st.step % c_every == 0) or (not c_every and epoch_done)
     is_best = early_stop = False
     if validate:
-        metrics = run_validation(tr)
-        is_best, early_stop = update_best(tr, metrics)
-    stop_now = stop_agreed(tr, stopper, poll=bool(last or validate or checkpoint or st.step % cfg.monitor.log_every_steps == 0))
+        is_best, early_stop = run_validation(run)
+    stop_now = stop_agreed(run, stopper, poll=bool(last or validate or checkpoint or st.step % cfg.monitor.log_every_steps == 0))
     if checkpoint or is_best or stop_now or early_stop:
-        save_checkpoint(tr, is_best=is_best, wait=last or stop_now or early_stop)
+        save_checkpoint(run, is_best=is_best, wait=last or stop_now or early_stop)
     if stop_now:
         return f"stopped ({stopper.reason or 'on another rank'})"
     if early_stop:
@@ -520,19 +499,19 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
-        folder = CheckpointManager(run_dir / "checkpoints").latest()
+        folder = latest_checkpoint(checkpoints_dir(run_dir))
         if folder is None:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {run_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {checkpoints_dir(run_dir)}")
         return folder
-    return CheckpointManager.resolve(resume)
+    return resolve_checkpoint(resume)
 
 
 def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
     """--init-from / model.init_from: a checkpoint folder (weights only) or timm-layout ViT weights."""
     p = Path(path)
-    if p.is_dir() or (p.is_file() and p.name in ("last", "best")):
-        folder = CheckpointManager.resolve(p)
-        missing, unexpected = model.load_state_dict(CheckpointManager.load_model_state(folder), strict=False)
+    if is_checkpoint_reference(p):
+        folder = resolve_checkpoint(p)
+        missing, unexpected = model.load_state_dict(load_model_state(folder), strict=False)
         return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
     report = load_pretrained_backbone(model, p)
     return report.summary()
@@ -549,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).absolute()))
         dist, device = init_distributed(cfg.training.device)
         resume_dir = find_resume_checkpoint(args.resume, cfg.run_dir)
-    except (ConfigError, FileNotFoundError) as exc:
+        resume_state = load_training_state(resume_dir) if resume_dir is not None else None
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seed_everything(cfg.training.seed + dist.rank)
@@ -573,42 +553,62 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    model: torch.nn.Module = raw_model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.model.compile:
-        model = torch.compile(model)
-
     try:
         train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
                                          seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)
     except ValueError as exc:  # e.g. a batch larger than the training split
         print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
+    run = build_session(cfg, dist, device, data, raw_model, train_sampler,
+                            resume_step=None if resume_state is None else resume_state["run_state"]["step"])
+    if resume_dir is not None:
+        try:
+            restore_checkpoint(run, resume_dir, resume_state, args.accept_schedule_change)
+        except (ConfigError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if dist.is_main:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
+              f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
+              f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}")
+        run.monitor.log_hparams(_flat_hparams(cfg), {})
+    return run_training(run, args)
+
+
+def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle,
+                  raw_model: SimplifiedTagger, train_sampler: ResumableSampler, resume_step: int | None) -> TrainingRun:
+    """Optimizer, schedule, step, loaders, checkpoint writer and monitor around a built model."""
+    model: torch.nn.Module = raw_model
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        model = torch.compile(model)
     per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
     total_steps = total_optimizer_steps(cfg, per_epoch)
-    lr = effective_learning_rate(cfg, dist.world_size)
-    optimizer = torch.optim.AdamW(param_groups_for_weight_decay(raw_model, cfg.training.weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(param_groups_for_weight_decay(raw_model, cfg.training.weight_decay),
+                                  lr=effective_learning_rate(cfg, dist.world_size),
                                   betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    monitor = TrainingMonitor(run_dir, enabled=dist.is_main, total_steps=total_steps,
+    monitor = TrainingMonitor(cfg.run_dir, enabled=dist.is_main, total_steps=total_steps,
                               console_interval_s=cfg.monitor.console_interval_s, tensorboard=cfg.monitor.tensorboard,
                               system_stats_interval_s=cfg.monitor.system_stats_interval_s,
                               wandb={"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode,
                                      "name": cfg.experiment_name} if cfg.monitor.wandb_project else None,
-                              resume_step=None if resume_dir is None else CheckpointManager.load_training_state(resume_dir)["run_state"]["step"])
+                              resume_step=resume_step)
     background = CheckpointTimings(ThreadSafeMetricsTracker())
     step_fn = TrainStep(
         model, raw_model, build_loss(cfg, data, device),
-        MixedPrecisionTrainer(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
+        GuardedOptimizerStep(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
         build_scheduler(cfg, optimizer, total_steps),
         ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
         device)
-    tr = Trainer(
+    ckpt = CheckpointManager(checkpoints_dir(cfg.run_dir), keep_last=cfg.checkpoint.keep_last)
+    return TrainingRun(
         cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=optimizer,
         sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
+        best=BestMetric(cfg.validation.selection_metric),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
-        ckpt=ckpt, writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),
+        writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),
         monitor=monitor, background=background.tracker,
         train_loader=build_dataloader(
             data.train_dataset, train_sampler, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -617,64 +617,55 @@ def main(argv: list[str] | None = None) -> int:
             multiprocessing_context=cfg.data.worker_start_method or None, generator_seed=cfg.training.seed),
         val_loader=build_eval_loader(cfg, data, rank=dist.rank, world_size=dist.world_size),
         total_steps=total_steps, steps_per_epoch=per_epoch)
-    if resume_dir is not None:
-        try:
-            restore_checkpoint(tr, resume_dir, args.accept_schedule_change)
-        except (ConfigError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    if dist.is_main:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
-              f"{len(data.vocab)} tags; device {device}, precision {tr.amp.precision}; "
-              f"{total_steps} steps ({per_epoch}/epoch), lr {lr:.3g}")
-        monitor.log_hparams(_flat_hparams(cfg), {})
 
-    stopper = GracefulStopper(run_dir / "STOP").install()
+
+def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
+    """The loop with its stop handling, then the closing report; the process exit code."""
+    stopper = GracefulStopper(run.cfg.run_dir / "STOP").install()
     outcome = "failed"
     try:
-        outcome = train(tr, stopper)
+        outcome = train(run, stopper)
     except NonFiniteTrainingError as exc:
-        save_checkpoint(tr, is_best=False, wait=True)  # the weights are the last good ones: skipped steps changed nothing
-        print(f"error: {exc}; saved the last good state to {run_dir / 'checkpoints'}", file=sys.stderr)
+        save_checkpoint(run, is_best=False, wait=True)  # the weights are the last good ones: skipped steps changed nothing
+        print(f"error: {exc}; saved the last good state to {checkpoints_dir(run.cfg.run_dir)}", file=sys.stderr)
         return 3
     except DataQualityError as exc:
-        save_checkpoint(tr, is_best=False, wait=True)
+        save_checkpoint(run, is_best=False, wait=True)
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:
         stopper.uninstall()
-        tr.writer.wait()
-        monitor.log_event(tr.state.step, "end", outcome=outcome)
-        monitor.close()
-        if dist.world_size > 1:
+        run.writer.wait()
+        run.monitor.log_event(run.state.step, "end", outcome=outcome)
+        run.monitor.close()
+        if run.dist.world_size > 1:
             tdist.destroy_process_group()
-    if dist.is_main:
-        record_worker_failures(tr)
-        report_end(tr, outcome, args)
+    if run.dist.is_main:
+        record_worker_failures(run)
+        report_end(run, outcome, args)
     return 0
 
 
-def record_worker_failures(tr: Trainer) -> None:
+def record_worker_failures(run: TrainingRun) -> None:
     """Add the samples that failed inside workers (and were replaced) to data_report.json."""
-    tr.data.report["replaced_during_training"] = tr.failures.to_dict()
-    write_data_report(tr.cfg.run_dir / "data_report.json", tr.data.report)
-    if tr.failures.failed:
-        print(f"data: {tr.failures.failed} samples failed in workers and were replaced "
-              f"({', '.join(f'{k}: {v}' for k, v in sorted(tr.failures.by_reason.items()))})")
+    run.data.report["replaced_during_training"] = run.failures.to_dict()
+    write_data_report(run.cfg.run_dir / "data_report.json", run.data.report)
+    if run.failures.failed:
+        print(f"data: {run.failures.failed} samples failed in workers and were replaced "
+              f"({', '.join(f'{k}: {v}' for k, v in sorted(run.failures.by_reason.items()))})")
 
 
-def report_end(tr: Trainer, outcome: str, args: argparse.Namespace) -> None:
+def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None:
     """The closing lines: what happened, the best checkpoint, how to resume or evaluate."""
-    run_dir = tr.cfg.run_dir
-    print(f"done: {outcome} at step {tr.state.step}/{tr.total_steps}; "
-          f"best {tr.cfg.validation.selection_metric} {tr.state.best_metric if tr.state.best_metric is not None else float('nan'):.4f} "
-          f"at step {tr.state.best_step}")
+    run_dir = run.cfg.run_dir
+    best_value = run.best.value if run.best.value is not None else float("nan")
+    print(f"done: {outcome} at step {run.state.step}/{run.total_steps}; "
+          f"best {run.best.name} {best_value:.4f} at step {run.best.step}")
     if outcome.startswith("stopped"):
         cmd = " ".join([sys.executable, "train_direct.py"] + (["--config", str(args.config)] if args.config else [])
                        + [f"--set {s}" for s in args.set] + ["--resume", "latest"])
         print(f"resume with: {cmd}")
-    best = run_dir / "checkpoints" / "best"
+    best = checkpoints_dir(run_dir) / BEST_POINTER
     if best.is_file():
         print(f"evaluate with: {sys.executable} validation_loop.py --checkpoint {best} --out {run_dir / 'eval'}")
 

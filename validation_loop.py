@@ -20,19 +20,23 @@ import io
 import json
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-from Configuration_System import ConfigError, RootConfig, atomic_write_text, config_from_dict
-from dataset_loader import (
-    DataQualityError, ImagePreFetcher, PreprocessParams, build_eval_loader, prepare_eval_data,
-)
+from checkpoint_store import read_checkpoint, read_run_config, resolve_checkpoint, run_dir_of
+from Configuration_System import ConfigError, RootConfig
+from batching import ImagePreFetcher
+from data_setup import build_eval_loader, prepare_eval_data
+from dataset_scan import DataQualityError
 from evaluation_metrics import MetricComputer, json_safe
-from model_architecture import SimplifiedTagger, VisionTransformerConfig
-from training_utils import CheckpointManager, autocast_context, resolve_precision
+from file_io import atomic_write_text
+from image_preprocess import PreprocessParams
+from model_architecture import SimplifiedTagger
+from training_utils import autocast_context, resolve_precision
 from vocabulary import TagVocabulary
 
 RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
@@ -116,23 +120,13 @@ class LoadedCheckpoint:
 
 def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool = False) -> LoadedCheckpoint:
     """Model (or its EMA), vocabulary, preprocessing and config from a step folder or pointer file."""
-    import yaml
-
-    folder = CheckpointManager.resolve(path)
-    cfg_path = folder / "config.yaml"
-    try:
-        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}, where=f"{cfg_path}: ")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{cfg_path} not found: not a checkpoint folder") from None
-    vocab = TagVocabulary.load(folder / "vocabulary.json")
-    model_cfg = VisionTransformerConfig.from_dict(CheckpointManager.read_json(folder, "model_config.json"))
-    if model_cfg.num_tags != len(vocab):
-        raise ValueError(f"{folder}: model has {model_cfg.num_tags} tag outputs but the vocabulary {len(vocab)} tags")
-    model = SimplifiedTagger(model_cfg)
-    model.load_state_dict(CheckpointManager.load_model_state(folder, ema=ema))
-    preprocess = PreprocessParams.from_dict(CheckpointManager.read_json(folder, "preprocess.json"))
-    step = int(folder.name.split("_", 1)[1]) if folder.name.startswith("step_") else -1
-    return LoadedCheckpoint(folder, cfg, model.to(device), vocab, preprocess, step)
+    folder = resolve_checkpoint(path)
+    cfg = read_run_config(folder)
+    contents = read_checkpoint(folder, ema=ema)
+    model = SimplifiedTagger(contents.model_config)
+    model.load_state_dict(contents.state_dict)
+    step = contents.step if contents.step is not None else -1
+    return LoadedCheckpoint(folder, cfg, model.to(device), contents.vocab, contents.preprocess, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    out = Path(args.out) if args.out else ck.folder.parent.parent / "eval" / ck.folder.name
+    out = Path(args.out) if args.out else run_dir_of(ck.folder) / "eval" / ck.folder.name
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
     print(f"eval {ck.folder.name}: mAP {metrics['mAP']:.4f}  F1 micro {metrics['f1_micro']:.4f}  "
           f"macro {metrics['f1_macro']:.4f}  rating acc {metrics.get('rating_accuracy', float('nan')):.4f}  "

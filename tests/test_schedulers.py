@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from schedulers import LinearWarmupCosineLR, warmup_cosine_factor
+from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR, warmup_cosine_factor
 
 BASE_LR = 3e-4
 
@@ -211,3 +211,26 @@ def test_state_dict_is_plain_types() -> None:
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     assert state["warmup_steps"] == 2 and state["total_steps"] == 8
+
+
+def test_restarts_schedule_points() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CosineAnnealingWarmupRestarts(opt, first_cycle_steps=10, warmup_steps=2, cycle_mult=2.0,
+                                          gamma=0.5, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.0)                 # warm-up starts at 0
+    assert lrs[2] == pytest.approx(1.0)                 # end of warm-up: the peak
+    assert lrs[9] > 0.1 and lrs[9] < 0.2                # end of the first cycle: near the floor
+    assert lrs[10] == pytest.approx(0.0)                # restart: warm-up again
+    assert lrs[12] == pytest.approx(0.5)                # second peak decayed by gamma
+    assert lrs[30] == pytest.approx(0.0)                # third cycle starts after 10 + 20 steps
+    assert lrs[32] == pytest.approx(0.25)
+    # resume from a state dict mid-cycle continues identically
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s2 = CosineAnnealingWarmupRestarts(opt2, first_cycle_steps=10, warmup_steps=2, cycle_mult=2.0, gamma=0.5, min_lr_ratio=0.1)
+    s2.load_state_dict(sched.state_dict())
+    assert s2.factor(17) == pytest.approx(sched.factor(17))

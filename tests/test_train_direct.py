@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TrainedRun, read_jsonl, run_cli
 
 import train_direct as T
 from Configuration_System import ConfigError, load_config
-from conftest import ROOT, TrainedRun, read_jsonl, run_cli
 
 
 def frequency_baseline_map(run_dir: Path) -> float:
@@ -21,7 +21,7 @@ def frequency_baseline_map(run_dir: Path) -> float:
     split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
     val_ids = set(split["val"])
     data_root = Path(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["data"]["root"])
-    from dataset_loader import scan_dataset
+    from dataset_scan import scan_dataset
 
     records = [r for r in scan_dataset(data_root).records if r.sample_id in val_ids]
     records = [r for r in records if any(t in vocab["tag_to_index"] for t in r.tags)]
@@ -120,6 +120,40 @@ def test_schedule_helpers() -> None:
     with pytest.raises(ConfigError, match="--accept-schedule-change"):
         T.check_resume_compatible(sig, changed, accept=False)
     assert T.check_resume_compatible(sig, changed, accept=True) == ["data.batch_size: 64 -> 32"]
+
+
+def test_format_1_run_state_restores_and_hands_its_best_over() -> None:
+    from training_utils import BestMetric
+
+    run_state = {"step": 18, "epoch": 0, "batch_in_epoch": 18, "images_seen": 288, "best_metric": 0.4,
+                 "best_step": 12, "last_val_step": 12, "last_ckpt_step": 18}
+    state = T.with_best_entry({"format_version": 1, "run_state": run_state})
+    restored = T.RunState()
+    restored.load_state_dict(state["run_state"])
+    assert restored == T.RunState(step=18, epoch=0, batch_in_epoch=18, images_seen=288, last_val_step=12, last_ckpt_step=18)
+    best = BestMetric("mAP")
+    best.load_state_dict(state["best"])
+    assert (best.value, best.step) == (0.4, 12)
+    newer = {"metric": "mAP", "value": 0.5, "step": 30}
+    assert T.with_best_entry({"run_state": run_state, "best": newer})["best"] == newer
+    with pytest.raises(ValueError, match="run_state lacks epoch"):
+        T.RunState().load_state_dict({"step": 1, "batch_in_epoch": 0, "images_seen": 0, "last_val_step": None,
+                                      "last_ckpt_step": None})
+
+
+def test_sampler_position_saves_the_loop_position() -> None:
+    from batching import ResumableSampler
+
+    sampler = ResumableSampler(100, batch_size=10, seed=3)
+    sampler.set_epoch(1)  # the sampler still at the finished epoch: the loop has moved on
+    position = T.SamplerPosition(sampler, T.RunState(epoch=2, batch_in_epoch=4))
+    saved = position.state_dict()
+    assert (saved["epoch"], saved["start_batch"]) == (2, 4)
+    fresh = ResumableSampler(100, batch_size=10, seed=3)
+    T.SamplerPosition(fresh, T.RunState()).load_state_dict(saved)
+    assert (fresh.epoch, fresh.start_batch) == (2, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        T.SamplerPosition(ResumableSampler(100, batch_size=20, seed=3), T.RunState()).load_state_dict(saved)
 
 
 def test_tensorboard_has_training_validation_and_pictures(trained_run: TrainedRun) -> None:
@@ -300,7 +334,8 @@ def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
 def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedRun) -> None:
     """data.manifest (JSON Lines of {file, tags, rating}) gives the same samples, so the same run."""
     from conftest import TINY_RUN
-    from dataset_loader import scan_dataset
+
+    from dataset_scan import scan_dataset
 
     records = scan_dataset(trained_run.data).records
     manifest = trained_run.workdir / "index.jsonl"
