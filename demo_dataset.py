@@ -1,7 +1,7 @@
 """Synthetic demo dataset: the embedded default a newcomer trains on first.
 
 This module owns the deterministic generator of a small tagging dataset in the sidecar format
-of DESIGN.md: coloured shapes on plain or patterned backgrounds, every tag visible in the pixels
+that `dataset_scan` reads: coloured shapes on plain or patterned backgrounds, every tag visible in the pixels
 (shape, colour, count, left/centre/right position, background, outline, border, a text box,
 scanlines, monochrome) and a content rating derived from the size of a "skin" coloured ellipse.
 Sidecars mix the `X.json` {"tags", "rating"} layout with gallery-dl `X.png.json` files
@@ -9,7 +9,7 @@ Sidecars mix the `X.json` {"tags", "rating"} layout with gallery-dl `X.png.json`
 
 The dataset is written into a temporary sibling folder and moved into place with os.replace, a
 `DEMO_COMPLETE` marker (plain text, not JSON) written last, so a crash never leaves half a
-dataset. It imports only Configuration_System (for atomic folder replacement).
+dataset. It imports only `file_io` (for the os.replace retry that Windows needs).
 
 CLI: python demo_dataset.py --out DIR [--images N] [--seed S] [--image-size PX] [--force]
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from Configuration_System import replace_with_retry
+from file_io import replace_with_retry
 
 GENERATOR_VERSION = 1
 MARKER_NAME = "DEMO_COMPLETE"

@@ -20,7 +20,7 @@ Rules, in priority order, for one tag:
 Everything else is unchanged by a flip.
 
 Tags passed to `decide` are expected normalised (lower-case, "_" for spaces), as
-`dataset_loader` hands them over; map-file entries are normalised on load.
+the data pipeline hands them over; map-file entries are normalised on load.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from Configuration_System import load_json_file
-from vocabulary import normalize_tag as _normalize
+from file_io import load_json_file
+from tag_text import normalize_tag as _normalize
 
 FORMAT_VERSION = 1
 SAFETY_MODES = ("conservative", "permissive")

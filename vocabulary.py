@@ -1,11 +1,12 @@
-"""Tag vocabulary: tag normalisation, the tag <-> output-column mapping, building it from a dataset.
+"""Tag vocabulary: the tag <-> output-column mapping, and building it from a dataset.
 
-This module owns `normalize_tag`, `TagVocabulary` (vocabulary.json format, save/load, including
-files written by the original OppaiOracle with `<PAD>`/`<UNK>` specials), the meta-tag ignore
-list (`configs/ignore_tags.txt`), `create_vocabulary_from_datasets` and the
-`python vocabulary.py build` CLI. It is a bottom module: its library part imports only
-Configuration_System's atomic write (the CLI imports `dataset_loader` lazily, inside the command
-function).
+This module owns `TagVocabulary` (vocabulary.json format, save/load, including files written by
+the original OppaiOracle with `<PAD>`/`<UNK>` specials), the meta-tag ignore list
+(`configs/ignore_tags.txt`), `create_vocabulary_from_datasets` and the
+`python vocabulary.py build` CLI; `normalize_tag` (owned by `tag_text`) is re-exported here.
+Its library part uses only `file_io` (atomic write, JSON reader) and `tag_text`, and
+works on any records with `.tags` / `.categories`; the `build` command scans a folder with
+`dataset_scan.scan_dataset`, which does not import this module.
 
 Column i of the model's tag output is tag i; no special tokens occupy output columns.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,19 +25,14 @@ from typing import Any
 
 import torch
 
-from Configuration_System import atomic_write_text, load_json_file
+from dataset_scan import scan_dataset
+from file_io import atomic_write_text, load_json_file
+from tag_text import normalize_tag
 
 FORMAT_VERSION = 1
 # Tokens the original OppaiOracle vocabulary kept in output columns; they are dropped on load.
 LEGACY_SPECIAL_TOKENS = frozenset({"<PAD>", "<UNK>", "<pad>", "<unk>", "<MASK>", "<mask>"})
 DEFAULT_IGNORE_PATH = Path(__file__).resolve().parent / "configs" / "ignore_tags.txt"
-
-_WHITESPACE_RUN = re.compile(r"\s+")
-
-
-def normalize_tag(tag: str) -> str:
-    """Return `tag` stripped, lower-cased, with inner whitespace runs turned into one "_"."""
-    return _WHITESPACE_RUN.sub("_", tag.strip().lower())
 
 
 def load_ignore_list(path: str | Path | None = None) -> frozenset[str]:
@@ -443,9 +438,6 @@ def format_build_summary(vocabulary: TagVocabulary, report: VocabularyBuildRepor
 
 def _build_command(args: argparse.Namespace) -> int:
     """`build`: scan a dataset, build the vocabulary, write it and print a summary."""
-    # Imported here, not at module top: vocabulary is a bottom module (see DESIGN.md).
-    from dataset_loader import scan_dataset
-
     ignore_tags: frozenset[str] = frozenset()
     if not args.no_ignore:
         ignore_tags = load_ignore_list(args.ignore)

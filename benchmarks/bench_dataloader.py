@@ -35,7 +35,11 @@ if str(REPO_ROOT) not in sys.path:
     # run as a script, sys.path[0] is benchmarks/; the project modules live one level up
     sys.path.insert(0, str(REPO_ROOT))
 
-import dataset_loader as dl  # noqa: E402
+from augmentation import AugmentParams  # noqa: E402
+from batching import ImagePreFetcher, SidecarJsonDataset, build_dataloader, collate_samples  # noqa: E402
+from dataset_scan import scan_dataset  # noqa: E402
+from image_preprocess import PreprocessParams  # noqa: E402
+from prepared_cache import PreparedCache, prepare_cache  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -101,7 +105,7 @@ def best_of(variants: dict[str, Callable[[int], Any]], count: int, repeat: int, 
     return best
 
 
-def loader_rate(dataset: dl.SidecarJsonDataset, workers: int, batch_size: int, passes: int,
+def loader_rate(dataset: SidecarJsonDataset, workers: int, batch_size: int, passes: int,
                 device: str = "cpu") -> dict[str, float]:
     """images/s through build_dataloader with `workers` workers over `passes` passes of the data.
 
@@ -110,11 +114,11 @@ def loader_rate(dataset: dl.SidecarJsonDataset, workers: int, batch_size: int, p
     through ImagePreFetcher (pinned memory, side-stream copy, normalisation on the GPU).
     """
     keys = [(i % len(dataset), i // len(dataset)) for i in range(len(dataset) * passes)]
-    loader = dl.build_dataloader(dataset, keys, batch_size=batch_size, num_workers=workers,
-                                 pin_memory=device == "cuda", drop_last=True, prefetch_factor=4)
+    loader = build_dataloader(dataset, keys, batch_size=batch_size, num_workers=workers,
+                              pin_memory=device == "cuda", drop_last=True, prefetch_factor=4)
     batches: Any = loader
     if device == "cuda":
-        batches = dl.ImagePreFetcher(loader, device, dataset.params, num_tags=len(dataset.tag_to_index))
+        batches = ImagePreFetcher(loader, device, dataset.params, num_tags=len(dataset.tag_to_index))
     skip = 2 * max(1, workers)
     seen = 0
     started = 0.0
@@ -138,15 +142,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Generate data, measure each variant, return the report."""
     torch.set_num_threads(1)  # one worker's view: a single compute thread
     source_bytes = generate(root, args.images, args.width, args.height)
-    scan = dl.scan_dataset(root / "data", verify="header")
+    scan = scan_dataset(root / "data", verify="header")
     if len(scan.records) != args.images:
         raise RuntimeError(f"scan kept {len(scan.records)} of {args.images} images: {scan.skipped}")
-    params = dl.PreprocessParams(args.image_size)
+    params = PreprocessParams(args.image_size)
     t2i = {"tag_a": 0, **{f"tag_{i}": i + 1 for i in range(5)}}
-    aug = dl.AugmentParams(flip_prob=0.0)
+    aug = AugmentParams(flip_prob=0.0)
     results: dict[str, Any] = {}
 
-    full = dl.SidecarJsonDataset(scan.records, t2i, params, augment=aug)
+    full = SidecarJsonDataset(scan.records, t2i, params, augment=aug)
 
     size = args.image_size
     paths = [r.image_path for r in scan.records]
@@ -160,11 +164,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                            args.repeat, args.rounds))
 
     started = time.perf_counter()
-    report = dl.prepare_cache(scan.records, root / "cache", params, num_workers=0)
+    report = prepare_cache(scan.records, root / "cache", params, num_workers=0)
     prepare_s = time.perf_counter() - started
     results["prepare"] = {"images_per_s": args.images / prepare_s, "ms_per_image": 1000 * prepare_s / args.images}
-    cached = dl.SidecarJsonDataset(scan.records, t2i, params, augment=aug,
-                                   cache=dl.PreparedCache(root / "cache", params))
+    cached = SidecarJsonDataset(scan.records, t2i, params, augment=aug,
+                                cache=PreparedCache(root / "cache", params))
     results["cache"] = timed(lambda i: cached[(i, 0)], len(cached), args.repeat)
     if cached.cache_hits == 0:
         raise RuntimeError("the cached dataset never read from the cache")
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                         args.loader_passes, args.device)
 
     # what one sample costs to send from a worker to the main process: the collated batch's tensors
-    batch = dl.collate_samples([cached[(i, 0)] for i in range(min(args.batch_size, len(cached)))])
+    batch = collate_samples([cached[(i, 0)] for i in range(min(args.batch_size, len(cached)))])
     queue_bytes = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
     return {
         "queue_bytes_per_sample": queue_bytes / len(batch["indices"]),

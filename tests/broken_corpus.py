@@ -1,7 +1,7 @@
 """Test helper: writes small image datasets with sidecars, including every kind of broken file.
 
 `make_broken_corpus` builds a dataset folder whose bad files cover each skip reason of
-dataset_loader and returns the counts a scan must report, so tests compare against what was
+the scan (dataset_scan) and returns the counts a scan must report, so tests compare against what was
 actually written rather than against hard-coded numbers.
 """
 

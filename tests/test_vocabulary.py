@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
+import tag_text
 import vocabulary
+from demo_dataset import describe_sample, generate_demo_dataset
 from vocabulary import (
     DEFAULT_IGNORE_PATH,
     TagVocabulary,
@@ -25,7 +25,7 @@ from vocabulary import (
 
 @dataclass(frozen=True)
 class FakeRecord:
-    """Stands in for dataset_loader.SampleRecord: only .tags and .categories are used."""
+    """Stands in for dataset_scan.SampleRecord: only .tags and .categories are used."""
 
     tags: tuple[str, ...]
     categories: tuple[str, ...] = ()
@@ -220,20 +220,12 @@ def test_ignore_list_file_and_default(tmp_path: Path) -> None:
         load_ignore_list(tmp_path / "missing.txt")
 
 
-def test_library_does_not_import_dataset_loader() -> None:
-    source = Path(vocabulary.__file__).read_text(encoding="utf-8")
-    top_level_imports = [
-        line for line in source.splitlines() if line.startswith(("import ", "from ")) and "dataset_loader" in line
-    ]
-    assert top_level_imports == []
+def test_normalize_tag_is_tag_texts() -> None:
+    """vocabulary.normalize_tag stays importable and is the one rule, owned by tag_text."""
+    assert normalize_tag is tag_text.normalize_tag
 
 
 def test_cli_build_on_demo_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dataset_loader = pytest.importorskip("dataset_loader")
-    if not hasattr(dataset_loader, "scan_dataset"):
-        pytest.skip("dataset_loader.scan_dataset not available yet")
-    from demo_dataset import describe_sample, generate_demo_dataset
-
     data = generate_demo_dataset(tmp_path / "demo", num_images=60, seed=3, image_size=32)
     out = tmp_path / "vocab.json"
     code = vocabulary.main(["build", "--data", str(data), "--min-frequency", "2", "--out", str(out)])
@@ -248,9 +240,6 @@ def test_cli_build_on_demo_dataset(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cli_reports_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dataset_loader = pytest.importorskip("dataset_loader")
-    if not hasattr(dataset_loader, "scan_dataset"):
-        pytest.skip("dataset_loader.scan_dataset not available yet")
     out = tmp_path / "vocab.json"
     code = vocabulary.main(["build", "--data", str(tmp_path / "no_such_dir"), "--out", str(out)])
     assert code == 2

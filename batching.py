@@ -1,0 +1,482 @@
+"""Batching for training and evaluation: records -> uint8 batches in workers -> normalised on the device.
+
+This module owns the torch.utils.data side of the data pipeline: the map-style
+``SidecarJsonDataset`` (keyed by (index, epoch), records packed into arrays so spawned workers
+start fast, failing files replaced deterministically), ``collate_samples``,
+``targets_from_indices``, the ``FailureTracker`` that stops a run when too many loads fail, the
+resumable sharded ``ResumableSampler``, ``build_dataloader`` (picklable worker init, for
+Windows' spawned workers) and the ``ImagePreFetcher`` that moves uint8 batches to the device and
+jitters and normalises them there. ``FailureTracker`` and ``ResumableSampler`` keep their
+checkpoint state through ``state_dict()`` / ``load_state_dict()``.
+
+It imports ``image_preprocess`` (decoding, normalisation), ``augmentation`` (flip and jitter
+randomness), ``prepared_cache`` (pre-decoded images), ``dataset_scan`` (``SampleRecord``,
+``DataQualityError``) and ``orientation_handler`` (which flips are allowed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import warnings
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from augmentation import AugmentParams, apply_color_jitter, sample_rng
+from dataset_scan import DataQualityError, SampleRecord
+from image_preprocess import IMAGE_ERRORS, PreprocessParams, classify_failure, load_letterboxed, normalize_images
+from orientation_handler import OrientationHandler
+from prepared_cache import PreparedCache
+
+__all__ = [
+    "SidecarJsonDataset",
+    "collate_samples",
+    "targets_from_indices",
+    "FailureTracker",
+    "ResumableSampler",
+    "build_dataloader",
+    "ImagePreFetcher",
+]
+
+
+def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate UTF-8 strings into one byte array plus offsets (cheap to pickle)."""
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    if encoded:
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return blob, offsets
+
+
+def _unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
+    """The i-th string of a packed array."""
+    return blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class SidecarJsonDataset(Dataset):
+    """Map-style dataset over SampleRecords, keyed by (index, epoch), with failing samples replaced.
+
+    Records are held as packed arrays (paths, ids, tag indices) so spawned workers unpickle it fast.
+    """
+
+    def __init__(self, records: Sequence[SampleRecord], tag_to_index: Mapping[str, int],
+                 params: PreprocessParams, *, augment: AugmentParams | None = None,
+                 orientation: OrientationHandler | None = None, seed: int = 0,
+                 max_retries: int = 10, cache: PreparedCache | None = None) -> None:
+        """Encode every record's tags through `tag_to_index` (unknown tags dropped).
+
+        `cache`: a PreparedCache for these params; its images replace decoding where the
+        source file is unchanged (same pixels as load_image), the rest are decoded as usual.
+        """
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if augment is not None and augment.flip_prob > 0 and orientation is None:
+            raise ValueError("flip_prob > 0 needs an orientation handler to swap left/right tags; "
+                             "pass OrientationHandler.default() or set flip_prob=0")
+        if not records:
+            raise ValueError("SidecarJsonDataset needs at least one record")
+        self.params = params
+        self.augment = augment
+        self.orientation = orientation
+        self.seed = int(seed)
+        self.max_retries = int(max_retries)
+        self.tag_to_index = dict(tag_to_index)
+        num = max(self.tag_to_index.values(), default=-1) + 1
+        self.index_to_tag = [""] * num
+        for tag, idx in self.tag_to_index.items():
+            self.index_to_tag[idx] = tag
+        self._ids, self._id_off = _pack_strings([r.sample_id for r in records])
+        self._paths, self._path_off = _pack_strings([r.image_path for r in records])
+        encoded = [[self.tag_to_index[t] for t in r.tags if t in self.tag_to_index] for r in records]
+        self._tag_off = np.zeros(len(records) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._tag_off[1:])
+        self._tags = np.fromiter((i for e in encoded for i in e), dtype=np.int32,
+                                 count=int(self._tag_off[-1]))
+        self._ratings = np.asarray([r.rating for r in records], dtype=np.int8)
+        self.cache = cache
+        self._cache_rows = cache.rows_for([r.sample_id for r in records]) if cache is not None else None
+        self.cache_hits = 0  # per process; for benchmarks and tests
+
+    def __len__(self) -> int:
+        """Number of records."""
+        return len(self._ratings)
+
+    def sample_id(self, index: int) -> str:
+        """The sample_id of record `index`."""
+        return _unpack_string(self._ids, self._id_off, index)
+
+    def image_path(self, index: int) -> str:
+        """The absolute image path of record `index`."""
+        return _unpack_string(self._paths, self._path_off, index)
+
+    def tag_indices(self, index: int) -> np.ndarray:
+        """Known tag indices of record `index` (unaugmented), int32 (k,)."""
+        return self._tags[self._tag_off[index]:self._tag_off[index + 1]]
+
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
+        """Load and augment one record; exceptions propagate to the retry loop."""
+        path = self.image_path(index)
+        cached = None
+        if self.cache is not None and self._cache_rows is not None and self._cache_rows[index] >= 0:
+            cached = self.cache.get(int(self._cache_rows[index]), path)
+        if cached is not None:
+            image, box = cached
+            self.cache_hits += 1
+        else:
+            image, box = load_letterboxed(path, self.params)
+        tags = self.tag_indices(index).astype(np.int64)
+        flip = 0
+        jitter = (1.0, 1.0, 1.0)
+        if self.augment is not None:
+            rng = sample_rng(self.seed, epoch, index)
+            # always draw the same numbers so one setting never shifts the others' randomness
+            u_flip = rng.random()
+            factors = rng.uniform(-1.0, 1.0, size=3)
+            aug = self.augment
+            if u_flip < aug.flip_prob and self.orientation is not None:
+                decision = self.orientation.decide([self.index_to_tag[i] for i in tags])
+                if decision.allowed:
+                    image = image[:, ::-1]
+                    tags = np.asarray([self.tag_to_index[t] for t in decision.flipped_tags
+                                       if t in self.tag_to_index], dtype=np.int64)
+                    width = self.params.image_size
+                    box = (width - box[2], box[1], width - box[0], box[3])
+                    flip = 1
+                else:
+                    flip = 2
+            # colour jitter is applied on the device (apply_color_jitter); here only its factors
+            jitter = (1.0 + aug.brightness * float(factors[0]), 1.0 + aug.contrast * float(factors[1]),
+                      1.0 + aug.saturation * float(factors[2]))
+        # a (3, H, W) view: collate_samples' stack makes the one contiguous copy
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return {"image": tensor, "tag_indices": torch.from_numpy(tags), "rating": int(self._ratings[index]),
+                "index": index, "flip": flip, "jitter": jitter, "box": tuple(int(v) for v in box)}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample for key (index, epoch) or index; a failing file is replaced deterministically."""
+        if isinstance(key, tuple):
+            index, epoch = int(key[0]), int(key[1])
+        else:
+            index, epoch = int(key), 0
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        failures: list[tuple[str, str]] = []
+        current = index
+        for attempt in range(self.max_retries + 1):
+            try:
+                sample = self._load(current, epoch)
+            except IMAGE_ERRORS as exc:
+                failures.append((self.sample_id(current), classify_failure(exc)))
+                # replacement from (seed, epoch, index, attempt): same on every run and worker count
+                current = int(sample_rng(self.seed, epoch, index, attempt + 1, 1).integers(len(self)))
+                continue
+            sample["failure"] = failures[0] if failures else None
+            sample["more_failures"] = failures[1:]
+            return sample
+        raise DataQualityError(
+            f"sample {index} (epoch {epoch}) and {self.max_retries} replacements all failed to load: "
+            + ", ".join(f"{sid} ({reason})" for sid, reason in failures[:5]))
+
+
+def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack samples: images (B,3,H,W) uint8, tag_indices (B,L) padded with -1, ratings, indices."""
+    if not batch:
+        raise ValueError("collate_samples got an empty batch")
+    images = torch.stack([s["image"] for s in batch])  # (B, 3, H, W)
+    longest = max(int(s["tag_indices"].numel()) for s in batch)
+    tag_indices = torch.full((len(batch), longest), -1, dtype=torch.long)  # (B, L)
+    for row, s in enumerate(batch):
+        n = int(s["tag_indices"].numel())
+        if n:
+            tag_indices[row, :n] = s["tag_indices"]
+    failures: list[tuple[str, str]] = []
+    for s in batch:
+        if s.get("failure") is not None:
+            failures.append(tuple(s["failure"]))
+        failures.extend(tuple(f) for f in s.get("more_failures", ()))
+    return {
+        "images": images,
+        "tag_indices": tag_indices,
+        "ratings": torch.tensor([int(s["rating"]) for s in batch], dtype=torch.long),  # (B,)
+        "indices": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long),  # (B,)
+        "flip": torch.tensor([int(s["flip"]) for s in batch], dtype=torch.long),  # (B,)
+        "jitter": torch.tensor([s["jitter"] for s in batch], dtype=torch.float32),  # (B, 3)
+        "box": torch.tensor([s["box"] for s in batch], dtype=torch.long),  # (B, 4)
+        "failures": failures,
+    }
+
+
+def targets_from_indices(tag_indices: torch.Tensor, num_tags: int) -> torch.Tensor:
+    """Multi-hot float (B, T) from padded indices (B, L); negative entries are padding."""
+    if tag_indices.dim() != 2:
+        raise ValueError(f"tag_indices must be (B, L), got shape {tuple(tag_indices.shape)}")
+    idx = tag_indices.long()
+    idx = torch.where(idx < 0, torch.full_like(idx, num_tags), idx)  # padding -> spare column T
+    out = torch.zeros(idx.shape[0], num_tags + 1, dtype=torch.float32, device=idx.device)  # (B, T+1)
+    out.scatter_(1, idx, 1.0)
+    return out[:, :num_tags].contiguous()  # (B, T)
+
+
+class FailureTracker:
+    """Counts samples replaced during training and stops the run when too many are bad."""
+
+    def __init__(self, max_bad_fraction: float, min_samples: int = 1000) -> None:
+        """Raise once failures / attempted loads > max_bad_fraction after min_samples loads."""
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.min_samples = int(min_samples)
+        self.delivered = 0
+        self.failed = 0
+        self.by_reason: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    @property
+    def bad_fraction(self) -> float:
+        """Failed loads over all attempted loads so far."""
+        attempted = self.delivered + self.failed
+        return self.failed / attempted if attempted else 0.0
+
+    def observe(self, batch: Mapping[str, Any]) -> None:
+        """Count one collated batch; DataQualityError when the bad share passes the limit."""
+        failures = batch.get("failures", [])
+        self.delivered += int(len(batch["indices"]))
+        for sample_id, reason in failures:
+            self.failed += 1
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+            if len(self.examples) < 10:
+                self.examples.append(f"{sample_id}: {reason}")
+        attempted = self.delivered + self.failed
+        if attempted >= self.min_samples and self.bad_fraction > self.max_bad_fraction:
+            raise DataQualityError(
+                f"{self.failed} of {attempted} image loads failed ({self.bad_fraction:.1%}), more than "
+                f"the allowed {self.max_bad_fraction:.1%}; by reason {self.by_reason}; "
+                f"e.g. {', '.join(self.examples[:3])}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for logs and checkpoints."""
+        return {"delivered": self.delivered, "failed": self.failed, "bad_fraction": self.bad_fraction,
+                "by_reason": dict(self.by_reason), "examples": list(self.examples)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters for a checkpoint: the same dict as to_dict(), which checkpoints store under "failures"."""
+        return self.to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the counters from state_dict(); keys missing in older checkpoints count as zero/empty.
+
+        `bad_fraction` is derived from the counters and is not read back. The limits
+        (max_bad_fraction, min_samples) come from this run's config, not from the checkpoint.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"failure tracker state must be a mapping, got {type(state).__name__}")
+        by_reason = state.get("by_reason", {})
+        examples = state.get("examples", [])
+        if not isinstance(by_reason, Mapping) or not isinstance(examples, list):
+            raise ValueError(f"failure tracker state has by_reason={type(by_reason).__name__}, "
+                             f"examples={type(examples).__name__}; expected a mapping and a list")
+        self.delivered = int(state.get("delivered", 0))
+        self.failed = int(state.get("failed", 0))
+        self.by_reason = {str(k): int(v) for k, v in by_reason.items()}
+        self.examples = [str(e) for e in examples]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler and loader
+# --------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(Sampler):
+    """Sharded per-epoch permutation yielding (index, epoch) keys, resumable inside an epoch."""
+
+    def __init__(self, num_samples: int, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
+        """Same arguments as DistributedSampler plus batch_size, so resume positions are batches."""
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+        if self.drop_last and self.num_samples < self.world_size:
+            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks with drop_last")
+        if self.drop_last:
+            self.per_rank = self.num_samples // self.world_size
+        else:
+            self.per_rank = math.ceil(self.num_samples / self.world_size)
+        if self.drop_last and self.per_rank < self.batch_size:
+            raise ValueError(f"{self.per_rank} samples per rank make no full batch of {batch_size}")
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank runs in one epoch."""
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def _samples_per_epoch(self) -> int:
+        """Samples this rank yields in a full epoch."""
+        return self.batches_per_epoch() * self.batch_size if self.drop_last else self.per_rank
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; skip this rank's first `start_batch` batches of it (resume)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= self.batches_per_epoch():
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch()}]")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def _epoch_order(self) -> list[int]:
+        """This rank's full index list for the current epoch."""
+        if self.shuffle:
+            g = torch.Generator()
+            # 63-bit seed hashed from (seed, epoch): (0, 1) and (1, 0) must not give the same order
+            digest = hashlib.blake2b(f"{self.seed}:{self.epoch}".encode("utf-8"), digest_size=8).digest()
+            g.manual_seed(int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        total = self.per_rank * self.world_size
+        if total > len(order):  # pad by repeating from the start, as DistributedSampler does
+            reps = math.ceil(total / len(order))
+            order = (order * reps)[:total]
+        else:
+            order = order[:total]
+        return order[self.rank:total:self.world_size][:self._samples_per_epoch()]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield (index, epoch) for this rank, from start_batch on."""
+        order = self._epoch_order()
+        epoch = self.epoch
+        for index in order[self.start_batch * self.batch_size:]:
+            yield (index, epoch)
+
+    def __len__(self) -> int:
+        """Keys left to yield in the current epoch (after the resume skip)."""
+        return max(0, self._samples_per_epoch() - self.start_batch * self.batch_size)
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
+        """Plain-typed position: pass the batches the loop has consumed in this epoch."""
+        return {"epoch": self.epoch,
+                "start_batch": self.start_batch if batches_done is None else int(batches_done),
+                "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from state_dict(); ValueError if the data or layout changed since."""
+        for key in ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has "
+                                 f"{getattr(self, key)!r}; cannot resume inside the epoch")
+        start = int(state.get("start_batch", 0))
+        epoch = int(state.get("epoch", 0))
+        if start >= self.batches_per_epoch():  # the stored epoch was finished
+            epoch, start = epoch + 1, 0
+        self.set_epoch(epoch, start)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Keep each worker to one compute thread; many workers x many threads thrash the CPUs."""
+    torch.set_num_threads(1)
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(1)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image raises on these
+
+
+def build_dataloader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_size: int, num_workers: int,
+                     pin_memory: bool, drop_last: bool, prefetch_factor: int = 2,
+                     persistent_workers: bool = False, multiprocessing_context: Any = None,
+                     timeout: float = 0, generator_seed: int | None = None) -> DataLoader:
+    """A DataLoader with collate_samples and a picklable worker_init_fn.
+
+    With `generator_seed`, the workers' base seed comes from a private generator instead of the
+    global torch RNG, so starting an epoch does not consume global random state (exact resume).
+    """
+    extra: dict[str, Any] = {}
+    if generator_seed is not None:
+        extra["generator"] = torch.Generator().manual_seed(int(generator_seed))
+    if num_workers > 0:
+        extra |= {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
+                 "multiprocessing_context": multiprocessing_context, "timeout": timeout}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_samples, pin_memory=pin_memory, drop_last=drop_last,
+                      worker_init_fn=_worker_init, **extra)
+
+
+class ImagePreFetcher:
+    """Moves batches to the device one ahead on a side CUDA stream and normalises them there."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], device: torch.device | str,
+                 params: PreprocessParams, num_tags: int) -> None:
+        """Wrap `loader`; on CPU devices batches are converted synchronously."""
+        self.loader = loader
+        self.device = torch.device(device)
+        self.params = params
+        self.num_tags = int(num_tags)
+
+    def __len__(self) -> int:
+        """Length of the wrapped loader."""
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def _convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Copy tensors to the device (non-blocking) and build normalised images and targets."""
+        images = batch["images"].to(self.device, non_blocking=True)  # (B, 3, H, W) uint8
+        tag_indices = batch["tag_indices"].to(self.device, non_blocking=True)  # (B, L)
+        ratings = batch["ratings"].to(self.device, non_blocking=True)  # (B,)
+        jitter = batch.get("jitter")  # (B, 3) on the host: checking it costs no device sync
+        if jitter is not None and bool((jitter != 1.0).any()):
+            images = apply_color_jitter(images.float(), jitter.to(self.device, non_blocking=True),
+                                        batch["box"].to(self.device, non_blocking=True))  # (B, 3, H, W) float
+        return {
+            "images": normalize_images(images, self.params.mean, self.params.std),
+            "tag_targets": targets_from_indices(tag_indices, self.num_tags),  # (B, T)
+            "ratings": ratings,
+            "failures": batch.get("failures", []),
+            "flip": batch.get("flip"),
+            "indices": batch.get("indices"),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield device batches; with CUDA the next batch is copied while this one trains."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            for batch in self.loader:
+                yield self._convert(batch)
+            return
+        stream = torch.cuda.Stream(device=self.device)
+        iterator = iter(self.loader)
+
+        def preload() -> dict[str, Any] | None:
+            """Start the copy and conversion of the next batch on the side stream."""
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                return self._convert(batch)
+
+        upcoming = preload()
+        while upcoming is not None:
+            current_stream = torch.cuda.current_stream(self.device)
+            current_stream.wait_stream(stream)  # the copy/normalise must finish before use
+            for key in ("images", "tag_targets", "ratings"):
+                # memory made on the side stream is now used on the main one: tell the allocator
+                upcoming[key].record_stream(current_stream)
+            ready = upcoming
+            upcoming = preload()
+            yield ready

@@ -1,0 +1,262 @@
+"""Tests for dataset_scan: sidecar conventions and parsing, every bad-input reason, manifests, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import broken_corpus as bc
+from data_fixtures import broken_corpus, listing
+from dataset_scan import (
+    DataQualityError, DatasetScan, DatasetScanner, check_scan_quality, filter_known_tags, format_scan_summary,
+    load_manifest, parse_rating, parse_sidecar, scan_dataset, split_tag_string, write_data_report,
+)
+from image_preprocess import PreprocessParams, load_image
+from vocabulary import create_vocabulary_from_datasets
+
+
+def _scan_one(tmp_path: Path, sidecar_name: str, data: object, image_name: str = "img.png") -> DatasetScan:
+    """Scan a root holding one image and one sidecar."""
+    root = tmp_path / "root"
+    bc.write_image(root / image_name)
+    bc.write_json(root / sidecar_name, data)
+    return scan_dataset(root, num_threads=1)
+
+
+# ------------------------------------------------------------------------------------------
+# sidecar conventions and parsing
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sidecar", ["img.json", "img.png.json"])
+def test_sidecar_naming_conventions(tmp_path: Path, sidecar: str) -> None:
+    """X.json and X.ext.json both pair with X.ext; tags normalised, rating decoded."""
+    scan = _scan_one(tmp_path, sidecar, {"tags": ["Blue Sky", "cloud"], "rating": "q"})
+    assert scan.skipped == {}
+    (rec,) = scan.records
+    assert rec.sample_id == "img.png"
+    assert rec.image_path == str((tmp_path / "root" / "img.png").resolve())
+    assert rec.tags == ("blue_sky", "cloud") and rec.categories == ("", "")
+    assert rec.rating == 2
+
+
+def test_filename_field_relative_to_json_folder(tmp_path: Path) -> None:
+    """filename/file resolve from the JSON's folder; gallery-dl stem+extension works."""
+    root = tmp_path / "root"
+    bc.write_image(root / "images" / "p1.jpg")
+    bc.write_image(root / "images" / "p2.webp")
+    bc.write_image(root / "images" / "p3.jpg")
+    bc.write_json(root / "meta" / "one.json", {"filename": "../images/p1.jpg", "tags": "a"})
+    bc.write_json(root / "meta" / "two.json", {"file": "..\\images\\p2.webp", "tags": "b"})
+    # gallery-dl: stem in "filename", suffix in "extension", sidecar named p3.jpg.json
+    bc.write_json(root / "images" / "p3.jpg.json", {"filename": "p3", "extension": "jpg", "tags": "c"})
+    scan = scan_dataset(root, num_threads=2)
+    assert scan.skipped == {}
+    assert {r.sample_id: r.tags for r in scan.records} == {
+        "images/p1.jpg": ("a",), "images/p2.webp": ("b",), "images/p3.jpg": ("c",)}
+
+
+def test_tag_string_fields_keep_categories(tmp_path: Path) -> None:
+    """Per-category tag_string fields give each tag its category, no duplicates."""
+    data = {"tag_string": "1girl hatsune_miku vocaloid solo",
+            "tag_string_general": "1girl solo", "tag_string_character": "hatsune_miku",
+            "tag_string_copyright": "vocaloid", "tag_string_artist": "someone",
+            "tag_string_meta": "highres", "rating": "s"}
+    scan = _scan_one(tmp_path, "img.png.json", data)
+    (rec,) = scan.records
+    cats = dict(zip(rec.tags, rec.categories))
+    assert cats == {"1girl": "general", "solo": "general", "hatsune_miku": "character",
+                    "vocaloid": "copyright", "someone": "artist", "highres": "meta"}
+    assert len(rec.tags) == len(set(rec.tags))
+
+
+def test_e621_style_tag_dict() -> None:
+    """A {category: [tags]} dict maps known categories and leaves others empty."""
+    tags, cats, rating = parse_sidecar({"tags": {"general": ["Fur"], "species": ["fox"],
+                                                 "artist": ["x"], "weird": ["y"]}, "rating": "e"})
+    assert dict(zip(tags, cats)) == {"fur": "general", "fox": "general", "x": "artist", "y": ""}
+    assert rating == 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("long hair, blue eyes ,smile", ["long_hair", "blue_eyes", "smile"]),
+    ("long_hair blue_eyes  smile", ["long_hair", "blue_eyes", "smile"]),
+    ("  Single Tag ", ["single", "tag"]),
+    ("a,,b, ", ["a", "b"]),
+    ("", []),
+])
+def test_tag_string_splitting(text: str, expected: list[str]) -> None:
+    """Commas win over whitespace; tags are normalised and empties dropped."""
+    assert split_tag_string(text) == expected
+
+
+def test_tags_deduplicated_order_kept() -> None:
+    """First appearance keeps its place; a later category fills an empty one."""
+    tags, cats, _ = parse_sidecar({"tags": ["b", "A", "b", " a "], "tag_string_general": "a c"})
+    assert tags == ("b", "a", "c")
+    assert cats == ("", "general", "general")  # "a" gets the category given later
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("g", 0), ("general", 0), ("safe", 0), ("S", 1), ("sensitive", 1), ("q", 2),
+    ("questionable", 2), ("e", 3), ("Explicit", 3), (0, 0), (3, 3), ("2", 2), (" 1 ", 1),
+    (4, -1), (-1, -1), ("x", -1), (None, -1), (True, -1), (1.0, -1), ([], -1),
+])
+def test_rating_codes(value: object, expected: int) -> None:
+    """Every documented rating spelling maps to 0-3; anything else to -1."""
+    assert parse_rating(value) == expected
+
+
+@pytest.mark.parametrize("data", [{"tags": [1, 2]}, {"tags": 5}, {"tag_string": ["a"]},
+                                  {"tag_string_general": 3}, ["a"], "tags"])
+def test_wrong_field_types_raise(data: object) -> None:
+    """Wrong field types are errors (they become sidecar_unreadable in a scan)."""
+    with pytest.raises(ValueError):
+        parse_sidecar(data)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> bc.BrokenCorpus:
+    """47 good + 12 broken + 1 unknown-rating sample: exactly 20% of 60 samples are bad."""
+    return broken_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize("verify", ["none", "header", "decode"])
+def test_every_skip_reason_counted(corpus: bc.BrokenCorpus, verify: str) -> None:
+    """Each broken file is counted under its reason for every verify mode; the folder is untouched."""
+    before = listing(corpus.root)
+    scan = scan_dataset(corpus.root, verify=verify, num_threads=4)
+    assert listing(corpus.root) == before  # nothing written into the user's folder
+    assert scan.skipped == corpus.expected_skips(verify)
+    assert len(scan.records) == corpus.expected_records(verify)
+    assert scan.unknown_rating == len(corpus.unknown_rating_ids)
+    ids = {r.sample_id for r in scan.records}
+    assert set(corpus.good_ids) <= ids
+    assert set(corpus.unknown_rating_ids) <= ids
+    assert (set(corpus.decode_only_ids) <= ids) == (verify != "decode")
+    for reason, count in scan.skipped.items():
+        assert 1 <= len(scan.examples[reason]) <= count
+
+
+def test_twenty_percent_broken_report(corpus: bc.BrokenCorpus, tmp_path: Path) -> None:
+    """A 20%-broken corpus: report, summary line and quality check agree with what was written."""
+    scan = scan_dataset(corpus.root, verify="decode")
+    expected = corpus.expected_skips("decode")
+    total = len(scan.records) + scan.num_skipped
+    assert scan.num_skipped / total == pytest.approx(0.2)
+    report = scan.to_report()
+    out = tmp_path / "run" / "data_report.json"
+    write_data_report(out, report)
+    loaded = json.loads(out.read_text(encoding="utf-8"))
+    assert loaded["skipped"] == expected
+    assert loaded["num_samples"] == len(scan.records)
+    assert loaded["unknown_rating"] == 1
+    assert not list(out.parent.glob("*.tmp*"))
+    line = format_scan_summary(scan)
+    assert line.startswith(f"data: {len(scan.records)} samples used, {sum(expected.values())} skipped (")
+    for reason, count in expected.items():
+        assert f"{reason}: {count}" in line
+    assert check_scan_quality(scan, 0.25) == pytest.approx(0.2)
+    with pytest.raises(DataQualityError, match="20.0%"):
+        check_scan_quality(scan, 0.1)
+
+
+def test_missing_root_raises(tmp_path: Path) -> None:
+    """A missing root or bad verify mode raises a specific error naming it."""
+    with pytest.raises(FileNotFoundError, match="nope"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(FileNotFoundError):
+        scan_dataset(tmp_path / "file.txt")
+    with pytest.raises(ValueError, match="verify"):
+        scan_dataset(tmp_path, verify="full")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_warning_band_is_a_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40x30 = 1200 pixels: above a 1000 limit but below 2x, where Pillow only warns
+    """Images between 1x and 2x Pillow's limit (warning only) count as bombs too."""
+    root = tmp_path / "root"
+    bc.write_image(root / "big.png", 40, 30)
+    bc.write_json(root / "big.png.json", {"tags": "a"})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    scan = scan_dataset(root)
+    assert scan.skipped == {"decompression_bomb": 1}
+    with pytest.raises(Image.DecompressionBombError):
+        load_image(root / "big.png", PreprocessParams(16))
+
+
+def test_duplicate_claims_counted(tmp_path: Path) -> None:
+    """Two sidecars claiming one image keep the first and count the second."""
+    root = tmp_path / "root"
+    bc.write_image(root / "x.jpg")
+    bc.write_json(root / "x.jpg.json", {"tags": "a"})
+    bc.write_json(root / "other.json", {"filename": "x.jpg", "tags": "b"})
+    scan = scan_dataset(root)
+    assert len(scan.records) == 1 and scan.skipped == {"duplicate_image": 1}
+
+
+def test_filter_known_tags(corpus: bc.BrokenCorpus) -> None:
+    """Records with no vocabulary tag are dropped and counted."""
+    scan = scan_dataset(corpus.root, verify="none")
+    vocab = create_vocabulary_from_datasets(scan.records, min_frequency=3)
+    kept, dropped = filter_known_tags(scan.records, vocab)
+    reference = [r for r in scan.records if any(t in vocab.tag_to_index for t in r.tags)]
+    assert kept == reference and dropped == len(scan.records) - len(reference)
+    kept2, dropped2 = filter_known_tags(scan.records, {"tag_0": 0})
+    assert {r.sample_id for r in kept2} == {r.sample_id for r in scan.records if "tag_0" in r.tags}
+    assert dropped2 == len(scan.records) - len(kept2) > 0
+    scan.add_skipped("no_known_tags", dropped2, ["x"])
+    assert scan.to_report()["skipped"]["no_known_tags"] == dropped2
+
+
+# ------------------------------------------------------------------------------------------
+# manifest
+# ------------------------------------------------------------------------------------------
+
+
+def test_manifest_records_and_reasons(tmp_path: Path) -> None:
+    """A JSON Lines manifest gives the same records and reasons, with line numbers."""
+    root = tmp_path / "data"
+    bc.write_image(root / "a.jpg")
+    bc.write_image(root / "sub" / "b.png")
+    bc.write_zero_byte(root / "z.png")
+    bc.write_image(tmp_path / "outside.jpg")
+    lines = [
+        json.dumps({"file": "a.jpg", "tags": ["x", "y"], "rating": "g"}),
+        "",
+        json.dumps({"file": "sub/b.png", "tags": "p, q", "rating": 3}),
+        "{not json",
+        json.dumps(["a.jpg"]),
+        json.dumps({"file": "a.jpg", "tags": [1]}),
+        json.dumps({"file": "../outside.jpg", "tags": "x"}),
+        json.dumps({"file": "missing.jpg", "tags": "x"}),
+        json.dumps({"file": "z.png", "tags": "x"}),
+        json.dumps({"file": "a.jpg", "tags": "x"}),
+        json.dumps({"tags": "x"}),
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    scan = load_manifest(manifest)
+    assert [(r.sample_id, r.tags, r.rating) for r in scan.records] == [
+        ("a.jpg", ("x", "y"), 0), ("sub/b.png", ("p", "q"), 3)]
+    assert scan.skipped == {"manifest_line_invalid": 4, "path_outside_root": 1, "image_missing": 1,
+                            "image_undecodable": 1, "duplicate_image": 1}
+    assert [e.split(":")[0] for e in scan.examples["manifest_line_invalid"]] == [
+        "line 4", "line 5", "line 6", "line 11"]
+    # same result through DatasetScanner, and with an explicit root from elsewhere
+    other = tmp_path / "elsewhere.jsonl"
+    other.write_text(lines[0] + "\n", encoding="utf-8")
+    via_loader = DatasetScanner(other, root=root).scan()
+    assert [r.sample_id for r in via_loader.records] == ["a.jpg"]
+    assert DatasetScanner(root).scan().source == "folder"
+    with pytest.raises(FileNotFoundError):
+        load_manifest(tmp_path / "none.jsonl")

@@ -1,0 +1,151 @@
+"""Tests for the project's import graph: imports point one way, and every module imports on its own.
+
+The project modules are the ``*.py`` files at the repository root. Two views of one rule:
+
+* statically, with ``ast``: the project modules each module imports at its top level form an
+  acyclic graph, and no function or class body imports a project module (an import moved into a
+  function to dodge a cycle hides the cycle instead of removing it);
+* by running Python: each module is imported first in a fresh interpreter, then all the others
+  after it. A cycle of ``from X import name`` imports fails there for whichever of its modules is
+  imported first; a module that only works when another was imported before it fails too.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def _imported_names(node: ast.Import | ast.ImportFrom) -> set[str]:
+    """Top-level package names an import statement loads (relative imports name none here)."""
+    if isinstance(node, ast.Import):
+        return {alias.name.split(".")[0] for alias in node.names}
+    if node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
+
+
+def _module_level_imports(body: list[ast.stmt]) -> set[str]:
+    """Names imported by statements run at import time: the body and its if/try/with blocks,
+    not function or class bodies."""
+    names: set[str] = set()
+    for stmt in body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names |= _imported_names(stmt)
+        elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        else:
+            for field in ("body", "orelse", "finalbody"):
+                names |= _module_level_imports(getattr(stmt, field, []))
+            for handler in getattr(stmt, "handlers", []):
+                names |= _module_level_imports(handler.body)
+    return names
+
+
+def _deferred_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, name) of every import inside a function or class body."""
+    found: list[tuple[int, str]] = []
+    for outer in ast.walk(tree):
+        if isinstance(outer, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for node in ast.walk(outer):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found.extend((node.lineno, name) for name in _imported_names(node))
+    return sorted(set(found))
+
+
+def _project_graph(modules: list[str], root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports at its top level."""
+    project = set(modules)
+    graph = {}
+    for name in modules:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"), filename=f"{name}.py")
+        graph[name] = (_module_level_imports(tree.body) & project) - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None when the graph is acyclic (depth-first search)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        """Search below `node`; return the first cycle met."""
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_find_cycle_on_known_graphs(tmp_path: Path) -> None:
+    """The checks below can fail: a cycle hidden in an if-block and a deferred import are both found."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    (tmp_path / "low.py").write_text("import os\nif True:\n    from high import x\n", encoding="utf-8")
+    (tmp_path / "high.py").write_text("from low import y\n\ndef f():\n    import low\n", encoding="utf-8")
+    graph = _project_graph(["high", "low"], tmp_path)
+    assert graph == {"high": {"low"}, "low": {"high"}}
+    assert find_cycle(graph) == ["high", "low", "high"]
+    assert _deferred_imports(ast.parse((tmp_path / "high.py").read_text(encoding="utf-8"))) == [(4, "low")]
+
+
+def test_project_imports_are_acyclic() -> None:
+    """The project modules' top-level imports of each other form a directed acyclic graph."""
+    assert len(MODULES) > 10
+    graph = _project_graph(MODULES, ROOT)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_project_import_inside_functions() -> None:
+    """No function or class body imports a project module (that would hide a cycle, not remove it)."""
+    project = set(MODULES)
+    hidden = {}
+    for name in MODULES:
+        tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"), filename=f"{name}.py")
+        found = [(line, imported) for line, imported in _deferred_imports(tree) if imported in project]
+        if found:
+            hidden[name] = found
+    assert hidden == {}
+
+
+def _import_first(first: str) -> str:
+    """Import `first` alone in a fresh interpreter, then every other project module; '' or the error."""
+    others = [m for m in MODULES if m != first]
+    code = "import importlib\n" + "\n".join(f"importlib.import_module({m!r})" for m in [first, *others])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          encoding="utf-8", timeout=240, check=False)
+    return "" if proc.returncode == 0 else proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_each_module_imports_first_in_a_fresh_interpreter() -> None:
+    """Every project module imports alone in a fresh interpreter, and all the others import after it."""
+    # one interpreter per module (torch makes each start take seconds): run a few at a time
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        errors = dict(zip(MODULES, pool.map(_import_first, MODULES)))
+    failed = {name: error for name, error in errors.items() if error}
+    assert not failed, "\n\n".join(f"importing {name} first:\n{error}" for name, error in failed.items())
