@@ -14,6 +14,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -350,8 +351,8 @@ def test_event_files_hold_every_category(tmp_path: Path) -> None:
 
 def test_metrics_jsonl_contents_and_flush_per_line(tmp_path: Path) -> None:
     """Each call is one JSON line, readable before close; NaN becomes null; events carry their fields."""
-    run = tmp_path / "run"
-    mon = make_monitor(run, total_steps=10)
+    run, stream = tmp_path / "run", io.StringIO()
+    mon = make_monitor(run, total_steps=10, stream=stream)
     path = run / "metrics.jsonl"
     before = time.time()
     mon.log_train(3, 1, {"loss": 2.5, "loss/rating": float("nan")}, images_per_s=50.0, data_wait_share=0.2, lr=1e-3)
@@ -370,7 +371,7 @@ def test_metrics_jsonl_contents_and_flush_per_line(tmp_path: Path) -> None:
     assert recs[1] == {"type": "val", "step": 4, "time": recs[1]["time"], "mAP": 0.3, "f1_micro": 0.4}
     assert recs[2]["kind"] == "checkpoint_saved" and recs[2]["seconds"] == 1.25
     assert recs[2]["path"] == str(Path("ckpt") / "step_4")
-    assert "[checkpoint_saved] step 4" in mon._stream.getvalue()
+    assert "[checkpoint_saved] step 4" in stream.getvalue()
 
 
 def test_system_thread_writes_records_and_stops_on_close(tmp_path: Path) -> None:
@@ -383,8 +384,9 @@ def test_system_thread_writes_records_and_stops_on_close(tmp_path: Path) -> None
         if sum(r["type"] == "system" and r["step"] == 7 for r in read_jsonl(run / "metrics.jsonl")) >= 2:
             break
         time.sleep(0.05)
-    thread = mon._thread
-    assert thread is not None and thread.daemon and thread.is_alive()
+    assert mon._system is not None
+    thread = mon._system.thread
+    assert thread.daemon and thread.is_alive()
     mon.close()
     assert not thread.is_alive()
     system = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "system"]
@@ -453,7 +455,7 @@ def test_disabled_monitor_writes_nothing(tmp_path: Path) -> None:
         mon.log_event(1, "resumed")
         mon.log_scalars(1, {"a": 1.0}, prefix="io")
         mon.flush()
-        assert mon._thread is None
+        assert mon._system is None
     assert not run.exists()
     assert stream.getvalue() == ""
 
@@ -550,17 +552,140 @@ def test_console_rate_limited_but_first_and_last_always_printed(tmp_path: Path) 
     assert len([r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"]) == 30
 
 
-def test_validation_console_line_tracks_best(tmp_path: Path) -> None:
-    """One line per validation with mAP and F1, and the best mAP so far."""
-    stream = io.StringIO()
-    with make_monitor(tmp_path / "run", stream=stream) as mon:
-        mon.log_validation(100, {"mAP": 0.3, "f1_micro": 0.41, "f1_macro": 0.2, "rating_accuracy": 0.9})
-        mon.log_validation(200, {"mAP": 0.25, "f1_micro": 0.4, "f1_macro": 0.19})
-    lines = stream.getvalue().splitlines()
-    assert lines == [
+def test_validation_line_shows_the_best_the_caller_reports(tmp_path: Path) -> None:
+    """One line per validation with mAP and F1; the best shown is the caller's, under its readable name."""
+    run, stream = tmp_path / "run", io.StringIO()
+    with make_monitor(run, stream=stream) as mon:
+        mon.log_validation(100, {"mAP": 0.3, "f1_micro": 0.41, "f1_macro": 0.2, "rating_accuracy": 0.9},
+                           best_name="mAP", best_value=0.3, best_step=100)
+        # A resumed run's best comes from its checkpoint, not from what this monitor has seen.
+        mon.log_validation(200, {"mAP": 0.25, "f1_micro": 0.4, "f1_macro": 0.19},
+                           best_name="mAP", best_value=0.8705, best_step=60)
+        mon.log_validation(300, {"mAP": 0.5, "f1_macro": 0.25}, best_name="f1_macro", best_value=0.25, best_step=300)
+        mon.log_validation(400, {"mAP": 0.5, "f1_micro": 0.6}, best_name="f1_micro", best_value=np.float32(0.5),
+                           best_step=400)
+        mon.log_validation(500, {"mAP": 0.1})  # no best given: none shown
+    assert stream.getvalue().splitlines() == [
         "val step 100 mAP 0.3000 F1 micro 0.4100 macro 0.2000 rating acc 0.9000 best mAP 0.3000 @ 100",
-        "val step 200 mAP 0.2500 F1 micro 0.4000 macro 0.1900 best mAP 0.3000 @ 100",
+        "val step 200 mAP 0.2500 F1 micro 0.4000 macro 0.1900 best mAP 0.8705 @ 60",
+        "val step 300 mAP 0.5000 F1 macro 0.2500 best F1 macro 0.2500 @ 300",
+        "val step 400 mAP 0.5000 F1 micro 0.6000 best F1 micro 0.5000 @ 400",
+        "val step 500 mAP 0.1000",
     ]
+    val = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "val"]
+    assert (val[1]["best/mAP"], val[1]["best/step"]) == (0.8705, 60)
+    assert (val[2]["best/f1_macro"], val[2]["best/step"]) == (0.25, 300)
+    assert not any(k.startswith("best/") for k in val[4])
+    acc = load_events(run)
+    assert scalar_series(acc, "val/best/mAP") == [(100, pytest.approx(0.3)), (200, pytest.approx(0.8705))]
+    assert scalar_series(acc, "val/best/step") == [(100, 100.0), (200, 60.0), (300, 300.0), (400, 400.0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"best_value": 0.5, "best_step": 3}, "need best_name"),
+        ({"best_name": "mAP", "best_step": 3}, "best_value"),
+        ({"best_name": "mAP", "best_value": "high", "best_step": 3}, "best_value"),
+        ({"best_name": "mAP", "best_value": 0.5}, "best_step"),
+        ({"best_name": "mAP", "best_value": 0.5, "best_step": -1}, "best_step"),
+        ({"best_name": "", "best_value": 0.5, "best_step": 1}, "best_name"),
+    ],
+)
+def test_log_validation_rejects_a_partial_best(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    """The best is all three of name, value and step, or nothing; a bad one is a ValueError naming it."""
+    with make_monitor(tmp_path / "run") as mon:
+        with pytest.raises(ValueError, match=needle):
+            mon.log_validation(1, {"mAP": 0.5}, **kwargs)
+
+
+def test_state_dict_round_trip_continues_eta_errors_and_starvation(tmp_path: Path) -> None:
+    """A monitor loaded from another's state_dict has its error counts, ETA rate and starvation state."""
+    clock = FakeClock()
+    first = make_monitor(tmp_path / "a", total_steps=1000, clock=clock, console_interval_s=1e9)
+    for step in range(1, 31):
+        clock.t += 0.5
+        first.log_train(step, 1, {"loss": 1.0}, images_per_s=1.0, data_wait_share=0.9, lr=1.0)
+    first._count_error("console")
+    state = first.state_dict()
+    first.close()
+    assert state["error_counts"] == {"console": 1}
+    assert state["step_rate"]["sec_per_step"] == pytest.approx(0.5)
+    assert state["starvation"]["reported"] is True and state["starvation"]["calls"] == 30
+    # Plain types only: the checkpoint stores it with torch.save and reads it back with weights_only=True.
+    path = tmp_path / "state.pt"
+    torch.save({"monitor": state}, path)
+    loaded = torch.load(path, weights_only=True)["monitor"]
+    assert json.loads(json.dumps(loaded)) == state
+
+    run = tmp_path / "b"
+    second = make_monitor(run, total_steps=1000, clock=clock, console_interval_s=1e9, resume_step=30)
+    second.load_state_dict(loaded)
+    assert second.state_dict() == state
+    clock.t += 100.0  # the restart: not a step interval, so it must not enter the rate
+    second.log_train(31, 1, {"loss": 1.0}, images_per_s=1.0, data_wait_share=0.9, lr=1.0)
+    assert second.eta_seconds() == pytest.approx((1000 - 31) * 0.5)
+    for step in range(32, 60):
+        clock.t += 0.5
+        second.log_train(step, 1, {"loss": 1.0}, images_per_s=1.0, data_wait_share=0.9, lr=1.0)
+    second.close()
+    assert not any(r.get("kind") == "data_starved" for r in read_jsonl(run / "metrics.jsonl"))  # said once per run
+    fresh = make_monitor(tmp_path / "c", total_steps=1000)
+    assert fresh.state_dict() == {"error_counts": {}, "step_rate": {"sec_per_step": None},
+                                  "starvation": {"wait_ema": None, "calls": 0, "reported": False}}
+    fresh.close()
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda s: s.pop("starvation"), "mappings under"),
+        (lambda s: s.update(error_counts={"console": -1}), "error_counts"),
+        (lambda s: s.update(step_rate={"sec_per_step": "fast"}), "sec_per_step"),
+        (lambda s: s.update(step_rate={}), "sec_per_step"),
+        (lambda s: s["starvation"].update(calls=1.5), "calls"),
+        (lambda s: s["starvation"].update(reported="yes"), "reported"),
+        (lambda s: s["starvation"].update(wait_ema=float("nan")), "wait_ema"),
+    ],
+)
+def test_load_state_dict_rejects_malformed_state(tmp_path: Path, change: Callable[[dict], object],
+                                                 needle: str) -> None:
+    """A checkpoint's monitor state is untrusted: a wrong entry is a ValueError naming it."""
+    with make_monitor(tmp_path / "run") as mon:
+        state = mon.state_dict()
+        change(state)
+        with pytest.raises(ValueError, match=needle):
+            mon.load_state_dict(state)
+
+
+class _AsciiStream(io.StringIO):
+    """A console that cannot encode non-ASCII text, like a legacy Windows code page."""
+
+    def write(self, text: str) -> int:
+        """Refuse non-ASCII characters."""
+        text.encode("ascii")
+        return super().write(text)
+
+
+class _BrokenStream(io.StringIO):
+    """A console whose writes fail, like a closed pipe."""
+
+    def write(self, text: str) -> int:
+        """Always fail."""
+        raise OSError("broken pipe")
+
+
+def test_console_failures_never_stop_training(tmp_path: Path) -> None:
+    """Text the console cannot encode is escaped; a failing console is counted and the files still get everything."""
+    ascii_stream = _AsciiStream()
+    with make_monitor(tmp_path / "a", stream=ascii_stream) as mon:
+        mon.log_event(1, "note", text="caf\u00e9 \u2713")
+    assert ascii_stream.getvalue() == "[note] step 1 text=caf\\xe9 \\u2713\n"
+    with make_monitor(tmp_path / "b", stream=_BrokenStream(), console_interval_s=0.0) as mon:
+        mon.log_train(1, 1, {"loss": 1.0}, images_per_s=1.0, data_wait_share=0.0, lr=1.0)
+        mon.log_event(1, "note")
+        assert mon.error_counts == {"console": 2}
+    assert [r["type"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == ["train", "event"]
 
 
 def test_data_starvation_reported_once(tmp_path: Path) -> None:
