@@ -55,7 +55,7 @@ class DataConfig:
     demo_images: int = _opt(0, "If > 0 and root does not exist, generate the synthetic demo dataset there with this many images.", ge=0)
     image_size: int = _opt(448, "Square training resolution in pixels (images are letterboxed to it).", ge=16)
     batch_size: int = _opt(64, "Images per optimizer micro-batch on each process.", ge=1)
-    num_workers: int = _opt(8, "DataLoader worker processes (0 = load in the main process).", ge=0)
+    num_workers: int = _opt(-1, "DataLoader worker processes: -1 = what the cores allow (the cores this process may use, less one for the main process, shared among torchrun's local processes, at most 8; the resolved number is printed and saved in the run's config.yaml); 0 = load in the main process.", ge=-1)
     prefetch_factor: int = _opt(2, "Batches each worker prepares ahead.", ge=1)
     worker_start_method: str = _opt("", "How worker processes start: '' (the platform's default), spawn (the only one on Windows), fork or forkserver.", choices=("", "spawn", "fork", "forkserver"))
     persistent_workers: bool = _opt(True, "Keep worker processes alive between epochs and validations (epochs start at once, notably on Windows).")
@@ -63,6 +63,10 @@ class DataConfig:
     val_fraction: float = _opt(0.1, "Share of samples held out for validation, chosen by a hash of the seed and the sample id.", ge=0.0, lt=1.0)
     max_val_samples: int = _opt(0, "Cap on validation samples (0 = no cap); capped-out samples are excluded, never moved to training.", ge=0)
     cache_dir: str = _opt("", "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.")
+    max_tags_per_sample: int = _opt(2048, "A sidecar (or manifest record) with more tags than this is skipped as 'too_many_tags' (no real booru post comes close).", ge=1)
+    max_tag_chars: int = _opt(256, "A tag longer than this many characters is dropped and counted (booru tag names stay far below).", ge=1)
+    max_sidecar_bytes: int = _opt(4_194_304, "A sidecar JSON file larger than this is skipped unread as 'sidecar_too_large'.", ge=1024)
+    symlinks: str = _opt("inside_root", "Symbolic links to images, folders and sidecars: inside_root follows a link only when its target lies inside data.root (others are skipped and counted); follow follows every link (symlink farms). Loops are skipped either way.", choices=("inside_root", "follow"))
     verify: str = _opt("header", "Start-up image check: none, header (open and read size) or decode (full decode, slow).", choices=("none", "header", "decode"))
     max_bad_fraction: float = _opt(0.05, "Stop the run when more than this share of the data turns out to be broken.", ge=0.0, le=1.0)
     min_tag_frequency: int = _opt(1, "Tags seen in fewer training samples than this are left out of the vocabulary.", ge=1)
@@ -138,6 +142,8 @@ class TrainingConfig:
     restart_period_mult: float = _opt(1.0, "cosine_restarts: each cycle is this many times longer than the last.", ge=1.0)
     restart_decay: float = _opt(1.0, "cosine_restarts: peak learning rate multiplier per restart.", gt=0.0, le=1.0)
     grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    micro_batch_size: int = _opt(0, "Images per forward/backward pass: 0 = automatic (on CUDA, a probe before the first step and any out-of-memory error later split each batch into the largest equal micro-batches that fit); N = always split into micro-batches of N (must divide data.batch_size); -1 = never split. The optimizer step, the schedule and the results stay those of data.batch_size.", ge=-1)
+    memory_check: bool = _opt(True, "On the CPU, estimate a training step's memory before the first step and stop with a one-line message naming data.batch_size when it cannot fit in the available RAM.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0.0)
     precision: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with loss scaling) or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
     max_consecutive_skips: int = _opt(10, "Stop (with a checkpoint of the last good state) after this many non-finite steps in a row.", ge=1)
@@ -328,6 +334,9 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     m = cfg.model
     if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
+    mb = cfg.training.micro_batch_size
+    if mb > 0 and cfg.data.batch_size % mb:
+        raise ConfigError(f"training.micro_batch_size ({mb}) must divide data.batch_size ({cfg.data.batch_size})")
     if cfg.validation.use_ema and cfg.training.ema_decay == 0:
         raise ConfigError("validation.use_ema needs training.ema_decay > 0")
     if not cfg.experiment_name or any(c in cfg.experiment_name for c in '/\\:*?"<>|'):
