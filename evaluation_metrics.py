@@ -42,6 +42,15 @@ Definitions used by `compute()`:
 - "global_threshold_p_eq_r": the bin-edge threshold where micro precision equals micro recall,
   i.e. where the number of predicted positives is closest to the number of actual positives
   (precision = TP/PP and recall = TP/P are equal exactly when PP = P); the lowest such edge wins.
+- "f1_macro_at_pr": the long-tail headline number (WD-tagger style): macro F1, defined
+  as "f1_macro" (tags with a positive or a predicted positive), with every tag thresholded at that
+  one global_threshold_p_eq_r (so the threshold key is global_threshold_p_eq_r, not repeated). NaN
+  when there is no positive. Exact for the binned scores: counts come from the histograms.
+- "ap_rare_third": mean AP over the rarest third (ceil(n / 3)) of the n tags with a validation
+  positive (the tags "mAP" averages). Rarity is the training frequency (`tag_frequencies`, which
+  validation_loop passes from the vocabulary) when given, else the validation support; ties go to
+  the lower tag index. "ap_rare_third_num_tags" is how many tags it averages and
+  "ap_rare_third_ranked_by" is "train_frequency" or "val_support". NaN with no positive.
 - "rating_accuracy": NaN when no sample had a known rating (targets -1 are unknown; other values
   outside [0, num_ratings) are excluded too and counted in "rating_num_invalid").
 - NaN scores are counted ("num_nan_scores") and treated as a score of 0 (never predicted).
@@ -64,12 +73,15 @@ import torch.distributed as dist
 from metric_kernels import (
     AP_METHODS,
     CurveStats,
+    counts_from_bin,
     highest_occupied_bin_below,
     histogram_curve_stats,
     logit_bin_edges,
     logit_bin_positions,
     midpoint_thresholds,
+    nan_div,
     precision_equals_recall,
+    rarest_tags,
     summarize_tags,
     threshold_scores,
 )
@@ -309,6 +321,12 @@ class ScoreHistograms:
         merged = CurveStats(*(torch.cat(field) for field in zip(*parts)))
         return merged, pooled.view(2, self.num_bins).to(torch.float64).cpu()
 
+    def counts_from_bin(self, k: int, chunks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tag (TP, predicted positives) (T,) int64 on CPU when bins k.. are predicted positive."""
+        hist = self.view()
+        parts = [counts_from_bin(hist[start:stop, 1], hist[start:stop, 0], k) for start, stop in chunks]
+        return torch.cat([tp for tp, _ in parts]).cpu(), torch.cat([pp for _, pp in parts]).cpu()
+
     def best_thresholds(self, best_bin: torch.Tensor, chunks: list[tuple[int, int]]) -> torch.Tensor:
         """Probability threshold per tag for its F1-optimal bin (T,) (see midpoint_thresholds), on CPU."""
         hist = self.view()
@@ -537,8 +555,30 @@ class MetricComputer:
         else:
             k, out["p_eq_r_precision"], out["p_eq_r_recall"] = p_eq_r
             out["global_threshold_p_eq_r"] = float(self.bin_edges()[k])
+        out["f1_macro_at_pr"] = math.nan if p_eq_r is None else self._macro_f1_from_bin(p_eq_r[0], stats.support)
+        out.update(self._rare_third_ap(stats))
         out.update(self._rating.summary())
         return out
+
+    def _macro_f1_from_bin(self, k: int, support: torch.Tensor) -> float:
+        """Macro F1 (tags with a positive or a predicted positive) when every tag predicts bins k..."""
+        tp, predicted = self._scores.counts_from_bin(k, self._tag_chunks())  # (T,) each
+        defined = (predicted + support) > 0
+        if not bool(defined.any()):
+            return math.nan
+        return float(nan_div(2 * tp, predicted + support)[defined].mean())
+
+    def _rare_third_ap(self, stats: CurveStats) -> dict[str, Any]:
+        """ap_rare_third (see the module docstring), its tag count and what rarity was ranked by."""
+        by_training = self.tag_frequencies is not None
+        rank_by = self.tag_frequencies if self.tag_frequencies is not None else stats.support
+        rare = rarest_tags(rank_by, stats.support > 0, parts=3)  # (T,) bool
+        count = int(rare.sum())
+        return {
+            "ap_rare_third": float(stats.ap[rare].mean()) if count else math.nan,
+            "ap_rare_third_num_tags": count,
+            "ap_rare_third_ranked_by": "train_frequency" if by_training else "val_support",
+        }
 
     def per_tag(self) -> dict[str, Any]:
         """Per-tag tensors (CPU): ap, precision, recall, f1, support, best_threshold, best_f1."""

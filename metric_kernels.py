@@ -22,6 +22,7 @@ __all__ = [
     "AP_METHODS",
     "CurveStats",
     "counts_at_or_above",
+    "counts_from_bin",
     "highest_occupied_bin_below",
     "histogram_curve_stats",
     "logit_bin_edges",
@@ -29,6 +30,7 @@ __all__ = [
     "midpoint_thresholds",
     "nan_div",
     "precision_equals_recall",
+    "rarest_tags",
     "summarize_tags",
     "threshold_scores",
     "to_float",
@@ -252,6 +254,37 @@ def precision_equals_recall(
     tp_at = counts_at_or_above(pos)  # (K,)
     k = int((predicted_at - total_pos).abs().argmin())
     return k, to_float(nan_div(tp_at[k], predicted_at[k])), to_float(tp_at[k] / total_pos)
+
+
+def counts_from_bin(pos: torch.Tensor, neg: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tag (TP, predicted positives), both (T,) int64, when bins k.. of histograms pos, neg (T, K) are predicted."""
+    if pos.dim() != 2 or pos.shape != neg.shape:
+        raise ValueError(
+            f"pos and neg must be (tags, bins) of one shape, got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
+    if not 0 <= k < pos.shape[1]:
+        raise ValueError(f"bin {k} outside [0, {pos.shape[1]})")
+    tp = pos[:, k:].sum(1, dtype=torch.int64)  # (T,)
+    return tp, tp + neg[:, k:].sum(1, dtype=torch.int64)
+
+
+def rarest_tags(rank_by: torch.Tensor, eligible: torch.Tensor, parts: int) -> torch.Tensor:
+    """Mask (T,) of the ceil(n / parts) eligible tags with the smallest `rank_by` (T,); ties go to the lower index.
+
+    n is the number of eligible tags (`eligible` (T,) bool); no eligible tag gives an all-False mask.
+    Integer ceil (no float fraction) so n = 300, parts = 3 keeps exactly 100; the stable sort makes
+    the cut deterministic when many rare tags share one count.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be an int >= 1, got {parts!r}")
+    if rank_by.shape != eligible.shape or rank_by.dim() != 1:
+        raise ValueError(f"rank_by {tuple(rank_by.shape)} and eligible {tuple(eligible.shape)} must be one (T,) shape")
+    candidates = eligible.nonzero().squeeze(1)  # (n,) ascending tag index
+    keep = -(-candidates.numel() // parts)
+    order = torch.sort(rank_by[candidates], stable=True).indices[:keep]  # stable: ties keep index order
+    mask = torch.zeros_like(eligible, dtype=torch.bool)
+    mask[candidates[order]] = True
+    return mask
 
 
 def highest_occupied_bin_below(occupied: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -505,3 +506,83 @@ def test_chunked_compute_matches_single_chunk(monkeypatch: pytest.MonkeyPatch) -
     got_tags = chunked.per_tag()
     for key in ("ap", "best_f1", "best_threshold", "support"):
         torch.testing.assert_close(got_tags[key], expected_tags[key], equal_nan=True)
+
+
+# ---------------------------------------------------------------------- long-tail headline metrics
+
+
+def _sweep_p_eq_r_edge(probs: np.ndarray, targets: np.ndarray, edges: list[float]) -> float:
+    """Lowest edge whose predicted-positive count is closest to the positive count (numpy sweep)."""
+    n_pos = int(targets.sum())
+    gaps = [abs(int((probs >= e).sum()) - n_pos) for e in edges]
+    return edges[int(np.argmin(gaps))]  # argmin returns the first (lowest) minimum
+
+
+def _macro_f1_numpy(probs: np.ndarray, targets: np.ndarray, threshold: float) -> float:
+    """Mean per-tag F1 = 2TP / (PP + P) over tags with PP + P > 0 at one threshold."""
+    pred = probs >= threshold
+    tp = (pred & targets).sum(0)
+    denominator = pred.sum(0) + targets.sum(0)
+    defined = denominator > 0
+    return float((2 * tp[defined] / denominator[defined]).mean())
+
+
+def _numpy_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """average_precision_score's definition: sum over distinct scores of (R_n - R_n-1) * P_n."""
+    ap, prev_recall, n_pos = 0.0, 0.0, labels.sum()
+    for s in np.unique(scores)[::-1]:
+        pred = scores >= s
+        recall = (pred & labels).sum() / n_pos
+        ap += (recall - prev_recall) * (pred & labels).sum() / pred.sum()
+        prev_recall = recall
+    return float(ap)
+
+
+def test_f1_macro_at_pr_matches_a_threshold_sweep() -> None:
+    """Macro F1 at the global P = R threshold equals a numpy sweep over edges plus direct F1."""
+    mc = MetricComputer(20, num_bins=48)
+    probs, targets = bin_centred_batch(mc, 1200, 20, seed=21)
+    targets[:, 3] = False  # a tag with no positive: still counted where it predicts positives
+    stream(mc, probs, targets, 250)
+    out = mc.compute()
+    p, y = probs.double().numpy(), targets.numpy()
+    edge = _sweep_p_eq_r_edge(p, y, mc.bin_edges().tolist())
+    assert out["global_threshold_p_eq_r"] == pytest.approx(edge, abs=1e-15)
+    assert out["f1_macro_at_pr"] == pytest.approx(_macro_f1_numpy(p, y, edge), abs=1e-12)
+    # Not the same number as F1 at the configured 0.5 (the test would be vacuous otherwise).
+    assert abs(out["f1_macro_at_pr"] - out["f1_macro"]) > 1e-3
+
+
+@pytest.mark.parametrize("with_frequencies", [True, False])
+def test_ap_rare_third_matches_sorted_reference(with_frequencies: bool) -> None:
+    """Mean sklearn-style AP of the rarest third (by training frequency, else val support) of tags with a positive."""
+    t = 14
+    mc0 = MetricComputer(t, num_bins=64)
+    probs, targets = bin_centred_batch(mc0, 900, t, seed=22)
+    targets[:, 5] = False  # excluded: no validation positive
+    # Uneven validation supports so ranking by support is meaningful.
+    keep = torch.rand(900, t, generator=torch.Generator().manual_seed(3)) < torch.linspace(0.05, 1.0, t)
+    targets &= keep
+    freqs = [40, 3, 3, 500, 7, 1, 3, 90, 2, 2000, 3, 60, 8, 5]  # ties at 3 cut by tag index
+    mc = MetricComputer(t, num_bins=64, tag_frequencies=freqs if with_frequencies else None)
+    stream(mc, probs, targets, 300)
+    out = mc.compute()
+    p, y = probs.double().numpy(), targets.numpy()
+    support = y.sum(0)
+    eligible = np.flatnonzero(support > 0)
+    rank = np.asarray(freqs)[eligible] if with_frequencies else support[eligible]
+    rare = eligible[np.argsort(rank, kind="stable")[: math.ceil(len(eligible) / 3)]]
+    expected = float(np.mean([_numpy_ap(p[:, j], y[:, j]) for j in rare]))
+    assert out["ap_rare_third_num_tags"] == len(rare) == 5
+    assert out["ap_rare_third"] == pytest.approx(expected, abs=1e-12)
+    assert out["ap_rare_third_ranked_by"] == ("train_frequency" if with_frequencies else "val_support")
+    if with_frequencies:
+        assert sorted(rare.tolist()) == [1, 2, 6, 8, 10]  # tag 5 (freq 1) has no validation positive
+
+
+def test_long_tail_keys_are_nan_without_samples_and_json_safe() -> None:
+    """With no data the new rates are NaN (None in strict JSON) and the count is 0."""
+    out = MetricComputer(4, num_bins=16, tag_frequencies=[1, 2, 3, 4]).compute()
+    assert math.isnan(out["f1_macro_at_pr"]) and math.isnan(out["ap_rare_third"])
+    assert out["ap_rare_third_num_tags"] == 0
+    assert json.loads(json.dumps(json_safe(out), allow_nan=False))["f1_macro_at_pr"] is None

@@ -9,6 +9,7 @@ import torch
 
 from metric_kernels import (
     counts_at_or_above,
+    counts_from_bin,
     highest_occupied_bin_below,
     histogram_curve_stats,
     logit_bin_edges,
@@ -16,6 +17,7 @@ from metric_kernels import (
     midpoint_thresholds,
     nan_div,
     precision_equals_recall,
+    rarest_tags,
     summarize_tags,
     threshold_scores,
 )
@@ -241,3 +243,34 @@ def test_midpoint_thresholds_sit_in_the_middle_of_the_empty_gap() -> None:
     assert float(got[4]) == pytest.approx(sigmoid(edge_logit(14) + width), abs=1e-15)  # adjacent: the edge itself
     edges = logit_bin_edges(bins, logit_range)
     assert float(edges[3]) < float(got[0]) < float(edges[5])  # above the occupied bin 2, below bin 5
+
+
+def test_counts_from_bin_matches_a_loop() -> None:
+    """TP and predicted positives from bin k on equal direct sums over bins k.. for every k."""
+    pos, neg = random_histograms(7, 10, seed=4)
+    for k in range(10):
+        tp, predicted = counts_from_bin(pos, neg, k)
+        for t in range(7):
+            assert int(tp[t]) == sum(int(pos[t, j]) for j in range(k, 10))
+            assert int(predicted[t]) == sum(int(pos[t, j]) + int(neg[t, j]) for j in range(k, 10))
+        assert tp.dtype == predicted.dtype == torch.int64
+    with pytest.raises(ValueError, match="bin 10"):
+        counts_from_bin(pos, neg, 10)
+
+
+def test_rarest_tags_keeps_the_smallest_eligible_third_with_index_ties() -> None:
+    """ceil(n / parts) eligible tags of smallest rank, lower index first on ties; a loop reference."""
+    g = torch.Generator().manual_seed(9)
+    for trial in range(20):
+        t = int(torch.randint(1, 30, (1,), generator=g))
+        rank = torch.randint(0, 5, (t,), generator=g)  # many ties
+        eligible = torch.rand(t, generator=g) < 0.7
+        parts = 1 + trial % 4
+        got = rarest_tags(rank, eligible, parts)
+        candidates = sorted((int(rank[i]), i) for i in range(t) if bool(eligible[i]))
+        expected = {i for _, i in candidates[: math.ceil(len(candidates) / parts)]}
+        assert set(got.nonzero().squeeze(1).tolist()) == expected
+    assert rarest_tags(torch.arange(300), torch.ones(300, dtype=torch.bool), 3).sum() == 100
+    assert not rarest_tags(torch.arange(4), torch.zeros(4, dtype=torch.bool), 3).any()
+    with pytest.raises(ValueError, match="parts"):
+        rarest_tags(torch.arange(4), torch.ones(4, dtype=torch.bool), 0)

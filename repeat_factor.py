@@ -1,0 +1,229 @@
+"""LVIS repeat-factor sampling: rare-tag images repeated within an epoch, sharded and resumable.
+
+Gupta et al. (2019, "LVIS: A Dataset for Large Vocabulary Instance Segmentation") oversample
+images that carry rare categories. With f_t the share of training images tagged t and a
+threshold th, tag t gets r_t = max(1, sqrt(th / f_t)) and image i gets r(i) = max over its tags of
+r_t (1 for an image with no tag). Each epoch every image appears floor(r) or ceil(r) times, ceil
+with probability frac(r), so its expected count is r.
+
+The rounding is systematic (one uniform offset per epoch over a freshly shuffled image order)
+rather than one independent coin per image: every image still gets floor(r) or ceil(r) with the
+right probability, but the epoch's total is floor(S) or ceil(S) for S = sum r, never hundreds
+away from S. That lets the epoch have one fixed length (`effective_epoch_length` = floor(S)), so
+batches per epoch, the LR schedule's step count and resume positions work exactly as with
+`batching.ResumableSampler`, whose interface (set_epoch(epoch, start_batch), __iter__ of
+(index, epoch) keys, __len__, batches_per_epoch, state_dict/load_state_dict) this sampler
+mirrors. Counts use integer fixed-point arithmetic (2**-24 steps of r), so an integer r is
+repeated exactly r times and rounding error never yields a count outside {floor(r), ceil(r)}.
+
+Everything random comes from (seed, epoch) alone: the same seed gives the same epochs on every
+machine and rank, and a resumed epoch is the same epoch. It imports no project module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+__all__ = ["FIXED_POINT_BITS", "repeat_factors", "tag_image_frequencies", "RepeatFactorSampler"]
+
+# r is held as an integer multiple of 2**-FIXED_POINT_BITS (about 6e-8): exact sums, exact counts.
+FIXED_POINT_BITS = 24
+_ONE = 1 << FIXED_POINT_BITS
+# Cumulative fixed-point sums must stay below this (int64 with headroom for the offset).
+_MAX_FIXED_SUM = 1 << 62
+
+
+def _image_tag_pairs(image_tags: Sequence[Sequence[int] | np.ndarray], num_tags: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (image, tag) pairs as two int64 arrays; ValueError on a tag outside [0, num_tags)."""
+    lengths = np.fromiter((len(t) for t in image_tags), dtype=np.int64, count=len(image_tags))
+    flat = np.zeros(0, dtype=np.int64)
+    if lengths.sum():
+        flat = np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1) for t in image_tags])
+    if flat.size and (flat.min() < 0 or flat.max() >= num_tags):
+        raise ValueError(f"tag indices must be in [0, {num_tags}), got range [{flat.min()}, {flat.max()}]")
+    images = np.repeat(np.arange(len(image_tags), dtype=np.int64), lengths)
+    # A tag listed twice on one image must count once towards f_t.
+    keys = np.unique(images * num_tags + flat)
+    return keys // num_tags, keys % num_tags
+
+
+def tag_image_frequencies(image_tags: Sequence[Sequence[int] | np.ndarray], num_tags: int) -> np.ndarray:
+    """f_t: share of images (list of per-image tag indices) that carry tag t, (T,) float64."""
+    if len(image_tags) == 0:
+        raise ValueError("image_tags is empty: repeat factors need at least one training image")
+    _, tags = _image_tag_pairs(image_tags, num_tags)
+    return np.bincount(tags, minlength=num_tags).astype(np.float64) / len(image_tags)
+
+
+def repeat_factors(image_tags: Sequence[Sequence[int] | np.ndarray], num_tags: int, threshold: float) -> np.ndarray:
+    """r(i) = max(1, max over the image's tags of sqrt(threshold / f_t)), (N,) float64; untagged images get 1."""
+    if not (threshold > 0.0 and math.isfinite(threshold)):
+        raise ValueError(f"repeat-factor threshold must be a positive finite number, got {threshold!r}")
+    freq = tag_image_frequencies(image_tags, num_tags)  # (T,)
+    images, tags = _image_tag_pairs(image_tags, num_tags)
+    # Tags never seen have f_t = 0 but also no image, so their (infinite) factor is never read.
+    with np.errstate(divide="ignore"):
+        per_tag = np.maximum(1.0, np.sqrt(threshold / freq))  # (T,)
+    factors = np.ones(len(image_tags), dtype=np.float64)  # (N,)
+    np.maximum.at(factors, images, per_tag[tags])
+    return factors
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """Generator for one epoch from a 63-bit hash of (seed, epoch): (0, 1) and (1, 0) differ."""
+    digest = hashlib.blake2b(f"repeat-factor:{seed}:{epoch}".encode("utf-8"), digest_size=8).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF))
+
+
+class RepeatFactorSampler(Sampler):
+    """Sharded per-epoch expansion (image i floor(r_i) or ceil(r_i) times), shuffled, yielding (index, epoch)."""
+
+    def __init__(
+        self,
+        factors: Sequence[float] | np.ndarray,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
+        """Same arguments as batching.ResumableSampler, with per-image repeat factors (N,) >= 1 for num_samples."""
+        r = np.asarray(factors, dtype=np.float64).reshape(-1)
+        if r.size == 0:
+            raise ValueError("factors is empty: need one repeat factor per training image")
+        if not np.isfinite(r).all() or (r < 1.0).any():
+            raise ValueError(f"repeat factors must be finite and >= 1, got min {r.min()!r}, max {r.max()!r}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self._fixed = np.rint(r * _ONE).astype(np.int64)  # (N,) r in units of 2**-24
+        if int(self._fixed.sum(dtype=np.float64)) >= _MAX_FIXED_SUM:
+            raise ValueError(f"sum of repeat factors {r.sum():.3g} is too large for the fixed-point expansion")
+        self.num_samples = int(r.size)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.start_batch = 0
+        # The digest ties a checkpoint's position to these exact factors (data or threshold changes).
+        self.factors_digest = hashlib.blake2b(self._fixed.tobytes(), digest_size=16).hexdigest()
+        total = self.effective_epoch_length
+        if self.drop_last and total < self.world_size:
+            raise ValueError(f"{total} samples per epoch cannot be shared by {world_size} ranks with drop_last")
+        self.per_rank = total // self.world_size if self.drop_last else math.ceil(total / self.world_size)
+        if self.drop_last and self.per_rank < self.batch_size:
+            raise ValueError(f"{self.per_rank} samples per rank make no full batch of {batch_size}")
+
+    @property
+    def effective_epoch_length(self) -> int:
+        """Samples in one expanded epoch over all ranks, floor(sum of r), before drop_last trims it."""
+        return int(self._fixed.sum() >> FIXED_POINT_BITS)
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank runs in one epoch (the same for every epoch)."""
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def _samples_per_epoch(self) -> int:
+        """Samples this rank yields in a full epoch."""
+        return self.batches_per_epoch() * self.batch_size if self.drop_last else self.per_rank
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; skip this rank's first `start_batch` batches of it (resume)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= self.batches_per_epoch():
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch()}]")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def _expansion(self, epoch: int) -> np.ndarray:
+        """All ranks' index sequence for `epoch` before sharding, (floor(S) or ceil(S),) int64."""
+        rng = _epoch_rng(self.seed, epoch)
+        visit = rng.permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        # Systematic rounding: image j (in visit order) gets floor(C_j + u) - floor(C_{j-1} + u) copies,
+        # C the running sum of r, u ~ U[0, 1) once per epoch: floor(r_j) or ceil(r_j), ceil w.p. frac(r_j),
+        # because (C_{j-1} + u) mod 1 is uniform. Here in fixed point, so every step is exact.
+        offset = int(rng.integers(0, _ONE))
+        cumulative = np.cumsum(self._fixed[visit]) + offset  # (N,)
+        counts = np.diff(cumulative >> FIXED_POINT_BITS, prepend=offset >> FIXED_POINT_BITS)  # (N,)
+        expanded = np.repeat(visit, counts)
+        if self.shuffle:
+            expanded = expanded[rng.permutation(expanded.size)]  # spread an image's copies over the epoch
+        else:
+            expanded = np.sort(expanded, kind="stable")
+        return expanded
+
+    def repeat_counts(self, epoch: int) -> np.ndarray:
+        """How often each image appears in `epoch`'s expansion over all ranks (before drop_last), (N,) int64."""
+        return np.bincount(self._expansion(epoch), minlength=self.num_samples)
+
+    def _epoch_order(self) -> np.ndarray:
+        """This rank's full index list for the current epoch."""
+        order = self._expansion(self.epoch)
+        total = self.per_rank * self.world_size
+        if total > order.size:  # pad by repeating from the start, as DistributedSampler does
+            order = np.tile(order, math.ceil(total / order.size))
+        order = order[:total]
+        return order[self.rank : total : self.world_size][: self._samples_per_epoch()]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield (index, epoch) for this rank, from start_batch on."""
+        order = self._epoch_order()
+        epoch = self.epoch
+        for index in order[self.start_batch * self.batch_size :].tolist():
+            yield (index, epoch)
+
+    def __len__(self) -> int:
+        """Keys left to yield in the current epoch (after the resume skip)."""
+        return max(0, self._samples_per_epoch() - self.start_batch * self.batch_size)
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
+        """Plain-typed position: pass the batches the loop has consumed in this epoch."""
+        return {
+            "epoch": self.epoch,
+            "start_batch": self.start_batch if batches_done is None else int(batches_done),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "effective_epoch_length": self.effective_epoch_length,
+            "factors_digest": self.factors_digest,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from state_dict(); ValueError if the data, factors or layout changed since."""
+        for key in (
+            "num_samples",
+            "batch_size",
+            "world_size",
+            "seed",
+            "shuffle",
+            "drop_last",
+            "effective_epoch_length",
+            "factors_digest",
+        ):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r} but this run has "
+                    f"{getattr(self, key)!r}; cannot resume inside the epoch"
+                )
+        start = int(state.get("start_batch", 0))
+        epoch = int(state.get("epoch", 0))
+        if start >= self.batches_per_epoch():  # the stored epoch was finished
+            epoch, start = epoch + 1, 0
+        self.set_epoch(epoch, start)
