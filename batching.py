@@ -20,6 +20,7 @@ import hashlib
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -28,10 +29,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from augmentation import AugmentParams, apply_color_jitter, sample_rng
-from dataset_scan import DataQualityError, SampleRecord
+from dataset_scan import DataQualityError, SampleRecord, write_data_report
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, classify_failure, load_letterboxed, normalize_images
 from orientation_handler import OrientationHandler
 from prepared_cache import PreparedCache
+from scan_limits import printable
 
 __all__ = [
     "SidecarJsonDataset",
@@ -46,7 +48,8 @@ __all__ = [
 
 def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate UTF-8 strings into one byte array plus offsets (cheap to pickle)."""
-    encoded = [v.encode("utf-8") for v in values]
+    # surrogatepass: a name that is not UTF-8 must round-trip here rather than crash a worker
+    encoded = [v.encode("utf-8", "surrogatepass") for v in values]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     if encoded:
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
@@ -56,11 +59,12 @@ def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
     """The i-th string of a packed array."""
-    return blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8")
+    return blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
 
 
 class SidecarJsonDataset(Dataset):
-    """Map-style dataset over SampleRecords, keyed by (index, epoch), with failing samples replaced.
+    """Map-style dataset over SampleRecords, keyed by (index, epoch); a failing sample is replaced
+    (training) or skipped and reported (evaluation, `substitute=False`).
 
     Records are held as packed arrays (paths, ids, tag indices) so spawned workers unpickle it fast.
     """
@@ -68,11 +72,14 @@ class SidecarJsonDataset(Dataset):
     def __init__(self, records: Sequence[SampleRecord], tag_to_index: Mapping[str, int],
                  params: PreprocessParams, *, augment: AugmentParams | None = None,
                  orientation: OrientationHandler | None = None, seed: int = 0,
-                 max_retries: int = 10, cache: PreparedCache | None = None) -> None:
+                 max_retries: int = 10, cache: PreparedCache | None = None, substitute: bool = True,
+                 known_bad: Mapping[str, str] | None = None) -> None:
         """Encode every record's tags through `tag_to_index` (unknown tags dropped).
 
         `cache`: a PreparedCache for these params; its images replace decoding where the
         source file is unchanged (same pixels as load_image), the rest are decoded as usual.
+        `known_bad`: sample id -> reason of samples already found undecodable (an earlier epoch
+        or run); they are never decoded again, only reported and replaced or skipped.
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -102,6 +109,11 @@ class SidecarJsonDataset(Dataset):
         self.cache = cache
         self._cache_rows = cache.rows_for([r.sample_id for r in records]) if cache is not None else None
         self.cache_hits = 0  # per process; for benchmarks and tests
+        self.substitute = bool(substitute)
+        bad = dict(known_bad or {})
+        # index -> (sample id, reason); grows in each worker as it meets failing files
+        self._known_bad: dict[int, tuple[str, str]] = {
+            i: (r.sample_id, bad[r.sample_id]) for i, r in enumerate(records) if r.sample_id in bad}
 
     def __len__(self) -> int:
         """Number of records."""
@@ -169,10 +181,18 @@ class SidecarJsonDataset(Dataset):
         failures: list[tuple[str, str]] = []
         current = index
         for attempt in range(self.max_retries + 1):
-            try:
-                sample = self._load(current, epoch)
-            except IMAGE_ERRORS as exc:
-                failures.append((self.sample_id(current), classify_failure(exc)))
+            known = self._known_bad.get(current)
+            if known is None:
+                try:
+                    sample = self._load(current, epoch)
+                except IMAGE_ERRORS as exc:
+                    known = (self.sample_id(current), classify_failure(exc))
+                    self._known_bad[current] = known
+            if known is not None:
+                failures.append(known)
+                if not self.substitute:  # evaluation: never another sample in this one's place
+                    return {"skipped": True, "index": index, "failure": known, "more_failures": [],
+                            "image_size": self.params.image_size}
                 # replacement from (seed, epoch, index, attempt): same on every run and worker count
                 current = int(sample_rng(self.seed, epoch, index, attempt + 1, 1).integers(len(self)))
                 continue
@@ -185,11 +205,19 @@ class SidecarJsonDataset(Dataset):
 
 
 def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack samples: images (B,3,H,W) uint8, tag_indices (B,L) padded with -1, ratings, indices."""
+    """Stack samples: images (B,3,H,W) uint8, tag_indices (B,L) padded with -1, ratings, indices.
+
+    Samples marked skipped (evaluation) are left out and listed under "skipped"; B may be 0."""
     if not batch:
         raise ValueError("collate_samples got an empty batch")
-    images = torch.stack([s["image"] for s in batch])  # (B, 3, H, W)
-    longest = max(int(s["tag_indices"].numel()) for s in batch)
+    skipped = [tuple(s["failure"]) for s in batch if s.get("skipped")]
+    size = int(batch[0].get("image_size", 0))
+    batch = [s for s in batch if not s.get("skipped")]
+    if batch:
+        images = torch.stack([s["image"] for s in batch])  # (B, 3, H, W)
+    else:
+        images = torch.zeros((0, 3, size, size), dtype=torch.uint8)  # (0, 3, S, S)
+    longest = max((int(s["tag_indices"].numel()) for s in batch), default=0)
     tag_indices = torch.full((len(batch), longest), -1, dtype=torch.long)  # (B, L)
     for row, s in enumerate(batch):
         n = int(s["tag_indices"].numel())
@@ -206,9 +234,10 @@ def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "ratings": torch.tensor([int(s["rating"]) for s in batch], dtype=torch.long),  # (B,)
         "indices": torch.tensor([int(s["index"]) for s in batch], dtype=torch.long),  # (B,)
         "flip": torch.tensor([int(s["flip"]) for s in batch], dtype=torch.long),  # (B,)
-        "jitter": torch.tensor([s["jitter"] for s in batch], dtype=torch.float32),  # (B, 3)
-        "box": torch.tensor([s["box"] for s in batch], dtype=torch.long),  # (B, 4)
-        "failures": failures,
+        "jitter": torch.tensor([s["jitter"] for s in batch], dtype=torch.float32).reshape(-1, 3),  # (B, 3)
+        "box": torch.tensor([s["box"] for s in batch], dtype=torch.long).reshape(-1, 4),  # (B, 4)
+        "failures": failures + skipped,
+        "skipped": skipped,
     }
 
 
@@ -224,10 +253,15 @@ def targets_from_indices(tag_indices: torch.Tensor, num_tags: int) -> torch.Tens
 
 
 class FailureTracker:
-    """Counts samples replaced during training and stops the run when too many are bad."""
+    """Counts samples replaced during training, remembers which samples failed and why (for
+    data_report.json and the next run's exclusion), and stops the run when too many are bad."""
 
-    def __init__(self, max_bad_fraction: float, min_samples: int = 1000) -> None:
-        """Raise once failures / attempted loads > max_bad_fraction after min_samples loads."""
+    def __init__(self, max_bad_fraction: float, min_samples: int = 1000, *,
+                 report: dict[str, Any] | None = None, report_path: str | Path | None = None) -> None:
+        """Raise once failures / attempted loads > max_bad_fraction after min_samples loads.
+
+        With `report` and `report_path` (the run's data report, main process only),
+        write_report() puts the failures into it under "failed_in_workers"."""
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = float(max_bad_fraction)
@@ -236,6 +270,22 @@ class FailureTracker:
         self.failed = 0
         self.by_reason: dict[str, int] = {}
         self.examples: list[str] = []
+        self.samples: dict[str, str] = {}  # sample id -> reason, each failing sample once
+        self.report = report
+        self.report_path = Path(report_path) if report_path is not None else None
+
+    def record(self, samples: Mapping[str, str]) -> None:
+        """Remember samples that failed outside training (e.g. validation's skipped ones, id ->
+        reason) for the report and the next attempt, without counting them as training loads."""
+        for sample_id, reason in samples.items():
+            self.samples.setdefault(str(sample_id), str(reason))
+
+    def write_report(self) -> None:
+        """Store the failures seen so far in the run's data_report.json (no-op without one)."""
+        if self.report is None or self.report_path is None:
+            return
+        self.report["failed_in_workers"] = self.to_dict()
+        write_data_report(self.report_path, self.report)
 
     @property
     def bad_fraction(self) -> float:
@@ -250,8 +300,10 @@ class FailureTracker:
         for sample_id, reason in failures:
             self.failed += 1
             self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-            if len(self.examples) < 10:
-                self.examples.append(f"{sample_id}: {reason}")
+            if sample_id not in self.samples:
+                self.samples[sample_id] = reason
+                if len(self.examples) < 10:
+                    self.examples.append(printable(f"{sample_id}: {reason}"))
         attempted = self.delivered + self.failed
         if attempted >= self.min_samples and self.bad_fraction > self.max_bad_fraction:
             raise DataQualityError(
@@ -262,7 +314,8 @@ class FailureTracker:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for logs and checkpoints."""
         return {"delivered": self.delivered, "failed": self.failed, "bad_fraction": self.bad_fraction,
-                "by_reason": dict(self.by_reason), "examples": list(self.examples)}
+                "by_reason": dict(self.by_reason), "examples": list(self.examples),
+                "samples": {printable(k): v for k, v in sorted(self.samples.items())}}
 
     def state_dict(self) -> dict[str, Any]:
         """Counters for a checkpoint: the same dict as to_dict(), which checkpoints store under "failures"."""
@@ -285,6 +338,10 @@ class FailureTracker:
         self.failed = int(state.get("failed", 0))
         self.by_reason = {str(k): int(v) for k, v in by_reason.items()}
         self.examples = [str(e) for e in examples]
+        samples = state.get("samples", {})
+        if not isinstance(samples, Mapping):
+            raise ValueError(f"failure tracker state has samples={type(samples).__name__}; expected a mapping")
+        self.samples = {str(k): str(v) for k, v in samples.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +454,8 @@ def _worker_init(worker_id: int) -> None:
     if cv2 is not None:
         cv2.setNumThreads(1)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image raises on these
+    # decoder warnings (broken EXIF, truncated reads) were counted by the scan; a worker prints none
+    warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 def build_dataloader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_size: int, num_workers: int,
@@ -448,6 +507,7 @@ class ImagePreFetcher:
             "tag_targets": targets_from_indices(tag_indices, self.num_tags),  # (B, T)
             "ratings": ratings,
             "failures": batch.get("failures", []),
+            "skipped": batch.get("skipped", []),
             "flip": batch.get("flip"),
             "indices": batch.get("indices"),
         }

@@ -4,8 +4,11 @@ This module owns the steps a training or evaluation run takes to get its data fr
 ``ensure_dataset`` (generating the demo dataset when configured and absent),
 ``scan_from_config``, ``flip_audit``, ``prepare_data`` (scan, quality check, split, vocabulary,
 the run folder's split.json / vocabulary.json / data_report.json, the prepared cache, datasets),
-``prepare_eval_data`` and ``build_eval_loader``, with the ``DataBundle`` they return and
-``preprocess_from_config``. It is the top of the data modules and imports them all
+``prepare_eval_data`` and ``build_eval_loader``, with the ``DataBundle`` they return,
+``preprocess_from_config``, ``limits_from_config`` and ``check_output_locations`` (no run or
+cache folder inside the dataset). One decode truth: a sample that fails to decode anywhere (the
+start-up check, the cache build, a training worker) is recorded by id and reason, ends in
+data_report.json, and is left out of validation and of later runs; validation never substitutes. It is the top of the data modules and imports them all
 (``dataset_scan``, ``dataset_split``, ``image_preprocess``, ``augmentation``,
 ``prepared_cache``, ``batching``) plus ``Configuration_System`` (the config), ``file_io``
 (shipped resources), ``vocabulary``, ``orientation_handler`` and ``demo_dataset``.
@@ -13,6 +16,7 @@ the run folder's split.json / vocabulary.json / data_report.json, the prepared c
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +25,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from Configuration_System import RootConfig
+from Configuration_System import ConfigError, RootConfig
 from augmentation import AugmentParams
-from batching import SidecarJsonDataset, build_dataloader
+from batching import FailureTracker, SidecarJsonDataset, build_dataloader
 from dataset_scan import (
     DataQualityError, DatasetScan, SampleRecord, check_scan_quality, filter_known_tags, format_scan_summary,
-    load_manifest, scan_dataset, write_data_report,
+    load_manifest, read_json, scan_dataset, write_data_report,
 )
 from dataset_split import load_split, save_split, split_records
 from demo_dataset import generate_demo_dataset
@@ -34,11 +38,17 @@ from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
-from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list
+from scan_limits import ScanLimits, printable
+from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
 
 __all__ = [
     "DataBundle",
     "preprocess_from_config",
+    "limits_from_config",
+    "check_output_locations",
+    "is_inside",
+    "exclude_failed",
+    "earlier_failures",
     "ensure_dataset",
     "scan_from_config",
     "flip_audit",
@@ -60,6 +70,12 @@ class DataBundle:
     train_dataset: SidecarJsonDataset | None
     val_dataset: SidecarJsonDataset
     report: dict[str, Any]
+    report_path: Path | None = None
+
+    def failure_tracker(self, max_bad_fraction: float) -> FailureTracker:
+        """A FailureTracker that writes worker failures into this run's data_report.json
+        (write_report(), at each epoch end) and remembers them across resumes."""
+        return FailureTracker(max_bad_fraction, report=self.report, report_path=self.report_path)
 
 
 def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
@@ -67,6 +83,42 @@ def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
     d = cfg.data
     return PreprocessParams(image_size=d.image_size, pad_color=tuple(int(v) for v in d.pad_color),
                             mean=tuple(float(v) for v in d.mean), std=tuple(float(v) for v in d.std))
+
+
+def limits_from_config(cfg: RootConfig) -> ScanLimits:
+    """The per-sample limits and link policy of the data section."""
+    d = cfg.data
+    return ScanLimits(max_tags_per_sample=d.max_tags_per_sample, max_tag_chars=d.max_tag_chars,
+                      max_sidecar_bytes=d.max_sidecar_bytes, symlinks=d.symlinks)
+
+
+def _dataset_folder(cfg: RootConfig) -> Path | None:
+    """The folder the data lives in: data.root, else the manifest's folder; None if neither is set."""
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    if cfg.data.manifest:
+        return Path(cfg.data.manifest).parent
+    return None
+
+
+def is_inside(child: str | Path, parent: str | Path) -> bool:
+    """Whether `child` is `parent` or below it once links and `..` are resolved (neither must exist)."""
+    child_r, parent_r = os.path.realpath(child), os.path.realpath(parent)
+    return child_r == parent_r or child_r.startswith(parent_r.rstrip(os.sep) + os.sep)
+
+
+def check_output_locations(cfg: RootConfig) -> None:
+    """ConfigError naming the key when the run folder (output_root) or data.cache_dir lies inside
+    the dataset: nothing is ever written into it, and a later scan would read the run's files."""
+    data = _dataset_folder(cfg)
+    if data is None:
+        return
+    if is_inside(cfg.run_dir, data):
+        raise ConfigError(f"output_root: the run folder {cfg.run_dir} is inside the dataset folder {data} "
+                          "(data.root); choose an output_root outside it")
+    if cfg.data.cache_dir and is_inside(cfg.data.cache_dir, data):
+        raise ConfigError(f"data.cache_dir: {cfg.data.cache_dir} is inside the dataset folder {data} "
+                          "(data.root); choose a folder outside it")
 
 
 def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None] | None) -> Path:
@@ -95,8 +147,42 @@ def scan_from_config(cfg: RootConfig, root: Path, verify: str | None = None) -> 
     """Scan the dataset folder, or read the manifest, as the config says."""
     verify = verify or cfg.data.verify
     if cfg.data.manifest:
-        return load_manifest(cfg.data.manifest, root, verify=verify)
-    return scan_dataset(root, verify=verify)
+        return load_manifest(cfg.data.manifest, root, verify=verify, limits=limits_from_config(cfg))
+    return scan_dataset(root, verify=verify, limits=limits_from_config(cfg))
+
+
+def exclude_failed(scan: DatasetScan, failed: dict[str, str], source: str) -> None:
+    """Drop the scan's records whose sample id is in `failed` (id -> reason), counting each under
+    its reason; `source` says where the failure was seen (for the examples)."""
+    if not failed:
+        return
+    kept = []
+    for record in scan.records:
+        reason = failed.get(record.sample_id)
+        if reason is None:
+            kept.append(record)
+        else:
+            scan.add_skipped(reason, 1, [printable(f"{record.sample_id}: failed to decode ({source})")])
+    scan.records = kept
+
+
+def earlier_failures(run_dir: Path) -> dict[str, str]:
+    """Samples the run's earlier attempts found undecodable in workers (from its data_report.json)."""
+    path = run_dir / "data_report.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = read_json(str(path))
+    except ValueError as exc:
+        raise DataQualityError(f"{path}: unreadable data report ({exc}); move it away to start over") from exc
+    found: dict[str, str] = {}
+    # "failed_in_workers": FailureTracker.write_report(); "replaced_during_training": the end-of-run summary
+    for key in ("replaced_during_training", "failed_in_workers"):
+        section = report.get(key) if isinstance(report, dict) else None
+        samples = section.get("samples") if isinstance(section, dict) else None
+        if isinstance(samples, dict):
+            found.update((str(k), str(v)) for k, v in samples.items())
+    return found
 
 
 def _wait_for_rank0(world_size: int) -> None:
@@ -115,7 +201,9 @@ def flip_audit(records: Sequence[SampleRecord], vocab: TagVocabulary, handler: O
 
 def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[SampleRecord], vocab: TagVocabulary,
               preprocess: PreprocessParams, cache: PreparedCache | None = None,
-              ) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
+              known_bad: dict[str, str] | None = None) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
+    """Training dataset (augmented; a failing sample is replaced) and validation dataset (a
+    failing sample is skipped and reported, never replaced)."""
     train_ds = None
     if train is not None:
         a = cfg.augment
@@ -124,10 +212,50 @@ def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[Sampl
         train_ds = SidecarJsonDataset(train, vocab.tag_to_index, preprocess,
                                       augment=AugmentParams(flip_prob=a.flip_prob, brightness=a.brightness,
                                                             contrast=a.contrast, saturation=a.saturation),
-                                      orientation=orientation, seed=cfg.training.seed, cache=cache)
+                                      orientation=orientation, seed=cfg.training.seed, cache=cache,
+                                      known_bad=known_bad)
     val_ds = SidecarJsonDataset(val, vocab.tag_to_index, preprocess, augment=None, orientation=None,
-                                seed=cfg.training.seed, cache=cache)
+                                seed=cfg.training.seed, cache=cache, substitute=False)
     return train_ds, val_ds
+
+
+def _build_cache(cfg: RootConfig, records: list[SampleRecord], root: Path, preprocess: PreprocessParams,
+                 log: Callable[[str], None] | None) -> None:
+    """Build or refresh the prepared cache over every scanned record (main process only)."""
+    started = time.perf_counter()
+    cache_report = prepare_cache(records, cfg.data.cache_dir, preprocess, num_workers=max(0, cfg.data.num_workers),
+                                 data_root=root)
+    if log:
+        failed = sum(cache_report.get("failed", {}).values())
+        log(f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
+            f"({cache_report.get('decoded', 0)} images decoded, {cache_report.get('reused', 0)} reused"
+            + (f", {failed} failed to decode: left out" if failed else "") + ")")
+
+
+def _vocabulary(cfg: RootConfig, train: list[SampleRecord], root: Path) -> tuple[TagVocabulary, dict[str, Any]]:
+    """The vocabulary built from the training split under min_tag_frequency, top_k_tags and the
+    max_vocabulary_tags cap, with its build report."""
+    d = cfg.data
+    ignore = load_ignore_list(resolve_resource(d.ignore_tags_file)) if d.ignore_tags_file else ()
+    top_k = min(d.top_k_tags, d.max_vocabulary_tags) if d.top_k_tags else d.max_vocabulary_tags
+    vocab, build = build_vocabulary(train, min_frequency=d.min_tag_frequency, top_k=top_k, ignore_tags=ignore)
+    if len(vocab) == 0:
+        raise DataQualityError(f"no tag reaches data.min_tag_frequency={d.min_tag_frequency} in the training split of {root}")
+    return vocab, build.to_dict()
+
+
+def _log_split(log: Callable[[str], None], split: Any, report: dict[str, Any], vocab: TagVocabulary,
+               dropped: int) -> None:
+    """The console lines after the split: sizes, vocabulary, flip audit."""
+    used = report["used"]
+    excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
+    log(f"split: {used['train']} train / {used['val']} val{excluded}; vocabulary: {len(vocab)} tags"
+        + (f"; {dropped} samples without a known tag dropped" if dropped else ""))
+    if "flip_audit" in report:
+        audit = report["flip_audit"]
+        causes = {**audit["vetoed_by_forbid_tag"], **audit["vetoed_by_unmapped_tag"]}
+        top = ", ".join(f"{t}: {n}" for t, n in sorted(causes.items(), key=lambda kv: -kv[1])[:5])
+        log(f"flips: {audit['vetoed']} of {audit['considered']} training samples never flip" + (f" ({top})" if top else ""))
 
 
 def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: int = 1, resume: bool = False,
@@ -135,8 +263,11 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     """Scan, audit, split and build the vocabulary for a training run; write the run's data files.
 
     On resume the split and vocabulary saved in the run folder are reused, so a resumed run sees
-    exactly the samples and tag columns it started with.
+    exactly the samples and tag columns it started with. A refused output location raises
+    ConfigError before anything is written; too much bad data raises DataQualityError after
+    data_report.json is written.
     """
+    check_output_locations(cfg)
     is_main = rank == 0
     run_dir = Path(run_dir)
     if is_main:
@@ -145,9 +276,25 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     if not is_main:
         root = ensure_dataset(cfg, is_main=False, log=None)
     scan = scan_from_config(cfg, root)
+    preprocess = preprocess_from_config(cfg)
+    if cfg.data.cache_dir and is_main:
+        _build_cache(cfg, scan.records, root, preprocess, log)
+    _wait_for_rank0(world_size)
+    cache = PreparedCache(cfg.data.cache_dir, preprocess) if cfg.data.cache_dir else None
+    if cache is not None:
+        exclude_failed(scan, cache.failures, "cache build")
+    # samples found undecodable in workers by an earlier attempt of this run stay in the training
+    # dataset (the sampler's size must not change on resume) but are never decoded again
+    known_bad = earlier_failures(run_dir) if resume else {}
     if log:
         log(format_scan_summary(scan))
-    check_scan_quality(scan, cfg.data.max_bad_fraction)
+    report_path = run_dir / "data_report.json"
+    try:
+        check_scan_quality(scan, cfg.data.max_bad_fraction)
+    except DataQualityError:
+        if is_main:
+            write_data_report(report_path, scan.to_report())
+        raise
 
     split_path, vocab_path = run_dir / "split.json", run_dir / "vocabulary.json"
     if resume and split_path.is_file():
@@ -155,18 +302,15 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     else:
         split = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
                               max_val=cfg.data.max_val_samples)
+    build_report: dict[str, Any] | None = None
     if resume and vocab_path.is_file():
         vocab = TagVocabulary.load(vocab_path)
     elif cfg.data.vocabulary:
         vocab = TagVocabulary.load(cfg.data.vocabulary)
     else:
-        ignore = load_ignore_list(resolve_resource(cfg.data.ignore_tags_file)) if cfg.data.ignore_tags_file else ()
-        vocab = create_vocabulary_from_datasets(split.train, min_frequency=cfg.data.min_tag_frequency,
-                                                top_k=cfg.data.top_k_tags, ignore_tags=ignore)
-    if len(vocab) == 0:
-        raise DataQualityError(f"no tag reaches data.min_tag_frequency={cfg.data.min_tag_frequency} in the training split of {root}")
+        vocab, build_report = _vocabulary(cfg, split.train, root)
     train, dropped_train = filter_known_tags(split.train, vocab)
-    val, dropped_val = filter_known_tags(split.val, vocab)
+    val, dropped_val = filter_known_tags([r for r in split.val if r.sample_id not in known_bad], vocab)
     if not train or not val:
         raise DataQualityError(f"{root}: {len(train)} training and {len(val)} validation samples after the split; "
                                "need at least one of each (add data or change data.val_fraction)")
@@ -174,6 +318,10 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     report["split"] = split.to_report()
     report["no_known_tags"] = {"train": dropped_train, "val": dropped_val}
     report["used"] = {"train": len(train), "val": len(val), "tags": len(vocab)}
+    if build_report is not None:
+        report["vocabulary"] = build_report
+    if known_bad:
+        report["failed_in_workers"] = {"samples": dict(sorted(known_bad.items()))}
     if cfg.augment.flip_prob > 0:
         handler = OrientationHandler.from_file(resolve_resource(cfg.augment.orientation_map), cfg.augment.orientation_safety)
         report["flip_audit"] = flip_audit(train, vocab, handler).to_dict()
@@ -183,28 +331,12 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
             save_split(split_path, split)
         if not (resume and vocab_path.is_file()):
             vocab.save(vocab_path)
-        write_data_report(run_dir / "data_report.json", report)
+        write_data_report(report_path, report)
         if log:
-            excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
-            log(f"split: {len(train)} train / {len(val)} val{excluded}; vocabulary: {len(vocab)} tags"
-                + (f"; {dropped_train + dropped_val} samples without a known tag dropped" if dropped_train + dropped_val else ""))
-            if "flip_audit" in report:
-                audit = report["flip_audit"]
-                causes = {**audit["vetoed_by_forbid_tag"], **audit["vetoed_by_unmapped_tag"]}
-                top = ", ".join(f"{t}: {n}" for t, n in sorted(causes.items(), key=lambda kv: -kv[1])[:5])
-                log(f"flips: {audit['vetoed']} of {audit['considered']} training samples never flip" + (f" ({top})" if top else ""))
-    preprocess = preprocess_from_config(cfg)
-    if cfg.data.cache_dir and is_main:
-        started = time.perf_counter()
-        cache_report = prepare_cache(train + val, cfg.data.cache_dir, preprocess, num_workers=cfg.data.num_workers,
-                                     data_root=root)
-        if log:
-            log(f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
-                f"({cache_report.get('decoded', 0)} images decoded, {cache_report.get('reused', 0)} reused)")
-    _wait_for_rank0(world_size)
-    cache = PreparedCache(cfg.data.cache_dir, preprocess) if cfg.data.cache_dir else None
-    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache)
-    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report)
+            _log_split(log, split, report, vocab, dropped_train + dropped_val)
+    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache, known_bad)
+    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report,
+                      report_path if is_main else None)
 
 
 def prepare_eval_data(cfg: RootConfig, vocab: TagVocabulary, preprocess: PreprocessParams, *,
@@ -214,7 +346,7 @@ def prepare_eval_data(cfg: RootConfig, vocab: TagVocabulary, preprocess: Preproc
         root = Path(data_root)
         if not root.is_dir():
             raise FileNotFoundError(f"--data: dataset folder not found: {root}")
-        scan = scan_dataset(root, verify=cfg.data.verify)
+        scan = scan_dataset(root, verify=cfg.data.verify, limits=limits_from_config(cfg))
         records = scan.records
     else:
         root = ensure_dataset(cfg, is_main=False, log=None)
@@ -236,7 +368,10 @@ def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world
     """Validation batches in file order, this rank's share only (no sample on two ranks)."""
     batch_size = cfg.validation.batch_size or cfg.data.batch_size
     shard = list(range(rank, len(data.val_dataset), world_size))
-    return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=cfg.data.num_workers,
+    workers = cfg.data.num_workers
+    if workers < 0:  # "auto" left unresolved (a config not from a training run): a safe small number
+        workers = min(2, max(0, (os.cpu_count() or 1) - 1))
+    return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=workers,
                             pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), drop_last=False,
                             prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
                             multiprocessing_context=cfg.data.worker_start_method or None,

@@ -1,22 +1,23 @@
 """Dataset discovery and checking: image folders with sidecar JSON, or a JSON Lines manifest.
 
 This module owns everything from a user's image folder to a list of usable ``SampleRecord``s:
-sidecar parsing (``X.json`` / ``X.ext.json``, tag strings, per-category fields, e621-style tag
-dicts, ratings: ``parse_sidecar``, ``split_tag_string``, ``parse_rating``), resolving referenced
-paths inside the dataset root, the folder walk, image verification, ``scan_dataset``,
-``load_manifest`` and the ``DatasetScanner`` that picks between them, with every skipped file
-counted by reason (``DatasetScan``); and the reports on a scan (``check_scan_quality``,
-``write_data_report``, ``format_scan_summary``, ``filter_known_tags``). Nothing here ever writes
-into the user's dataset folder.
+pairing images with sidecars (``X.json`` / ``X.ext.json`` / a ``filename`` field), resolving
+referenced paths inside the dataset root, the folder walk (names that are not UTF-8 and links
+the ``data.symlinks`` policy refuses are set aside and counted once), image verification (decoder
+warnings collected for the report), ``scan_dataset``, ``load_manifest`` and the
+``DatasetScanner`` that picks between them, with every skipped file counted by reason
+(``DatasetScan``); and the reports on a scan (``check_scan_quality``, ``write_data_report``,
+``format_scan_summary``, ``filter_known_tags``). Nothing here ever writes into the user's
+dataset folder.
 
-It imports ``file_io`` (atomic write), ``tag_text`` (tag normalisation) and
-``image_preprocess`` (which exceptions mean an image is unusable); not the vocabulary, so that
-``vocabulary``'s build command can import this module.
+It imports ``file_io`` (atomic write), ``image_preprocess`` (which exceptions mean an image is
+unusable), ``sidecar_format`` (tags and ratings of one sidecar, re-exported here) and
+``scan_limits`` (limits, link policy and name checks for untrusted input); not the vocabulary,
+so that ``vocabulary``'s build command can import this module.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import posixpath
@@ -31,7 +32,8 @@ from PIL import Image
 
 from file_io import atomic_write_text
 from image_preprocess import IMAGE_ERRORS
-from tag_text import normalize_tag
+from scan_limits import LinkPolicy, ScanLimits, TagFilter, TooManyTagsError, WarningLog, is_utf8, printable
+from sidecar_format import TAG_CATEGORIES, SidecarFormatError, parse_rating, parse_sidecar, split_tag_string
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,7 +57,6 @@ __all__ = [
 
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
-TAG_CATEGORIES: tuple[str, ...] = ("general", "character", "copyright", "artist", "meta")
 
 # Every key a DatasetScan may count in .skipped (samples dropped) plus the kept-but-noted one.
 SKIP_REASONS: tuple[str, ...] = (
@@ -70,25 +71,24 @@ SKIP_REASONS: tuple[str, ...] = (
     "manifest_line_invalid",
     "duplicate_image",
     "directory_unreadable",
+    "name_not_utf8",
+    "symlink_outside_root",
+    "symlink_broken",
+    "sidecar_too_large",
+    "too_many_tags",
 )
 
-_RATING_CODES: dict[str, int] = {
-    "g": 0, "general": 0, "safe": 0,
-    "s": 1, "sensitive": 1,
-    "q": 2, "questionable": 2,
-    "e": 3, "explicit": 3,
+
+# Why a listed image or sidecar was set aside without being opened.
+_REFUSED = {
+    "name_not_utf8": "file name is not valid UTF-8",
+    "symlink_outside_root": "a link whose target is outside data.root (data.symlinks=inside_root)",
+    "symlink_broken": "a dangling or self-referencing link",
 }
-# e621-style tag dicts use other category names; these map onto ours, the rest become "".
-_CATEGORY_ALIASES: dict[str, str] = {c: c for c in TAG_CATEGORIES}
-_CATEGORY_ALIASES.update({"species": "general", "lore": "meta", "invalid": "meta"})
 
 
 class DataQualityError(ValueError):
     """Raised when the share of bad data passes the configured limit."""
-
-
-class _SidecarFormatError(ValueError):
-    """A sidecar or manifest entry has a field of the wrong type."""
 
 
 class _OutsideRootError(ValueError):
@@ -124,6 +124,9 @@ class DatasetScan:
     verify: str = "header"
     seconds: float = 0.0
     max_examples: int = 5
+    dropped_tags: dict[str, int] = field(default_factory=dict)
+    dropped_tag_examples: list[str] = field(default_factory=list)
+    decoder_warnings: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
@@ -152,6 +155,9 @@ class DatasetScan:
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
             "unknown_rating": self.unknown_rating,
+            "dropped_tags": dict(sorted(self.dropped_tags.items())),
+            "dropped_tag_examples": list(self.dropped_tag_examples),
+            "decoder_warnings": dict(self.decoder_warnings),
             "scan_seconds": round(self.seconds, 3),
         }
 
@@ -164,111 +170,25 @@ class _Collector:
         self.max_examples = max_examples
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
+        self.dropped_tags: dict[str, int] = {}
+        self.dropped_examples: list[str] = []
+        self.warnings = WarningLog()
 
     def add(self, reason: str, detail: str) -> None:
-        """Count one skipped sample for `reason` with a human-readable detail."""
+        """Count one skipped sample for `reason` with a human-readable detail (escaped: names
+        that are not UTF-8 must still go into JSON)."""
         self.counts[reason] = self.counts.get(reason, 0) + 1
         bucket = self.examples.setdefault(reason, [])
         if len(bucket) < self.max_examples:
-            bucket.append(detail)
+            bucket.append(printable(detail))
 
+    def add_dropped_tags(self, dropped: dict[str, int], origin: str) -> None:
+        """Count tags a TagFilter dropped from the sample of `origin` (a sidecar or manifest line)."""
+        for reason, count in dropped.items():
+            self.dropped_tags[reason] = self.dropped_tags.get(reason, 0) + count
+            if len(self.dropped_examples) < self.max_examples:
+                self.dropped_examples.append(printable(f"{origin}: {count} {reason}"))
 
-# --------------------------------------------------------------------------------------------
-# Sidecar parsing
-# --------------------------------------------------------------------------------------------
-
-
-def parse_rating(value: Any) -> int:
-    """Map a rating code (g/s/q/e, full words, 'safe', or 0-3 as int or digit string) to 0-3, else -1."""
-    if isinstance(value, bool):  # bool is an int subclass; True is not a rating
-        return -1
-    if isinstance(value, int):
-        return value if 0 <= value <= 3 else -1
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _RATING_CODES:
-            return _RATING_CODES[text]
-        if text.isdigit() and 0 <= int(text) <= 3:
-            return int(text)
-    return -1
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _norm(tag: str) -> str:
-    """Cached tag_text.normalize_tag: booru tags repeat across millions of sidecars."""
-    return normalize_tag(tag)
-
-
-def split_tag_string(text: str) -> list[str]:
-    """Split a tag string on commas if it has any, else on whitespace; normalise and drop empties."""
-    parts = text.split(",") if "," in text else text.split()
-    out = []
-    for part in parts:
-        tag = _norm(part)
-        if tag:
-            out.append(tag)
-    return out
-
-
-def _tags_from_value(value: Any, field_name: str, *, space_only: bool = False) -> list[str]:
-    """Tags from a list of strings or one string; raises _SidecarFormatError on other types."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        if space_only:
-            return [t for t in map(_norm, value.split()) if t]
-        return split_tag_string(value)
-    if isinstance(value, list):
-        out = []
-        for item in value:
-            if not isinstance(item, str):
-                raise _SidecarFormatError(
-                    f"field {field_name!r} holds a {type(item).__name__}, expected strings")
-            tag = _norm(item)
-            if tag:
-                out.append(tag)
-        return out
-    raise _SidecarFormatError(
-        f"field {field_name!r} is a {type(value).__name__}, expected a list of strings or a string")
-
-
-def parse_sidecar(data: Any) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-    """Tags, categories and rating from one sidecar object; ValueError on wrong field types.
-
-    Reads ``tags`` (list, string, or an e621-style ``{category: [tags]}`` dict), the per-category
-    ``tag_string_<cat>`` / ``tags_<cat>`` fields and ``tag_string``. Tags keep their first
-    appearance; a tag first seen without a category takes the first category given later.
-    """
-    if not isinstance(data, Mapping):
-        raise _SidecarFormatError(f"sidecar is a JSON {type(data).__name__}, expected an object")
-    order: list[str] = []
-    cats: dict[str, str] = {}
-
-    def add(tags: Iterable[str], category: str) -> None:
-        """Append new tags in order; fill in a category for tags that had none."""
-        for tag in tags:
-            if tag not in cats:
-                order.append(tag)
-                cats[tag] = category
-            elif not cats[tag] and category:
-                cats[tag] = category
-
-    raw_tags = data.get("tags")
-    if isinstance(raw_tags, Mapping):
-        for key, value in raw_tags.items():
-            add(_tags_from_value(value, f"tags.{key}"), _CATEGORY_ALIASES.get(str(key).lower(), ""))
-    else:
-        add(_tags_from_value(raw_tags, "tags"), "")
-    for category in TAG_CATEGORIES:
-        add(_tags_from_value(data.get(f"tag_string_{category}"), f"tag_string_{category}",
-                             space_only=True), category)
-        add(_tags_from_value(data.get(f"tags_{category}"), f"tags_{category}"), category)
-    tag_string = data.get("tag_string")
-    if tag_string is not None and not isinstance(tag_string, str):
-        raise _SidecarFormatError(
-            f"field 'tag_string' is a {type(tag_string).__name__}, expected a string")
-    add(_tags_from_value(tag_string, "tag_string", space_only=True), "")
-    return tuple(order), tuple(cats[t] for t in order), parse_rating(data.get("rating"))
 
 
 def _resolve_inside(base_rel: str, value: str) -> str:
@@ -290,9 +210,19 @@ def _resolve_inside(base_rel: str, value: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _walk(root_abs: str, collector: _Collector) -> list[tuple[str, list[str], list[str]]]:
-    """(relative dir, image names, sidecar names) per folder, sorted, via os.scandir."""
-    out: list[tuple[str, list[str], list[str]]] = []
+@dataclass
+class _Listing:
+    """What the folder walk found: per folder (rel, image names, sidecar names), and the image
+    files that are links it will not follow (rel path -> reason; counted once, when paired)."""
+
+    folders: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def _walk(root_abs: str, collector: _Collector, policy: LinkPolicy) -> _Listing:
+    """Every folder's images and sidecars, sorted, via os.scandir; names that are not UTF-8 and
+    links the policy refuses are counted (folders, sidecars) or set aside (images)."""
+    listing = _Listing()
     stack = [""]
     seen_real = {os.path.realpath(root_abs)}
     while stack:
@@ -305,9 +235,22 @@ def _walk(root_abs: str, collector: _Collector) -> list[tuple[str, list[str], li
             with os.scandir(abs_dir) as it:
                 for entry in it:
                     name = entry.name
+                    shown = posixpath.join(rel, name)
+                    ext = os.path.splitext(name)[1].lower()
                     try:
+                        link = entry.is_symlink()
+                        # Linux names are bytes: one that is not UTF-8 cannot go into JSON or a hash
+                        reason = "name_not_utf8" if not is_utf8(name) else policy.reason(entry.path) if link else None
+                        if reason is not None:
+                            # images and sidecars are set aside and counted once, as a sample
+                            if ext in IMAGE_EXTENSIONS or ext == ".json":
+                                listing.rejected[shown] = reason
+                                (images if ext in IMAGE_EXTENSIONS else sidecars).append(name)
+                            elif os.path.isdir(entry.path) and reason != "symlink_broken":
+                                collector.add(reason, f"{shown}: skipped folder or file")
+                            continue
                         if entry.is_dir():
-                            if entry.is_symlink():  # follow linked folders once, never in a loop
+                            if link:  # follow linked folders once, never in a loop
                                 real = os.path.realpath(entry.path)
                                 if real in seen_real:
                                     continue
@@ -317,9 +260,8 @@ def _walk(root_abs: str, collector: _Collector) -> list[tuple[str, list[str], li
                         if not entry.is_file():
                             continue
                     except OSError as exc:
-                        collector.add("directory_unreadable", f"{posixpath.join(rel, name)}: {exc}")
+                        collector.add("directory_unreadable", f"{shown}: {exc}")
                         continue
-                    ext = os.path.splitext(name)[1].lower()
                     if ext == ".json":
                         sidecars.append(name)
                     elif ext in IMAGE_EXTENSIONS:
@@ -329,10 +271,10 @@ def _walk(root_abs: str, collector: _Collector) -> list[tuple[str, list[str], li
             continue
         images.sort()
         sidecars.sort()
-        out.append((rel, images, sidecars))
+        listing.folders.append((rel, images, sidecars))
         # reversed so that popping visits sub-folders in sorted order
         stack.extend(posixpath.join(rel, d) if rel else d for d in sorted(subdirs, reverse=True))
-    return out
+    return listing
 
 
 def _run_chunk(args: tuple[Any, list[Any], tuple[Any, ...]]) -> list[Any]:
@@ -411,19 +353,26 @@ def _finish_scan(candidates: list[_Candidate], collector: _Collector, *, root: s
     if verify == "none" and listed:
         results: list[tuple[str | None, str]] = [(None, "")] * len(candidates)
     else:
-        results = _verify_all(candidates, verify, num_threads)
+        results = _verify_all(candidates, verify, num_threads, collector)
     return _build_scan(candidates, results, collector, root=root, source=source, verify=verify,
                        started=started)
 
 
-def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int) -> list[tuple[str | None, str]]:
-    """_verify_image over all candidates on a thread pool."""
-    with warnings.catch_warnings():
-        # _verify_image checks the pixel count itself; keep the console quiet while scanning
+def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int,
+                collector: _Collector) -> list[tuple[str | None, str]]:
+    """_verify_image over all candidates on a thread pool; decoder warnings go to the report.
+
+    catch_warnings swaps the process-wide filters, so warnings from the pool's threads are
+    recorded too (nothing else runs while the scan does)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # _verify_image checks the pixel count itself
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         # small chunks: verification is slow per item and should spread over all threads
-        return _map_threads(_verify_image, [c.image_path for c in candidates], num_threads,
-                            verify, chunk=32)
+        results = _map_threads(_verify_image, [c.image_path for c in candidates], num_threads,
+                               verify, chunk=32)
+    collector.warnings.add_all(caught)
+    return results
 
 
 def _build_scan(candidates: list[_Candidate], results: list[tuple[str | None, str]],
@@ -443,7 +392,9 @@ def _build_scan(candidates: list[_Candidate], results: list[tuple[str | None, st
     return DatasetScan(records=records, skipped=dict(collector.counts),
                        examples={k: list(v) for k, v in collector.examples.items()},
                        unknown_rating=unknown_rating, root=root, source=source, verify=verify,
-                       seconds=time.perf_counter() - started, max_examples=collector.max_examples)
+                       seconds=time.perf_counter() - started, max_examples=collector.max_examples,
+                       dropped_tags=dict(collector.dropped_tags),
+                       dropped_tag_examples=list(collector.dropped_examples), decoder_warnings=collector.warnings.to_report())
 
 
 def _check_verify(verify: str) -> None:
@@ -453,7 +404,7 @@ def _check_verify(verify: str) -> None:
 
 
 def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int = 8,
-                 max_examples: int = 5) -> DatasetScan:
+                 max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> DatasetScan:
     """Find every image with a sidecar under `root`, check them, and count what was skipped."""
     started = time.perf_counter()
     _check_verify(verify)
@@ -462,7 +413,9 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
         raise FileNotFoundError(f"dataset root {str(root_path)!r} does not exist or is not a directory")
     root_abs = os.path.abspath(root_path)
     collector = _Collector(max_examples)
-    listing = _walk(root_abs, collector)
+    policy = LinkPolicy(root_abs, limits.symlinks)
+    walked = _walk(root_abs, collector, policy)
+    listing, rejected = walked.folders, walked.rejected
 
     all_files: set[str] = set()
     stems: dict[str, dict[str, list[str]]] = {}  # rel dir -> stem -> image names (sorted)
@@ -479,8 +432,12 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
         """Root-relative POSIX path of `name` in folder `rel`."""
         return f"{rel}/{name}" if rel else name
 
-    abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel]
-    parsed = _map_threads(_read_sidecar_safe, abs_paths, num_threads)
+    # refused links and undecodable names are never opened: their reason stands in for the content
+    abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel
+                 if rel_join(rel, n) not in rejected]
+    readable = iter(_map_threads(_read_sidecar_safe, abs_paths, num_threads, limits.max_sidecar_bytes))
+    parsed = [(rejected[rel_join(rel, n)], _REFUSED[rejected[rel_join(rel, n)]]) if rel_join(rel, n) in rejected else next(readable)
+              for rel, n in sidecar_rel]
 
     def implicit_options(rel: str, name: str) -> list[str]:
         """Images a sidecar names by its own file name: X.ext for X.ext.json, X.* for X.json."""
@@ -496,8 +453,8 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
     targets: dict[int, str] = {}
     for i, ((rel, name), result) in enumerate(zip(sidecar_rel, parsed)):
         side = rel_join(rel, name)
-        if isinstance(result, str):
-            collector.add("sidecar_unreadable", f"{side}: {result}")
+        if isinstance(result, tuple):
+            collector.add(result[0], f"{side}: {result[1]}")
             failed.append((rel, name))
             continue
         data = result
@@ -507,6 +464,10 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
                 collector.add("sidecar_unreadable", f"{side}: field 'filename' is not a path string")
                 failed.append((rel, name))
                 continue
+            if not is_utf8(explicit):
+                collector.add("name_not_utf8", f"{side}: field 'filename' is not valid UTF-8")
+                failed.append((rel, name))
+                continue
             try:
                 target = _resolve_inside(rel, explicit.strip())
             except _OutsideRootError as exc:
@@ -514,10 +475,10 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
                 failed.append((rel, name))
                 continue
             extension = data.get("extension")
-            found = _existing(root_abs, target, all_files)
-            if found is None and isinstance(extension, str) and extension:
+            found = _existing(root_abs, target, all_files, policy)
+            if found is None and isinstance(extension, str) and extension and is_utf8(extension):
                 # gallery-dl stores the stem in "filename" and the suffix in "extension"
-                found = _existing(root_abs, f"{target}.{extension.lstrip('.')}", all_files)
+                found = _existing(root_abs, f"{target}.{extension.lstrip('.')}", all_files, policy)
             if found is not None:
                 targets[i] = found
                 continue
@@ -564,49 +525,76 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
 
     for image in sorted(all_files):
         if image not in claimed:
-            collector.add("sidecar_missing", f"{image}: no {posixpath.basename(image)}.json or stem .json")
+            if image in rejected:  # a refused link counts once, under the link's reason
+                collector.add(rejected[image], f"{image}: {_REFUSED[rejected[image]]}")
+            else:
+                collector.add("sidecar_missing", f"{image}: no {posixpath.basename(image)}.json or stem .json")
 
     candidates: list[_Candidate] = []
     for i in sorted(targets, key=lambda k: targets[k]):
-        data = parsed[i]
         side = rel_join(*sidecar_rel[i])
-        try:
-            tags, cats, rating = parse_sidecar(data)
-        except _SidecarFormatError as exc:
-            collector.add("sidecar_unreadable", f"{side}: {exc}")
-            continue
-        if not tags:
-            collector.add("no_tags", f"{side}: no tags")
-            continue
         target = targets[i]
+        if target in rejected:
+            collector.add(rejected[target], f"{side}: image {target!r}: {_REFUSED[rejected[target]]}")
+            continue
+        parsed_tags = _parse_limited(parsed[i], side, limits, collector, "sidecar_unreadable")
+        if parsed_tags is None:
+            continue
+        tags, cats, rating = parsed_tags
         candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats,
                                      rating, side))
     return _finish_scan(candidates, collector, root=root_abs, source="folder", verify=verify,
                         num_threads=num_threads, started=started, listed=True)
 
 
-def _existing(root_abs: str, rel: str, all_files: set[str]) -> str | None:
+def _parse_limited(data: Any, origin: str, limits: ScanLimits, collector: _Collector,
+                   format_reason: str) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+    """parse_sidecar under the tag limits; None (counted by reason) when the sample is unusable."""
+    tag_filter = TagFilter.from_limits(limits)
+    try:
+        tags, cats, rating = parse_sidecar(data, tag_filter)
+    except TooManyTagsError as exc:
+        collector.add("too_many_tags", f"{origin}: {exc}")
+        return None
+    except SidecarFormatError as exc:
+        collector.add(format_reason, f"{origin}: {exc}")
+        return None
+    finally:
+        collector.add_dropped_tags(tag_filter.dropped, origin)
+    if not tags:
+        collector.add("no_tags", f"{origin}: no tags" + (f" (dropped: {tag_filter.dropped})" if tag_filter.dropped else ""))
+        return None
+    return tags, cats, rating
+
+
+def _existing(root_abs: str, rel: str, all_files: set[str], policy: LinkPolicy) -> str | None:
     """`rel` if that file exists under the root (listing first, then a stat), else None."""
     if rel in all_files:
         return rel
-    if os.path.isfile(os.path.join(root_abs, *rel.split("/"))):
+    path = os.path.join(root_abs, *rel.split("/"))
+    if os.path.isfile(path) and policy.reason_for_file(path) is None:
         all_files.add(rel)
         return rel
     return None
 
 
-def _read_sidecar_safe(path: str) -> dict[str, Any] | str:
-    """The sidecar's JSON object, or a string explaining why it could not be read."""
+def _read_sidecar_safe(path: str, max_bytes: int) -> dict[str, Any] | tuple[str, str]:
+    """The sidecar's JSON object, or (skip reason, why it could not be used); at most
+    `max_bytes` are read, so a huge file costs no memory."""
     try:
-        data = read_json(path)
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            return "sidecar_too_large", f"larger than data.max_sidecar_bytes={max_bytes}"
+        data = json.loads(raw.decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
-        return f"cannot read: {exc}"
+        return "sidecar_unreadable", f"cannot read: {exc}"
     except json.JSONDecodeError as exc:
-        return f"invalid JSON: {exc}"
+        return "sidecar_unreadable", f"invalid JSON: {exc}"
     except RecursionError:
-        return "invalid JSON: nested too deeply"
+        return "sidecar_unreadable", "invalid JSON: nested too deeply"
     if not isinstance(data, dict):
-        return f"JSON is a {type(data).__name__}, expected an object"
+        return "sidecar_unreadable", f"JSON is a {type(data).__name__}, expected an object"
     return data
 
 
@@ -616,7 +604,7 @@ def _read_sidecar_safe(path: str) -> dict[str, Any] | str:
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: str = "header",
-                  num_threads: int = 8, max_examples: int = 5) -> DatasetScan:
+                  num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> DatasetScan:
     """Records from a JSON Lines manifest of {"file", "tags", "rating"} objects, checked like a scan.
 
     ``file`` is relative to `root` when given, else to the manifest's folder.
@@ -631,12 +619,16 @@ def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: s
         raise FileNotFoundError(f"dataset root {str(root_path)!r} does not exist or is not a directory")
     root_abs = os.path.abspath(root_path)
     collector = _Collector(max_examples)
+    policy = LinkPolicy(root_abs, limits.symlinks)
     candidates: list[_Candidate] = []
     seen: dict[str, int] = {}
-    with open(manifest, "r", encoding="utf-8-sig") as handle:
+    with open(manifest, "r", encoding="utf-8-sig", errors="surrogateescape") as handle:
         for lineno, line in enumerate(handle, start=1):
             text = line.strip()
             if not text:
+                continue
+            if len(text) > limits.max_sidecar_bytes:
+                collector.add("sidecar_too_large", f"line {lineno}: longer than data.max_sidecar_bytes")
                 continue
             try:
                 obj = json.loads(text)
@@ -651,11 +643,13 @@ def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: s
             if not isinstance(file_value, str) or not file_value.strip():
                 collector.add("manifest_line_invalid", f"line {lineno}: missing or non-string 'file'")
                 continue
-            try:
-                tags, cats, rating = parse_sidecar(obj)
-            except _SidecarFormatError as exc:
-                collector.add("manifest_line_invalid", f"line {lineno}: {exc}")
+            if not is_utf8(file_value):
+                collector.add("name_not_utf8", f"line {lineno}: 'file' is not valid UTF-8")
                 continue
+            parsed_tags = _parse_limited(obj, f"line {lineno}", limits, collector, "manifest_line_invalid")
+            if parsed_tags is None:
+                continue
+            tags, cats, rating = parsed_tags
             try:
                 target = _resolve_inside("", file_value.strip())
             except _OutsideRootError as exc:
@@ -665,8 +659,9 @@ def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: s
                 collector.add("duplicate_image", f"line {lineno}: {target!r} already on line {seen[target]}")
                 continue
             seen[target] = lineno
-            if not tags:
-                collector.add("no_tags", f"line {lineno}: {target}: no tags")
+            link_reason = policy.reason_for_file(os.path.join(root_abs, *target.split("/")))
+            if link_reason is not None and os.path.lexists(os.path.join(root_abs, *target.split("/"))):
+                collector.add(link_reason, f"line {lineno}: {target}: a link the data.symlinks policy refuses")
                 continue
             candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags,
                                          cats, rating, f"line {lineno}"))
@@ -678,7 +673,7 @@ class DatasetScanner:
     """Scans a dataset given as a folder of images with sidecars or as a JSON Lines manifest."""
 
     def __init__(self, source: str | Path, *, root: str | Path | None = None, verify: str = "header",
-                 num_threads: int = 8, max_examples: int = 5) -> None:
+                 num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> None:
         """Remember where the data is; `root` only applies to manifests."""
         _check_verify(verify)
         self.source = Path(source)
@@ -686,15 +681,16 @@ class DatasetScanner:
         self.verify = verify
         self.num_threads = num_threads
         self.max_examples = max_examples
+        self.limits = limits
 
     def scan(self) -> DatasetScan:
         """Run the scan (folder) or manifest load (file) and return the DatasetScan."""
         if self.source.is_dir():
             return scan_dataset(self.source, verify=self.verify, num_threads=self.num_threads,
-                                max_examples=self.max_examples)
+                                max_examples=self.max_examples, limits=self.limits)
         if self.source.is_file():
-            return load_manifest(self.source, self.root, verify=self.verify,
-                                 num_threads=self.num_threads, max_examples=self.max_examples)
+            return load_manifest(self.source, self.root, verify=self.verify, num_threads=self.num_threads,
+                                 max_examples=self.max_examples, limits=self.limits)
         raise FileNotFoundError(f"dataset source {str(self.source)!r} does not exist")
 
 
@@ -710,8 +706,9 @@ def filter_known_tags(records: Sequence[SampleRecord], vocab: Any) -> tuple[list
     return kept, len(records) - len(kept)
 
 
-def check_scan_quality(scan: DatasetScan, max_bad_fraction: float) -> float:
-    """The skipped share of the scan; DataQualityError when it exceeds `max_bad_fraction`."""
+def check_scan_quality(scan: DatasetScan, max_bad_fraction: float, key: str = "data.max_bad_fraction") -> float:
+    """The skipped share of the scan; DataQualityError (naming the config `key`) when it exceeds
+    `max_bad_fraction`."""
     total = len(scan.records) + scan.num_skipped
     if total == 0:
         raise DataQualityError(f"no samples found under {scan.root!r}")
@@ -719,13 +716,19 @@ def check_scan_quality(scan: DatasetScan, max_bad_fraction: float) -> float:
     if share > max_bad_fraction:
         raise DataQualityError(
             f"{scan.num_skipped} of {total} samples ({share:.1%}) under {scan.root!r} are unusable, "
-            f"more than the allowed {max_bad_fraction:.1%}: {format_scan_summary(scan)}")
+            f"more than {key}={max_bad_fraction:g} allows; raise {key} to train on the rest. "
+            f"{format_scan_summary(scan)}")
     return share
 
 
 def write_data_report(path: str | Path, report: Mapping[str, Any]) -> None:
     """Write `report` as JSON atomically."""
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    try:
+        text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from untrusted input: JSON's ASCII escapes can hold it
+        text = json.dumps(report, indent=2, ensure_ascii=True) + "\n"
+    atomic_write_text(path, text)
 
 
 def format_scan_summary(scan: DatasetScan) -> str:
@@ -736,4 +739,8 @@ def format_scan_summary(scan: DatasetScan) -> str:
         line += " (" + ", ".join(f"{k}: {v}" for k, v in parts) + ")"
     if scan.unknown_rating:
         line += f"; {scan.unknown_rating} kept with unknown rating"
+    if scan.dropped_tags:
+        line += "; tags dropped: " + ", ".join(f"{k}: {v}" for k, v in sorted(scan.dropped_tags.items()))
+    if scan.decoder_warnings:
+        line += f"; {sum(scan.decoder_warnings.values())} decoder warnings (in data_report.json)"
     return line

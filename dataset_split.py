@@ -42,7 +42,9 @@ class SplitResult:
 
 def _split_hash(seed: int, sample_id: str) -> float:
     """Uniform value in [0, 1) from blake2b of (seed, sample_id); stable across runs and machines."""
-    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode("utf-8"), digest_size=8).digest()
+    # surrogatepass: a name that is not valid UTF-8 (a surrogate-escaped str) hashes instead of
+    # crashing; for every valid name the bytes, so the split, are unchanged
+    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0 ** 64
 
 

@@ -136,9 +136,12 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
                 # libjpeg DCT scaling: decode at >= the final size, far cheaper than full size
                 img.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
         img.load()
+        orientation = _orientation(img)
+        reduced = _reduce_huge(img, size)
         # exif_transpose copies the image even when there is nothing to turn: ask first
-        oriented = ImageOps.exif_transpose(img) if img.getexif().get(_EXIF_ORIENTATION, 1) != 1 else img
+        oriented = _transpose(reduced, orientation) if orientation != 1 else reduced
         rgb = _to_rgb(oriented, params.pad_color)
+        del reduced, oriented
     width, height = rgb.size
     scale = size / max(width, height)
     new_w = max(1, min(size, round(width * scale)))
@@ -162,6 +165,44 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
     canvas[y0:y0 + new_h, x0 + new_w:] = pad
     canvas[y0:y0 + new_h, x0:x0 + new_w] = content
     return canvas, (x0, y0, x0 + new_w, y0 + new_h)
+
+
+# Images above this many pixels (but under Pillow's bomb limit) are shrunk by an integer factor
+# right after decoding, before any mode conversion or copy: an 81 MP PNG would otherwise hold
+# ~850 MB per worker on its way to a 448 px array.
+HUGE_IMAGE_PIXELS = 16_000_000
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK"})
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8), 1 when absent or unreadable (broken EXIF is common)."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except IMAGE_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _transpose(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` turned upright for an EXIF orientation of 2-8 (what ImageOps.exif_transpose does)."""
+    return img.transpose(_TRANSPOSE[orientation])
+
+
+def _reduce_huge(img: Image.Image, size: int) -> Image.Image:
+    """A huge decoded image box-reduced by an integer factor (long side kept >= 2 * size); other
+    images, and modes Pillow cannot reduce, as they are."""
+    width, height = img.size
+    if width * height <= HUGE_IMAGE_PIXELS or img.mode.startswith("I;16"):  # 16-bit: _to_rgb scales it first
+        return img
+    factor = max(1, max(width, height) // (2 * size))
+    if factor < 2:
+        return img
+    if img.mode not in _REDUCIBLE_MODES:
+        img = img.convert("RGBA" if img.mode in ("P", "PA") or "transparency" in img.info else "RGB")
+    return img.reduce(factor)
 
 
 # torch's antialiased uint8 kernels compute PIL's bicubic/bilinear filters (to within one grey

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from dataset_scan import DatasetScanner, SampleRecord, format_scan_summary, read_json, write_data_report
 from file_io import atomic_write_bytes
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, classify_failure, load_letterboxed
+from scan_limits import ScanLimits, printable
 
 __all__ = ["CACHE_FORMAT_VERSION", "prepare_cache", "PreparedCache", "main"]
 
@@ -56,16 +56,18 @@ def _file_signature(path: str) -> tuple[int, int]:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def _prepare_one(job: tuple[str, PreprocessParams]) -> tuple[bytes, tuple[int, int, int, int], int, int] | tuple[str, str]:
-    """Letterbox one image for the cache: (pixels, box, size, mtime_ns) or (reason, detail)."""
+def _prepare_one(job: tuple[str, PreprocessParams]) -> tuple[bytes, tuple[int, int, int, int], int, int] | tuple[str, str, int, int]:
+    """Letterbox one image for the cache: (pixels, box, size, mtime_ns) or (reason, detail,
+    size, mtime_ns) for a file that cannot be used (its signature lets the next build skip it)."""
     path, params = job
+    size, mtime = -1, -1
     try:
         size, mtime = _file_signature(path)
         with warnings.catch_warnings():  # runs in a pool process: no other thread shares the filters
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # decoder warnings: the scan counted them for the report
             array, box = load_letterboxed(path, params)
     except IMAGE_ERRORS as exc:
-        return classify_failure(exc), f"{path}: {type(exc).__name__}: {exc}"
+        return classify_failure(exc), printable(f"{path}: {type(exc).__name__}: {exc}"), size, mtime
     return array.tobytes(), box, size, mtime
 
 
@@ -92,6 +94,14 @@ def _read_cache_index(out: Path) -> tuple[dict[str, Any], np.ndarray] | None:
     return index, entries
 
 
+def _failed_entries(index: dict[str, Any]) -> dict[str, list[Any]]:
+    """The index's record of files that failed to decode: sample id -> [reason, size, mtime_ns, detail]."""
+    failed = index.get("failed", {})
+    if not isinstance(failed, dict):
+        raise ValueError(f"cache index: 'failed' is a {type(failed).__name__}, expected an object")
+    return {str(k): list(v) for k, v in failed.items() if isinstance(v, list) and len(v) == 4}
+
+
 def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: PreprocessParams, *,
                   num_workers: int = 0, shard_size: int = 2048,
                   data_root: str | Path | None = None) -> dict[str, Any]:
@@ -111,6 +121,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     out.mkdir(parents=True, exist_ok=True)
     key = _cache_key(params)
     existing = _read_cache_index(out)
+    old_failed: dict[str, list[Any]] = {}
     old_rows: dict[str, np.ndarray] = {}
     shards: list[dict[str, Any]] = []
     if existing is not None:
@@ -120,11 +131,21 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
                              "use another --out folder")
         shards = list(index["shards"])
         old_rows = {sid: entries[i] for i, sid in enumerate(index["ids"])}
+        old_failed = _failed_entries(index)
 
     keep: dict[str, np.ndarray] = {}
     todo: list[SampleRecord] = []
+    failed_samples: dict[str, list[Any]] = {}  # sample id -> [reason, size, mtime_ns, detail]
     for rec in records:
         row = old_rows.get(rec.sample_id)
+        known = old_failed.get(rec.sample_id)
+        if known is not None:
+            try:
+                if _file_signature(rec.image_path) == (int(known[1]), int(known[2])):
+                    failed_samples[rec.sample_id] = list(known)  # unchanged and still broken: not decoded again
+                    continue
+            except OSError:
+                pass
         if row is not None:
             try:
                 if _file_signature(rec.image_path) == (int(row[_E_SIZE]), int(row[_E_MTIME])):
@@ -156,9 +177,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
             for rec in batch:
                 result = next(results)
                 if isinstance(result[0], str):
-                    failed[result[0]] = failed.get(result[0], 0) + 1
-                    if len(examples) < 5:
-                        examples.append(str(result[1]))
+                    failed_samples[rec.sample_id] = [result[0], result[2], result[3], result[1]]
                     continue
                 data, box, fsize, mtime = result
                 new_rows[rec.sample_id] = np.asarray(
@@ -177,11 +196,15 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     atomic_write_bytes(out / _CACHE_ENTRIES, [_npy_bytes(rows.astype(np.int64))])
     write_data_report(out / _CACHE_INDEX, {
         "format_version": CACHE_FORMAT_VERSION, "key": key, "params": params.to_dict(),
-        "shards": shards, "ids": ids})
+        "shards": shards, "ids": ids, "failed": dict(sorted(failed_samples.items()))})
+    for entry in failed_samples.values():
+        failed[entry[0]] = failed.get(entry[0], 0) + 1
+        if len(examples) < 5:
+            examples.append(str(entry[3]))
     live = {int(r[_E_SHARD]) for r in rows}
     on_disk = sum((out / s["file"]).stat().st_size for i, s in enumerate(shards) if i in live)
     return {"cached": len(ids), "reused": len(keep), "decoded": len(new_rows), "failed": failed,
-            "examples": examples, "shards": len(shards), "bytes_per_image": size * size * 3,
+            "examples": examples, "failed_samples": {s: e[0] for s, e in sorted(failed_samples.items())}, "shards": len(shards), "bytes_per_image": size * size * 3,
             "bytes_on_disk": on_disk, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -208,6 +231,8 @@ class PreparedCache:
         self.image_size = params.image_size
         self.ids: list[str] = list(index["ids"])
         self.shard_files = [(s["file"], int(s["count"])) for s in index["shards"]]
+        # sample id -> reason, for files the build could not decode (excluded from the run)
+        self.failures: dict[str, str] = {k: str(v[0]) for k, v in _failed_entries(index).items()}
         self._entries: np.ndarray | None = None
         self._maps: dict[int, np.ndarray] = {}
 
@@ -217,6 +242,7 @@ class PreparedCache:
         state["_entries"] = None
         state["_maps"] = {}
         state["ids"] = []
+        state["failures"] = {}
         return state
 
     def rows_for(self, sample_ids: Sequence[str]) -> np.ndarray:
@@ -264,14 +290,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     prep.add_argument("--shard-size", type=int, default=2048)
     prep.add_argument("--verify", choices=("none", "header", "decode"), default="header")
+    prep.add_argument("--symlinks", choices=("inside_root", "follow"), default="inside_root",
+                      help="links to images, folders and sidecars: follow only those inside --data, or all")
     args = parser.parse_args(argv)
     source = Path(args.data)
-    scan = DatasetScanner(source, verify=args.verify).scan()
-    print(format_scan_summary(scan), file=sys.stderr)
     root = source if source.is_dir() else source.parent
-    params = PreprocessParams(args.image_size, pad_color=tuple(args.pad_color))
-    report = prepare_cache(scan.records, args.out, params, num_workers=args.workers,
-                           shard_size=args.shard_size, data_root=root)
+    if source.exists() and _is_inside(Path(args.out), root):
+        print(f"error: --out {args.out} is inside the dataset folder {root}; nothing is ever written "
+              "into the dataset: choose a folder outside it", file=sys.stderr)
+        return 2
+    try:
+        scan = DatasetScanner(source, verify=args.verify, limits=ScanLimits(symlinks=args.symlinks)).scan()
+        print(format_scan_summary(scan), file=sys.stderr)
+        params = PreprocessParams(args.image_size, pad_color=tuple(args.pad_color))
+        report = prepare_cache(scan.records, args.out, params, num_workers=args.workers,
+                               shard_size=args.shard_size, data_root=root)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return 2
+    report["scan"] = scan.to_report()
     print(json.dumps(report, indent=2))
     return 0
 

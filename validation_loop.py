@@ -21,7 +21,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,13 @@ import torch
 from checkpoint_store import read_checkpoint, read_run_config, resolve_checkpoint, run_dir_of
 from Configuration_System import ConfigError, RootConfig
 from batching import ImagePreFetcher
-from data_setup import build_eval_loader, prepare_eval_data
+from data_setup import build_eval_loader, is_inside, prepare_eval_data
 from dataset_scan import DataQualityError
 from evaluation_metrics import MetricComputer, json_safe
 from file_io import atomic_write_text
 from image_preprocess import PreprocessParams
 from model_architecture import SimplifiedTagger
+from scan_limits import printable
 from training_utils import autocast_context, resolve_precision
 from vocabulary import TagVocabulary
 
@@ -58,6 +59,7 @@ class EvalResult:
     metrics: dict[str, Any]
     computer: MetricComputer
     examples: EvalExamples | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # sample id -> why it could not be evaluated
 
 
 def _denormalize(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Tensor:
@@ -74,6 +76,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
     """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP).
 
     With num_examples > 0 the first images of the first batch are kept with their scores.
+    A sample that fails to load is skipped, never replaced: metrics["num_skipped"] counts them
+    (this rank's) and result.skipped names them.
     """
     was_training = model.training
     model.eval()
@@ -81,11 +85,15 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
                               tag_categories=[vocab.tag_categories.get(t, "") for t in vocab.index_to_tag],
                               tag_frequencies=vocab.frequencies_array())
     examples: EvalExamples | None = None
+    skipped: dict[str, str] = {}
     try:
         with torch.inference_mode():
             for i, batch in enumerate(ImagePreFetcher(loader, device, preprocess, len(vocab))):
                 if max_batches and i >= max_batches:
                     break
+                skipped.update((sid, reason) for sid, reason in batch.get("skipped", []))
+                if batch["images"].shape[0] == 0:  # every sample of this batch failed to load
+                    continue
                 with autocast():
                     outputs = model(batch["images"])
                 probs = torch.sigmoid(outputs["tag_logits"].float())  # (B, T)
@@ -99,7 +107,9 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
             computer.all_reduce_()
     finally:
         model.train(was_training)
-    return EvalResult(metrics=computer.compute(), computer=computer, examples=examples)
+    metrics = computer.compute()
+    metrics["num_skipped"] = len(skipped)
+    return EvalResult(metrics=metrics, computer=computer, examples=examples, skipped=skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ def report_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], source:
     """report.md: headline metrics, best and worst tags, the rating confusion matrix."""
     lines = [f"# Evaluation of {source}", "", "| metric | value |", "| --- | --- |"]
     for key in ("mAP", "f1_micro", "f1_macro", "precision_micro", "recall_micro", "rating_accuracy",
-                "global_threshold_p_eq_r", "num_samples", "num_tags", "num_tags_with_positives"):
+                "global_threshold_p_eq_r", "num_samples", "num_skipped", "num_tags", "num_tags_with_positives"):
         if key in metrics:
             v = metrics[key]
             lines.append(f"| {key} | {v:.4f} |" if isinstance(v, float) else f"| {key} | {v} |")
@@ -256,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_workers >= 0:
             cfg.data.num_workers = args.num_workers
         threshold = args.threshold or cfg.validation.threshold
+        data_folder = Path(args.data) if args.data else (Path(cfg.data.root) if cfg.data.root else None)
+        if args.out and data_folder is not None and data_folder.is_dir() and is_inside(args.out, data_folder):
+            raise ConfigError(f"--out {args.out} is inside the dataset folder {data_folder}; "
+                              "nothing is ever written into the dataset: choose a folder outside it")
         data = prepare_eval_data(cfg, ck.vocab, ck.preprocess, data_root=args.data, log=print)
         tag_names = [t.strip() for t in args.tags.split(",") if t.strip()]
         if args.mode == "tags" and not tag_names:
@@ -270,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                       max_batches=args.fast_batches if args.mode == "fast" else 0)
     metrics = dict(result.metrics)
     metrics.update({"checkpoint": str(ck.folder), "step": ck.step, "mode": args.mode, "ema": args.ema,
-                    "data": str(args.data or cfg.data.root)})
+                    "data": str(args.data or cfg.data.root),
+                    "skipped_samples": {printable(k): v for k, v in sorted(result.skipped.items())},
+                    "data_skipped_at_scan": data.report.get("skipped", {})})
     if args.mode == "hierarchical":
         metrics["by_category"] = result.computer.by_category()
         metrics["by_frequency_bucket"] = result.computer.by_bucket()
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
     print(f"eval {ck.folder.name}: mAP {metrics['mAP']:.4f}  F1 micro {metrics['f1_micro']:.4f}  "
           f"macro {metrics['f1_macro']:.4f}  rating acc {metrics.get('rating_accuracy', float('nan')):.4f}  "
-          f"({metrics['num_samples']} samples) -> {out}")
+          f"({metrics['num_samples']} samples evaluated, {metrics['num_skipped']} skipped: failed to load) -> {out}")
     return 0
 
 

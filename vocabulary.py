@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from dataset_scan import scan_dataset
+from dataset_scan import format_scan_summary, scan_dataset
 from file_io import atomic_write_text, load_json_file
+from scan_limits import is_utf8
 from tag_text import normalize_tag
 
 FORMAT_VERSION = 1
@@ -299,6 +300,7 @@ class VocabularyBuildReport:
     dropped_ignored: list[str] = field(default_factory=list)
     dropped_min_frequency: list[str] = field(default_factory=list)
     dropped_top_k: list[str] = field(default_factory=list)
+    dropped_not_utf8: int = 0
 
     @property
     def coverage(self) -> float:
@@ -316,6 +318,7 @@ class VocabularyBuildReport:
             "dropped_ignored": len(self.dropped_ignored),
             "dropped_min_frequency": len(self.dropped_min_frequency),
             "dropped_top_k": len(self.dropped_top_k),
+            "dropped_not_utf8": self.dropped_not_utf8,
             "total_occurrences": self.total_occurrences,
             "kept_occurrences": self.kept_occurrences,
             "coverage": self.coverage,
@@ -361,6 +364,9 @@ def build_vocabulary(
             tag = normalize_tag(raw_tag)
             # A tag repeated inside one sample counts once: frequency = number of samples.
             if not tag or tag in seen_in_sample:
+                continue
+            if not is_utf8(tag):  # a lone surrogate (valid JSON) could never be saved
+                report.dropped_not_utf8 += 1
                 continue
             seen_in_sample.add(tag)
             counts[tag] += 1
@@ -442,9 +448,11 @@ def _build_command(args: argparse.Namespace) -> int:
     if not args.no_ignore:
         ignore_tags = load_ignore_list(args.ignore)
     scan = scan_dataset(args.data)
-    skipped = sum(scan.skipped.values())
-    if skipped:
-        print(f"skipped {skipped} bad samples: {dict(scan.skipped)}")
+    print(format_scan_summary(scan))
+    for reason, examples in sorted(scan.examples.items()):
+        print(f"  {reason}: e.g. {examples[0]}")
+    for example in scan.dropped_tag_examples:
+        print(f"  tags dropped: {example}")
     vocabulary, report = build_vocabulary(
         scan.records,
         min_frequency=args.min_frequency,

@@ -8,6 +8,7 @@ actually written rather than against hard-coded numbers.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -188,3 +189,158 @@ def make_broken_corpus(root: Path, *, good: int = 40, copies: int = 1, size: tup
         write_json(d / "norating.jpg.json", {"tags": "common, extra"})
         corpus.unknown_rating_ids.append(f"bad/copy_{c}/norating.jpg")
     return corpus
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile corpus: names, links, oversized sidecars, odd image modes (issue 12)
+# --------------------------------------------------------------------------------------------
+
+
+def write_truncated_png(path: Path, width: int = 64, height: int = 48, seed: int = 0) -> Path:
+    """A PNG whose header is intact but whose compressed data stops half-way (fails only at decode)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise_image(width, height, seed).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def write_fuzz_png(path: Path, seed: int = 0) -> Path:
+    """Random bytes after a PNG signature: what a fuzzer leaves behind, renamed .png."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes())
+    return path
+
+
+def write_odd_mode(path: Path, mode: str, seed: int = 0) -> Path:
+    """A valid image in an unusual mode: I;16 PNG, P with a transparent index, LA PNG, CMYK JPEG,
+    or a JPEG whose EXIF block is garbage ("badexif")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = noise_image(24, 20, seed)
+    if mode == "I;16":
+        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        Image.fromarray(arr).save(path)  # uint16 -> mode I;16
+    elif mode == "P":
+        rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path, transparency=0)
+    elif mode == "badexif":
+        rgb.save(path, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff" + b"\x01" * 24)
+    else:
+        rgb.convert(mode).save(path)
+    return path
+
+
+def write_json_text(path: Path, text: str) -> Path:
+    """Write JSON text exactly as given (escapes such as a lone \\ud800 stay as written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@dataclass
+class HostileCorpus:
+    """What make_hostile_corpus wrote: the ids a header scan keeps, those that only fail when
+    decoded, the skip counts by reason and the tags dropped by reason."""
+
+    root: Path
+    good_ids: list[str] = field(default_factory=list)
+    decode_only_ids: list[str] = field(default_factory=list)
+    skips: dict[str, int] = field(default_factory=dict)
+    dropped_tags: dict[str, int] = field(default_factory=dict)
+    outside: Path | None = None
+
+    def expected_skips(self, decoded: bool) -> dict[str, int]:
+        """Skip counts once nothing was decoded (header check) or everything was."""
+        out = dict(self.skips)
+        if decoded:
+            out["image_undecodable"] = out.get("image_undecodable", 0) + len(self.decode_only_ids)
+        return out
+
+    def expected_ids(self, decoded: bool) -> set[str]:
+        """Sample ids a header scan (decoded=False) or a decoding pass keeps."""
+        return set(self.good_ids) | (set() if decoded else set(self.decode_only_ids))
+
+
+def make_hostile_corpus(base: Path, *, good: int = 40, huge_tag_string: bool = True,
+                        with_links: bool = True) -> HostileCorpus:
+    """`good` valid samples (two shared tags each) plus one of each hostile case under base/root.
+
+    Cases: a non-UTF-8 image name and sidecar name; a lone-surrogate tag and a 300-character tag
+    (the sample is kept, the tags dropped); a 100,000-tag list; a sidecar over 4 MiB holding one
+    10 MiB tag string (`huge_tag_string`); a truncated PNG and a truncated JPEG (pass the header
+    check); random bytes renamed .png; odd modes (I;16, P with transparency, LA, CMYK, broken
+    EXIF: all kept); and with `with_links` (POSIX): links to an image, a folder and a sidecar
+    outside the root, a link to /etc/passwd named .jpg, a self-referencing link and a dangling one.
+    """
+    root = base / "root"
+    corpus = HostileCorpus(root=root)
+    ok = {"tags": ["common", "shared"], "rating": "g"}
+
+    def bump(reason: str, count: int = 1) -> None:
+        """Count one expected skip."""
+        corpus.skips[reason] = corpus.skips.get(reason, 0) + count
+
+    for i in range(good):
+        name = f"good/g_{i:03d}.png"
+        write_image(root / name, 24, 20, seed=i)
+        write_json(root / (name + ".json"), {"tags": ["common", "shared", f"tag_{i % 5}"], "rating": i % 4})
+        corpus.good_ids.append(name)
+    for mode, ext in (("I;16", "png"), ("P", "png"), ("LA", "png"), ("CMYK", "jpg"), ("badexif", "jpg")):
+        name = f"modes/{mode.replace(';', '')}.{ext}"
+        write_odd_mode(root / name, mode, seed=len(corpus.good_ids))
+        write_json(root / (name + ".json"), ok)
+        corpus.good_ids.append(name)
+    # names that are not UTF-8: a surrogate-escaped str on Linux, unusable in JSON or a hash
+    bad = root / "names"
+    bad.mkdir(parents=True)
+    raw_dir = os.fsencode(bad)
+    write_image(Path(os.fsdecode(raw_dir + b"/caf\xe9.png")), 24, 20)
+    write_json(Path(os.fsdecode(raw_dir + b"/caf\xe9.png.json")), ok)
+    bump("name_not_utf8")
+    # tags
+    write_image(root / "tags" / "surrogate.png", 24, 20, seed=7)
+    write_json_text(root / "tags" / "surrogate.png.json",
+                    '{"tags": ["common", "shared", "\\ud800", "' + "x" * 300 + '"], "rating": "s"}')
+    corpus.good_ids.append("tags/surrogate.png")
+    corpus.dropped_tags = {"tag_not_utf8": 1, "tag_too_long": 1}
+    write_image(root / "tags" / "many.png", 24, 20, seed=8)
+    write_json(root / "tags" / "many.png.json", {"tags": [f"t{i}" for i in range(100_000)]})
+    bump("too_many_tags")
+    if huge_tag_string:
+        write_image(root / "tags" / "huge.png", 24, 20, seed=9)
+        write_json_text(root / "tags" / "huge.png.json", '{"tags": "' + "y" * (10 << 20) + '"}')
+        bump("sidecar_too_large")
+    # images that pass the header check but not decoding, and one that fails the header check
+    for name, writer in (("decode/trunc.png", write_truncated_png), ("decode/trunc.jpg", write_truncated_jpeg)):
+        writer(root / name)
+        write_json(root / (name + ".json"), ok)
+        corpus.decode_only_ids.append(name)
+    write_fuzz_png(root / "decode" / "fuzz.png")
+    write_json(root / "decode" / "fuzz.png.json", ok)
+    bump("image_undecodable")
+    if with_links and hasattr(os, "symlink"):
+        _plant_links(base, root, ok, bump)
+    return corpus
+
+
+def _plant_links(base: Path, root: Path, ok: dict[str, Any], bump: Any) -> None:
+    """Links out of the root (image, folder, sidecar, /etc/passwd), a loop and a dangling link."""
+    outside = base / "outside"
+    write_image(outside / "img.png", 24, 20, seed=11)
+    write_image(outside / "folder" / "o.png", 24, 20, seed=12)
+    write_json(outside / "folder" / "o.png.json", ok)
+    write_json(outside / "side.json", ok)
+    links = root / "links"
+    links.mkdir(parents=True)
+    os.symlink(outside / "img.png", links / "out.png")
+    write_json(links / "out.png.json", ok)
+    os.symlink(outside / "folder", links / "outdir")
+    write_image(links / "local.png", 24, 20, seed=13)
+    os.symlink(outside / "side.json", links / "local.png.json")
+    os.symlink("/etc/passwd", links / "passwd.jpg")
+    write_json(links / "passwd.jpg.json", ok)
+    bump("symlink_outside_root", 4)
+    os.symlink("loop.png", links / "loop.png")  # points at itself
+    write_json(links / "loop.png.json", ok)
+    os.symlink(links / "gone.png", links / "dangling.png")
+    bump("symlink_broken", 2)

@@ -18,7 +18,7 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            st = os.stat(os.path.join(dirpath, name))
+            st = os.lstat(os.path.join(dirpath, name))  # lstat: dangling links are part of a corpus too
             out[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
     return out
 

@@ -166,7 +166,8 @@ def test_failure_tracker_state_round_trip() -> None:
     assert state == tracker.to_dict()
     assert state == {"delivered": 6, "failed": 2, "bad_fraction": 2 / 8,
                      "by_reason": {"image_undecodable": 1, "image_missing": 1},
-                     "examples": ["a.jpg: image_undecodable", "b.png: image_missing"]}
+                     "examples": ["a.jpg: image_undecodable", "b.png: image_missing"],
+                     "samples": {"a.jpg": "image_undecodable", "b.png": "image_missing"}}
     restored = FailureTracker(0.25, min_samples=1)
     restored.load_state_dict(json.loads(json.dumps(state)))
     assert restored.state_dict() == state
@@ -362,3 +363,47 @@ def test_prefetcher_applies_jitter_then_normalises() -> None:
     torch.testing.assert_close(out["images"], expected)
     assert not torch.allclose(out["images"][0], normalize_images(images, params.mean, params.std)[0])
     torch.testing.assert_close(out["images"][1], normalize_images(images, params.mean, params.std)[1])
+
+
+def test_evaluation_dataset_skips_and_never_substitutes(tmp_path: Path) -> None:
+    """substitute=False: a failing sample is left out of the batch and listed under "skipped";
+    a batch of only failures is empty; known_bad samples are never decoded again."""
+    root = tmp_path / "root"
+    records = []
+    for i in range(4):
+        path = bc.write_image(root / f"{i}.png", 16, 12, seed=i)
+        records.append(SampleRecord(f"{i}.png", str(path), ("a",), ("",), 0))
+    bc.write_truncated_png(root / "1.png")
+    params = PreprocessParams(image_size=16)
+    ds = SidecarJsonDataset(records, {"a": 0}, params, substitute=False)
+    batch = collate_samples([ds[(i, 0)] for i in range(4)])
+    assert batch["indices"].tolist() == [0, 2, 3] and batch["images"].shape == (3, 3, 16, 16)
+    assert batch["skipped"] == [("1.png", "image_undecodable")]
+    empty = collate_samples([ds[(1, 0)]])
+    assert empty["images"].shape == (0, 3, 16, 16) and empty["tag_indices"].shape[0] == 0
+    # training: a known-bad sample is replaced without being opened
+    (root / "3.png").unlink()
+    bc.write_image(root / "3.png", 16, 12, seed=3)  # fine now, but recorded as bad by an earlier run
+    train = SidecarJsonDataset(records, {"a": 0}, params, known_bad={"3.png": "image_undecodable"})
+    sample = train[(3, 0)]
+    assert sample["failure"] == ("3.png", "image_undecodable") and sample["index"] != 3  # a replacement
+
+
+def test_failure_tracker_writes_the_report(tmp_path: Path) -> None:
+    """write_report() puts each failing sample once, with its reason, into the run's report."""
+    report: dict = {"skipped": {}}
+    tracker = FailureTracker(0.5, min_samples=100, report=report, report_path=tmp_path / "data_report.json")
+    for _ in range(2):  # the same file failing in two epochs is one sample
+        tracker.observe({"indices": torch.arange(4), "failures": [("x.png", "image_undecodable")]})
+    tracker.write_report()
+    written = json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))
+    assert written["failed_in_workers"]["samples"] == {"x.png": "image_undecodable"}
+    assert written["failed_in_workers"]["failed"] == 2
+
+
+def test_failure_tracker_records_validation_skips_without_counting_loads() -> None:
+    """record() adds samples by id and reason (kept first-seen) without touching the load counts."""
+    tracker = FailureTracker(0.1, min_samples=1)
+    tracker.record({"v.png": "image_undecodable"})
+    tracker.record({"v.png": "image_missing"})
+    assert tracker.samples == {"v.png": "image_undecodable"} and tracker.failed == 0 and tracker.bad_fraction == 0.0

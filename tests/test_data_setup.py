@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from Configuration_System import load_config
-from data_setup import ensure_dataset, flip_audit, prepare_data, prepare_eval_data, preprocess_from_config
-from dataset_scan import filter_known_tags, scan_dataset
+import broken_corpus as bc
+from Configuration_System import ConfigError, load_config
+from data_fixtures import listing
+from data_setup import (
+    check_output_locations, ensure_dataset, flip_audit, prepare_data, prepare_eval_data, preprocess_from_config,
+)
+from dataset_scan import DataQualityError, filter_known_tags, scan_dataset
 from dataset_split import split_records
 from file_io import resolve_resource
 from image_preprocess import PreprocessParams
@@ -90,3 +94,91 @@ def test_prepare_eval_data_takes_every_sample_of_a_folder(demo_root: Path) -> No
     assert bundle.train_dataset is None and len(bundle.val_dataset) == len(bundle.val_records)
     with pytest.raises(FileNotFoundError, match="no_such"):
         prepare_eval_data(cfg, vocab, PreprocessParams(32), data_root=demo_root / "no_such", log=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile data (issue 12)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [("output_root", "{data}/runs"), ("data.cache_dir", "{data}/sub/cache"),
+                                        ("output_root", "{data}/../data/x")])
+def test_output_locations_inside_the_dataset_are_refused_first(tmp_path: Path, key: str, value: str) -> None:
+    """A run folder or cache folder inside data.root is a ConfigError naming the key, raised by
+    prepare_data before anything is scanned or written."""
+    data = tmp_path / "data"
+    bc.make_broken_corpus(data, good=4)
+    before = listing(data)
+    cfg = load_config(None, SMALL + [f"data.root={data}", f"{key}={value.format(data=data)}"])
+    with pytest.raises(ConfigError, match=rf"^{key}: .* inside the dataset folder"):
+        check_output_locations(cfg)
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        prepare_data(cfg, cfg.run_dir, log=None)
+    assert listing(data) == before
+    ok = load_config(None, SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}",
+                                    f"data.cache_dir={tmp_path / 'cache'}"])
+    check_output_locations(ok)
+
+
+def test_bad_fraction_refusal_names_the_key_and_writes_the_report(tmp_path: Path) -> None:
+    """At the default data.max_bad_fraction a 20%-broken corpus is refused; data_report.json is
+    there with the counts by reason."""
+    corpus = bc.make_broken_corpus(tmp_path / "data", good=47)
+    cfg = load_config(None, SMALL + [f"data.root={corpus.root}", f"output_root={tmp_path / 'runs'}"])
+    with pytest.raises(DataQualityError, match=r"data\.max_bad_fraction=0\.05"):
+        prepare_data(cfg, cfg.run_dir, log=None)
+    report = json.loads((cfg.run_dir / "data_report.json").read_text(encoding="utf-8"))
+    assert report["skipped"] == corpus.expected_skips("header")
+
+
+def test_cache_build_failures_are_left_out_and_reported(tmp_path: Path) -> None:
+    """With data.cache_dir, the files the cache build cannot decode are skipped under their reason
+    before the split (never in validation), on this run and on a run that reuses the cache."""
+    hostile = bc.make_hostile_corpus(tmp_path, good=40, huge_tag_string=False, with_links=False)
+    sets = [f"data.root={hostile.root}", f"output_root={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_bad_fraction=0.5", "augment.flip_prob=0"]
+    for name in ("a", "b"):
+        cfg = load_config(None, SMALL + sets + [f"experiment_name={name}"])
+        bundle = prepare_data(cfg, cfg.run_dir, log=None)
+        ids = {r.sample_id for r in bundle.train_records + bundle.val_records}
+        assert not ids & set(hostile.decode_only_ids)
+        assert bundle.report["skipped"] == hostile.expected_skips(decoded=True)
+        assert bundle.report["dropped_tags"] == hostile.dropped_tags
+
+
+def test_a_single_sample_cannot_take_over_the_vocabulary(tmp_path: Path) -> None:
+    """One sidecar with 2000 unique tags adds no vocabulary column (min_tag_frequency 2), and
+    data.max_vocabulary_tags caps what a crowd of them could add."""
+    data = tmp_path / "data"
+    for i in range(12):
+        bc.write_image(data / f"{i}.png", 8, 8, seed=i)
+        bc.write_json(data / f"{i}.png.json", {"tags": ["common", f"pair_{i // 2}"]})
+    bc.write_json(data / "0.png.json", {"tags": ["common", "pair_0"] + [f"junk_{k}" for k in range(2000)]})
+    base = SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}", "data.val_fraction=0.2",
+                    "augment.flip_prob=0"]
+    bundle = prepare_data(load_config(None, base), tmp_path / "runs" / "a", log=None)
+    assert not [t for t in bundle.vocab.index_to_tag if t.startswith("junk_")]
+    capped = prepare_data(load_config(None, base + ["data.min_tag_frequency=1", "data.max_vocabulary_tags=3"]),
+                          tmp_path / "runs" / "b", log=None)
+    assert len(capped.vocab) == 3 and capped.report["vocabulary"]["dropped_top_k"] > 0
+
+
+def test_resume_never_decodes_earlier_failures_again(tmp_path: Path) -> None:
+    """Samples an earlier attempt of the run found undecodable (in data_report.json) stay out of
+    validation and are never decoded again in training on resume; the report keeps them."""
+    hostile = bc.make_hostile_corpus(tmp_path, good=40, huge_tag_string=False, with_links=False)
+    cfg = load_config(None, SMALL + [f"data.root={hostile.root}", f"output_root={tmp_path / 'runs'}",
+                                     "data.max_bad_fraction=0.5", "augment.flip_prob=0", "data.val_fraction=0.5"])
+    first = prepare_data(cfg, cfg.run_dir, log=None)
+    failed = {sid: "image_undecodable" for sid in hostile.decode_only_ids}
+    tracker = first.failure_tracker(0.5)
+    tracker.record(failed)
+    tracker.write_report()
+    resumed = prepare_data(cfg, cfg.run_dir, resume=True, log=None)
+    assert not {r.sample_id for r in resumed.val_records} & set(failed)
+    # each failed sample was in the first attempt's validation or is in training now
+    assert set(failed) <= {r.sample_id for r in resumed.train_records} | {r.sample_id for r in first.val_records}
+    assert resumed.report["failed_in_workers"]["samples"] == failed
+    for i in range(len(resumed.train_dataset)):
+        if resumed.train_dataset.sample_id(i) in failed:
+            assert resumed.train_dataset[(i, 0)]["failure"] == (resumed.train_dataset.sample_id(i), "image_undecodable")

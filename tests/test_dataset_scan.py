@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ from PIL import Image
 import broken_corpus as bc
 from data_fixtures import broken_corpus, listing
 from dataset_scan import (
-    DataQualityError, DatasetScan, DatasetScanner, check_scan_quality, filter_known_tags, format_scan_summary,
+    SKIP_REASONS, DataQualityError, DatasetScan, DatasetScanner, check_scan_quality, filter_known_tags, format_scan_summary,
     load_manifest, parse_rating, parse_sidecar, scan_dataset, split_tag_string, write_data_report,
 )
 from image_preprocess import PreprocessParams, load_image
+from scan_limits import ScanLimits
 from vocabulary import create_vocabulary_from_datasets
 
 
@@ -260,3 +263,83 @@ def test_manifest_records_and_reasons(tmp_path: Path) -> None:
     assert DatasetScanner(root).scan().source == "folder"
     with pytest.raises(FileNotFoundError):
         load_manifest(tmp_path / "none.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input (issue 12)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> bc.HostileCorpus:
+    """One of each hostile case next to 40 good samples, built once for this module."""
+    return bc.make_hostile_corpus(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.mark.parametrize("verify", ["header", "decode"])
+def test_hostile_corpus_counted_once_per_sample_by_reason(hostile: bc.HostileCorpus, verify: str) -> None:
+    """Each hostile sample is skipped once under its own reason; tags that cannot be kept are
+    dropped and counted; the report is valid JSON; the decoder warnings went into it, not stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning escaping the scan would fail here
+        scan = scan_dataset(hostile.root, verify=verify, num_threads=2)
+    decoded = verify == "decode"
+    assert scan.skipped == hostile.expected_skips(decoded)
+    assert {r.sample_id for r in scan.records} == hostile.expected_ids(decoded)
+    assert scan.dropped_tags == hostile.dropped_tags
+    assert sorted(scan.dropped_tag_examples) == ["tags/surrogate.png.json: 1 tag_not_utf8",
+                                                 "tags/surrogate.png.json: 1 tag_too_long"]
+    kept = {r.sample_id: r for r in scan.records}["tags/surrogate.png"]
+    assert kept.tags == ("common", "shared")
+    assert any("Corrupt EXIF" in k for k in scan.decoder_warnings)
+    text = json.dumps(scan.to_report(), ensure_ascii=False)
+    text.encode("utf-8")  # no unencodable character reached the report
+    assert scan.examples["name_not_utf8"][0].startswith("names/caf\\udce9.png")  # shown, escaped
+    assert set(scan.skipped) <= set(SKIP_REASONS)
+
+
+def test_symlinks_follow_policy_uses_outside_targets(hostile: bc.HostileCorpus) -> None:
+    """data.symlinks=follow follows the links out of the root (broken links stay skipped)."""
+    scan = scan_dataset(hostile.root, verify="header", limits=ScanLimits(symlinks="follow"))
+    ids = {r.sample_id for r in scan.records}
+    assert {"links/out.png", "links/local.png", "links/outdir/o.png"} <= ids
+    assert "symlink_outside_root" not in scan.skipped
+    assert scan.skipped["symlink_broken"] == 2
+    # /etc/passwd is now followed as an image and fails the header check as a text file
+    assert "links/passwd.jpg" not in ids
+
+
+def test_limits_are_configurable(tmp_path: Path) -> None:
+    """max_tags_per_sample, max_tag_chars and max_sidecar_bytes act at their configured values."""
+    bc.write_image(tmp_path / "a.png", 8, 8)
+    bc.write_json(tmp_path / "a.png.json", {"tags": ["abcdef", "ab", "c", "d"]})
+    bc.write_image(tmp_path / "b.png", 8, 8)
+    bc.write_json(tmp_path / "b.png.json", {"tags": ["ab"], "padding": "z" * 3000})
+    scan = scan_dataset(tmp_path, limits=ScanLimits(max_tags_per_sample=3, max_tag_chars=4, max_sidecar_bytes=2048))
+    assert scan.skipped == {"too_many_tags": 1, "sidecar_too_large": 1}
+    scan = scan_dataset(tmp_path, limits=ScanLimits(max_tags_per_sample=4, max_tag_chars=4))
+    assert [r.tags for r in scan.records] == [("ab", "c", "d"), ("ab",)]
+    assert scan.dropped_tags == {"tag_too_long": 1}
+
+
+def test_manifest_with_hostile_entries(tmp_path: Path) -> None:
+    """A manifest line naming a non-UTF-8 file, a link out of the root, too many tags, or a
+    surrogate tag is handled like the same sidecar."""
+    root = tmp_path / "root"
+    bc.write_image(root / "a.png", 8, 8)
+    bc.write_image(tmp_path / "out.png", 8, 8)
+    os.symlink(tmp_path / "out.png", root / "link.png")
+    lines = ['{"file": "a.png", "tags": ["x", "\\ud800"]}', '{"file": "caf\\udce9.png", "tags": ["x"]}',
+             '{"file": "link.png", "tags": ["x"]}', json.dumps({"file": "a.png", "tags": ["t"] * 3000})]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    scan = load_manifest(manifest, root)
+    assert scan.skipped == {"name_not_utf8": 1, "symlink_outside_root": 1, "too_many_tags": 1}
+    assert [r.tags for r in scan.records] == [("x",)] and scan.dropped_tags == {"tag_not_utf8": 1}
+
+
+def test_bad_fraction_error_names_the_key(corpus: bc.BrokenCorpus) -> None:
+    """The refusal names data.max_bad_fraction, so the user knows what to change."""
+    scan = scan_dataset(corpus.root, verify="header")
+    with pytest.raises(DataQualityError, match=r"data\.max_bad_fraction=0\.01"):
+        check_scan_quality(scan, 0.01)

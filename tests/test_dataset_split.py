@@ -78,3 +78,13 @@ def test_split_max_val_excludes_overflow(tmp_path: Path) -> None:
     assert all(_split_hash(3, r.sample_id) >= 0.3 for r in new_train)
     with pytest.raises(FileNotFoundError):
         load_split(tmp_path / "missing.json", now)
+
+
+def test_split_hash_accepts_names_that_are_not_utf8() -> None:
+    """A surrogate-escaped id (a Linux name that is not UTF-8) hashes instead of crashing; valid
+    ids hash exactly as blake2b of their UTF-8 bytes, so existing splits do not move."""
+    odd = "caf\udce9.png"
+    digest = hashlib.blake2b(b"3\x00" + odd.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    assert _split_hash(3, odd) == int.from_bytes(digest, "big") / 2.0 ** 64
+    plain = hashlib.blake2b("3\x00café.png".encode("utf-8"), digest_size=8).digest()
+    assert _split_hash(3, "café.png") == int.from_bytes(plain, "big") / 2.0 ** 64

@@ -157,3 +157,30 @@ def test_fast_resize_matches_pillow(mode: str, pil: int, size: tuple[int, int]) 
     diff = np.abs(ours - reference)
     # rounding differs in rare pixels: measured max 2, mean 0.005 grey levels
     assert diff.max() <= 2 and diff.mean() < 0.02
+
+
+def test_huge_image_is_reduced_right_after_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above HUGE_IMAGE_PIXELS a PNG is box-reduced before conversion; the result stays within
+    a few grey levels of the plain path (same letterbox, same content box)."""
+    import image_preprocess as ip
+    path = tmp_path / "big.png"
+    Image.fromarray(np.tile(np.linspace(0, 255, 640, dtype=np.uint8), (480, 1))).convert("RGB").save(path)
+    params = PreprocessParams(image_size=32)
+    plain, plain_box = ip.load_letterboxed(path, params)
+    calls = []
+    original = Image.Image.reduce
+    monkeypatch.setattr(Image.Image, "reduce", lambda self, f, *a: calls.append(f) or original(self, f, *a))
+    monkeypatch.setattr(ip, "HUGE_IMAGE_PIXELS", 100_000)
+    reduced, box = ip.load_letterboxed(path, params)
+    assert calls == [10]  # 640 // (2 * 32)
+    assert box == plain_box
+    assert np.abs(reduced.astype(int) - plain.astype(int)).max() <= 3
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
+@pytest.mark.parametrize("mode", ["I;16", "P", "LA", "CMYK", "badexif"])
+def test_odd_modes_and_broken_exif_load(tmp_path: Path, mode: str) -> None:
+    """Unusual modes and a garbage EXIF block give a normal (S, S, 3) uint8 image."""
+    path = bc.write_odd_mode(tmp_path / ("x.jpg" if mode in ("CMYK", "badexif") else "x.png"), mode)
+    out = load_image(path, PreprocessParams(image_size=16))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8

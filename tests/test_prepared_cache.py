@@ -17,7 +17,7 @@ import broken_corpus as bc
 from augmentation import AugmentParams
 from batching import SidecarJsonDataset
 from data_fixtures import broken_corpus, listing, small_orientation_handler
-from dataset_scan import scan_dataset
+from dataset_scan import SampleRecord, scan_dataset
 from image_preprocess import PreprocessParams, load_image
 from prepared_cache import PreparedCache, prepare_cache
 
@@ -89,3 +89,22 @@ def test_prepare_cli(corpus: bc.BrokenCorpus, tmp_path: Path, script: str) -> No
     assert proc.stderr.startswith(f"data: {header_records} samples used")
     assert listing(corpus.root) == before
     assert (out / "index.json").is_file()
+
+
+def test_decode_failures_are_recorded_and_not_retried(tmp_path: Path) -> None:
+    """A file the build cannot decode is recorded in index.json with its reason; the next build
+    does not decode it again while it is unchanged, and retries it once it changed."""
+    root = tmp_path / "root"
+    good = bc.write_image(root / "good.png", 12, 10)
+    bad = bc.write_truncated_png(root / "bad.png")
+    records = [SampleRecord("good.png", str(good), ("a",), ("",), 0), SampleRecord("bad.png", str(bad), ("a",), ("",), 0)]
+    params = PreprocessParams(image_size=8)
+    first = prepare_cache(records, tmp_path / "cache", params)
+    assert first["failed_samples"] == {"bad.png": "image_undecodable"} and first["decoded"] == 1
+    assert PreparedCache(tmp_path / "cache", params).failures == {"bad.png": "image_undecodable"}
+    second = prepare_cache(records, tmp_path / "cache", params)
+    assert second["decoded"] == 0 and second["reused"] == 1 and second["failed"] == {"image_undecodable": 1}
+    bc.write_image(root / "bad.png", 12, 10, seed=5)
+    os.utime(root / "bad.png", ns=(1, 1))
+    third = prepare_cache(records, tmp_path / "cache", params)
+    assert third["decoded"] == 1 and third["failed"] == {} and PreparedCache(tmp_path / "cache", params).failures == {}

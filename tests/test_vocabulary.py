@@ -245,3 +245,11 @@ def test_cli_reports_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2
     assert "no_such_dir" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_build_drops_tags_that_cannot_be_saved(tmp_path) -> None:
+    """A lone surrogate (valid JSON) never reaches vocabulary.json: dropped and counted."""
+    vocab, report = build_vocabulary([["a", "\ud800"], ["a", "b"]])
+    assert vocab.index_to_tag == ["a", "b"] and report.dropped_not_utf8 == 1
+    vocab.save(tmp_path / "v.json")
+    assert TagVocabulary.load(tmp_path / "v.json") == vocab
