@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from Configuration_System import ConfigError, RootConfig, config_from_dict, dump_config
 from file_io import atomic_write_text, load_json_file, replace_with_retry
 from image_preprocess import PreprocessParams
-from model_architecture import VisionTransformerConfig
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone
 from vocabulary import TagVocabulary
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -143,14 +143,21 @@ def _fsync_dir_files(folder: Path) -> None:
 
 
 class CheckpointManager:
-    """Writes the checkpoint folders of one run, moves the last/best pointers and prunes old folders."""
+    """Writes the checkpoint folders of one run, moves the last/best pointers and prunes old folders.
 
-    def __init__(self, checkpoint_dir: str | Path, keep_last: int = 3) -> None:
-        """Manage `checkpoint_dir`, keeping the newest `keep_last` step folders (plus best and last)."""
+    `owns(step_folder)` says whether this run's lineage wrote a folder (run_folder.is_own_checkpoint
+    bound to the run id); pruning considers only those, so a folder left by another run (or by a
+    version of the trainer without run ids) is never deleted. None: every folder counts as own.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, keep_last: int = 3,
+                 owns: Callable[[Path], bool] | None = None) -> None:
+        """Manage `checkpoint_dir`, keeping the newest `keep_last` own step folders (plus best and last)."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.dir = Path(checkpoint_dir)
         self.keep_last = keep_last
+        self.owns = owns
 
     def write(self, payload: CheckpointPayload) -> Path:
         """Write one checkpoint folder atomically, update pointers, prune; returns the folder."""
@@ -182,12 +189,15 @@ class CheckpointManager:
         self.prune()
         return final
 
-    def prune(self) -> None:
-        """Delete complete step folders beyond the newest keep_last, never the best or last."""
+    def prune(self) -> list[Path]:
+        """Delete own complete step folders beyond the newest keep_last own ones, never the best or
+        last; returns the deleted folders."""
         keep = {_pointer_target(self.dir / BEST_POINTER), _pointer_target(self.dir / LAST_POINTER)}
-        for _, path in complete_steps(self.dir)[:-self.keep_last]:
-            if path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+        own = [path for _, path in complete_steps(self.dir) if self.owns is None or self.owns(path)]
+        deleted = [path for path in own[:-self.keep_last] if path.name not in keep]
+        for path in deleted:
+            shutil.rmtree(path, ignore_errors=True)
+        return deleted
 
 
 class AsyncCheckpointWriter:
@@ -293,6 +303,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): it was not fully written")
     return path
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint folder --resume names (None when not resuming)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        folder = latest_checkpoint(checkpoints_dir(run_dir))
+        if folder is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {checkpoints_dir(run_dir)}")
+        return folder
+    return resolve_checkpoint(resume)
+
+
+def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
+    """--init-from / model.init_from: a checkpoint folder (weights only) or timm-layout ViT weights."""
+    p = Path(path)
+    if is_checkpoint_reference(p):
+        folder = resolve_checkpoint(p)
+        missing, unexpected = model.load_state_dict(load_model_state(folder), strict=False)
+        return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
+    report = load_pretrained_backbone(model, p)
+    return report.summary()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fit a run to the machine before it starts: DataLoader workers and CPU memory.
+"""Fit a run to the machine before it starts: DataLoader workers, CPU memory and the micro-batch split.
 
 - `default_num_workers`: the cores this process may use (os.sched_getaffinity where it exists,
   else os.cpu_count: the count torch.utils.data.DataLoader compares num_workers with before it
@@ -26,6 +26,10 @@ from batch 14 on). A run whose activation tensors are smaller keeps freed blocks
 and holds more than its live memory (measured: 1.14-1.26x, 1.6x with gradient checkpointing); such
 a run has at most about depth x 136 MiB of activations (ViT-B: 1.6 GiB), mostly within the safety
 margin. Run as a script, this module is that child (`python machine_fit.py probe SPEC_JSON`).
+
+The last section applies these to a run's config (train_direct calls it before the first step):
+`resolve_num_workers` (data.num_workers=-1), `cpu_memory_message` (training.memory_check) and
+`choose_micro_batches` (training.micro_batch_size; the CUDA probe of micro_batching).
 """
 
 from __future__ import annotations
@@ -38,20 +42,26 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
 
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
-from micro_batching import micro_batch_candidates
+from Configuration_System import RootConfig
+from micro_batching import (
+    MicroBatchPlan, agree_across_ranks, injected_oom_limit, make_step_probe, micro_batch_candidates, plan_micro_batches,
+)
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
-from training_utils import GuardedOptimizerStep, TrainStep, autocast_context
+from training_utils import GuardedOptimizerStep, TrainStep, autocast_context, resolve_precision
 
-__all__ = ["DEFAULT_WORKER_CAP", "MemoryEstimate", "PeakRss", "StepMemoryProfile", "StepShape", "cgroup_memory",
-           "check_cpu_memory", "default_num_workers", "estimate_training_memory", "local_process_count", "memory_budget",
-           "memory_message", "profile_step_memory", "usable_cpu_count"]
+__all__ = ["DEFAULT_WORKER_CAP", "MICRO_BATCH_KEY", "MemoryEstimate", "PeakRss", "StepMemoryProfile", "StepShape",
+           "cgroup_memory", "check_cpu_memory", "choose_micro_batches", "cpu_memory_message", "default_num_workers",
+           "describe_plan", "estimate_training_memory", "local_process_count", "memory_budget", "memory_message",
+           "profile_step_memory", "resolve_num_workers", "saved_plan", "usable_cpu_count"]
 
 DEFAULT_WORKER_CAP = 8          # more workers rarely help one training process and each costs memory
 SAFETY_FRACTION = 0.10          # share of physical memory kept free (page cache, other programs, error)
@@ -293,6 +303,7 @@ class StepShape:
     """What a run's memory depends on besides the network (from the config)."""
 
     batch_size: int
+    micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
     precision: str = "fp32"          # resolved: fp32 or bf16 on a CPU
     num_workers: int = 0
     prefetch_factor: int = 2
@@ -419,9 +430,10 @@ def _gb(n: float) -> str:
 
 
 def memory_message(estimate: MemoryEstimate, batch_size: int, budget: int, *, grad_checkpointing: bool,
-                   micro_batch_key: str | None) -> str | None:
-    """None when the run fits in `budget`, else one line naming data.batch_size and what fits."""
-    need = estimate.needed(batch_size)
+                   micro_batch_key: str | None, micro_batch: int | None = None) -> str | None:
+    """None when the run fits in `budget` (batches split into `micro_batch` images, None: unsplit),
+    else one line naming data.batch_size and what fits."""
+    need = estimate.needed(batch_size, micro_batch)
     if need <= budget:
         return None
     head = (f"{BATCH_KEY}={batch_size} needs about {_gb(need)} of memory on this machine "
@@ -455,7 +467,93 @@ def check_cpu_memory(model_cfg: VisionTransformerConfig, shape: StepShape, *,
     estimate = estimate_training_memory(profile, shape, model_cfg.image_size, model_cfg.num_tags, resident)
     budget = memory_budget(safety_fraction, resident, local_processes)
     return memory_message(estimate, shape.batch_size, budget, grad_checkpointing=model_cfg.grad_checkpoint_every > 0,
-                          micro_batch_key=micro_batch_key)
+                          micro_batch_key=micro_batch_key, micro_batch=shape.micro_batch)
+
+
+# --------------------------------------------------------------------------------------------
+# A run's config, fitted before its first step (train_direct calls these)
+# --------------------------------------------------------------------------------------------
+
+MICRO_BATCH_KEY = "training.micro_batch_size"
+# Share of the CUDA memory this process can have that a micro-batch probe may reserve at its peak:
+# the rest is headroom for fragmentation, validation batches and the allocator's own growth.
+CUDA_PROBE_FRACTION = 0.9
+
+
+def resolve_num_workers(cfg: RootConfig) -> str:
+    """Replace data.num_workers=-1 by what the cores allow; returns the line to print."""
+    if cfg.data.num_workers != -1:
+        return f"data.num_workers={cfg.data.num_workers}"
+    cfg.data.num_workers = default_num_workers()
+    local = local_process_count()
+    return (f"data.num_workers={cfg.data.num_workers} (auto: {usable_cpu_count()} usable cores, "
+            f"{local} training process{'es' if local != 1 else ''} on this machine)")
+
+
+def saved_plan(resume_state: Mapping[str, Any] | None) -> MicroBatchPlan | None:
+    """The micro-batch split a checkpoint was trained with (None: none recorded)."""
+    if resume_state is None or "micro_batches" not in resume_state:
+        return None
+    return MicroBatchPlan.from_dict(resume_state["micro_batches"])
+
+
+def cpu_memory_message(cfg: RootConfig, device: torch.device, model_cfg: VisionTransformerConfig,
+                       saved: MicroBatchPlan | None) -> str | None:
+    """On the CPU (training.memory_check), one line naming data.batch_size when the run cannot fit
+    in memory (the OS would kill it without a message); None when it fits. Takes seconds."""
+    if device.type != "cpu" or not cfg.training.memory_check:
+        return None
+    mb = cfg.training.micro_batch_size
+    micro = mb if mb > 0 else (saved.micro_batch if mb == 0 and saved is not None else None)
+    shape = StepShape(batch_size=cfg.data.batch_size, micro_batch=micro,
+                      precision=resolve_precision(cfg.training.precision, device), num_workers=cfg.data.num_workers,
+                      prefetch_factor=cfg.data.prefetch_factor, ema=cfg.training.ema_decay > 0,
+                      async_checkpoint=cfg.checkpoint.async_write)
+    return check_cpu_memory(model_cfg, shape, micro_batch_key=MICRO_BATCH_KEY, local_processes=local_process_count())
+
+
+def choose_micro_batches(cfg: RootConfig, device: torch.device, step_fn: TrainStep,
+                         saved: MicroBatchPlan | None) -> tuple[MicroBatchPlan, str]:
+    """The split of each batch (training.micro_batch_size) and how it was chosen.
+
+    Auto (0): on CUDA the largest equal split whose real step fits, probed before the first step,
+    starting at the checkpoint's split on resume (a smaller card gets a smaller one); on the CPU
+    the checkpoint's split, else none. A collective under DDP (ranks take the smallest).
+    """
+    batch, mb = cfg.data.batch_size, cfg.training.micro_batch_size
+    if mb == -1:
+        return MicroBatchPlan(batch, batch), f"{MICRO_BATCH_KEY}=-1: never split"
+    if mb > 0:
+        return MicroBatchPlan(batch, mb), f"{MICRO_BATCH_KEY}={mb}: as configured"
+    start = saved if saved is not None and saved.batch_size == batch else None
+    if device.type != "cuda":
+        return (start, "auto: the checkpoint's split") if start else (MicroBatchPlan(batch, batch), "auto: no split on the CPU")
+    model = step_fn.raw_model
+    free, _ = torch.cuda.mem_get_info(device)
+    n_params = sum(p.numel() for p in step_fn.params)
+    probe = make_step_probe(model, step_fn.loss_fn, step_fn.amp, num_tags=model.cfg.num_tags,
+                            num_ratings=model.cfg.num_ratings, image_size=cfg.data.image_size, device=device,
+                            reserve_bytes=8 * n_params,  # AdamW's two float32 moments, allocated at the first update
+                            memory_limit_bytes=int(CUDA_PROBE_FRACTION * (free + torch.cuda.memory_reserved(device))),
+                            fault_limit=injected_oom_limit())
+    cap = batch if start is None else start.micro_batch
+
+    def try_step(micro_batch: int) -> None:
+        """The probe, from the checkpoint's micro-batch down."""
+        if micro_batch > cap:
+            raise torch.cuda.OutOfMemoryError(f"out of memory (above the checkpoint's micro-batch {cap})")
+        probe(micro_batch)
+
+    plan = agree_across_ranks(plan_micro_batches(batch, try_step), device)
+    step_fn.amp.discard_window()  # the probes' loss checks are not the first window's
+    return plan, "auto: probed on " + torch.cuda.get_device_name(device)
+
+
+def describe_plan(plan: MicroBatchPlan) -> str:
+    """'batches of 64 in one pass' or 'batches of 64 as 4 micro-batches of 16 (same gradient)'."""
+    if plan.accumulation == 1:
+        return f"batches of {plan.batch_size} in one pass"
+    return f"batches of {plan.batch_size} as {plan.accumulation} micro-batches of {plan.micro_batch} (same gradient)"
 
 
 if __name__ == "__main__":

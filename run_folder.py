@@ -156,33 +156,64 @@ class RunClaim:
     run_id: str
     lock: RunLock | None     # rank 0 only
     note: str | None = None  # a line worth printing (a new folder was chosen, a legacy run got an id)
+    fresh: bool = False      # a fresh run (rank 0): abandon() may undo the claim
+    created: tuple[Path, ...] = ()   # folders the claim created, deepest first (rank 0, fresh runs)
 
     def release(self) -> None:
         """Release the lock (rank 0); safe to call on every rank and more than once."""
         if self.lock is not None:
             self.lock.release()
 
+    def abandon(self) -> None:
+        """Undo a fresh claim whose run stopped before training (a setup error): remove its
+        run.json, release the lock and remove the folders the claim created if they are empty, so
+        that the same command runs again once the setting is fixed. Files other code wrote stay."""
+        if not self.fresh or self.lock is None or not self.lock.held:
+            self.release()
+            return
+        try:
+            record = read_run_record(self.run_dir)
+        except ValueError:
+            record = None  # not the record this claim wrote: leave it
+        if record is not None and record.run_id == self.run_id:
+            (self.run_dir / RUN_RECORD_NAME).unlink(missing_ok=True)
+        self.release()
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (other files were written) or already gone
+                break
 
-def _lock_fresh_folder(run_dir: Path, new_folder: bool, run_id: str, log: Callable[[str], None] | None) -> RunLock:
-    """Lock `run_dir` for a fresh run, or with new_folder the first free suffixed folder."""
+
+def _missing_folders(folder: Path) -> tuple[Path, ...]:
+    """`folder` and its parents that do not exist yet, deepest first (what creating it will add)."""
+    return tuple(p for p in (folder, *folder.parents) if not p.exists())
+
+
+def _lock_fresh_folder(run_dir: Path, new_folder: bool, run_id: str,
+                       log: Callable[[str], None] | None) -> tuple[RunLock, tuple[Path, ...]]:
+    """Lock `run_dir` for a fresh run, or with new_folder the first free suffixed folder; also
+    returns the folders that locking created."""
     if not new_folder:
+        created = _missing_folders(run_dir)
         lock = RunLock(run_dir, run_id=run_id, log=log).acquire()
         try:
             refuse_fresh_run(run_dir)  # checked under the lock, so no other process can start there meanwhile
         except RunFolderInUseError:
             lock.release()
             raise
-        return lock
+        return lock, created
     for n in range(1, MAX_SUFFIX + 1):
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
         if existing_run(candidate):
             continue
+        created = _missing_folders(candidate)
         try:
             lock = RunLock(candidate, run_id=run_id, log=log).acquire()
         except RunLockError:
             continue  # another process is starting there right now
         if not existing_run(candidate):
-            return lock
+            return lock, created
         lock.release()
     raise RunFolderInUseError(f"{run_dir}: {run_dir.name}-2 ... {run_dir.name}-{MAX_SUFFIX} all hold runs; "
                               "choose another experiment_name")
@@ -193,6 +224,7 @@ def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
     """Rank 0's part: lock, refuse or choose the folder, read or mint the run id."""
     note = None
     write_record = not resume
+    created: tuple[Path, ...] = ()
     if resume:
         try:
             record = read_run_record(run_dir)
@@ -207,7 +239,7 @@ def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
         lock = RunLock(run_dir, run_id=record.run_id, log=log).acquire()
     else:
         run_id = uuid.uuid4().hex
-        lock = _lock_fresh_folder(run_dir, new_folder, run_id, log)
+        lock, created = _lock_fresh_folder(run_dir, new_folder, run_id, log)
         record = RunRecord.new(lock.run_dir.name, run_id)
         if lock.run_dir != run_dir:
             note = f"run folder: {lock.run_dir} ({run_dir} already holds a run)"
@@ -217,7 +249,8 @@ def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
         except OSError:
             lock.release()
             raise
-    return RunClaim(run_dir=lock.run_dir, run_id=record.run_id, lock=lock, note=note)
+    return RunClaim(run_dir=lock.run_dir, run_id=record.run_id, lock=lock, note=note, fresh=not resume,
+                    created=created)
 
 
 def claim_run_folder(run_dir: str | Path, *, resume: bool, new_folder: bool = False, rank: int = 0,

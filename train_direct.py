@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +23,24 @@ import torch.distributed as tdist
 
 from checkpoint_store import (
     BEST_POINTER, CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
-    checkpoint_files, checkpoints_dir, has_ema, is_checkpoint_reference, latest_checkpoint, load_model_state,
-    load_training_state, resolve_checkpoint, snapshot_state,
+    checkpoint_files, checkpoints_dir, find_resume_checkpoint, has_ema, load_initial_weights, load_model_state,
+    load_training_state, snapshot_state,
 )
 from Configuration_System import ConfigError, RootConfig, dump_config, load_config
 from batching import FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader
-from data_setup import DataBundle, build_eval_loader, prepare_data
+from data_setup import DataBundle, build_eval_loader, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
-from model_architecture import (
-    SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, param_groups_for_weight_decay,
-)
+from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
+from micro_batching import MicroBatchPlan, MicroBatchPlanError, injected_oom_limit
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, init_distributed
+from run_folder import (
+    NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text,
+)
+from run_lock import RunLockError
 from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
 from training_utils import (
     BestMetric, EarlyStopping, GracefulStopper, GuardedOptimizerStep, ModelEma, RankRngStates, Stateful, TrainStep,
@@ -75,8 +80,8 @@ def total_optimizer_steps(cfg: RootConfig, per_epoch: int) -> int:
     return min(total, cfg.training.max_steps) if cfg.training.max_steps else total
 
 
-def build_model(cfg: RootConfig, data: DataBundle) -> SimplifiedTagger:
-    """The tagger, its tag-head biases at the log-odds of each tag's training frequency."""
+def model_config(cfg: RootConfig, data: DataBundle) -> VisionTransformerConfig:
+    """The tagger's shape, its tag-head biases at the log-odds of each tag's training frequency."""
     m = cfg.model
     overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
     freqs = data.vocab.frequencies_array()
@@ -87,7 +92,7 @@ def build_model(cfg: RootConfig, data: DataBundle) -> SimplifiedTagger:
         layer_scale_init=m.layer_scale_init or None, pooling=m.pooling,
         grad_checkpoint_every=m.grad_checkpoint_every,
         tag_bias_init=[f / n_train for f in freqs], **overrides)
-    return SimplifiedTagger(model_cfg)
+    return model_cfg
 
 
 def build_loss(cfg: RootConfig, data: DataBundle, device: torch.device) -> MultiTaskLoss:
@@ -200,6 +205,7 @@ class TrainingRun:
     background: ThreadSafeMetricsTracker = field(default_factory=ThreadSafeMetricsTracker)  # other threads' timings
     flips: list[int] = field(default_factory=lambda: [0, 0])  # flipped, vetoed since the last log line
     state: RunState = field(default_factory=RunState)
+    run_record: str = ""              # run.json's text (rank 0), copied into every checkpoint: its lineage
 
     @property
     def raw_model(self) -> SimplifiedTagger:
@@ -340,6 +346,7 @@ def training_state_dict(run: TrainingRun) -> dict[str, Any]:
     return {"format_version": CHECKPOINT_FORMAT_VERSION,
             **{name: component.state_dict() for name, component in run.components().items()},
             "schedule": schedule_signature(run.cfg, run.dist.world_size),
+            "micro_batches": run.step_fn.plan.to_dict(),  # not part of the schedule: a resume may re-plan
             "vocabulary_fingerprint": run.data.vocab.fingerprint()}
 
 
@@ -354,6 +361,7 @@ def save_checkpoint(run: TrainingRun, is_best: bool, wait: bool = False) -> None
         run.raw_model.state_dict(), train_state, run.ema.state_dict() if run.ema else None)
     files = checkpoint_files(run.cfg, run.data.vocab_path.read_text(encoding="utf-8"), run.raw_model.cfg,
                              run.data.preprocess)
+    files[RUN_RECORD_NAME] = run.run_record  # the pruner deletes only folders of this run's lineage
     run.writer.submit(CheckpointPayload(step=run.state.step, model_state=model_state, training_state=train_state,
                                         files=files, ema_state=ema_state, is_best=is_best))
     if wait:
@@ -491,34 +499,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the run's newest checkpoint or a given one")
     p.add_argument("--init-from", default=None, metavar="PATH", help="load model weights only (a checkpoint folder or timm-layout ViT weights)")
     p.add_argument("--accept-schedule-change", action="store_true", help="resume even if batch size, epochs or learning rate changed")
+    p.add_argument(NEW_FOLDER_FLAG, dest="new_run_folder", action="store_true",
+                   help="when the run folder already holds a run, start this fresh run in NAME-2, NAME-3, ... instead")
     return p.parse_args(argv)
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint folder --resume names (None when not resuming)."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        folder = latest_checkpoint(checkpoints_dir(run_dir))
-        if folder is None:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {checkpoints_dir(run_dir)}")
-        return folder
-    return resolve_checkpoint(resume)
-
-
-def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
-    """--init-from / model.init_from: a checkpoint folder (weights only) or timm-layout ViT weights."""
-    p = Path(path)
-    if is_checkpoint_reference(p):
-        folder = resolve_checkpoint(p)
-        missing, unexpected = model.load_state_dict(load_model_state(folder), strict=False)
-        return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
-    report = load_pretrained_backbone(model, p)
-    return report.summary()
+def _broadcast_from_rank0(box: list) -> None:
+    tdist.broadcast_object_list(box, src=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Wire the phases: config, data, model, optimisation, resume, loop, final report."""
+    """Wire the phases: config, run folder, data, fit to the machine, model, resume, loop, report."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -526,10 +517,49 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("root", "manifest", "cache_dir"):
             if getattr(cfg.data, key):
                 setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).absolute()))
+        check_output_locations(cfg)  # nothing is ever written inside the dataset
+        if args.new_run_folder and args.resume:
+            raise ConfigError(f"{NEW_FOLDER_FLAG} starts a fresh run; it cannot be combined with --resume")
         dist, device = init_distributed(cfg.training.device)
+        workers = resolve_num_workers(cfg)
         resume_dir = find_resume_checkpoint(args.resume, cfg.run_dir)
-        resume_state = load_training_state(resume_dir) if resume_dir is not None else None
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:  # one process per run folder, and no fresh run into an earlier run's folder
+        claim = claim_run_folder(cfg.run_dir, resume=resume_dir is not None, new_folder=args.new_run_folder,
+                                 rank=dist.rank, share=_broadcast_from_rank0 if dist.world_size > 1 else None,
+                                 log=print if dist.is_main else None)
+    except RunLockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg.experiment_name = claim.run_dir.name  # NAME-2 with --new-run-folder
+    if dist.is_main:
+        print(f"run: {claim.run_dir} (run id {claim.run_id}); {workers}")
+        if claim.note:
+            print(claim.note)
+    try:
+        prepared = prepare_run(args, cfg, dist, device, claim, resume_dir)
+    except BaseException:
+        claim.abandon()
+        raise
+    if isinstance(prepared, int):  # a setup error, already printed: the folder is left as it was
+        claim.abandon()
+        return prepared
+    try:
+        return run_training(prepared, args)
+    finally:
+        claim.release()
+
+
+def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, device: torch.device,
+                claim: RunClaim, resume_dir: Path | None) -> TrainingRun | int:
+    """Data, memory check, model, micro-batch split, session and resume; an exit code on a setup
+    error (printed in one line)."""
+    try:
+        resume_state = load_training_state(resume_dir) if resume_dir is not None else None
+        saved = saved_plan(resume_state)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seed_everything(cfg.training.seed + dist.rank)
@@ -539,13 +569,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = prepare_data(cfg, run_dir, rank=dist.rank, world_size=dist.world_size,
                             resume=resume_dir is not None, log=print if dist.is_main else None)
-    except (ConfigError, FileNotFoundError, DataQualityError) as exc:
+        model_cfg = model_config(cfg, data)
+        box = [cpu_memory_message(cfg, device, model_cfg, saved) if dist.is_main else None]  # before the model exists
+    except (ConfigError, FileNotFoundError, ValueError, DataQualityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if dist.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if dist.world_size > 1:
+        _broadcast_from_rank0(box)
+    if box[0] is not None:
+        print(f"error: {box[0]}", file=sys.stderr)
+        return 2
 
-    raw_model = build_model(cfg, data).to(device)
+    raw_model = SimplifiedTagger(model_cfg).to(device)
     init_from = args.init_from or cfg.model.init_from
     if init_from and resume_dir is None:
         try:
@@ -559,36 +594,70 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. a batch larger than the training split
         print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
-    run = build_session(cfg, dist, device, data, raw_model, train_sampler,
-                            resume_step=None if resume_state is None else resume_state["run_state"]["step"])
+    per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
+    total_steps = total_optimizer_steps(cfg, per_epoch)
+    step_fn = build_step(cfg, dist, device, data, raw_model, total_steps)
+    try:
+        step_fn.plan, how = choose_micro_batches(cfg, device, step_fn, saved)
+    except MicroBatchPlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg.training.micro_batch_size = step_fn.plan.micro_batch  # the resolved split, in config.yaml and checkpoints
+    run = build_session(cfg, dist, device, data, step_fn, train_sampler, total_steps, per_epoch, claim,
+                        resume_step=None if resume_state is None else resume_state["run_state"]["step"])
     if resume_dir is not None:
         try:
             restore_checkpoint(run, resume_dir, resume_state, args.accept_schedule_change)
         except (ConfigError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    step_fn.on_replan = partial(note_replan, run)
+    run.monitor.log_event(run.state.step, "micro_batches", **step_fn.plan.to_dict(), how=how)
     if dist.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
               f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
               f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}")
+        print(f"micro-batches: {describe_plan(step_fn.plan)} ({how})")
         run.monitor.log_hparams(_flat_hparams(cfg), {})
-    return run_training(run, args)
+    return run
 
 
-def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle,
-                  raw_model: SimplifiedTagger, train_sampler: ResumableSampler, resume_step: int | None) -> TrainingRun:
-    """Optimizer, schedule, step, loaders, checkpoint writer and monitor around a built model."""
+def note_replan(run: TrainingRun, plan: MicroBatchPlan, reason: str) -> None:
+    """After an out-of-memory error the step split further: log it and record it in config.yaml."""
+    run.cfg.training.micro_batch_size = plan.micro_batch
+    run.monitor.log_event(run.state.step, "micro_batches", **plan.to_dict(), how=f"re-planned after: {reason}")
+    if run.dist.is_main:
+        print(f"micro-batches: out of memory ({reason}); now {describe_plan(plan)}")
+        atomic_write_text(run.cfg.run_dir / "config.yaml", dump_config(run.cfg))
+
+
+def build_step(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle,
+               raw_model: SimplifiedTagger, total_steps: int) -> TrainStep:
+    """Optimizer, schedule, loss, EMA and the step around a built model (unsplit until planned)."""
     model: torch.nn.Module = raw_model
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.model.compile:
         model = torch.compile(model)
-    per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
-    total_steps = total_optimizer_steps(cfg, per_epoch)
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(raw_model, cfg.training.weight_decay),
                                   lr=effective_learning_rate(cfg, dist.world_size),
                                   betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
+    return TrainStep(
+        model, raw_model, build_loss(cfg, data, device),
+        GuardedOptimizerStep(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
+        build_scheduler(cfg, optimizer, total_steps),
+        ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
+        device,
+        # An out-of-memory error splits further and retries (one process: DDP ranks cannot retry alone).
+        adaptive=cfg.training.micro_batch_size == 0 and dist.world_size == 1, fault_limit=injected_oom_limit())
+
+
+def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle, step_fn: TrainStep,
+                  train_sampler: ResumableSampler, total_steps: int, per_epoch: int, claim: RunClaim,
+                  resume_step: int | None) -> TrainingRun:
+    """Loaders, checkpoint writer and monitor around the step."""
     monitor = TrainingMonitor(cfg.run_dir, enabled=dist.is_main, total_steps=total_steps,
                               console_interval_s=cfg.monitor.console_interval_s, tensorboard=cfg.monitor.tensorboard,
                               system_stats_interval_s=cfg.monitor.system_stats_interval_s,
@@ -596,15 +665,11 @@ def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data
                                      "name": cfg.experiment_name} if cfg.monitor.wandb_project else None,
                               resume_step=resume_step)
     background = CheckpointTimings(ThreadSafeMetricsTracker())
-    step_fn = TrainStep(
-        model, raw_model, build_loss(cfg, data, device),
-        GuardedOptimizerStep(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
-        build_scheduler(cfg, optimizer, total_steps),
-        ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
-        device)
-    ckpt = CheckpointManager(checkpoints_dir(cfg.run_dir), keep_last=cfg.checkpoint.keep_last)
+    record = read_run_record(claim.run_dir) if dist.is_main else None
+    ckpt = CheckpointManager(checkpoints_dir(cfg.run_dir), keep_last=cfg.checkpoint.keep_last,
+                             owns=partial(is_own_checkpoint, run_id=claim.run_id))
     return TrainingRun(
-        cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=optimizer,
+        cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=step_fn.amp.optimizer,
         sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
         best=BestMetric(cfg.validation.selection_metric),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
@@ -616,7 +681,8 @@ def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data
             prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
             multiprocessing_context=cfg.data.worker_start_method or None, generator_seed=cfg.training.seed),
         val_loader=build_eval_loader(cfg, data, rank=dist.rank, world_size=dist.world_size),
-        total_steps=total_steps, steps_per_epoch=per_epoch)
+        total_steps=total_steps, steps_per_epoch=per_epoch,
+        run_record=run_record_text(record) if record is not None else "")
 
 
 def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
@@ -662,8 +728,9 @@ def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None
     print(f"done: {outcome} at step {run.state.step}/{run.total_steps}; "
           f"best {run.best.name} {best_value:.4f} at step {run.best.step}")
     if outcome.startswith("stopped"):
+        named = [f"--set experiment_name={run.cfg.experiment_name}"] if args.new_run_folder else []  # NAME-2
         cmd = " ".join([sys.executable, "train_direct.py"] + (["--config", str(args.config)] if args.config else [])
-                       + [f"--set {s}" for s in args.set] + ["--resume", "latest"])
+                       + [f"--set {s}" for s in args.set] + named + ["--resume", "latest"])
         print(f"resume with: {cmd}")
     best = checkpoints_dir(run_dir) / BEST_POINTER
     if best.is_file():

@@ -2,24 +2,33 @@
 per-step work, weight EMA, the best-metric record, early stopping, stop requests and
 reproducible RNG state.
 
+TrainStep runs each batch as equal micro-batches when a split is planned (micro_batching.py: the
+same gradient as the unsplit batch) and, when allowed, reacts to an out-of-memory error by
+splitting further and running the accumulation window again from its first batch.
+
 Every piece with state that an exact resume needs has `state_dict()` / `load_state_dict()`
 returning and accepting tensors and plain types only, so `training_state.pt` loads with
 `weights_only=True`. Writing and reading checkpoint folders is `checkpoint_store`'s job.
-This module imports nothing from the project.
+It imports only micro_batching from the project.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+from micro_batching import (
+    MicroBatchPlan, MicroBatchPlanError, forward_backward_split, is_out_of_memory, micro_batch_candidates,
+)
 
 
 class Stateful(Protocol):
@@ -315,6 +324,12 @@ class GuardedOptimizerStep:
         self._loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
         return grad_norm.detach(), skipped
 
+    def discard_window(self) -> None:
+        """Forget the gradients and the loss check of the window so far (no update was made):
+        the window is run again, e.g. in smaller micro-batches after an out-of-memory error."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss_ok = torch.ones((), dtype=torch.bool, device=self.device)
+
     def _count(self, skipped: torch.Tensor) -> None:
         s = skipped.to(torch.int64)
         self.skipped_total += s
@@ -385,11 +400,19 @@ class TrainStep:
     `train_direct.py` runs exactly this, and so does `benchmarks/bench_train_step.py`, so the
     benchmark measures the real step. Loss parts and the gradient norm are summed on the device
     (no host sync); `read_and_reset_sums` reads them once per log line.
+
+    `plan` splits each batch into equal micro-batches (None: unsplit). With `adaptive`, an
+    out-of-memory error in forward/backward discards the window's gradients (no update was made),
+    moves to the next smaller equal split, calls `on_replan(plan, reason)` and runs the window's
+    batches again; the window's inputs are kept until its optimizer step for that. One process
+    only: under DDP the ranks would have to agree on every retry.
     """
 
     def __init__(self, model: torch.nn.Module, raw_model: torch.nn.Module, loss_fn: torch.nn.Module,
                  amp: GuardedOptimizerStep, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 ema: ModelEma | None, device: torch.device) -> None:
+                 ema: ModelEma | None, device: torch.device, *, plan: MicroBatchPlan | None = None,
+                 adaptive: bool = False, fault_limit: int | None = None,
+                 on_replan: Callable[[MicroBatchPlan, str], None] | None = None) -> None:
         """The pieces of one step; `model` may wrap `raw_model` in DDP and/or torch.compile."""
         self.model = model            # what forward runs (maybe DDP and/or compiled)
         self.raw_model = raw_model    # the module whose parameters are updated and saved
@@ -400,26 +423,76 @@ class TrainStep:
         self.device = device
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         self.sums: dict[str, torch.Tensor] = {}
+        self.plan = plan
+        self.adaptive = adaptive
+        self.fault_limit = fault_limit  # micro_batching's injected test fault (None in real runs)
+        self.on_replan = on_replan
+        self.replans = 0
+        self._window: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]] = []
+        self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # losses of the window so far
+
+    def micro_batch(self, batch_size: int) -> int:
+        """Images per forward/backward pass for a batch of `batch_size`."""
+        return batch_size if self.plan is None else self.plan.micro_batch
 
     def forward_backward(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor,
                          window: int, sync: bool = True) -> None:
-        """One micro-batch of a `window`-long accumulation window; `sync=False` skips the DDP
-        gradient all-reduce (every micro-batch but the window's last)."""
-        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel) or \
-            isinstance(getattr(self.model, "_orig_mod", None), torch.nn.parallel.DistributedDataParallel)
-        ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
-        with ctx:
-            with self.amp.autocast():
-                outputs = self.model(images)  # {"tag_logits": (B, T), "rating_logits": (B, 4)}
-            total, parts = self.loss_fn(outputs, tag_targets, ratings)
-            self.amp.backward(total, window)
-        self._accumulate("loss", total.detach())
-        for name, value in parts.items():
-            self._accumulate(f"loss/{name}", value.detach())
+        """One batch of a `window`-long accumulation window; `sync=False` skips the DDP gradient
+        all-reduce (every batch but the window's last)."""
+        if self.adaptive:
+            self._window.append((images, tag_targets, ratings, window, sync))
+        failure = None
+        try:
+            self._pending.append(self._pass(images, tag_targets, ratings, window, sync))
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not (self.adaptive and is_out_of_memory(exc)):
+                raise
+            failure = _first_line(exc)
+        if failure is not None:  # outside the except block: the failed pass's tensors are freed
+            self._run_window_again(images.shape[0], failure)
+
+    def _pass(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, window: int,
+              sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return forward_backward_split(self.model, self.loss_fn, self.amp, images, tag_targets, ratings,
+                                      micro_batch=self.micro_batch(images.shape[0]), window=window, sync=sync,
+                                      fault_limit=self.fault_limit)
+
+    def _run_window_again(self, batch_size: int, failure: str) -> None:
+        """Split further after an out-of-memory error and redo the window's batches until they fit."""
+        while True:
+            current = self.micro_batch(batch_size)
+            smaller = [m for m in micro_batch_candidates(batch_size) if m < current]
+            if not smaller:
+                raise MicroBatchPlanError(
+                    f"data.batch_size={batch_size}: out of memory even in micro-batches of 1 image ({failure}); "
+                    "use a smaller model (model.preset) or image size (data.image_size), "
+                    "or set model.grad_checkpoint_every=1")
+            self.plan = MicroBatchPlan(batch_size, smaller[0])
+            self.replans += 1
+            self.amp.discard_window()
+            self._pending.clear()
+            _free_memory()
+            if self.on_replan is not None:
+                self.on_replan(self.plan, failure)
+            failure = None
+            try:
+                for images, tag_targets, ratings, window, sync in self._window:
+                    self._pending.append(self._pass(images, tag_targets, ratings, window, sync))
+                return
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                failure = _first_line(exc)
 
     def optimizer_step(self, step: int) -> None:
         """Clip, update unless non-finite, advance the schedule, update the EMA (`step` is the
         number of updates before this one)."""
+        for total, parts in self._pending:  # the window's losses, in batch order
+            self._accumulate("loss", total)
+            for name, value in parts.items():
+                self._accumulate(f"loss/{name}", value)
+        self._pending.clear()
+        self._window.clear()
         grad_norm, skipped = self.amp.step(self.params)
         self.scheduler.step()
         if self.ema is not None:
@@ -445,6 +518,19 @@ class TrainStep:
         stacked = stacked.cpu()
         self.sums.clear()
         return {n: (float(s) / float(c) if c > 0 else float("nan")) for n, (s, c) in zip(names, stacked.tolist())}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line log."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _free_memory() -> None:
+    """Return a failed pass's blocks to the device before trying again."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # The earlier name, kept for benchmarks/bench_train_step.py until it imports GuardedOptimizerStep.

@@ -174,3 +174,20 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
     (folder / S.CONFIG_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         S.read_run_config(folder)
+
+
+def test_prune_deletes_only_own_folders_and_never_best(tmp_path: Path) -> None:
+    """A folder another run (or an older trainer) left is never pruned, and neither is best."""
+    ckpt = tmp_path / "checkpoints"
+    foreign = S.CheckpointManager(ckpt, keep_last=1)
+    foreign.write(payload(1))
+    foreign.write(payload(2, best=True))  # step_1 pruned by its own writer: still one lineage here
+    mine = {3, 4, 5, 6}
+    mgr = S.CheckpointManager(ckpt, keep_last=2, owns=lambda p: S.parse_step(p.name) in mine)
+    mgr.write(payload(3, best=True))
+    mgr.write(payload(4))
+    mgr.write(payload(5))
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_2", "step_3", "step_4", "step_5"]
+    mgr.write(payload(6))  # step_3 is best, step_2 is not this run's: only step_4 goes
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_2", "step_3", "step_5", "step_6"]
+    assert mgr.prune() == []

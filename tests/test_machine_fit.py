@@ -191,3 +191,43 @@ def test_budget_is_shared_by_local_processes_and_capped_by_cgroups(monkeypatch: 
     assert mf.memory_budget(0.1, resident_now=10**9, local_processes=2) == (20 * 10**9 - 24 * 10**8) // 2 + 10**9
     monkeypatch.setattr(mf, "cgroup_memory", lambda root=None: (8 * 10**9, 5 * 10**9))  # a container's limit
     assert mf.memory_budget(0.1, resident_now=10**9) == 5 * 10**9 - 8 * 10**8 + 10**9
+
+
+def test_configured_micro_batch_counts_in_the_check() -> None:
+    """A run already split into micro-batches needs only one micro-batch of activations."""
+    est = mf.MemoryEstimate(resident_now=1000, state_bytes=0, fixed_bytes=0, per_image_step=100, per_image_batch=1,
+                            worker_bytes=0, per_image_workers=0)
+    budget = est.needed(64, 8)
+    assert est.needed(64) > budget
+    assert mf.memory_message(est, 64, budget, grad_checkpointing=True, micro_batch_key="training.micro_batch_size",
+                             micro_batch=8) is None
+    line = mf.memory_message(est, 64, budget, grad_checkpointing=True, micro_batch_key="training.micro_batch_size")
+    assert line.startswith("data.batch_size=64 needs") and "training.micro_batch_size=8" in line
+
+
+def test_auto_workers_are_resolved_into_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from Configuration_System import load_config
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cfg = load_config(None, ["data.num_workers=-1"])
+    line = mf.resolve_num_workers(cfg)
+    assert cfg.data.num_workers == mf.default_num_workers() and line.startswith(f"data.num_workers={cfg.data.num_workers} (auto")
+    cfg = load_config(None, ["data.num_workers=3"])
+    assert mf.resolve_num_workers(cfg) == "data.num_workers=3" and cfg.data.num_workers == 3
+
+
+def test_split_choice_follows_the_key_and_the_checkpoint_on_cpu() -> None:
+    from Configuration_System import load_config
+    from micro_batching import MicroBatchPlan
+
+    cpu = torch.device("cpu")
+    cfg = load_config(None, ["data.batch_size=16"])
+    assert mf.choose_micro_batches(cfg, cpu, None, None)[0] == MicroBatchPlan(16, 16)  # auto on a CPU: no split
+    assert mf.choose_micro_batches(cfg, cpu, None, MicroBatchPlan(16, 4))[0] == MicroBatchPlan(16, 4)  # resume keeps it
+    assert mf.choose_micro_batches(cfg, cpu, None, MicroBatchPlan(32, 4))[0] == MicroBatchPlan(16, 16)  # other batch
+    cfg = load_config(None, ["data.batch_size=16", "training.micro_batch_size=8"])
+    assert mf.choose_micro_batches(cfg, cpu, None, MicroBatchPlan(16, 4))[0] == MicroBatchPlan(16, 8)
+    cfg = load_config(None, ["data.batch_size=16", "training.micro_batch_size=-1"])
+    assert mf.choose_micro_batches(cfg, cpu, None, MicroBatchPlan(16, 4))[0] == MicroBatchPlan(16, 16)
+    assert mf.saved_plan({"micro_batches": {"batch_size": 16, "micro_batch": 4}}) == MicroBatchPlan(16, 4)
+    assert mf.saved_plan({}) is None

@@ -206,3 +206,21 @@ def test_torchrun_ranks_share_rank0s_lock(tmp_path: Path) -> None:
     with RunLock(run_dir):
         lines = torchrun()
     assert lines == ["rank 0 error RunLockError", "rank 1 error RunLockError"]
+
+
+def test_abandoned_fresh_claim_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    """A fresh run that stops at a setup error removes its run.json, lock and the folders it made,
+    so the same command can start again; a resumed run's claim is only released."""
+    run_dir = tmp_path / "runs" / "exp"
+    claim = claim_run_folder(run_dir, resume=False)
+    assert (run_dir / RUN_RECORD_NAME).is_file() and (run_dir / LOCK_NAME).is_file()
+    claim.abandon()
+    assert not (tmp_path / "runs").exists()
+    claim = claim_run_folder(run_dir, resume=False)
+    (run_dir / "split.json").write_text("{}", encoding="utf-8")  # written by the data setup
+    claim.abandon()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["split.json"]
+    claim_run_folder(run_dir, resume=False).release()  # not refused: no run started there
+    resumed = claim_run_folder(run_dir, resume=True)
+    resumed.abandon()
+    assert (run_dir / RUN_RECORD_NAME).is_file() and not (run_dir / LOCK_NAME).exists()

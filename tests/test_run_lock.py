@@ -63,6 +63,7 @@ def fake_lock(path: Path, **changes: object) -> LockHolder:
     return LockHolder.from_json(data, path)
 
 
+@pytest.mark.e2e
 def test_second_process_fails_at_once_while_the_first_holds(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "exp"
     first = start_holder(run_dir)
@@ -91,6 +92,7 @@ def test_second_process_fails_at_once_while_the_first_holds(tmp_path: Path) -> N
         assert again.held
 
 
+@pytest.mark.e2e
 def test_lock_of_a_sigkilled_process_is_taken_over(tmp_path: Path) -> None:
     run_dir = tmp_path / "exp"
     victim = start_holder(run_dir)
@@ -164,6 +166,7 @@ def test_unreadable_lock_is_an_error_naming_the_file(tmp_path: Path) -> None:
     assert (tmp_path / LOCK_NAME).read_text(encoding="utf-8") == "{not json"
 
 
+@pytest.mark.e2e
 def test_released_at_interpreter_exit(tmp_path: Path) -> None:
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from run_lock import RunLock; "
             f"RunLock({str(tmp_path)!r}).acquire(); sys.exit(3)")
@@ -172,6 +175,7 @@ def test_released_at_interpreter_exit(tmp_path: Path) -> None:
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_racing_take_overs_of_one_stale_lock_have_one_winner(tmp_path: Path) -> None:
     me = psutil.Process()
     fake_lock(tmp_path / LOCK_NAME, create_time=me.create_time() - 3600.0, lock_id="4" * 32)

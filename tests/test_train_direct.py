@@ -33,6 +33,7 @@ def frequency_baseline_map(run_dir: Path) -> float:
     return sum(aps) / len(aps)
 
 
+@pytest.mark.e2e
 def test_run_folder_layout(trained_run: TrainedRun) -> None:
     run = trained_run.run_dir
     for name in ("config.yaml", "vocabulary.json", "data_report.json", "metrics.jsonl", "split.json"):
@@ -56,6 +57,7 @@ def test_run_folder_layout(trained_run: TrainedRun) -> None:
     assert resolved["data"]["image_size"] == 32 and resolved["model"]["embed_dim"] == 64
 
 
+@pytest.mark.e2e
 def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) -> None:
     events = read_jsonl(trained_run.run_dir / "metrics.jsonl")
     losses = [e["loss"] for e in events if e["type"] == "train"]
@@ -71,6 +73,7 @@ def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) ->
     assert "data: " in trained_run.proc.stdout and "val step" in trained_run.proc.stdout
 
 
+@pytest.mark.e2e
 def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: Path) -> None:
     run = trained_run.run_dir
     best_step = int((run / "checkpoints" / "best").read_text(encoding="utf-8").strip().split("_")[1])
@@ -91,6 +94,7 @@ def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: 
     ("training.epochs=many", "training.epochs must be an integer"),
     ("data.root=/nonexistent/dataset", "/nonexistent/dataset"),
 ])
+@pytest.mark.e2e
 def test_bad_config_stops_before_work(tmp_path: Path, override: str, fragment: str) -> None:
     proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                     "--set", "data.demo_images=0", "--set", override, "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
@@ -100,6 +104,7 @@ def test_bad_config_stops_before_work(tmp_path: Path, override: str, fragment: s
     assert not (tmp_path / "runs").exists(), "nothing may be written before the config and data are valid"
 
 
+@pytest.mark.e2e
 def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                     "--resume", "latest", "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
@@ -156,6 +161,7 @@ def test_sampler_position_saves_the_loop_position() -> None:
         T.SamplerPosition(ResumableSampler(100, batch_size=20, seed=3), T.RunState()).load_state_dict(saved)
 
 
+@pytest.mark.e2e
 def test_tensorboard_has_training_validation_and_pictures(trained_run: TrainedRun) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -209,6 +215,7 @@ class _NaNLoss(torch.nn.Module):
         return total, parts
 
 
+@pytest.mark.e2e
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
@@ -235,6 +242,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, t
     assert all(torch.equal(good[k], final[k]) for k in good)  # skipped updates changed nothing
 
 
+@pytest.mark.e2e
 def test_accumulation_with_a_partial_window_at_epoch_end(demo_data: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import TINY_RUN
@@ -258,6 +266,7 @@ def test_accumulation_with_a_partial_window_at_epoch_end(demo_data: Path, tmp_pa
     assert (run / "checkpoints" / "last").read_text(encoding="utf-8").strip() == f"step_{2 * per_epoch}"
 
 
+@pytest.mark.e2e
 def test_spawned_workers_give_the_same_run(trained_run: TrainedRun) -> None:
     """Windows starts DataLoader workers with spawn: the end-to-end run must work there and, since
     augmentation randomness comes from (seed, epoch, index), give exactly the same losses."""
@@ -279,6 +288,7 @@ def test_spawned_workers_give_the_same_run(trained_run: TrainedRun) -> None:
     assert pick(spawned, "val", "mAP") == pick(forked, "val", "mAP")
 
 
+@pytest.mark.e2e
 def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
     """data.cache_dir builds the cache on first use; training from it sees the same pixels, so the
     run is identical to decoding every image; the dataset folder is left untouched."""
@@ -301,6 +311,7 @@ def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
     assert sorted(p.name for p in trained_run.data.rglob("*")) == before
 
 
+@pytest.mark.e2e
 def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
     """num_workers=2 over a corpus where 20% of the samples are broken: the run completes, the
     audit counts every reason, and a file that only fails when decoded in a worker is replaced
@@ -331,6 +342,7 @@ def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
         assert f"{reason}: {count}" in line
 
 
+@pytest.mark.e2e
 def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedRun) -> None:
     """data.manifest (JSON Lines of {file, tags, rating}) gives the same samples, so the same run."""
     from conftest import TINY_RUN
@@ -355,6 +367,7 @@ def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedR
     assert len([e for e in from_manifest if e["type"] == "train"]) == 10
 
 
+@pytest.mark.e2e
 def test_batch_larger_than_the_training_split_is_a_clear_error(demo_data: Path, tmp_path: Path) -> None:
     proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                     "--set", f"data.root={demo_data}", "--set", "data.batch_size=4096", "--set", "output_root=runs",

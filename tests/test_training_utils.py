@@ -188,3 +188,72 @@ def test_train_step_sums_update_and_ema() -> None:
     assert not torch.equal(before, model.tags.weight)
     torch.testing.assert_close(step.ema.shadow["tags.weight"], 0.5 * before + 0.5 * model.tags.weight.detach())
     assert step.read_and_reset_sums() == {}
+
+
+def _vit_step(adaptive: bool, fault_limit: int | None = None, seed: int = 0) -> U.TrainStep:
+    """A TrainStep of a small ViT with the project's loss (fp32, no stochastic depth)."""
+    from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
+    from model_architecture import SimplifiedTagger, VisionTransformerConfig
+
+    torch.manual_seed(seed)
+    model = SimplifiedTagger(VisionTransformerConfig(image_size=32, patch_size=8, num_tags=20, embed_dim=48, depth=2,
+                                                     num_heads=3, drop_path_rate=0.0)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss = MultiTaskLoss(AsymmetricFocalLoss(), rating_weight=0.7)
+    return U.TrainStep(model, model, loss, U.GuardedOptimizerStep(opt, torch.device("cpu"), "fp32", grad_clip=1.0),
+                       sched, None, torch.device("cpu"), adaptive=adaptive, fault_limit=fault_limit)
+
+
+def _batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        ratings = torch.randint(0, 4, (size,), generator=g)
+        ratings[:3] = -1  # unknown ratings spread unevenly over the micro-batches
+        out.append((torch.randn(size, 3, 32, 32, generator=g), (torch.rand(size, 20, generator=g) < 0.2).float(), ratings))
+    return out
+
+
+def test_out_of_memory_splits_further_and_reruns_the_window() -> None:
+    """An injected out-of-memory error re-plans at the next smaller equal split and runs the whole
+    accumulation window again: gradients, losses and the update equal the unsplit step's, and the
+    failed attempts left nothing behind (no update, no doubled gradient or loss)."""
+    from micro_batching import MicroBatchPlan, MicroBatchPlanError
+
+    ref, split = _vit_step(adaptive=False), _vit_step(adaptive=True, fault_limit=8)
+    replans: list[tuple[MicroBatchPlan, str]] = []
+    split.on_replan = lambda plan, reason: replans.append((plan, reason))
+    first, second = _batches(2)
+    for step in (ref, split):
+        step.forward_backward(*first, window=2, sync=False)
+    assert replans == []  # batch 8 fits under the fault limit of 8
+    split.fault_limit = 2  # the second batch of the window now runs out of memory until micro-batches of 2
+    for step in (ref, split):
+        step.forward_backward(*second, window=2, sync=True)
+    assert [p.micro_batch for p, _ in replans] == [4, 2] and "injected" in replans[0][1]
+    assert split.plan == MicroBatchPlan(8, 2) and split.replans == 2
+    for (name, a), b in zip(ref.raw_model.named_parameters(), split.raw_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+    before = [p.detach().clone() for p in split.params]
+    for step in (ref, split):
+        step.optimizer_step(0)
+    assert not all(torch.equal(a, b) for a, b in zip(before, split.params))  # one update, made after the window
+    sums_ref, sums_split = ref.read_and_reset_sums(), split.read_and_reset_sums()
+    assert sums_ref.keys() == sums_split.keys()
+    for key in sums_ref:
+        assert abs(sums_ref[key] - sums_split[key]) <= 1e-6 * abs(sums_ref[key]), key
+    for a, b in zip(ref.params, split.params):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    stuck = _vit_step(adaptive=True, fault_limit=0)  # every size fails: the message names the key to change
+    stuck.plan = MicroBatchPlan(8, 1)
+    with pytest.raises(MicroBatchPlanError, match="data.batch_size=8"):
+        stuck.forward_backward(*first, window=1)
+
+
+def test_out_of_memory_without_adaptive_splitting_propagates() -> None:
+    from micro_batching import InjectedOutOfMemoryError
+
+    step = _vit_step(adaptive=False, fault_limit=4)
+    with pytest.raises(InjectedOutOfMemoryError):
+        step.forward_backward(*_batches(1)[0], window=1)
