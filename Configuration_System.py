@@ -74,6 +74,7 @@ class DataConfig:
     max_vocabulary_tags: int = _opt(100_000, "Hard cap on the vocabulary size, whatever top_k_tags says: the rarest tags beyond it are left out and counted in data_report.json (validation memory grows with the tag count).", ge=1)
     ignore_tags_file: str = _opt("configs/ignore_tags.txt", "File of meta tags never used as outputs (one a line); '' = none.")
     vocabulary: str = _opt("", "Use this vocabulary.json instead of building one from the training split; '' = build.")
+    vocabulary_mode: str = _opt("build", "build: the vocabulary comes from the training split; extend: every tag of the released tagger in model.init_from (a WD-format folder) first, then the training split's new tags.", choices=("build", "extend"))
     pad_color: list = _opt([255, 255, 255], "RGB colour of the letterbox padding and of composited transparency.")
     mean: list = _opt([0.5, 0.5, 0.5], "Per-channel mean used to normalise images on the device.")
     std: list = _opt([0.5, 0.5, 0.5], "Per-channel standard deviation used to normalise images on the device.")
@@ -105,7 +106,7 @@ class ModelConfig:
     layer_scale_init: float = _opt(0.0, "LayerScale initial value (0 = no LayerScale).", ge=0.0)
     pooling: str = _opt("cls", "Feature fed to the heads: the class token (cls) or the mean of patch tokens (avg).", choices=("cls", "avg"))
     grad_checkpoint_every: int = _opt(0, "Recompute activations of every n-th block in backward to save memory (0 = off).", ge=0)
-    init_from: str = _opt("", "Pretrained ViT weights in timm's layout (.safetensors or .pth) to start the backbone from; '' = random.")
+    init_from: str = _opt("", "Start from these weights: a released WD tagger folder (selected_tags.csv + timm's model.safetensors/config.json; tag-head rows matched by tag name), a checkpoint folder, or ViT weights in timm's layout (.safetensors or .pth, backbone only); '' = random.")
     compile: bool = _opt(False, "Compile the model with torch.compile.")
 
 
@@ -338,6 +339,8 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     mb = cfg.training.micro_batch_size
     if mb > 0 and cfg.data.batch_size % mb:
         raise ConfigError(f"training.micro_batch_size ({mb}) must divide data.batch_size ({cfg.data.batch_size})")
+    if cfg.data.vocabulary_mode == "extend" and not cfg.model.init_from:
+        raise ConfigError("data.vocabulary_mode=extend needs a released tagger folder in model.init_from (or --init-from)")
     if cfg.validation.use_ema and cfg.training.ema_decay == 0:
         raise ConfigError("validation.use_ema needs training.ema_decay > 0")
     if not cfg.experiment_name or any(c in cfg.experiment_name for c in '/\\:*?"<>|'):

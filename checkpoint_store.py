@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from Configuration_System import ConfigError, RootConfig, config_from_dict, dump_config
 from file_io import atomic_write_text, load_json_file, replace_with_retry
 from image_preprocess import PreprocessParams
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone
+from model_architecture import VisionTransformerConfig
 from vocabulary import TagVocabulary
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -315,17 +315,6 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             raise FileNotFoundError(f"--resume latest: no complete checkpoint in {checkpoints_dir(run_dir)}")
         return folder
     return resolve_checkpoint(resume)
-
-
-def load_initial_weights(model: SimplifiedTagger, path: str) -> str:
-    """--init-from / model.init_from: a checkpoint folder (weights only) or timm-layout ViT weights."""
-    p = Path(path)
-    if is_checkpoint_reference(p):
-        folder = resolve_checkpoint(p)
-        missing, unexpected = model.load_state_dict(load_model_state(folder), strict=False)
-        return f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
-    report = load_pretrained_backbone(model, p)
-    return report.summary()
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ start-up check, the cache build, a training worker) is recorded by id and reason
 data_report.json, and is left out of validation and of later runs; validation never substitutes. It is the top of the data modules and imports them all
 (``dataset_scan``, ``dataset_split``, ``image_preprocess``, ``augmentation``,
 ``prepared_cache``, ``batching``) plus ``Configuration_System`` (the config), ``file_io``
-(shipped resources), ``vocabulary``, ``orientation_handler`` and ``demo_dataset``.
+(shipped resources), ``vocabulary``, ``orientation_handler``, ``demo_dataset`` and ``tagger_init``
+(the extend vocabulary mode).
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from Configuration_System import ConfigError, RootConfig
 from augmentation import AugmentParams
 from batching import FailureTracker, SidecarJsonDataset, build_dataloader
+from Configuration_System import ConfigError, RootConfig
 from dataset_scan import (
-    DataQualityError, DatasetScan, SampleRecord, check_scan_quality, filter_known_tags, format_scan_summary,
-    load_manifest, read_json, scan_dataset, write_data_report,
+    DataQualityError,
+    DatasetScan,
+    SampleRecord,
+    check_scan_quality,
+    filter_known_tags,
+    format_scan_summary,
+    load_manifest,
+    read_json,
+    scan_dataset,
+    write_data_report,
 )
 from dataset_split import load_split, save_split, split_records
 from demo_dataset import generate_demo_dataset
@@ -39,6 +48,7 @@ from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
 from scan_limits import ScanLimits, printable
+from tagger_init import extend_vocabulary, is_released_tagger, read_released_tagger
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
 
 __all__ = [
@@ -234,11 +244,16 @@ def _build_cache(cfg: RootConfig, records: list[SampleRecord], root: Path, prepr
 
 def _vocabulary(cfg: RootConfig, train: list[SampleRecord], root: Path) -> tuple[TagVocabulary, dict[str, Any]]:
     """The vocabulary built from the training split under min_tag_frequency, top_k_tags and the
-    max_vocabulary_tags cap, with its build report."""
+    max_vocabulary_tags cap (extended from a released tagger's tags in extend mode), with its build report."""
     d = cfg.data
     ignore = load_ignore_list(resolve_resource(d.ignore_tags_file)) if d.ignore_tags_file else ()
     top_k = min(d.top_k_tags, d.max_vocabulary_tags) if d.top_k_tags else d.max_vocabulary_tags
     vocab, build = build_vocabulary(train, min_frequency=d.min_tag_frequency, top_k=top_k, ignore_tags=ignore)
+    if d.vocabulary_mode == "extend":
+        if not is_released_tagger(cfg.model.init_from):
+            raise ConfigError(f"data.vocabulary_mode=extend: model.init_from={cfg.model.init_from!r} is not a released "
+                              "tagger folder (selected_tags.csv + config.json + model.safetensors)")
+        vocab = extend_vocabulary(read_released_tagger(cfg.model.init_from), vocab)
     if len(vocab) == 0:
         raise DataQualityError(f"no tag reaches data.min_tag_frequency={d.min_tag_frequency} in the training split of {root}")
     return vocab, build.to_dict()

@@ -16,8 +16,10 @@ architecture). `read_released_tagger` reads it into our layout; `init_from_relea
 `extend_vocabulary` builds the "extend" vocabulary: every tag of the release, then the data's new
 tags. Our own exports carry their calibration shift in the head bias; `remove_calibration=True`
 subtracts it again (export_report.json's `logit_shifts`), giving back the checkpoint's raw biases.
-It imports model_architecture, vocabulary, timm_layout and wd_format; nothing imports it yet
-(train_direct's --init-from will).
+`init_model_weights` is the one entry point of `--init-from` / `model.init_from` for every source (a
+released tagger folder, a checkpoint, timm ViT weights). It imports checkpoint_store,
+model_architecture, vocabulary, timm_layout and wd_format; train_direct and data_setup's
+`data.vocabulary_mode=extend` use it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from pathlib import Path
 
 import torch
 
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, resample_pos_embed
-from timm_layout import read_timm_folder
+from checkpoint_store import is_checkpoint_reference, load_model_state, resolve_checkpoint
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, resample_pos_embed
+from timm_layout import TIMM_CONFIG_FILE, read_timm_folder
 from vocabulary import TagVocabulary
 from wd_format import CATEGORY_CHARACTER, LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
 
-__all__ = ["InitReport", "ReleasedTagger", "extend_vocabulary", "init_from_released", "read_released_tagger"]
+__all__ = ["InitReport", "ReleasedTagger", "extend_vocabulary", "init_from_released", "init_model_weights",
+           "is_released_tagger", "read_released_tagger"]
 
 # Shape fields that must agree between the release and the new model (image size may differ).
 _SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "pooling")
@@ -73,6 +77,12 @@ def _calibration_shifts(folder: Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in shifts.items()}
 
 
+def is_released_tagger(path: str | Path) -> bool:
+    """Whether `path` is a WD-format folder (selected_tags.csv next to timm's config.json)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / LABELS_FILE).is_file() and (folder / TIMM_CONFIG_FILE).is_file()
+
+
 def read_released_tagger(folder: str | Path, *, remove_calibration: bool = False) -> ReleasedTagger:
     """Read model.safetensors + config.json + selected_tags.csv; ValueError when they disagree or the model is not ours."""
     folder = Path(folder)
@@ -110,6 +120,10 @@ class InitReport:
     def counts(self) -> dict[str, int]:
         """{"kept": n, "new": n, "dropped": n}."""
         return {"kept": len(self.kept), "new": len(self.new), "dropped": len(self.dropped)}
+
+    def to_dict(self) -> dict[str, object]:
+        """The counts, the new and dropped tag names and the notes (for data_report.json)."""
+        return {**self.counts(), "new_tags": list(self.new), "dropped_tags": list(self.dropped), "notes": list(self.notes)}
 
     def summary(self) -> str:
         """One line for the training log."""
@@ -179,3 +193,19 @@ def extend_vocabulary(released: ReleasedTagger, data_vocab: TagVocabulary) -> Ta
     frequencies = {t: data_vocab.tag_frequencies.get(t, 0) for t in ordered}
     categories = {t: (data_vocab.tag_categories.get(t) or release_categories.get(t, "")) for t in ordered}
     return TagVocabulary(ordered, frequencies, categories)
+
+
+def init_model_weights(model: SimplifiedTagger, vocab: TagVocabulary, path: str | Path) -> tuple[str, dict[str, object]]:
+    """--init-from / model.init_from: a released tagger folder (head rows matched by tag name), a checkpoint
+    folder (weights only) or timm-layout ViT weights; returns (log line, record for data_report.json)."""
+    p = Path(path)
+    if is_released_tagger(p):
+        report = init_from_released(model, vocab, read_released_tagger(p))
+        return report.summary(), {"source": str(p), "kind": "released_tagger", **report.to_dict()}
+    if is_checkpoint_reference(p):
+        folder = resolve_checkpoint(p)
+        missing, unexpected = model.load_state_dict(load_model_state(folder), strict=False)
+        line = f"weights from {folder} (missing {len(missing)}, unused {len(unexpected)})"
+        return line, {"source": str(folder), "kind": "checkpoint", "missing": len(missing), "unused": len(unexpected)}
+    backbone = load_pretrained_backbone(model, p)
+    return backbone.summary(), {"source": str(p), "kind": "timm_weights", "summary": backbone.summary()}

@@ -21,13 +21,22 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from batching import FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader
 from checkpoint_store import (
-    BEST_POINTER, CHECKPOINT_FORMAT_VERSION, AsyncCheckpointWriter, CheckpointManager, CheckpointPayload,
-    checkpoint_files, checkpoints_dir, find_resume_checkpoint, has_ema, load_initial_weights, load_model_state,
-    load_training_state, snapshot_state,
+    BEST_POINTER,
+    CHECKPOINT_FORMAT_VERSION,
+    AsyncCheckpointWriter,
+    CheckpointManager,
+    CheckpointPayload,
+    checkpoint_files,
+    checkpoints_dir,
+    find_resume_checkpoint,
+    has_ema,
+    load_model_state,
+    load_training_state,
+    snapshot_state,
 )
 from Configuration_System import ConfigError, RootConfig, dump_config, load_config
-from batching import FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader
 from data_setup import DataBundle, build_eval_loader, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
@@ -38,12 +47,26 @@ from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, init_distributed
 from run_folder import (
-    NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text,
+    NEW_FOLDER_FLAG,
+    RUN_RECORD_NAME,
+    RunClaim,
+    claim_run_folder,
+    is_own_checkpoint,
+    read_run_record,
+    run_record_text,
 )
 from run_lock import RunLockError
 from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
+from tagger_init import init_model_weights
 from training_utils import (
-    BestMetric, EarlyStopping, GracefulStopper, GuardedOptimizerStep, ModelEma, RankRngStates, Stateful, TrainStep,
+    BestMetric,
+    EarlyStopping,
+    GracefulStopper,
+    GuardedOptimizerStep,
+    ModelEma,
+    RankRngStates,
+    Stateful,
+    TrainStep,
     seed_everything,
 )
 from validation_loop import EvalResult, evaluate
@@ -497,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the run's newest checkpoint or a given one")
-    p.add_argument("--init-from", default=None, metavar="PATH", help="load model weights only (a checkpoint folder or timm-layout ViT weights)")
+    p.add_argument("--init-from", default=None, metavar="PATH", help="start from these weights (model.init_from): a released WD tagger folder (head matched by tag name), a checkpoint folder or timm-layout ViT weights")
     p.add_argument("--accept-schedule-change", action="store_true", help="resume even if batch size, epochs or learning rate changed")
     p.add_argument(NEW_FOLDER_FLAG, dest="new_run_folder", action="store_true",
                    help="when the run folder already holds a run, start this fresh run in NAME-2, NAME-3, ... instead")
@@ -512,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     """Wire the phases: config, run folder, data, fit to the machine, model, resume, loop, report."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        # --init-from is model.init_from (so the config check and config.yaml see it)
+        init_override = [f"model.init_from={args.init_from}"] if args.init_from else []
+        cfg = load_config(args.config, [*args.set, *init_override])
         # Absolute, so the checkpoint's config finds the data from any working directory.
         for key in ("root", "manifest", "cache_dir"):
             if getattr(cfg.data, key):
@@ -581,13 +606,16 @@ def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, de
         return 2
 
     raw_model = SimplifiedTagger(model_cfg).to(device)
-    init_from = args.init_from or cfg.model.init_from
-    if init_from and resume_dir is None:
+    if cfg.model.init_from and resume_dir is None:
         try:
-            print(f"init: {load_initial_weights(raw_model, init_from)}")
+            line, record = init_model_weights(raw_model, data.vocab, cfg.model.init_from)
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        print(f"init: {line}")
+        data.report["init_from"] = record
+        if dist.is_main:
+            write_data_report(run_dir / "data_report.json", data.report)
     try:
         train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
                                          seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small generated demo dataset and one short real training run of the CLI."""
+"""Shared fixtures (a small generated demo dataset, one short real training run of the CLI) and the
+test tiers: a test that starts a process must be marked `e2e` (the fast tier never does)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,31 @@ TINY_RUN = [
     "validation.every_steps=20", "checkpoint.every_steps=20", "monitor.log_every_steps=1",
     "monitor.console_interval_s=0", "monitor.system_stats_interval_s=0",
 ]
+
+
+# Fixtures whose use makes a test end-to-end (they run the training CLI).
+E2E_FIXTURES = frozenset({"trained_run"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses an end-to-end fixture as `e2e`."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+class _ProcessInFastTier(subprocess.Popen):
+    """Stands in for subprocess.Popen in unmarked tests: starting a process belongs to the e2e tier."""
+
+    def __init__(self, args: object, *rest: object, **kwargs: object) -> None:
+        raise AssertionError(f"this test starts a process ({args!r}); mark it @pytest.mark.e2e")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the fast tier honest: an unmarked test that starts a subprocess fails, naming the fix."""
+    if request.node.get_closest_marker("e2e") is None:
+        monkeypatch.setattr(subprocess, "Popen", _ProcessInFastTier)
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

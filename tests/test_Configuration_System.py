@@ -106,6 +106,7 @@ def test_reference_file_is_current_and_documents_every_key() -> None:
             assert lines[i - 1].strip().startswith("#"), f"key without a comment: {stripped}"
 
 
+@pytest.mark.e2e
 def test_cli_check_reports_one_line(tmp_path: Path) -> None:
     p = write(tmp_path, "model:\n  pach_size: 8\n")
     proc = subprocess.run([sys.executable, str(ROOT / "Configuration_System.py"), "check", str(p)],

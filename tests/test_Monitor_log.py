@@ -798,6 +798,7 @@ def _get_json(url: str) -> object:
         return json.loads(resp.read().decode("utf-8"))
 
 
+@pytest.mark.e2e
 def test_tensorboard_server_serves_the_run(tmp_path: Path) -> None:
     """`tensorboard --logdir` started on the run folder serves train/loss and val/mAP over HTTP."""
     run = tmp_path / "run"

@@ -15,7 +15,12 @@ import torch
 import broken_corpus as bc
 from augmentation import AugmentParams, apply_color_jitter
 from batching import (
-    FailureTracker, ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, collate_samples,
+    FailureTracker,
+    ImagePreFetcher,
+    ResumableSampler,
+    SidecarJsonDataset,
+    build_dataloader,
+    collate_samples,
     targets_from_indices,
 )
 from data_fixtures import broken_corpus, small_orientation_handler
@@ -286,6 +291,7 @@ def _run_epoch(ds: SidecarJsonDataset, workers: int, context: str | None) -> lis
     return list(loader)
 
 
+@pytest.mark.e2e  # DataLoader worker processes / several re-planned training windows: the slow tier
 def test_dataloader_workers_replace_decode_failures(corpus: bc.BrokenCorpus) -> None:
     """Spawned workers replace decode-time failures and match a single-process run exactly."""
     scan = scan_dataset(corpus.root, verify="header")  # truncated JPEGs get through

@@ -12,7 +12,12 @@ import broken_corpus as bc
 from Configuration_System import ConfigError, load_config
 from data_fixtures import listing
 from data_setup import (
-    check_output_locations, ensure_dataset, flip_audit, prepare_data, prepare_eval_data, preprocess_from_config,
+    check_output_locations,
+    ensure_dataset,
+    flip_audit,
+    prepare_data,
+    prepare_eval_data,
+    preprocess_from_config,
 )
 from dataset_scan import DataQualityError, filter_known_tags, scan_dataset
 from dataset_split import split_records

@@ -13,8 +13,19 @@ from PIL import Image
 import broken_corpus as bc
 from data_fixtures import broken_corpus, listing
 from dataset_scan import (
-    SKIP_REASONS, DataQualityError, DatasetScan, DatasetScanner, check_scan_quality, filter_known_tags, format_scan_summary,
-    load_manifest, parse_rating, parse_sidecar, scan_dataset, split_tag_string, write_data_report,
+    SKIP_REASONS,
+    DataQualityError,
+    DatasetScan,
+    DatasetScanner,
+    check_scan_quality,
+    filter_known_tags,
+    format_scan_summary,
+    load_manifest,
+    parse_rating,
+    parse_sidecar,
+    scan_dataset,
+    split_tag_string,
+    write_data_report,
 )
 from image_preprocess import PreprocessParams, load_image
 from scan_limits import ScanLimits

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RUN, read_jsonl, run_cli
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals and process groups")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals and process groups")]
 
 STEPS = 24
 # Loss-curve tolerance between 1 process at batch 32 and 2 processes at batch 16 each: the same

@@ -19,17 +19,25 @@ import timm
 import torch
 
 from conftest import ROOT, TrainedRun, run_cli
-from image_preprocess import load_image, normalize_images
 from evaluation_metrics import MetricComputer
 from export_calibration import ExportMetrics, fit_calibration
 from export_model import export_onnx
+from image_preprocess import load_image, normalize_images
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from timm_layout import read_timm_folder, timm_config, timm_state_dict, write_timm_folder
 from validation_loop import LoadedCheckpoint
 from vocabulary import TagVocabulary
 from wd_export_helpers import (
-    CHARACTER_TAGS, Validation, characterised_checkpoint, export, load, onnx_probabilities, read_csv_rows,
-    reference_logits, reference_probabilities, validation_images,
+    CHARACTER_TAGS,
+    Validation,
+    characterised_checkpoint,
+    export,
+    load,
+    onnx_probabilities,
+    read_csv_rows,
+    reference_logits,
+    reference_probabilities,
+    validation_images,
 )
 from wd_format import RATING_NAMES, rgb_to_wd_input
 from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger

@@ -11,8 +11,16 @@ import torch
 
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
 from micro_batching import (
-    OOM_FAULT_ENV, InjectedOutOfMemoryError, MicroBatchPlan, MicroBatchPlanError, agree_across_ranks,
-    forward_backward_split, injected_oom_limit, is_out_of_memory, make_step_probe, micro_batch_candidates,
+    OOM_FAULT_ENV,
+    InjectedOutOfMemoryError,
+    MicroBatchPlan,
+    MicroBatchPlanError,
+    agree_across_ranks,
+    forward_backward_split,
+    injected_oom_limit,
+    is_out_of_memory,
+    make_step_probe,
+    micro_batch_candidates,
     plan_micro_batches,
 )
 from model_architecture import SimplifiedTagger, VisionTransformerConfig

@@ -73,6 +73,7 @@ def test_prepared_cache_same_pixels_and_invalidation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script", ["dataset_loader.py", "prepared_cache.py"])
+@pytest.mark.e2e
 def test_prepare_cli(corpus: bc.BrokenCorpus, tmp_path: Path, script: str) -> None:
     """The prepare command (documented as dataset_loader.py's, also prepared_cache.py's) scans, caches
     the usable images and reports the failures as JSON."""

@@ -11,8 +11,17 @@ from pathlib import Path
 import pytest
 
 from run_folder import (
-    RUN_RECORD_NAME, RunFolderInUseError, RunRecord, checkpoint_run_id, claim_run_folder, existing_run,
-    is_own_checkpoint, next_free_run_dir, read_run_record, refuse_fresh_run, run_record_text,
+    RUN_RECORD_NAME,
+    RunFolderInUseError,
+    RunRecord,
+    checkpoint_run_id,
+    claim_run_folder,
+    existing_run,
+    is_own_checkpoint,
+    next_free_run_dir,
+    read_run_record,
+    refuse_fresh_run,
+    run_record_text,
 )
 from run_lock import LOCK_NAME, RunLock, read_lock
 

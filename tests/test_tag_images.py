@@ -19,7 +19,6 @@ from tag_images import CaptionOptions, Progress, caption_tags, format_tag, load_
 from wd_export_helpers import characterised_checkpoint, export, load, validation_images
 from wd_format import RATING_NAMES, LabelTable, TagDecision
 
-
 # ---------------------------------------------------------------------------------------------- units
 
 def test_format_tag_keeps_kaomoji_and_short_tags() -> None:

@@ -18,9 +18,13 @@ from tagger_init import extend_vocabulary, init_from_released, read_released_tag
 from validation_loop import LoadedCheckpoint
 from vocabulary import TagVocabulary
 from wd_export_helpers import (
-    CHARACTER_TAGS, characterised_checkpoint, export, load, onnx_probabilities, validation_images,
+    CHARACTER_TAGS,
+    characterised_checkpoint,
+    export,
+    load,
+    onnx_probabilities,
+    validation_images,
 )
-
 
 NUM_TRAIN = 200  # the new run's training samples, for the frequency prior of new tags
 

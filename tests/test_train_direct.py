@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TrainedRun, read_jsonl, run_cli
 
 import train_direct as T
 from Configuration_System import ConfigError, load_config
+from conftest import ROOT, TrainedRun, read_jsonl, run_cli
+from tagger_init import init_model_weights
+from vocabulary import TagVocabulary
 
 
 def frequency_baseline_map(run_dir: Path) -> float:
@@ -191,13 +193,15 @@ def test_init_from_timm_layout_weights_loads_backbone_only(tmp_path: Path) -> No
     torch_mod.manual_seed(1)
     target = SimplifiedTagger(cfg)
     head_before = target.tag_head.weight.detach().clone()
-    summary = T.load_initial_weights(target, str(tmp_path / "vit.safetensors"))
+    vocab = TagVocabulary(["a", "b", "c", "d", "e"])
+    summary, record = init_model_weights(target, vocab, str(tmp_path / "vit.safetensors"))
+    assert record["kind"] == "timm_weights"
     assert f"loaded {len(source.backbone_state_dict())} tensors, 0 missing" in summary
     for k, v in source.backbone_state_dict().items():
         assert torch_mod.equal(target.state_dict()[k], v), k
     assert torch_mod.equal(target.tag_head.weight, head_before)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        T.load_initial_weights(target, str(tmp_path / "nope.safetensors"))
+        init_model_weights(target, vocab, str(tmp_path / "nope.safetensors"))
 
 
 class _NaNLoss(torch.nn.Module):
@@ -346,7 +350,6 @@ def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
 def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedRun) -> None:
     """data.manifest (JSON Lines of {file, tags, rating}) gives the same samples, so the same run."""
     from conftest import TINY_RUN
-
     from dataset_scan import scan_dataset
 
     records = scan_dataset(trained_run.data).records

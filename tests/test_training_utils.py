@@ -215,6 +215,7 @@ def _batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, to
     return out
 
 
+@pytest.mark.e2e  # DataLoader worker processes / several re-planned training windows: the slow tier
 def test_out_of_memory_splits_further_and_reruns_the_window() -> None:
     """An injected out-of-memory error re-plans at the next smaller equal split and runs the whole
     accumulation window again: gradients, losses and the update equal the unsplit step's, and the

@@ -21,7 +21,13 @@ from PIL import Image
 from conftest import ROOT, TrainedRun, run_cli
 from wd_export_helpers import CHARACTER_TAGS, characterised_checkpoint, export, load, validation_images
 from wd_format import (
-    CATEGORY_CHARACTER, CATEGORY_GENERAL, CATEGORY_RATING, RATING_NAMES, LabelTable, rgb_to_wd_input, select_tags,
+    CATEGORY_CHARACTER,
+    CATEGORY_GENERAL,
+    CATEGORY_RATING,
+    RATING_NAMES,
+    LabelTable,
+    rgb_to_wd_input,
+    select_tags,
 )
 
 TRICKY = ("a,b", 'say "hi"', "café_au_lait", "^_^", " spaced ", "semi;colon")
