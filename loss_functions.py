@@ -176,12 +176,18 @@ class MultiTaskLoss(nn.Module):
         self.rating_label_smoothing = float(rating_label_smoothing)
 
     def rating_loss(self, rating_logits: torch.Tensor, rating_targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over known ratings; exactly 0 (graph-connected, no NaN) when all are -1."""
-        if rating_logits.ndim != 2 or rating_targets.shape != rating_logits.shape[:1]:
+        """Mean cross-entropy over known ratings; exactly 0 (graph-connected, no NaN) when none is known.
+
+        Targets are either hard class ids (B,) with -1 = unknown, or soft distributions (B, R) such as
+        MixUp/CutMix produce (mixup.mix_batch), where an all-zero row = unknown.
+        """
+        if rating_logits.ndim != 2 or rating_targets.shape not in (rating_logits.shape[:1], rating_logits.shape):
             raise ValueError(
                 f"rating logits {tuple(rating_logits.shape)} and targets {tuple(rating_targets.shape)} "
-                "must be (B, R) and (B,)"
+                "must be (B, R) and (B,) or (B, R)"
             )
+        if rating_targets.ndim == 2:
+            return self._soft_rating_loss(rating_logits, rating_targets)
         targets = rating_targets.long()
         summed = F.cross_entropy(
             rating_logits.float(),
@@ -194,13 +200,24 @@ class MultiTaskLoss(nn.Module):
         known = (targets != -1).sum().clamp(min=1).to(summed.dtype)
         return summed / known
 
+    def _soft_rating_loss(self, rating_logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against soft targets (B, R), averaged over rows that are not all zero."""
+        targets = soft_targets.float()  # (B, R)
+        known = (targets.sum(dim=1) > 0).to(torch.float32)  # (B,)
+        if self.rating_label_smoothing > 0.0:
+            # Same smoothing as F.cross_entropy's: (1 - s) * target + s / R, only on known rows.
+            smoothed = targets * (1.0 - self.rating_label_smoothing) + self.rating_label_smoothing / targets.shape[1]
+            targets = smoothed * known[:, None]
+        per_row = -(targets * F.log_softmax(rating_logits.float(), dim=1)).sum(dim=1)  # (B,)
+        return (per_row * known).sum() / known.sum().clamp(min=1.0)
+
     def forward(
         self,
         outputs: Mapping[str, torch.Tensor],
         tag_targets: torch.Tensor,
         rating_targets: torch.Tensor,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Model outputs + targets (B, T) float and (B,) long -> (total, {"tags": t, "rating": r})."""
+        """Model outputs + targets (B, T) float and ratings (B,) long or soft (B, R) -> (total, {"tags", "rating"})."""
         tags = self.tag_loss(outputs["tag_logits"], tag_targets)
         rating = self.rating_loss(outputs["rating_logits"], rating_targets)
         total = self.tag_weight * tags + self.rating_weight * rating

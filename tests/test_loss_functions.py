@@ -13,6 +13,7 @@ from loss_functions import (
     MultiTaskLoss,
     tag_weights_from_frequencies,
 )
+from mixup import soft_rating_cross_entropy
 
 
 def reference_asl(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float) -> torch.Tensor:
@@ -306,3 +307,54 @@ def test_loss_compiles_fullgraph() -> None:
     eager_total, _ = loss_fn(outputs, targets, ratings)
     compiled_total, _ = compiled(outputs, targets, ratings)
     torch.testing.assert_close(compiled_total, eager_total)
+
+
+def test_soft_one_hot_rating_targets_equal_hard_targets() -> None:
+    """One-hot (B, R) targets with zero rows for unknown give exactly the class-id loss and gradient."""
+    torch.manual_seed(7)
+    hard = torch.tensor([2, -1, 0, 3, -1, 1])
+    soft = F.one_hot(hard.clamp(min=0), 4).float() * (hard != -1)[:, None]
+    for smoothing in (0.0, 0.2):
+        multi = MultiTaskLoss(AsymmetricFocalLoss(), rating_label_smoothing=smoothing)
+        logits_hard = torch.randn(6, 4, requires_grad=True)
+        logits_soft = logits_hard.detach().clone().requires_grad_(True)
+        loss_hard = multi.rating_loss(logits_hard, hard)
+        loss_soft = multi.rating_loss(logits_soft, soft)
+        torch.testing.assert_close(loss_soft, loss_hard)
+        loss_hard.backward()
+        loss_soft.backward()
+        torch.testing.assert_close(logits_soft.grad, logits_hard.grad)
+
+
+def test_soft_rating_targets_match_mixup_reference() -> None:
+    """Mixed (B, R) targets give mixup.soft_rating_cross_entropy with mask = nonzero rows."""
+    torch.manual_seed(8)
+    logits = torch.randn(5, 4)
+    soft = torch.tensor(
+        [[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.25, 0.75], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    )
+    mask = soft.sum(dim=1) > 0
+    for smoothing in (0.0, 0.1):
+        got = MultiTaskLoss(AsymmetricFocalLoss(), rating_label_smoothing=smoothing).rating_loss(logits, soft)
+        torch.testing.assert_close(got, soft_rating_cross_entropy(logits, soft, mask, label_smoothing=smoothing))
+    # Written out by hand for the first known row: -(0.7 log q0 + 0.3 log q1).
+    log_q = F.log_softmax(logits, dim=1)
+    by_hand = (
+        -(0.7 * log_q[0, 0] + 0.3 * log_q[0, 1]) - (0.25 * log_q[2, 2] + 0.75 * log_q[2, 3]) - log_q[3, 0]
+    ) / 3
+    torch.testing.assert_close(MultiTaskLoss(AsymmetricFocalLoss()).rating_loss(logits, soft), by_hand)
+
+
+def test_all_zero_soft_rating_rows_give_zero_connected_to_graph() -> None:
+    rating_logits = torch.randn(3, 4, requires_grad=True)
+    multi = MultiTaskLoss(AsymmetricFocalLoss(), rating_label_smoothing=0.1)
+    total, parts = multi({"tag_logits": torch.randn(3, 5), "rating_logits": rating_logits}, torch.zeros(3, 5), torch.zeros(3, 4))
+    assert parts["rating"].item() == 0.0
+    total.backward()
+    assert torch.equal(rating_logits.grad, torch.zeros_like(rating_logits))
+
+
+def test_soft_rating_shape_validation() -> None:
+    multi = MultiTaskLoss(AsymmetricFocalLoss())
+    with pytest.raises(ValueError, match="rating logits"):
+        multi.rating_loss(torch.zeros(2, 4), torch.zeros(2, 3))
