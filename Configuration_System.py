@@ -23,7 +23,11 @@ import yaml
 # The file helpers live in file_io; re-exported for the modules that still import them from here,
 # until those import file_io.
 from file_io import (  # noqa: F401
-    atomic_write_bytes, atomic_write_text, load_json_file, replace_with_retry, resolve_resource,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_json_file,
+    replace_with_retry,
+    resolve_resource,
 )
 
 

@@ -25,17 +25,41 @@ from __future__ import annotations
 
 from augmentation import AugmentParams, apply_color_jitter
 from batching import (
-    FailureTracker, ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, collate_samples,
+    FailureTracker,
+    ImagePreFetcher,
+    ResumableSampler,
+    SidecarJsonDataset,
+    build_dataloader,
+    collate_samples,
     targets_from_indices,
 )
 from data_setup import (
-    DataBundle, build_eval_loader, ensure_dataset, flip_audit, prepare_data, prepare_eval_data,
-    preprocess_from_config, scan_from_config,
+    DataBundle,
+    build_eval_loader,
+    ensure_dataset,
+    flip_audit,
+    prepare_data,
+    prepare_eval_data,
+    preprocess_from_config,
+    scan_from_config,
 )
 from dataset_scan import (
-    IMAGE_EXTENSIONS, SKIP_REASONS, TAG_CATEGORIES, DataQualityError, DatasetScan, DatasetScanner, SampleRecord,
-    check_scan_quality, filter_known_tags, format_scan_summary, load_manifest, parse_rating, parse_sidecar,
-    scan_dataset, split_tag_string, write_data_report,
+    IMAGE_EXTENSIONS,
+    SKIP_REASONS,
+    TAG_CATEGORIES,
+    DataQualityError,
+    DatasetScan,
+    DatasetScanner,
+    SampleRecord,
+    check_scan_quality,
+    filter_known_tags,
+    format_scan_summary,
+    load_manifest,
+    parse_rating,
+    parse_sidecar,
+    scan_dataset,
+    split_tag_string,
+    write_data_report,
 )
 from dataset_split import SplitResult, load_split, save_split, split_records
 from image_preprocess import PreprocessParams, load_image, normalize_images

@@ -87,6 +87,9 @@ _REFUSED = {
 }
 
 
+# The limits when the caller gives none (ScanLimits is frozen, so one shared instance is safe).
+DEFAULT_LIMITS = ScanLimits()
+
 class DataQualityError(ValueError):
     """Raised when the share of bad data passes the configured limit."""
 
@@ -404,7 +407,7 @@ def _check_verify(verify: str) -> None:
 
 
 def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int = 8,
-                 max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> DatasetScan:
+                 max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> DatasetScan:
     """Find every image with a sidecar under `root`, check them, and count what was skipped."""
     started = time.perf_counter()
     _check_verify(verify)
@@ -604,7 +607,7 @@ def _read_sidecar_safe(path: str, max_bytes: int) -> dict[str, Any] | tuple[str,
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: str = "header",
-                  num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> DatasetScan:
+                  num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> DatasetScan:
     """Records from a JSON Lines manifest of {"file", "tags", "rating"} objects, checked like a scan.
 
     ``file`` is relative to `root` when given, else to the manifest's folder.
@@ -673,7 +676,7 @@ class DatasetScanner:
     """Scans a dataset given as a folder of images with sidecars or as a JSON Lines manifest."""
 
     def __init__(self, source: str | Path, *, root: str | Path | None = None, verify: str = "header",
-                 num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = ScanLimits()) -> None:
+                 num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> None:
         """Remember where the data is; `root` only applies to manifests."""
         _check_verify(verify)
         self.source = Path(source)

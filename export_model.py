@@ -50,8 +50,18 @@ from file_io import atomic_write_text, replace_with_retry
 from timm_layout import timm_config, timm_state_dict, write_timm_folder
 from validation_loop import LoadedCheckpoint, evaluate, load_checkpoint_for_eval
 from wd_format import (
-    DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, LABELS_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT,
-    RATING_NAMES, REPORT_FILE, THRESHOLDS_FILE, import_onnxruntime, onnx_session, rgb_to_wd_input,
+    DEFAULT_CHARACTER_THRESHOLD,
+    DEFAULT_GENERAL_THRESHOLD,
+    LABELS_FILE,
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    RATING_NAMES,
+    REPORT_FILE,
+    THRESHOLDS_FILE,
+    import_onnxruntime,
+    onnx_session,
+    rgb_to_wd_input,
 )
 from wd_model import OUR_CATEGORIES, OutputPlan, WDTagger, fused_head, plan_outputs, resized_tagger
 

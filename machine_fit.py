@@ -50,10 +50,15 @@ from typing import Any
 import psutil
 import torch
 
-from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
 from Configuration_System import RootConfig
+from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
 from micro_batching import (
-    MicroBatchPlan, agree_across_ranks, injected_oom_limit, make_step_probe, micro_batch_candidates, plan_micro_batches,
+    MicroBatchPlan,
+    agree_across_ranks,
+    injected_oom_limit,
+    make_step_probe,
+    micro_batch_candidates,
+    plan_micro_batches,
 )
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from training_utils import GuardedOptimizerStep, TrainStep, autocast_context, resolve_precision

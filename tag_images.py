@@ -43,8 +43,15 @@ from file_io import atomic_write_text
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
 from validation_loop import load_checkpoint_for_eval
 from wd_format import (
-    DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, LABELS_FILE, ONNX_FILE, LabelTable, TagDecision,
-    onnx_session, rgb_to_wd_input, select_tags,
+    DEFAULT_CHARACTER_THRESHOLD,
+    DEFAULT_GENERAL_THRESHOLD,
+    LABELS_FILE,
+    ONNX_FILE,
+    LabelTable,
+    TagDecision,
+    onnx_session,
+    rgb_to_wd_input,
+    select_tags,
 )
 from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger
 

@@ -120,13 +120,13 @@ def model_config(cfg: RootConfig, data: DataBundle) -> VisionTransformerConfig:
 
 def build_loss(cfg: RootConfig, data: DataBundle, device: torch.device) -> MultiTaskLoss:
     """Asymmetric focal loss for tags plus rating cross-entropy."""
-    l = cfg.loss
+    lc = cfg.loss
     weights = None
-    if l.tag_weighting != "none":
-        weights = tag_weights_from_frequencies(data.vocab.frequencies_array(), len(data.train_records), l.tag_weighting).to(device)
-    tag_loss = AsymmetricFocalLoss(gamma_neg=l.gamma_neg, gamma_pos=l.gamma_pos, clip=l.clip, eps=l.eps, tag_weights=weights)
-    return MultiTaskLoss(tag_loss, tag_weight=l.tag_weight, rating_weight=l.rating_weight,
-                         rating_label_smoothing=l.rating_label_smoothing).to(device)
+    if lc.tag_weighting != "none":
+        weights = tag_weights_from_frequencies(data.vocab.frequencies_array(), len(data.train_records), lc.tag_weighting).to(device)
+    tag_loss = AsymmetricFocalLoss(gamma_neg=lc.gamma_neg, gamma_pos=lc.gamma_pos, clip=lc.clip, eps=lc.eps, tag_weights=weights)
+    return MultiTaskLoss(tag_loss, tag_weight=lc.tag_weight, rating_weight=lc.rating_weight,
+                         rating_label_smoothing=lc.rating_label_smoothing).to(device)
 
 
 def build_scheduler(cfg: RootConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -315,6 +315,7 @@ def run_validation(run: TrainingRun) -> tuple[bool, bool]:
                       threshold=run.cfg.validation.threshold, autocast=run.amp.autocast,
                       world_size=run.dist.world_size, max_batches=run.cfg.validation.max_batches,
                       num_examples=run.cfg.monitor.validation_images)
+    run.failures.record(result.skipped)  # validation skips, never substituted: in the report and left out next time
     value = float(result.metrics[run.best.name])
     is_best = run.best.update(run.state.step, value)
     stop = run.early_stopping.update(value)
@@ -480,6 +481,7 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
             if epoch_done:
                 st.epoch += 1
                 st.batch_in_epoch = 0
+                run.failures.write_report()  # files that failed to decode this epoch, by path and reason
             t_pause = time.perf_counter()
             outcome = after_step(run, epoch_done, stopper)
             paused += time.perf_counter() - t_pause
@@ -698,7 +700,7 @@ def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data
                              owns=partial(is_own_checkpoint, run_id=claim.run_id))
     return TrainingRun(
         cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=step_fn.amp.optimizer,
-        sampler=train_sampler, failures=FailureTracker(cfg.data.max_bad_fraction),
+        sampler=train_sampler, failures=data.failure_tracker(cfg.data.max_bad_fraction),
         best=BestMetric(cfg.validation.selection_metric),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
         writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),

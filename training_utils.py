@@ -27,7 +27,11 @@ import torch
 import torch.distributed as tdist
 
 from micro_batching import (
-    MicroBatchPlan, MicroBatchPlanError, forward_backward_split, is_out_of_memory, micro_batch_candidates,
+    MicroBatchPlan,
+    MicroBatchPlanError,
+    forward_backward_split,
+    is_out_of_memory,
+    micro_batch_candidates,
 )
 
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from batching import ImagePreFetcher
 from checkpoint_store import read_checkpoint, read_run_config, resolve_checkpoint, run_dir_of
 from Configuration_System import ConfigError, RootConfig
-from batching import ImagePreFetcher
 from data_setup import build_eval_loader, is_inside, prepare_eval_data
 from dataset_scan import DataQualityError
 from evaluation_metrics import MetricComputer, json_safe

@@ -262,7 +262,7 @@ def test_tracker_under_many_threads() -> None:
     def writer(k: int) -> None:
         """Write per_thread values and counter increments."""
         start.wait()
-        for i in range(per_thread):
+        for _ in range(per_thread):
             tr.update("v", float(k), n=1)
             tr.increment("c", 2)
 

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import demo_dataset
 from demo_dataset import (
     ALL_TAGS,
@@ -27,6 +25,8 @@ from demo_dataset import (
     tag_statistics,
 )
 from orientation_handler import OrientationHandler
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 64
 COUNT = 240

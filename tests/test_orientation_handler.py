@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from orientation_handler import DEFAULT_MAP_PATH, FlipDecision, FlipStats, OrientationHandler
 
+ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def conservative() -> OrientationHandler:
