@@ -228,15 +228,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention over all tokens of x (B, N, C) -> (B, N, C)."""
+    def forward(self, x: torch.Tensor, num_queries: Optional[int] = None) -> torch.Tensor:
+        """Self-attention of x (B, N, C) -> (B, N, C); with num_queries=n only the first n tokens query -> (B, n, C)."""
         batch, tokens, channels = x.shape
         # Layout (3, B, H, N, D) matches timm's qkv weight order, so imported weights need no permutation.
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        if num_queries is not None:
+            # Each query row is computed independently, so the kept rows equal the full call's rows.
+            q = q[:, :, :num_queries]  # (B, H, n, D)
+            tokens = num_queries
         # No mask and no dropout: keeps the call eligible for the flash / memory-efficient kernels.
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
-        x = x.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, n, D)
+        x = x.transpose(1, 2).reshape(batch, tokens, channels)  # (B, n, C)
         return self.proj(x)
 
 
@@ -278,9 +282,12 @@ class TransformerBlock(nn.Module):
         self.ls2: nn.Module = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path2: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block to tokens x (B, N, C) -> (B, N, C)."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, num_queries: Optional[int] = None) -> torch.Tensor:
+        """Apply the block to tokens x (B, N, C) -> (B, N, C), or only the first num_queries outputs (B, n, C)."""
+        # Every token but the attention's keys/values is computed on its own, so outputs nobody reads
+        # (the patch tokens of the last block under class-token pooling) can be skipped exactly.
+        shortcut = x if num_queries is None else x[:, :num_queries]  # (B, n, C)
+        x = shortcut + self.drop_path1(self.ls1(self.attn(self.norm1(x), num_queries)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -396,6 +403,10 @@ class SimplifiedTagger(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> all tokens after the final norm (B, 1 + N, C)."""
+        return self._encode(images, None)
+
+    def _encode(self, images: torch.Tensor, last_block_outputs: Optional[int]) -> torch.Tensor:
+        """Embed and run the blocks; the last block returns only its first last_block_outputs tokens when set."""
         grid = self._grid_of(images)
         x = self.patch_embed(images)  # (B, C, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
@@ -404,12 +415,14 @@ class SimplifiedTagger(nn.Module):
         x = torch.cat([cls, x], dim=1) + pos_embed  # (B, 1+N, C)
         every = self.cfg.grad_checkpoint_every
         use_checkpoint = every > 0 and self.training and torch.is_grad_enabled()
+        last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
+            num_queries = last_block_outputs if index == last else None
             if use_checkpoint and index % every == 0:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, num_queries, use_reentrant=False)
             else:
-                x = block(x)
-        return self.norm(x)
+                x = block(x, num_queries)
+        return self.norm(x)  # (B, 1 + N, C), or (B, n, C) with last_block_outputs=n
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 1 + N, C) -> image embedding (B, C): the class token or the mean of patch tokens."""
@@ -417,9 +430,16 @@ class SimplifiedTagger(nn.Module):
             return tokens[:, NUM_PREFIX_TOKENS:].mean(dim=1)
         return tokens[:, 0]
 
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> image embedding (B, C); equals pool(forward_features(images))."""
+        # Class-token pooling reads one token: the last block skips the attention queries, MLP and norm
+        # of the patch tokens (about 3/4 of that block's FLOPs, which timm's ViT computes and discards).
+        keep = NUM_PREFIX_TOKENS if self.cfg.pooling == "cls" else None
+        return self.pool(self._encode(images, keep))
+
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Normalised images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
-        pooled = self.pool(self.forward_features(images))  # (B, C)
+        pooled = self.forward_pooled(images)  # (B, C)
         return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
 
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,10 @@ peak memory (CUDA: max_memory_allocated; CPU: RSS growth sampled with psutil), a
 FLOPs of one forward+backward (FlopCounterMode), achieved TFLOP/s and MFU against a bf16 matmul
 peak measured in the same run. Prints a short table to stderr and one JSON object to stdout.
 
+Fairness: every variant is built and warmed up first, then timed in --rounds rounds of --steps
+steps that alternate between the variants in one process (A B, B A, A B, ...), so slow drifts and
+bursts of load from other processes fall on both; each variant reports its best round.
+
 Example (GPU): python benchmarks/bench_train_step.py --preset base --image-size 448 --tags 10000 \
     --batch-size 64 --compile --json-out /tmp/bench.json
 """
@@ -22,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +47,7 @@ from model_architecture import (  # noqa: E402
     param_groups_for_weight_decay,
 )
 from schedulers import LinearWarmupCosineLR
-from training_utils import MixedPrecisionTrainer, ModelEma, TrainStep
+from training_utils import GuardedOptimizerStep, ModelEma, TrainStep
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_RATINGS = 4
@@ -58,8 +63,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--tags", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed rounds per variant, alternating between variants; the best round is reported")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps before timing (at least one is run: it measures peak memory)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for every variant (0 = torch's default); on a machine shared "
+                             "with other work, 1 avoids threads stalling on each other at every op")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--embed-dim", type=int, default=None)
@@ -80,11 +91,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--device cuda requested but CUDA is not available")
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    for name in ("image_size", "patch_size", "tags", "batch_size", "steps"):
+    for name in ("image_size", "patch_size", "tags", "batch_size", "steps", "rounds"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     return args
 
 
@@ -189,7 +202,7 @@ class StepRunner:
         optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=True)
         self.train_step = TrainStep(
             model, model, MultiTaskLoss(AsymmetricFocalLoss()).to(device),
-            MixedPrecisionTrainer(optimizer, device, args.dtype, grad_clip=args.grad_clip),
+            GuardedOptimizerStep(optimizer, device, args.dtype, grad_clip=args.grad_clip),
             LinearWarmupCosineLR(optimizer, warmup_steps=10, total_steps=100_000),
             ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None, device)
         self.updates = 0
@@ -241,11 +254,9 @@ class StepRunner:
         return int(counter.get_total_flops())
 
 
-def time_steps(runner: StepRunner, steps: int, warmup: int) -> List[float]:
+def time_steps(runner: StepRunner, steps: int) -> List[float]:
     """Per-step times in seconds: CUDA events around each step (read after one final sync), perf_counter on CPU."""
     device = runner.device
-    for _ in range(warmup):
-        runner.step()
     sync(device)
     if device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
@@ -263,16 +274,30 @@ def time_steps(runner: StepRunner, steps: int, warmup: int) -> List[float]:
     return times
 
 
-def run_variant(
+@dataclass
+class Variant:
+    """One built and warmed-up model under test, with what was measured before the timed rounds."""
+
+    name: str
+    compiled: bool
+    runner: StepRunner
+    params: int
+    peak_memory_bytes: int
+    memory_kind: str
+    compile_s: Optional[float]
+    flops: Optional[int]
+    rounds: List[List[float]] = field(default_factory=list)  # per round, per step seconds
+
+
+def prepare_variant(
     name: str,
     build: Callable[[], nn.Module],
     cfg: VisionTransformerConfig,
     args: argparse.Namespace,
     device: torch.device,
     compiled: bool,
-    matmul_peak: Optional[float],
-) -> Dict[str, Any]:
-    """Build, (optionally compile,) warm up and time one model; returns its metrics."""
+) -> Variant:
+    """Build, (optionally compile,) warm up one model and measure its peak memory over the warm-up steps."""
     release_host_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -292,26 +317,45 @@ def run_variant(
         runner.step()  # the first call compiles forward and backward
         sync(device)
         compile_s = time.perf_counter() - start
-    times = time_steps(runner, args.steps, args.warmup)
-    final_loss = float(runner.forward_loss().detach().float().cpu())  # outside the timed loop
+    for _ in range(max(args.warmup, 1)):
+        runner.step()
+    sync(device)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) - base_mem
         memory_kind = "cuda_max_memory_allocated"
     else:
         peak_mem = max(runner.rss_peak, rss_bytes()) - base_mem
         memory_kind = "cpu_rss_growth"
+    # The other variants' steps change the process RSS from now on, so sampling it would mislead.
+    runner.sample_rss = False
+    return Variant(name, compiled, runner, params, peak_mem, memory_kind, compile_s, flops)
+
+
+def time_alternating(variants: Sequence[Variant], steps: int, rounds: int) -> None:
+    """Time `rounds` rounds of `steps` steps per variant, alternating the order each round (A B, B A, ...)."""
+    for index in range(rounds):
+        order = variants if index % 2 == 0 else list(reversed(variants))
+        for variant in order:
+            variant.rounds.append(time_steps(variant.runner, steps))
+
+
+def finish_variant(variant: Variant, args: argparse.Namespace, matmul_peak: Optional[float]) -> Dict[str, Any]:
+    """Metrics of one variant from its best timed round (lowest mean step time) plus its final loss."""
+    times = min(variant.rounds, key=statistics.fmean)
+    final_loss = float(variant.runner.forward_loss().detach().float().cpu())  # outside the timed rounds
     mean_step = statistics.fmean(times)
+    flops = variant.flops
     result: Dict[str, Any] = {
-        "name": name,
-        "compiled": compiled,
-        "params": params,
+        "name": variant.name,
+        "compiled": variant.compiled,
+        "params": variant.params,
         "images_per_s": args.batch_size / mean_step,
         "step_time_ms": mean_step * 1000.0,
         "step_time_ms_median": statistics.median(times) * 1000.0,
         "step_time_ms_min": min(times) * 1000.0,
-        "peak_memory_mib": peak_mem / 2**20,
-        "memory_kind": memory_kind,
-        "compile_s": compile_s,
+        "peak_memory_mib": variant.peak_memory_bytes / 2**20,
+        "memory_kind": variant.memory_kind,
+        "compile_s": variant.compile_s,
         "flops_per_step": flops,
         "achieved_tflops": None,
         "mfu": None,
@@ -321,10 +365,6 @@ def run_variant(
         result["achieved_tflops"] = flops / mean_step / 1e12
         if matmul_peak:
             result["mfu"] = result["achieved_tflops"] / matmul_peak
-    del runner, model
-    release_host_memory()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -336,6 +376,7 @@ def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device:
     import tempfile
 
     from bench_dataloader import generate  # sibling script: the same generated JPEGs
+
     from orientation_handler import OrientationHandler
 
     workers = args.pipeline_workers or os.cpu_count() or 1
@@ -417,6 +458,8 @@ def format_table(results: Dict[str, Dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark and print/write its JSON report; returns the report."""
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = VisionTransformerConfig.from_preset(
         args.preset,
@@ -440,11 +483,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     modes = [False, True] if args.compile else [False]
     prime_runtime(args, device, with_timm)
     results: Dict[str, Dict[str, Any]] = {}
+    round_ms: Dict[str, List[float]] = {}
     for compiled in modes:
-        for name, build in variants:
-            key = f"{name}_{'compiled' if compiled else 'eager'}"
-            results[key] = run_variant(key, build, cfg, args, device, compiled, matmul_peak)
-            print(f"[bench] {key}: {results[key]['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+        # Eager and compiled are separate comparisons: only one mode's models are alive at a time.
+        prepared = [prepare_variant(f"{name}_{'compiled' if compiled else 'eager'}", build, cfg, args, device, compiled)
+                    for name, build in variants]
+        time_alternating(prepared, args.steps, args.rounds)
+        for variant in prepared:
+            results[variant.name] = finish_variant(variant, args, matmul_peak)
+            round_ms[variant.name] = [1000.0 * statistics.fmean(times) for times in variant.rounds]
+            print(f"[bench] {variant.name}: {results[variant.name]['images_per_s']:.1f} img/s (best of "
+                  f"{args.rounds} rounds; round means ms {[round(ms, 2) for ms in round_ms[variant.name]]})",
+                  file=sys.stderr, flush=True)
+        del prepared, variant  # free this mode's models before the next mode or the pipeline run
+        release_host_memory()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     pipeline = None
     if args.pipeline_images > 0:
@@ -477,7 +531,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "tags": cfg.num_tags,
             "batch_size": args.batch_size,
             "steps": args.steps,
+            "rounds": args.rounds,
             "warmup": args.warmup,
+            "threads": torch.get_num_threads(),
             "embed_dim": cfg.embed_dim,
             "depth": cfg.depth,
             "heads": cfg.num_heads,
@@ -486,6 +542,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "timm_available": with_timm,
         "matmul_peak_tflops": matmul_peak,
         "results": results,
+        "round_step_time_ms": round_ms,
         "pipeline": pipeline,
         "step": {"ema_decay": args.ema_decay, "grad_clip": args.grad_clip,
                  "what": "training_utils.TrainStep, as train_direct.py runs it"},

@@ -141,6 +141,87 @@ def test_attention_matches_explicit_softmax_attention() -> None:
     torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)), rtol=1e-5, atol=1e-5)
 
 
+def reference_logits(model: SimplifiedTagger, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The forward as first written, in plain ops: every block on every token, explicit softmax attention,
+    final norm on all tokens, then pooling and the heads (no drop path: eval mode or rate 0)."""
+    cfg = model.cfg
+    batch, dim, heads = images.shape[0], cfg.embed_dim, cfg.num_heads
+    head_dim = dim // heads
+    conv = model.patch_embed.proj
+    x = F.conv2d(images, conv.weight, conv.bias, stride=cfg.patch_size).flatten(2).transpose(1, 2)  # (B, N, C)
+    x = torch.cat([model.cls_token.expand(batch, -1, -1), x], dim=1) + model.pos_embed  # (B, 1+N, C)
+    tokens = x.shape[1]
+    for block in model.blocks:
+        h = F.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+        qkv = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).reshape(batch, tokens, 3, heads, head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each (B, H, 1+N, D)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, dim=-1)
+        attn = F.linear((weights @ v).transpose(1, 2).reshape(batch, tokens, dim), block.attn.proj.weight,
+                        block.attn.proj.bias)
+        x = x + (attn * block.ls1.gamma if cfg.layer_scale_init else attn)
+        h = F.layer_norm(x, (dim,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+        mlp = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight,
+                       block.mlp.fc2.bias)
+        x = x + (mlp * block.ls2.gamma if cfg.layer_scale_init else mlp)
+    x = F.layer_norm(x, (dim,), model.norm.weight, model.norm.bias, eps=1e-6)  # (B, 1+N, C)
+    pooled = x[:, 1:].mean(1) if cfg.pooling == "avg" else x[:, 0]  # (B, C)
+    return {"tag_logits": F.linear(pooled, model.tag_head.weight, model.tag_head.bias),
+            "rating_logits": F.linear(pooled, model.rating_head.weight, model.rating_head.bias)}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "avg"])
+@pytest.mark.parametrize("layer_scale_init", [None, 0.1])
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+def test_forward_and_gradients_match_full_token_reference(
+    pooling: str, layer_scale_init: Any, checkpoint_every: int
+) -> None:
+    """forward skips the last block's unread patch tokens under cls pooling; outputs and every
+    parameter's gradient still equal the all-tokens forward."""
+    torch.manual_seed(0)
+    model = SimplifiedTagger(micro_cfg(depth=3, pooling=pooling, layer_scale_init=layer_scale_init,
+                                       grad_checkpoint_every=checkpoint_every)).train()
+    randomise_(model)
+    images = torch.randn(3, 3, 32, 32)
+    params = dict(model.named_parameters())
+    results = []
+    for forward in (model, lambda x: reference_logits(model, x)):
+        out = forward(images)
+        loss = out["tag_logits"].square().sum() + (out["rating_logits"] * torch.arange(4.0)).sum()
+        results.append((out, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))))
+    (ours, our_grads), (ref, ref_grads) = results
+    for key in ("tag_logits", "rating_logits"):
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_last_block_computes_only_the_tokens_pooling_reads() -> None:
+    model = SimplifiedTagger(micro_cfg(depth=2)).eval()
+    shapes = []
+    model.blocks[-1].register_forward_hook(lambda _module, _args, out: shapes.append(tuple(out.shape)))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(images)
+        model.forward_features(images)
+        model.cfg.pooling = "avg"
+        model(images)
+    assert shapes == [(2, 1, 64), (2, 17, 64), (2, 17, 64)]
+
+
+def test_forward_draws_the_same_drop_path_masks_as_forward_features() -> None:
+    """Drop path draws one mask per sample and block either way, so a seeded step is unchanged."""
+    model = SimplifiedTagger(micro_cfg(depth=3, drop_path_rate=0.5)).train()
+    randomise_(model)
+    images = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(3)
+    fast = model.forward_pooled(images)
+    torch.manual_seed(3)
+    full = model.pool(model.forward_features(images))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    assert not torch.allclose(model.forward_pooled(images), fast)  # the masks do depend on the seed
+
+
 def test_avg_pooling_uses_mean_of_patch_tokens() -> None:
     torch.manual_seed(0)
     model = SimplifiedTagger(micro_cfg(pooling="avg")).eval()
@@ -324,6 +405,11 @@ def test_import_matches_timm_forward_features(tmp_path: Path) -> None:
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(images), theirs.forward_features(images), rtol=1e-5, atol=1e-5)
+        # The logits (class token only through the last block) equal our heads on timm's class token.
+        pooled = theirs.forward_features(images)[:, 0]  # (B, C)
+        out = ours(images)
+        torch.testing.assert_close(out["tag_logits"], ours.tag_head(pooled), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["rating_logits"], ours.rating_head(pooled), rtol=1e-5, atol=1e-5)
 
 
 def test_import_into_other_image_size_matches_timm_resampled(tmp_path: Path) -> None:
