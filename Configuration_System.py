@@ -20,27 +20,25 @@ from typing import Any, get_origin, get_type_hints
 
 import yaml
 
-# The file helpers live in file_io; re-exported for the modules that still import them from here,
-# until those import file_io.
-from file_io import (  # noqa: F401
-    atomic_write_bytes,
-    atomic_write_text,
-    load_json_file,
-    replace_with_retry,
-    resolve_resource,
-)
+from file_io import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line naming the key, value or file."""
 
 
-def _opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None,
-         choices: Iterable[Any] | None = None) -> Any:
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Iterable[Any] | None = None,
+) -> Any:
     """A dataclass field carrying its help text and its allowed range or choices."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
-            "choices": tuple(choices) if choices is not None else None}
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices is not None else None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,35 +48,70 @@ def _opt(default: Any, help: str, *, ge: float | None = None, gt: float | None =
 # Sections
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class DataConfig:
     """Where the images are, how they are read, split and batched."""
 
     root: str = _opt("data/demo", "Dataset folder: images with sidecar JSON files (X.json or X.ext.json).")
-    manifest: str = _opt("", "Optional JSON Lines manifest of {file, tags, rating} records used instead of sidecars, 'file' relative to data.root (or to the manifest's folder when data.root is ''); '' = scan data.root.")
+    manifest: str = _opt(
+        "",
+        "Optional JSON Lines manifest of {file, tags, rating} records used instead of sidecars, 'file' relative to data.root (or to the manifest's folder when data.root is ''); '' = scan data.root.",
+    )
     demo_images: int = _opt(0, "If > 0 and root does not exist, generate the synthetic demo dataset there with this many images.", ge=0)
     image_size: int = _opt(448, "Square training resolution in pixels (images are letterboxed to it).", ge=16)
     batch_size: int = _opt(64, "Images per optimizer micro-batch on each process.", ge=1)
-    num_workers: int = _opt(-1, "DataLoader worker processes: -1 = what the cores allow (the cores this process may use, less one for the main process, shared among torchrun's local processes, at most 8; the resolved number is printed and saved in the run's config.yaml); 0 = load in the main process.", ge=-1)
+    num_workers: int = _opt(
+        -1,
+        "DataLoader worker processes: -1 = what the cores allow (the cores this process may use, less one for the main process, shared among torchrun's local processes, at most 8; the resolved number is printed and saved in the run's config.yaml); 0 = load in the main process.",
+        ge=-1,
+    )
     prefetch_factor: int = _opt(2, "Batches each worker prepares ahead.", ge=1)
-    worker_start_method: str = _opt("", "How worker processes start: '' (the platform's default), spawn (the only one on Windows), fork or forkserver.", choices=("", "spawn", "fork", "forkserver"))
+    worker_start_method: str = _opt(
+        "",
+        "How worker processes start: '' (the platform's default), spawn (the only one on Windows), fork or forkserver.",
+        choices=("", "spawn", "fork", "forkserver"),
+    )
     persistent_workers: bool = _opt(True, "Keep worker processes alive between epochs and validations (epochs start at once, notably on Windows).")
     pin_memory: bool = _opt(True, "Pin host batches for asynchronous copies (only used on CUDA).")
     val_fraction: float = _opt(0.1, "Share of samples held out for validation, chosen by a hash of the seed and the sample id.", ge=0.0, lt=1.0)
     max_val_samples: int = _opt(0, "Cap on validation samples (0 = no cap); capped-out samples are excluded, never moved to training.", ge=0)
-    cache_dir: str = _opt("", "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.")
-    max_tags_per_sample: int = _opt(2048, "A sidecar (or manifest record) with more tags than this is skipped as 'too_many_tags' (no real booru post comes close).", ge=1)
+    cache_dir: str = _opt(
+        "",
+        "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.",
+    )
+    max_tags_per_sample: int = _opt(
+        2048, "A sidecar (or manifest record) with more tags than this is skipped as 'too_many_tags' (no real booru post comes close).", ge=1
+    )
     max_tag_chars: int = _opt(256, "A tag longer than this many characters is dropped and counted (booru tag names stay far below).", ge=1)
     max_sidecar_bytes: int = _opt(4_194_304, "A sidecar JSON file larger than this is skipped unread as 'sidecar_too_large'.", ge=1024)
-    symlinks: str = _opt("inside_root", "Symbolic links to images, folders and sidecars: inside_root follows a link only when its target lies inside data.root (others are skipped and counted); follow follows every link (symlink farms). Loops are skipped either way.", choices=("inside_root", "follow"))
-    verify: str = _opt("header", "Start-up image check: none, header (open and read size) or decode (full decode, slow).", choices=("none", "header", "decode"))
+    symlinks: str = _opt(
+        "inside_root",
+        "Symbolic links to images, folders and sidecars: inside_root follows a link only when its target lies inside data.root (others are skipped and counted); follow follows every link (symlink farms). Loops are skipped either way.",
+        choices=("inside_root", "follow"),
+    )
+    verify: str = _opt(
+        "header", "Start-up image check: none, header (open and read size) or decode (full decode, slow).", choices=("none", "header", "decode")
+    )
     max_bad_fraction: float = _opt(0.05, "Stop the run when more than this share of the data turns out to be broken.", ge=0.0, le=1.0)
-    min_tag_frequency: int = _opt(2, "Tags seen in fewer training samples than this are left out of the vocabulary (the default 2: a tag only one sample carries can neither be learned nor validated, and one hostile sidecar cannot add columns).", ge=1)
+    min_tag_frequency: int = _opt(
+        2,
+        "Tags seen in fewer training samples than this are left out of the vocabulary (the default 2: a tag only one sample carries can neither be learned nor validated, and one hostile sidecar cannot add columns).",
+        ge=1,
+    )
     top_k_tags: int = _opt(0, "Keep only the K most frequent tags (0 = no cap).", ge=0)
-    max_vocabulary_tags: int = _opt(100_000, "Hard cap on the vocabulary size, whatever top_k_tags says: the rarest tags beyond it are left out and counted in data_report.json (validation memory grows with the tag count).", ge=1)
+    max_vocabulary_tags: int = _opt(
+        100_000,
+        "Hard cap on the vocabulary size, whatever top_k_tags says: the rarest tags beyond it are left out and counted in data_report.json (validation memory grows with the tag count).",
+        ge=1,
+    )
     ignore_tags_file: str = _opt("configs/ignore_tags.txt", "File of meta tags never used as outputs (one a line); '' = none.")
     vocabulary: str = _opt("", "Use this vocabulary.json instead of building one from the training split; '' = build.")
-    vocabulary_mode: str = _opt("build", "build: the vocabulary comes from the training split; extend: every tag of the released tagger in model.init_from (a WD-format folder) first, then the training split's new tags.", choices=("build", "extend"))
+    vocabulary_mode: str = _opt(
+        "build",
+        "build: the vocabulary comes from the training split; extend: every tag of the released tagger in model.init_from (a WD-format folder) first, then the training split's new tags.",
+        choices=("build", "extend"),
+    )
     pad_color: list = _opt([255, 255, 255], "RGB colour of the letterbox padding and of composited transparency.")
     mean: list = _opt([0.5, 0.5, 0.5], "Per-channel mean used to normalise images on the device.")
     std: list = _opt([0.5, 0.5, 0.5], "Per-channel standard deviation used to normalise images on the device.")
@@ -90,7 +123,11 @@ class AugmentConfig:
 
     flip_prob: float = _opt(0.5, "Probability of a horizontal flip (left/right tags are swapped; some tags veto it).", ge=0.0, le=1.0)
     orientation_map: str = _opt("configs/orientation_map.json", "Left/right tag pairs and flip-forbidding tags.")
-    orientation_safety: str = _opt("conservative", "conservative: veto flips of samples with unmapped orientation-looking tags; permissive: only forbid tags veto.", choices=("conservative", "permissive"))
+    orientation_safety: str = _opt(
+        "conservative",
+        "conservative: veto flips of samples with unmapped orientation-looking tags; permissive: only forbid tags veto.",
+        choices=("conservative", "permissive"),
+    )
     brightness: float = _opt(0.1, "Colour jitter: maximum relative brightness change.", ge=0.0, le=1.0)
     contrast: float = _opt(0.1, "Colour jitter: maximum relative contrast change.", ge=0.0, le=1.0)
     saturation: float = _opt(0.1, "Colour jitter: maximum relative saturation change.", ge=0.0, le=1.0)
@@ -100,7 +137,9 @@ class AugmentConfig:
 class ModelConfig:
     """The Vision Transformer."""
 
-    preset: str = _opt("base", "ViT size: tiny (192x12), small (384x12), base (768x12) or large (1024x24).", choices=("tiny", "small", "base", "large"))
+    preset: str = _opt(
+        "base", "ViT size: tiny (192x12), small (384x12), base (768x12) or large (1024x24).", choices=("tiny", "small", "base", "large")
+    )
     patch_size: int = _opt(16, "Patch size in pixels; data.image_size must be a multiple of it.", ge=1)
     embed_dim: int = _opt(0, "Override the preset's width (0 = preset).", ge=0)
     depth: int = _opt(0, "Override the preset's number of blocks (0 = preset).", ge=0)
@@ -110,7 +149,10 @@ class ModelConfig:
     layer_scale_init: float = _opt(0.0, "LayerScale initial value (0 = no LayerScale).", ge=0.0)
     pooling: str = _opt("cls", "Feature fed to the heads: the class token (cls) or the mean of patch tokens (avg).", choices=("cls", "avg"))
     grad_checkpoint_every: int = _opt(0, "Recompute activations of every n-th block in backward to save memory (0 = off).", ge=0)
-    init_from: str = _opt("", "Start from these weights: a released WD tagger folder (selected_tags.csv + timm's model.safetensors/config.json; tag-head rows matched by tag name), a checkpoint folder, or ViT weights in timm's layout (.safetensors or .pth, backbone only); '' = random.")
+    init_from: str = _opt(
+        "",
+        "Start from these weights: a released WD tagger folder (selected_tags.csv + timm's model.safetensors/config.json; tag-head rows matched by tag name), a checkpoint folder, or ViT weights in timm's layout (.safetensors or .pth, backbone only); '' = random.",
+    )
     compile: bool = _opt(False, "Compile the model with torch.compile.")
 
 
@@ -135,12 +177,18 @@ class TrainingConfig:
     epochs: int = _opt(10, "Passes over the training split.", ge=1)
     max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = no cap; the schedule then spans all epochs).", ge=0)
     learning_rate: float = _opt(1e-3, "Peak learning rate of AdamW at the reference batch size.", gt=0.0, le=1.0)
-    lr_scaling: str = _opt("none", "Scale the learning rate with the effective batch (batch x accumulation x processes) over reference_batch_size: none, linear or sqrt.", choices=("none", "linear", "sqrt"))
+    lr_scaling: str = _opt(
+        "none",
+        "Scale the learning rate with the effective batch (batch x accumulation x processes) over reference_batch_size: none, linear or sqrt.",
+        choices=("none", "linear", "sqrt"),
+    )
     reference_batch_size: int = _opt(256, "Effective batch size at which learning_rate applies unscaled.", ge=1)
     weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to biases, norms, position embedding, class token).", ge=0.0)
     beta1: float = _opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
     beta2: float = _opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
-    scheduler: str = _opt("cosine", "Learning-rate schedule: cosine (linear warm-up then cosine) or cosine_restarts.", choices=("cosine", "cosine_restarts"))
+    scheduler: str = _opt(
+        "cosine", "Learning-rate schedule: cosine (linear warm-up then cosine) or cosine_restarts.", choices=("cosine", "cosine_restarts")
+    )
     warmup_steps: int = _opt(0, "Linear warm-up in optimizer steps (0 = use warmup_ratio).", ge=0)
     warmup_ratio: float = _opt(0.05, "Warm-up as a share of all optimizer steps, when warmup_steps is 0.", ge=0.0, lt=1.0)
     min_lr_ratio: float = _opt(0.01, "Final learning rate as a share of the peak.", ge=0.0, le=1.0)
@@ -148,10 +196,19 @@ class TrainingConfig:
     restart_period_mult: float = _opt(1.0, "cosine_restarts: each cycle is this many times longer than the last.", ge=1.0)
     restart_decay: float = _opt(1.0, "cosine_restarts: peak learning rate multiplier per restart.", gt=0.0, le=1.0)
     grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
-    micro_batch_size: int = _opt(0, "Images per forward/backward pass: 0 = automatic (on CUDA, a probe before the first step and any out-of-memory error later split each batch into the largest equal micro-batches that fit); N = always split into micro-batches of N (must divide data.batch_size); -1 = never split. The optimizer step, the schedule and the results stay those of data.batch_size.", ge=-1)
-    memory_check: bool = _opt(True, "On the CPU, estimate a training step's memory before the first step and stop with a one-line message naming data.batch_size when it cannot fit in the available RAM.")
+    micro_batch_size: int = _opt(
+        0,
+        "Images per forward/backward pass: 0 = automatic (on CUDA, a probe before the first step and any out-of-memory error later split each batch into the largest equal micro-batches that fit); N = always split into micro-batches of N (must divide data.batch_size); -1 = never split. The optimizer step, the schedule and the results stay those of data.batch_size.",
+        ge=-1,
+    )
+    memory_check: bool = _opt(
+        True,
+        "On the CPU, estimate a training step's memory before the first step and stop with a one-line message naming data.batch_size when it cannot fit in the available RAM.",
+    )
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", ge=0.0)
-    precision: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with loss scaling) or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = _opt(
+        "auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with loss scaling) or fp32.", choices=("auto", "bf16", "fp16", "fp32")
+    )
     max_consecutive_skips: int = _opt(10, "Stop (with a checkpoint of the last good state) after this many non-finite steps in a row.", ge=1)
     ema_decay: float = _opt(0.0, "Exponential moving average of the weights (0 = off, e.g. 0.9998).", ge=0.0, lt=1.0)
     ema_warmup_steps: int = _opt(0, "Steps over which the EMA decay ramps up from 0.", ge=0)
@@ -193,8 +250,12 @@ class MonitorConfig:
     system_stats_interval_s: float = _opt(15.0, "Seconds between CPU/RAM/GPU samples (0 = off).", ge=0.0)
     validation_images: int = _opt(8, "Validation images shown in TensorBoard with their true and top predicted tags (0 = none).", ge=0, le=64)
     wandb_project: str = _opt("", "Also log to this Weights & Biases project when wandb is installed ('' = off).")
-    wandb_mode: str = _opt("offline", "Weights & Biases mode: offline (no network; sync later with `wandb sync`) or online.", choices=("offline", "online"))
-    pr_curve_tags: int = _opt(3, "Tags whose precision-recall curve is logged at each validation (the most frequent, a median and the rarest).", ge=0, le=3)
+    wandb_mode: str = _opt(
+        "offline", "Weights & Biases mode: offline (no network; sync later with `wandb sync`) or online.", choices=("offline", "online")
+    )
+    pr_curve_tags: int = _opt(
+        3, "Tags whose precision-recall curve is logged at each validation (the most frequent, a median and the rarest).", ge=0, le=3
+    )
 
 
 @dataclass
@@ -222,6 +283,7 @@ class RootConfig:
 # Building and checking
 # --------------------------------------------------------------------------------------------
 
+
 def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -243,14 +305,14 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     candidates = _all_keys(RootConfig)
     parent = key.rpartition(".")[0]
     siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
-    close = (difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
-             or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5))
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{where}unknown config key '{key}'{hint}")
 
 
 def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
     """Check (and where lossless, convert) a value against its field type."""
+
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}{key} must be {expected}, got {value!r} ({type(value).__name__})")
 
@@ -291,8 +353,12 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], where: str) -> N
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
         limit = meta.get(bound)
         if limit is not None and not ok(value, limit):
             raise ConfigError(f"{where}{key} must be {word} {limit}; got {value!r}")

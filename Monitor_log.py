@@ -218,8 +218,9 @@ class TrainingMonitor:
         # Counters of things that went wrong but must not stop training.
         self.error_counts: dict[str, int] = {}
         self.resume_removed_lines = self.resume_malformed_lines = 0
-        self._console = ConsoleSink(stream, total_steps=self.total_steps, interval_s=self.console_interval_s,
-                                    clock=clock, count_error=self._count_error)
+        self._console = ConsoleSink(
+            stream, total_steps=self.total_steps, interval_s=self.console_interval_s, clock=clock, count_error=self._count_error
+        )
         self._starvation = StarvationWatch()
         self._sinks = RunSinks()  # none until enabled
         self._sampler: SystemStatsSampler | None = None
@@ -229,12 +230,12 @@ class TrainingMonitor:
 
     def _open(self, resume_step: int | None, tensorboard: bool, wandb: dict | None) -> None:
         """Open the sinks, note a truncation, start the system-stats thread."""
-        self._sinks = RunSinks.open(self.run_dir, resume_step, tensorboard=tensorboard, wandb=wandb,
-                                    say=self._console.write, count_error=self._count_error)
+        self._sinks = RunSinks.open(
+            self.run_dir, resume_step, tensorboard=tensorboard, wandb=wandb, say=self._console.write, count_error=self._count_error
+        )
         self.resume_removed_lines, self.resume_malformed_lines = self._sinks.truncated_lines()
         if resume_step is not None and (self.resume_removed_lines or self.resume_malformed_lines):
-            self.log_event(resume_step, "metrics_truncated", removed_lines=self.resume_removed_lines,
-                           malformed_lines=self.resume_malformed_lines)
+            self.log_event(resume_step, "metrics_truncated", removed_lines=self.resume_removed_lines, malformed_lines=self.resume_malformed_lines)
         if self.system_stats_interval_s > 0:
             self._sampler = SystemStatsSampler(self.run_dir, self._count_error, NvmlGpu.open())
             self._system = SystemStatsThread(self._sampler, self.system_stats_interval_s, self._log_system)
@@ -243,9 +244,7 @@ class TrainingMonitor:
         """Return self."""
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Close the monitor."""
         self.close()
 
@@ -262,16 +261,7 @@ class TrainingMonitor:
 
     # ---- public logging API ----------------------------------------------------------------
 
-    def log_train(
-        self,
-        step: int,
-        epoch: int,
-        values: Mapping[str, float],
-        *,
-        images_per_s: float,
-        data_wait_share: float,
-        lr: float,
-    ) -> None:
+    def log_train(self, step: int, epoch: int, values: Mapping[str, float], *, images_per_s: float, data_wait_share: float, lr: float) -> None:
         """Log one training step's values (losses, grad_norm, ...), throughput, data-wait share and LR."""
         if not self._active():
             return
@@ -289,8 +279,12 @@ class TrainingMonitor:
         self._sinks.record("train", step, {"epoch": epoch, **scalars, "lr": float(lr), **perf})
         self._console.progress(step, epoch, scalars, perf, float(lr))
         if starved_share is not None:
-            self.log_event(step, "data_starved", wait_share=round(starved_share, 3),
-                           hint="the model waits for data; raise data.num_workers or use the prepared cache")
+            self.log_event(
+                step,
+                "data_starved",
+                wait_share=round(starved_share, 3),
+                hint="the model waits for data; raise data.num_workers or use the prepared cache",
+            )
 
     def eta_seconds(self) -> float | None:
         """Estimated seconds to total_steps from the smoothed step rate (None until measurable)."""
@@ -306,13 +300,7 @@ class TrainingMonitor:
             self._sinks.record(kind, int(step), scalars)
 
     def log_validation(
-        self,
-        step: int,
-        metrics: Mapping[str, object],
-        *,
-        best_name: str | None = None,
-        best_value: float | None = None,
-        best_step: int | None = None,
+        self, step: int, metrics: Mapping[str, object], *, best_name: str | None = None, best_value: float | None = None, best_step: int | None = None
     ) -> None:
         """Log every numeric scalar of `metrics` under val/... (nested dicts flattened with '/'); one console line.
 
@@ -337,14 +325,7 @@ class TrainingMonitor:
         self._console.validation(step, scalars, best)
 
     def log_pr_curve(
-        self,
-        step: int,
-        tag_name: str,
-        pos_hist: object,
-        neg_hist: object,
-        *,
-        bin_edges: object | None = None,
-        num_thresholds: int | None = None,
+        self, step: int, tag_name: str, pos_hist: object, neg_hist: object, *, bin_edges: object | None = None, num_thresholds: int | None = None
     ) -> None:
         """Write a PR curve for `tag_name` under val/pr/ from binned score histograms (see pr_curve_from_histograms)."""
         if not self._active():
@@ -405,11 +386,7 @@ class TrainingMonitor:
         """
         with self._lock:
             errors = dict(self.error_counts)
-        return {
-            "error_counts": errors,
-            "step_rate": self._console.rate.state_dict(),
-            "starvation": self._starvation.state_dict(),
-        }
+        return {"error_counts": errors, "step_rate": self._console.rate.state_dict(), "starvation": self._starvation.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore state_dict() from a checkpoint; ValueError naming the entry when it is malformed."""

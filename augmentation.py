@@ -39,8 +39,7 @@ class AugmentParams:
 
     def to_dict(self) -> dict[str, float]:
         """Plain dict."""
-        return {"flip_prob": self.flip_prob, "brightness": self.brightness,
-                "contrast": self.contrast, "saturation": self.saturation}
+        return {"flip_prob": self.flip_prob, "brightness": self.brightness, "contrast": self.contrast, "saturation": self.saturation}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AugmentParams":
@@ -63,15 +62,19 @@ def apply_color_jitter(images: torch.Tensor, factors: torch.Tensor, boxes: torch
     boxes = boxes.to(images.device)
     rows = torch.arange(h, device=images.device).view(1, h, 1)
     cols = torch.arange(w, device=images.device).view(1, 1, w)
-    inside = ((rows >= boxes[:, 1].view(b, 1, 1)) & (rows < boxes[:, 3].view(b, 1, 1))
-              & (cols >= boxes[:, 0].view(b, 1, 1)) & (cols < boxes[:, 2].view(b, 1, 1))).unsqueeze(1)  # (B, 1, H, W)
+    inside = (
+        (rows >= boxes[:, 1].view(b, 1, 1))
+        & (rows < boxes[:, 3].view(b, 1, 1))
+        & (cols >= boxes[:, 0].view(b, 1, 1))
+        & (cols < boxes[:, 2].view(b, 1, 1))
+    ).unsqueeze(1)  # (B, 1, H, W)
     luma = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    x = images * f[:, 0:1]                                                    # brightness
-    area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1)                  # (B, 1, 1, 1)
+    x = images * f[:, 0:1]  # brightness
+    area = inside.sum(dim=(2, 3), keepdim=True).clamp_min(1)  # (B, 1, 1, 1)
     gray_mean = ((x * luma).sum(1, keepdim=True) * inside).sum(dim=(2, 3), keepdim=True) / area
-    x = (x - gray_mean) * f[:, 1:2] + gray_mean                               # contrast
-    gray = (x * luma).sum(1, keepdim=True)                                    # (B, 1, H, W)
-    x = ((x - gray) * f[:, 2:3] + gray).clamp_(0.0, 255.0)                    # saturation
+    x = (x - gray_mean) * f[:, 1:2] + gray_mean  # contrast
+    gray = (x * luma).sum(1, keepdim=True)  # (B, 1, H, W)
+    x = ((x - gray) * f[:, 2:3] + gray).clamp_(0.0, 255.0)  # saturation
     return torch.where(inside, x, images)
 
 

@@ -59,7 +59,7 @@ def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
     """The i-th string of a packed array."""
-    return blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
+    return blob[offsets[i] : offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
 
 
 class SidecarJsonDataset(Dataset):
@@ -69,11 +69,20 @@ class SidecarJsonDataset(Dataset):
     Records are held as packed arrays (paths, ids, tag indices) so spawned workers unpickle it fast.
     """
 
-    def __init__(self, records: Sequence[SampleRecord], tag_to_index: Mapping[str, int],
-                 params: PreprocessParams, *, augment: AugmentParams | None = None,
-                 orientation: OrientationHandler | None = None, seed: int = 0,
-                 max_retries: int = 10, cache: PreparedCache | None = None, substitute: bool = True,
-                 known_bad: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        records: Sequence[SampleRecord],
+        tag_to_index: Mapping[str, int],
+        params: PreprocessParams,
+        *,
+        augment: AugmentParams | None = None,
+        orientation: OrientationHandler | None = None,
+        seed: int = 0,
+        max_retries: int = 10,
+        cache: PreparedCache | None = None,
+        substitute: bool = True,
+        known_bad: Mapping[str, str] | None = None,
+    ) -> None:
         """Encode every record's tags through `tag_to_index` (unknown tags dropped).
 
         `cache`: a PreparedCache for these params; its images replace decoding where the
@@ -84,8 +93,9 @@ class SidecarJsonDataset(Dataset):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if augment is not None and augment.flip_prob > 0 and orientation is None:
-            raise ValueError("flip_prob > 0 needs an orientation handler to swap left/right tags; "
-                             "pass OrientationHandler.default() or set flip_prob=0")
+            raise ValueError(
+                "flip_prob > 0 needs an orientation handler to swap left/right tags; pass OrientationHandler.default() or set flip_prob=0"
+            )
         if not records:
             raise ValueError("SidecarJsonDataset needs at least one record")
         self.params = params
@@ -103,8 +113,7 @@ class SidecarJsonDataset(Dataset):
         encoded = [[self.tag_to_index[t] for t in r.tags if t in self.tag_to_index] for r in records]
         self._tag_off = np.zeros(len(records) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=self._tag_off[1:])
-        self._tags = np.fromiter((i for e in encoded for i in e), dtype=np.int32,
-                                 count=int(self._tag_off[-1]))
+        self._tags = np.fromiter((i for e in encoded for i in e), dtype=np.int32, count=int(self._tag_off[-1]))
         self._ratings = np.asarray([r.rating for r in records], dtype=np.int8)
         self.cache = cache
         self._cache_rows = cache.rows_for([r.sample_id for r in records]) if cache is not None else None
@@ -112,8 +121,7 @@ class SidecarJsonDataset(Dataset):
         self.substitute = bool(substitute)
         bad = dict(known_bad or {})
         # index -> (sample id, reason); grows in each worker as it meets failing files
-        self._known_bad: dict[int, tuple[str, str]] = {
-            i: (r.sample_id, bad[r.sample_id]) for i, r in enumerate(records) if r.sample_id in bad}
+        self._known_bad: dict[int, tuple[str, str]] = {i: (r.sample_id, bad[r.sample_id]) for i, r in enumerate(records) if r.sample_id in bad}
 
     def __len__(self) -> int:
         """Number of records."""
@@ -129,7 +137,7 @@ class SidecarJsonDataset(Dataset):
 
     def tag_indices(self, index: int) -> np.ndarray:
         """Known tag indices of record `index` (unaugmented), int32 (k,)."""
-        return self._tags[self._tag_off[index]:self._tag_off[index + 1]]
+        return self._tags[self._tag_off[index] : self._tag_off[index + 1]]
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
         """Load and augment one record; exceptions propagate to the retry loop."""
@@ -155,20 +163,25 @@ class SidecarJsonDataset(Dataset):
                 decision = self.orientation.decide([self.index_to_tag[i] for i in tags])
                 if decision.allowed:
                     image = image[:, ::-1]
-                    tags = np.asarray([self.tag_to_index[t] for t in decision.flipped_tags
-                                       if t in self.tag_to_index], dtype=np.int64)
+                    tags = np.asarray([self.tag_to_index[t] for t in decision.flipped_tags if t in self.tag_to_index], dtype=np.int64)
                     width = self.params.image_size
                     box = (width - box[2], box[1], width - box[0], box[3])
                     flip = 1
                 else:
                     flip = 2
             # colour jitter is applied on the device (apply_color_jitter); here only its factors
-            jitter = (1.0 + aug.brightness * float(factors[0]), 1.0 + aug.contrast * float(factors[1]),
-                      1.0 + aug.saturation * float(factors[2]))
+            jitter = (1.0 + aug.brightness * float(factors[0]), 1.0 + aug.contrast * float(factors[1]), 1.0 + aug.saturation * float(factors[2]))
         # a (3, H, W) view: collate_samples' stack makes the one contiguous copy
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return {"image": tensor, "tag_indices": torch.from_numpy(tags), "rating": int(self._ratings[index]),
-                "index": index, "flip": flip, "jitter": jitter, "box": tuple(int(v) for v in box)}
+        return {
+            "image": tensor,
+            "tag_indices": torch.from_numpy(tags),
+            "rating": int(self._ratings[index]),
+            "index": index,
+            "flip": flip,
+            "jitter": jitter,
+            "box": tuple(int(v) for v in box),
+        }
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """Sample for key (index, epoch) or index; a failing file is replaced deterministically."""
@@ -191,8 +204,7 @@ class SidecarJsonDataset(Dataset):
             if known is not None:
                 failures.append(known)
                 if not self.substitute:  # evaluation: never another sample in this one's place
-                    return {"skipped": True, "index": index, "failure": known, "more_failures": [],
-                            "image_size": self.params.image_size}
+                    return {"skipped": True, "index": index, "failure": known, "more_failures": [], "image_size": self.params.image_size}
                 # replacement from (seed, epoch, index, attempt): same on every run and worker count
                 current = int(sample_rng(self.seed, epoch, index, attempt + 1, 1).integers(len(self)))
                 continue
@@ -201,7 +213,8 @@ class SidecarJsonDataset(Dataset):
             return sample
         raise DataQualityError(
             f"sample {index} (epoch {epoch}) and {self.max_retries} replacements all failed to load: "
-            + ", ".join(f"{sid} ({reason})" for sid, reason in failures[:5]))
+            + ", ".join(f"{sid} ({reason})" for sid, reason in failures[:5])
+        )
 
 
 def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -256,8 +269,9 @@ class FailureTracker:
     """Counts samples replaced during training, remembers which samples failed and why (for
     data_report.json and the next run's exclusion), and stops the run when too many are bad."""
 
-    def __init__(self, max_bad_fraction: float, min_samples: int = 1000, *,
-                 report: dict[str, Any] | None = None, report_path: str | Path | None = None) -> None:
+    def __init__(
+        self, max_bad_fraction: float, min_samples: int = 1000, *, report: dict[str, Any] | None = None, report_path: str | Path | None = None
+    ) -> None:
         """Raise once failures / attempted loads > max_bad_fraction after min_samples loads.
 
         With `report` and `report_path` (the run's data report, main process only),
@@ -309,13 +323,19 @@ class FailureTracker:
             raise DataQualityError(
                 f"{self.failed} of {attempted} image loads failed ({self.bad_fraction:.1%}), more than "
                 f"the allowed {self.max_bad_fraction:.1%}; by reason {self.by_reason}; "
-                f"e.g. {', '.join(self.examples[:3])}")
+                f"e.g. {', '.join(self.examples[:3])}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for logs and checkpoints."""
-        return {"delivered": self.delivered, "failed": self.failed, "bad_fraction": self.bad_fraction,
-                "by_reason": dict(self.by_reason), "examples": list(self.examples),
-                "samples": {printable(k): v for k, v in sorted(self.samples.items())}}
+        return {
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "bad_fraction": self.bad_fraction,
+            "by_reason": dict(self.by_reason),
+            "examples": list(self.examples),
+            "samples": {printable(k): v for k, v in sorted(self.samples.items())},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Counters for a checkpoint: the same dict as to_dict(), which checkpoints store under "failures"."""
@@ -332,8 +352,9 @@ class FailureTracker:
         by_reason = state.get("by_reason", {})
         examples = state.get("examples", [])
         if not isinstance(by_reason, Mapping) or not isinstance(examples, list):
-            raise ValueError(f"failure tracker state has by_reason={type(by_reason).__name__}, "
-                             f"examples={type(examples).__name__}; expected a mapping and a list")
+            raise ValueError(
+                f"failure tracker state has by_reason={type(by_reason).__name__}, examples={type(examples).__name__}; expected a mapping and a list"
+            )
         self.delivered = int(state.get("delivered", 0))
         self.failed = int(state.get("failed", 0))
         self.by_reason = {str(k): int(v) for k, v in by_reason.items()}
@@ -352,8 +373,9 @@ class FailureTracker:
 class ResumableSampler(Sampler):
     """Sharded per-epoch permutation yielding (index, epoch) keys, resumable inside an epoch."""
 
-    def __init__(self, num_samples: int, *, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True
+    ) -> None:
         """Same arguments as DistributedSampler plus batch_size, so resume positions are batches."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
@@ -414,13 +436,13 @@ class ResumableSampler(Sampler):
             order = (order * reps)[:total]
         else:
             order = order[:total]
-        return order[self.rank:total:self.world_size][:self._samples_per_epoch()]
+        return order[self.rank : total : self.world_size][: self._samples_per_epoch()]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """Yield (index, epoch) for this rank, from start_batch on."""
         order = self._epoch_order()
         epoch = self.epoch
-        for index in order[self.start_batch * self.batch_size:]:
+        for index in order[self.start_batch * self.batch_size :]:
             yield (index, epoch)
 
     def __len__(self) -> int:
@@ -429,17 +451,22 @@ class ResumableSampler(Sampler):
 
     def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
         """Plain-typed position: pass the batches the loop has consumed in this epoch."""
-        return {"epoch": self.epoch,
-                "start_batch": self.start_batch if batches_done is None else int(batches_done),
-                "seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return {
+            "epoch": self.epoch,
+            "start_batch": self.start_batch if batches_done is None else int(batches_done),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from state_dict(); ValueError if the data or layout changed since."""
         for key in ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has "
-                                 f"{getattr(self, key)!r}; cannot resume inside the epoch")
+                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; cannot resume inside the epoch")
         start = int(state.get("start_batch", 0))
         epoch = int(state.get("epoch", 0))
         if start >= self.batches_per_epoch():  # the stored epoch was finished
@@ -458,10 +485,20 @@ def _worker_init(worker_id: int) -> None:
     warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
-def build_dataloader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batch_size: int, num_workers: int,
-                     pin_memory: bool, drop_last: bool, prefetch_factor: int = 2,
-                     persistent_workers: bool = False, multiprocessing_context: Any = None,
-                     timeout: float = 0, generator_seed: int | None = None) -> DataLoader:
+def build_dataloader(
+    dataset: Dataset,
+    sampler: Sampler | Sequence[int],
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+    prefetch_factor: int = 2,
+    persistent_workers: bool = False,
+    multiprocessing_context: Any = None,
+    timeout: float = 0,
+    generator_seed: int | None = None,
+) -> DataLoader:
     """A DataLoader with collate_samples and a picklable worker_init_fn.
 
     With `generator_seed`, the workers' base seed comes from a private generator instead of the
@@ -471,18 +508,29 @@ def build_dataloader(dataset: Dataset, sampler: Sampler | Sequence[int], *, batc
     if generator_seed is not None:
         extra["generator"] = torch.Generator().manual_seed(int(generator_seed))
     if num_workers > 0:
-        extra |= {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers,
-                 "multiprocessing_context": multiprocessing_context, "timeout": timeout}
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_samples, pin_memory=pin_memory, drop_last=drop_last,
-                      worker_init_fn=_worker_init, **extra)
+        extra |= {
+            "prefetch_factor": prefetch_factor,
+            "persistent_workers": persistent_workers,
+            "multiprocessing_context": multiprocessing_context,
+            "timeout": timeout,
+        }
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        worker_init_fn=_worker_init,
+        **extra,
+    )
 
 
 class ImagePreFetcher:
     """Moves batches to the device one ahead on a side CUDA stream and normalises them there."""
 
-    def __init__(self, loader: Iterable[dict[str, Any]], device: torch.device | str,
-                 params: PreprocessParams, num_tags: int) -> None:
+    def __init__(self, loader: Iterable[dict[str, Any]], device: torch.device | str, params: PreprocessParams, num_tags: int) -> None:
         """Wrap `loader`; on CPU devices batches are converted synchronously."""
         self.loader = loader
         self.device = torch.device(device)
@@ -500,8 +548,9 @@ class ImagePreFetcher:
         ratings = batch["ratings"].to(self.device, non_blocking=True)  # (B,)
         jitter = batch.get("jitter")  # (B, 3) on the host: checking it costs no device sync
         if jitter is not None and bool((jitter != 1.0).any()):
-            images = apply_color_jitter(images.float(), jitter.to(self.device, non_blocking=True),
-                                        batch["box"].to(self.device, non_blocking=True))  # (B, 3, H, W) float
+            images = apply_color_jitter(
+                images.float(), jitter.to(self.device, non_blocking=True), batch["box"].to(self.device, non_blocking=True)
+            )  # (B, 3, H, W) float
         return {
             "images": normalize_images(images, self.params.mean, self.params.std),
             "tag_targets": targets_from_indices(tag_indices, self.num_tags),  # (B, T)

@@ -44,7 +44,7 @@ from vocabulary import TagVocabulary
 
 CHECKPOINT_FORMAT_VERSION = 1
 
-CHECKPOINTS_DIR = "checkpoints"       # inside the run folder
+CHECKPOINTS_DIR = "checkpoints"  # inside the run folder
 STEP_PREFIX = "step_"
 LAST_POINTER = "last"
 BEST_POINTER = "best"
@@ -61,6 +61,7 @@ PREPROCESS_FILE = "preprocess.json"
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
+
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     """The folder holding a run's step folders and its last/best pointers."""
@@ -81,7 +82,7 @@ def parse_step(name: str) -> int | None:
     """N of a `step_<N>` folder name; None for any other name (e.g. a user's `step_old`)."""
     if not name.startswith(STEP_PREFIX):
         return None
-    digits = name[len(STEP_PREFIX):]
+    digits = name[len(STEP_PREFIX) :]
     return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
@@ -89,8 +90,8 @@ def parse_step(name: str) -> int | None:
 # Writing
 # --------------------------------------------------------------------------------------------
 
-def checkpoint_files(cfg: RootConfig, vocabulary_json: str, model_config: VisionTransformerConfig,
-                     preprocess: PreprocessParams) -> dict[str, str]:
+
+def checkpoint_files(cfg: RootConfig, vocabulary_json: str, model_config: VisionTransformerConfig, preprocess: PreprocessParams) -> dict[str, str]:
     """The text files of a checkpoint folder (name -> content): what evaluation and export read back."""
     return {
         CONFIG_FILE: dump_config(cfg),
@@ -108,7 +109,7 @@ class CheckpointPayload:
     step: int
     model_state: dict[str, torch.Tensor]
     training_state: dict[str, Any]
-    files: dict[str, str]                       # text files: name -> content (see checkpoint_files)
+    files: dict[str, str]  # text files: name -> content (see checkpoint_files)
     ema_state: dict[str, torch.Tensor] | None = None
     is_best: bool = False
 
@@ -124,11 +125,11 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def snapshot_state(model_state: Mapping[str, torch.Tensor], training_state: Mapping[str, Any],
-                   ema_state: Mapping[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None]:
+def snapshot_state(
+    model_state: Mapping[str, torch.Tensor], training_state: Mapping[str, Any], ema_state: Mapping[str, torch.Tensor] | None
+) -> tuple[dict, dict, dict | None]:
     """Copy model, training and EMA state to the CPU at a step boundary (for async writes)."""
-    return (_to_cpu(dict(model_state)), _to_cpu(dict(training_state)),
-            _to_cpu(dict(ema_state)) if ema_state is not None else None)
+    return (_to_cpu(dict(model_state)), _to_cpu(dict(training_state)), _to_cpu(dict(ema_state)) if ema_state is not None else None)
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -150,8 +151,7 @@ class CheckpointManager:
     version of the trainer without run ids) is never deleted. None: every folder counts as own.
     """
 
-    def __init__(self, checkpoint_dir: str | Path, keep_last: int = 3,
-                 owns: Callable[[Path], bool] | None = None) -> None:
+    def __init__(self, checkpoint_dir: str | Path, keep_last: int = 3, owns: Callable[[Path], bool] | None = None) -> None:
         """Manage `checkpoint_dir`, keeping the newest `keep_last` own step folders (plus best and last)."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -194,7 +194,7 @@ class CheckpointManager:
         last; returns the deleted folders."""
         keep = {_pointer_target(self.dir / BEST_POINTER), _pointer_target(self.dir / LAST_POINTER)}
         own = [path for _, path in complete_steps(self.dir) if self.owns is None or self.owns(path)]
-        deleted = [path for path in own[:-self.keep_last] if path.name not in keep]
+        deleted = [path for path in own[: -self.keep_last] if path.name not in keep]
         for path in deleted:
             shutil.rmtree(path, ignore_errors=True)
         return deleted
@@ -210,8 +210,7 @@ class AsyncCheckpointWriter:
     folder.
     """
 
-    def __init__(self, manager: CheckpointManager, enabled: bool = True,
-                 on_written: Callable[[Path, float], None] | None = None) -> None:
+    def __init__(self, manager: CheckpointManager, enabled: bool = True, on_written: Callable[[Path, float], None] | None = None) -> None:
         """Write through `manager`; `enabled=False` writes in the calling thread; `on_written(folder, seconds)`."""
         self.manager = manager
         self.enabled = enabled
@@ -257,6 +256,7 @@ class AsyncCheckpointWriter:
 # Finding
 # --------------------------------------------------------------------------------------------
 
+
 def _pointer_target(pointer: Path) -> str | None:
     """The step folder name a last/best pointer file holds (None when absent or empty)."""
     if not pointer.is_file():
@@ -295,8 +295,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file():
         target = _pointer_target(path) or ""
         if parse_step(target) is None:
-            raise FileNotFoundError(f"checkpoint not found: {path} is neither a step folder nor a "
-                                    f"last/best pointer naming one (it holds {target[:40]!r})")
+            raise FileNotFoundError(
+                f"checkpoint not found: {path} is neither a step folder nor a last/best pointer naming one (it holds {target[:40]!r})"
+            )
         path = path.parent / target
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -320,6 +321,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
+
 
 def load_model_state(folder: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint folder (ema=True: the EMA weights)."""
@@ -372,11 +374,11 @@ class CheckpointContents:
     """What a model needs from a checkpoint folder: its shape, tags, preprocessing and weights."""
 
     folder: Path
-    step: int | None                         # None when the folder is not named step_<N>
+    step: int | None  # None when the folder is not named step_<N>
     model_config: VisionTransformerConfig
     vocab: TagVocabulary
     preprocess: PreprocessParams
-    state_dict: dict[str, torch.Tensor]      # the model's (or, with ema=True, the EMA's) weights
+    state_dict: dict[str, torch.Tensor]  # the model's (or, with ema=True, the EMA's) weights
 
 
 def read_checkpoint(path: str | Path, *, ema: bool = False) -> CheckpointContents:

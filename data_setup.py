@@ -91,15 +91,20 @@ class DataBundle:
 def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
     """Preprocessing parameters from the data section (stored in every checkpoint)."""
     d = cfg.data
-    return PreprocessParams(image_size=d.image_size, pad_color=tuple(int(v) for v in d.pad_color),
-                            mean=tuple(float(v) for v in d.mean), std=tuple(float(v) for v in d.std))
+    return PreprocessParams(
+        image_size=d.image_size,
+        pad_color=tuple(int(v) for v in d.pad_color),
+        mean=tuple(float(v) for v in d.mean),
+        std=tuple(float(v) for v in d.std),
+    )
 
 
 def limits_from_config(cfg: RootConfig) -> ScanLimits:
     """The per-sample limits and link policy of the data section."""
     d = cfg.data
-    return ScanLimits(max_tags_per_sample=d.max_tags_per_sample, max_tag_chars=d.max_tag_chars,
-                      max_sidecar_bytes=d.max_sidecar_bytes, symlinks=d.symlinks)
+    return ScanLimits(
+        max_tags_per_sample=d.max_tags_per_sample, max_tag_chars=d.max_tag_chars, max_sidecar_bytes=d.max_sidecar_bytes, symlinks=d.symlinks
+    )
 
 
 def _dataset_folder(cfg: RootConfig) -> Path | None:
@@ -124,11 +129,11 @@ def check_output_locations(cfg: RootConfig) -> None:
     if data is None:
         return
     if is_inside(cfg.run_dir, data):
-        raise ConfigError(f"output_root: the run folder {cfg.run_dir} is inside the dataset folder {data} "
-                          "(data.root); choose an output_root outside it")
+        raise ConfigError(
+            f"output_root: the run folder {cfg.run_dir} is inside the dataset folder {data} (data.root); choose an output_root outside it"
+        )
     if cfg.data.cache_dir and is_inside(cfg.data.cache_dir, data):
-        raise ConfigError(f"data.cache_dir: {cfg.data.cache_dir} is inside the dataset folder {data} "
-                          "(data.root); choose a folder outside it")
+        raise ConfigError(f"data.cache_dir: {cfg.data.cache_dir} is inside the dataset folder {data} (data.root); choose a folder outside it")
 
 
 def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None] | None) -> Path:
@@ -140,8 +145,10 @@ def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None]
             raise FileNotFoundError(f"data.manifest: manifest file not found: {manifest}")
         root = root if cfg.data.root else manifest.parent
         if not root.is_dir():
-            raise FileNotFoundError(f"data.root: dataset folder not found: {root} (the manifest's 'file' paths are "
-                                    "relative to it; set data.root='' to use the manifest's folder)")
+            raise FileNotFoundError(
+                f"data.root: dataset folder not found: {root} (the manifest's 'file' paths are "
+                "relative to it; set data.root='' to use the manifest's folder)"
+            )
         return root
     if not root.exists() and cfg.data.demo_images > 0 and is_main:
         started = time.perf_counter()
@@ -209,37 +216,49 @@ def flip_audit(records: Sequence[SampleRecord], vocab: TagVocabulary, handler: O
     return stats
 
 
-def _datasets(cfg: RootConfig, train: list[SampleRecord] | None, val: list[SampleRecord], vocab: TagVocabulary,
-              preprocess: PreprocessParams, cache: PreparedCache | None = None,
-              known_bad: dict[str, str] | None = None) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
+def _datasets(
+    cfg: RootConfig,
+    train: list[SampleRecord] | None,
+    val: list[SampleRecord],
+    vocab: TagVocabulary,
+    preprocess: PreprocessParams,
+    cache: PreparedCache | None = None,
+    known_bad: dict[str, str] | None = None,
+) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
     """Training dataset (augmented; a failing sample is replaced) and validation dataset (a
     failing sample is skipped and reported, never replaced)."""
     train_ds = None
     if train is not None:
         a = cfg.augment
-        orientation = (OrientationHandler.from_file(resolve_resource(a.orientation_map), a.orientation_safety)
-                       if a.flip_prob > 0 else None)
-        train_ds = SidecarJsonDataset(train, vocab.tag_to_index, preprocess,
-                                      augment=AugmentParams(flip_prob=a.flip_prob, brightness=a.brightness,
-                                                            contrast=a.contrast, saturation=a.saturation),
-                                      orientation=orientation, seed=cfg.training.seed, cache=cache,
-                                      known_bad=known_bad)
-    val_ds = SidecarJsonDataset(val, vocab.tag_to_index, preprocess, augment=None, orientation=None,
-                                seed=cfg.training.seed, cache=cache, substitute=False)
+        orientation = OrientationHandler.from_file(resolve_resource(a.orientation_map), a.orientation_safety) if a.flip_prob > 0 else None
+        train_ds = SidecarJsonDataset(
+            train,
+            vocab.tag_to_index,
+            preprocess,
+            augment=AugmentParams(flip_prob=a.flip_prob, brightness=a.brightness, contrast=a.contrast, saturation=a.saturation),
+            orientation=orientation,
+            seed=cfg.training.seed,
+            cache=cache,
+            known_bad=known_bad,
+        )
+    val_ds = SidecarJsonDataset(
+        val, vocab.tag_to_index, preprocess, augment=None, orientation=None, seed=cfg.training.seed, cache=cache, substitute=False
+    )
     return train_ds, val_ds
 
 
-def _build_cache(cfg: RootConfig, records: list[SampleRecord], root: Path, preprocess: PreprocessParams,
-                 log: Callable[[str], None] | None) -> None:
+def _build_cache(cfg: RootConfig, records: list[SampleRecord], root: Path, preprocess: PreprocessParams, log: Callable[[str], None] | None) -> None:
     """Build or refresh the prepared cache over every scanned record (main process only)."""
     started = time.perf_counter()
-    cache_report = prepare_cache(records, cfg.data.cache_dir, preprocess, num_workers=max(0, cfg.data.num_workers),
-                                 data_root=root)
+    cache_report = prepare_cache(records, cfg.data.cache_dir, preprocess, num_workers=max(0, cfg.data.num_workers), data_root=root)
     if log:
         failed = sum(cache_report.get("failed", {}).values())
-        log(f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
+        log(
+            f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
             f"({cache_report.get('decoded', 0)} images decoded, {cache_report.get('reused', 0)} reused"
-            + (f", {failed} failed to decode: left out" if failed else "") + ")")
+            + (f", {failed} failed to decode: left out" if failed else "")
+            + ")"
+        )
 
 
 def _vocabulary(cfg: RootConfig, train: list[SampleRecord], root: Path) -> tuple[TagVocabulary, dict[str, Any]]:
@@ -251,21 +270,24 @@ def _vocabulary(cfg: RootConfig, train: list[SampleRecord], root: Path) -> tuple
     vocab, build = build_vocabulary(train, min_frequency=d.min_tag_frequency, top_k=top_k, ignore_tags=ignore)
     if d.vocabulary_mode == "extend":
         if not is_released_tagger(cfg.model.init_from):
-            raise ConfigError(f"data.vocabulary_mode=extend: model.init_from={cfg.model.init_from!r} is not a released "
-                              "tagger folder (selected_tags.csv + config.json + model.safetensors)")
+            raise ConfigError(
+                f"data.vocabulary_mode=extend: model.init_from={cfg.model.init_from!r} is not a released "
+                "tagger folder (selected_tags.csv + config.json + model.safetensors)"
+            )
         vocab = extend_vocabulary(read_released_tagger(cfg.model.init_from), vocab)
     if len(vocab) == 0:
         raise DataQualityError(f"no tag reaches data.min_tag_frequency={d.min_tag_frequency} in the training split of {root}")
     return vocab, build.to_dict()
 
 
-def _log_split(log: Callable[[str], None], split: Any, report: dict[str, Any], vocab: TagVocabulary,
-               dropped: int) -> None:
+def _log_split(log: Callable[[str], None], split: Any, report: dict[str, Any], vocab: TagVocabulary, dropped: int) -> None:
     """The console lines after the split: sizes, vocabulary, flip audit."""
     used = report["used"]
     excluded = f", {len(split.excluded)} excluded by the validation cap" if split.excluded else ""
-    log(f"split: {used['train']} train / {used['val']} val{excluded}; vocabulary: {len(vocab)} tags"
-        + (f"; {dropped} samples without a known tag dropped" if dropped else ""))
+    log(
+        f"split: {used['train']} train / {used['val']} val{excluded}; vocabulary: {len(vocab)} tags"
+        + (f"; {dropped} samples without a known tag dropped" if dropped else "")
+    )
     if "flip_audit" in report:
         audit = report["flip_audit"]
         causes = {**audit["vetoed_by_forbid_tag"], **audit["vetoed_by_unmapped_tag"]}
@@ -273,8 +295,9 @@ def _log_split(log: Callable[[str], None], split: Any, report: dict[str, Any], v
         log(f"flips: {audit['vetoed']} of {audit['considered']} training samples never flip" + (f" ({top})" if top else ""))
 
 
-def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: int = 1, resume: bool = False,
-                 log: Callable[[str], None] | None = print) -> DataBundle:
+def prepare_data(
+    cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: int = 1, resume: bool = False, log: Callable[[str], None] | None = print
+) -> DataBundle:
     """Scan, audit, split and build the vocabulary for a training run; write the run's data files.
 
     On resume the split and vocabulary saved in the run folder are reused, so a resumed run sees
@@ -315,8 +338,7 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     if resume and split_path.is_file():
         split = load_split(split_path, scan.records)
     else:
-        split = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
-                              max_val=cfg.data.max_val_samples)
+        split = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed, max_val=cfg.data.max_val_samples)
     build_report: dict[str, Any] | None = None
     if resume and vocab_path.is_file():
         vocab = TagVocabulary.load(vocab_path)
@@ -327,8 +349,10 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
     train, dropped_train = filter_known_tags(split.train, vocab)
     val, dropped_val = filter_known_tags([r for r in split.val if r.sample_id not in known_bad], vocab)
     if not train or not val:
-        raise DataQualityError(f"{root}: {len(train)} training and {len(val)} validation samples after the split; "
-                               "need at least one of each (add data or change data.val_fraction)")
+        raise DataQualityError(
+            f"{root}: {len(train)} training and {len(val)} validation samples after the split; "
+            "need at least one of each (add data or change data.val_fraction)"
+        )
     report = scan.to_report()
     report["split"] = split.to_report()
     report["no_known_tags"] = {"train": dropped_train, "val": dropped_val}
@@ -350,12 +374,17 @@ def prepare_data(cfg: RootConfig, run_dir: Path, *, rank: int = 0, world_size: i
         if log:
             _log_split(log, split, report, vocab, dropped_train + dropped_val)
     train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache, known_bad)
-    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report,
-                      report_path if is_main else None)
+    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report, report_path if is_main else None)
 
 
-def prepare_eval_data(cfg: RootConfig, vocab: TagVocabulary, preprocess: PreprocessParams, *,
-                      data_root: str | Path | None = None, log: Callable[[str], None] | None = print) -> DataBundle:
+def prepare_eval_data(
+    cfg: RootConfig,
+    vocab: TagVocabulary,
+    preprocess: PreprocessParams,
+    *,
+    data_root: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> DataBundle:
     """Validation data for a checkpoint: the run's validation split, or every sample of data_root."""
     if data_root is not None:
         root = Path(data_root)
@@ -366,8 +395,7 @@ def prepare_eval_data(cfg: RootConfig, vocab: TagVocabulary, preprocess: Preproc
     else:
         root = ensure_dataset(cfg, is_main=False, log=None)
         scan = scan_from_config(cfg, root)
-        records = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
-                                max_val=cfg.data.max_val_samples).val
+        records = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed, max_val=cfg.data.max_val_samples).val
     if log:
         log(format_scan_summary(scan))
     val, dropped = filter_known_tags(records, vocab)
@@ -386,8 +414,15 @@ def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world
     workers = cfg.data.num_workers
     if workers < 0:  # "auto" left unresolved (a config not from a training run): a safe small number
         workers = min(2, max(0, (os.cpu_count() or 1) - 1))
-    return build_dataloader(data.val_dataset, shard, batch_size=batch_size, num_workers=workers,
-                            pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), drop_last=False,
-                            prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
-                            multiprocessing_context=cfg.data.worker_start_method or None,
-                            generator_seed=cfg.training.seed)
+    return build_dataloader(
+        data.val_dataset,
+        shard,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+        drop_last=False,
+        prefetch_factor=cfg.data.prefetch_factor,
+        persistent_workers=cfg.data.persistent_workers,
+        multiprocessing_context=cfg.data.worker_start_method or None,
+        generator_seed=cfg.training.seed,
+    )

@@ -24,15 +24,7 @@ module imports it.
 from __future__ import annotations
 
 from augmentation import AugmentParams, apply_color_jitter
-from batching import (
-    FailureTracker,
-    ImagePreFetcher,
-    ResumableSampler,
-    SidecarJsonDataset,
-    build_dataloader,
-    collate_samples,
-    targets_from_indices,
-)
+from batching import FailureTracker, ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, collate_samples, targets_from_indices
 from data_setup import (
     DataBundle,
     build_eval_loader,

@@ -90,6 +90,7 @@ _REFUSED = {
 # The limits when the caller gives none (ScanLimits is frozen, so one shared instance is safe).
 DEFAULT_LIMITS = ScanLimits()
 
+
 class DataQualityError(ValueError):
     """Raised when the share of bad data passes the configured limit."""
 
@@ -193,7 +194,6 @@ class _Collector:
                 self.dropped_examples.append(printable(f"{origin}: {count} {reason}"))
 
 
-
 def _resolve_inside(base_rel: str, value: str) -> str:
     """POSIX path of `value` relative to the root, given the referring file's folder `base_rel`.
 
@@ -286,8 +286,7 @@ def _run_chunk(args: tuple[Any, list[Any], tuple[Any, ...]]) -> list[Any]:
     return [fn(item, *extra) for item in items]
 
 
-def _map_threads(fn: Any, items: Sequence[Any], num_threads: int, *extra: Any,
-                 chunk: int = 256) -> list[Any]:
+def _map_threads(fn: Any, items: Sequence[Any], num_threads: int, *extra: Any, chunk: int = 256) -> list[Any]:
     """fn(item, *extra) for every item, in order, on a thread pool in chunks.
 
     Chunks keep the number of futures small: one future per file would cost ~1 KB each on a
@@ -295,7 +294,7 @@ def _map_threads(fn: Any, items: Sequence[Any], num_threads: int, *extra: Any,
     """
     if num_threads <= 1 or len(items) <= chunk:
         return [fn(item, *extra) for item in items]
-    jobs = [(fn, list(items[i:i + chunk]), extra) for i in range(0, len(items), chunk)]
+    jobs = [(fn, list(items[i : i + chunk]), extra) for i in range(0, len(items), chunk)]
     out: list[Any] = []
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         for part in pool.map(_run_chunk, jobs):
@@ -347,8 +346,17 @@ def _verify_image(path: str, mode: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _finish_scan(candidates: list[_Candidate], collector: _Collector, *, root: str, source: str,
-                 verify: str, num_threads: int, started: float, listed: bool = False) -> DatasetScan:
+def _finish_scan(
+    candidates: list[_Candidate],
+    collector: _Collector,
+    *,
+    root: str,
+    source: str,
+    verify: str,
+    num_threads: int,
+    started: float,
+    listed: bool = False,
+) -> DatasetScan:
     """Verify candidate images on a thread pool and build the DatasetScan.
 
     `listed`: the images came from a directory listing, so verify="none" needs no stat call.
@@ -357,12 +365,10 @@ def _finish_scan(candidates: list[_Candidate], collector: _Collector, *, root: s
         results: list[tuple[str | None, str]] = [(None, "")] * len(candidates)
     else:
         results = _verify_all(candidates, verify, num_threads, collector)
-    return _build_scan(candidates, results, collector, root=root, source=source, verify=verify,
-                       started=started)
+    return _build_scan(candidates, results, collector, root=root, source=source, verify=verify, started=started)
 
 
-def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int,
-                collector: _Collector) -> list[tuple[str | None, str]]:
+def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int, collector: _Collector) -> list[tuple[str | None, str]]:
     """_verify_image over all candidates on a thread pool; decoder warnings go to the report.
 
     catch_warnings swaps the process-wide filters, so warnings from the pool's threads are
@@ -372,15 +378,14 @@ def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int,
         # _verify_image checks the pixel count itself
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         # small chunks: verification is slow per item and should spread over all threads
-        results = _map_threads(_verify_image, [c.image_path for c in candidates], num_threads,
-                               verify, chunk=32)
+        results = _map_threads(_verify_image, [c.image_path for c in candidates], num_threads, verify, chunk=32)
     collector.warnings.add_all(caught)
     return results
 
 
-def _build_scan(candidates: list[_Candidate], results: list[tuple[str | None, str]],
-                collector: _Collector, *, root: str, source: str, verify: str,
-                started: float) -> DatasetScan:
+def _build_scan(
+    candidates: list[_Candidate], results: list[tuple[str | None, str]], collector: _Collector, *, root: str, source: str, verify: str, started: float
+) -> DatasetScan:
     """Records from candidates whose verification passed; the rest counted by reason."""
     records: list[SampleRecord] = []
     unknown_rating = 0
@@ -390,14 +395,21 @@ def _build_scan(candidates: list[_Candidate], results: list[tuple[str | None, st
             continue
         if cand.rating < 0:
             unknown_rating += 1
-        records.append(SampleRecord(cand.sample_id, cand.image_path, cand.tags, cand.categories,
-                                    cand.rating))
-    return DatasetScan(records=records, skipped=dict(collector.counts),
-                       examples={k: list(v) for k, v in collector.examples.items()},
-                       unknown_rating=unknown_rating, root=root, source=source, verify=verify,
-                       seconds=time.perf_counter() - started, max_examples=collector.max_examples,
-                       dropped_tags=dict(collector.dropped_tags),
-                       dropped_tag_examples=list(collector.dropped_examples), decoder_warnings=collector.warnings.to_report())
+        records.append(SampleRecord(cand.sample_id, cand.image_path, cand.tags, cand.categories, cand.rating))
+    return DatasetScan(
+        records=records,
+        skipped=dict(collector.counts),
+        examples={k: list(v) for k, v in collector.examples.items()},
+        unknown_rating=unknown_rating,
+        root=root,
+        source=source,
+        verify=verify,
+        seconds=time.perf_counter() - started,
+        max_examples=collector.max_examples,
+        dropped_tags=dict(collector.dropped_tags),
+        dropped_tag_examples=list(collector.dropped_examples),
+        decoder_warnings=collector.warnings.to_report(),
+    )
 
 
 def _check_verify(verify: str) -> None:
@@ -406,8 +418,9 @@ def _check_verify(verify: str) -> None:
         raise ValueError(f"verify must be 'none', 'header' or 'decode', got {verify!r}")
 
 
-def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int = 8,
-                 max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> DatasetScan:
+def scan_dataset(
+    root: str | Path, *, verify: str = "header", num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS
+) -> DatasetScan:
     """Find every image with a sidecar under `root`, check them, and count what was skipped."""
     started = time.perf_counter()
     _check_verify(verify)
@@ -436,11 +449,12 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
         return f"{rel}/{name}" if rel else name
 
     # refused links and undecodable names are never opened: their reason stands in for the content
-    abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel
-                 if rel_join(rel, n) not in rejected]
+    abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel if rel_join(rel, n) not in rejected]
     readable = iter(_map_threads(_read_sidecar_safe, abs_paths, num_threads, limits.max_sidecar_bytes))
-    parsed = [(rejected[rel_join(rel, n)], _REFUSED[rejected[rel_join(rel, n)]]) if rel_join(rel, n) in rejected else next(readable)
-              for rel, n in sidecar_rel]
+    parsed = [
+        (rejected[rel_join(rel, n)], _REFUSED[rejected[rel_join(rel, n)]]) if rel_join(rel, n) in rejected else next(readable)
+        for rel, n in sidecar_rel
+    ]
 
     def implicit_options(rel: str, name: str) -> list[str]:
         """Images a sidecar names by its own file name: X.ext for X.ext.json, X.* for X.json."""
@@ -544,14 +558,13 @@ def scan_dataset(root: str | Path, *, verify: str = "header", num_threads: int =
         if parsed_tags is None:
             continue
         tags, cats, rating = parsed_tags
-        candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats,
-                                     rating, side))
-    return _finish_scan(candidates, collector, root=root_abs, source="folder", verify=verify,
-                        num_threads=num_threads, started=started, listed=True)
+        candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, side))
+    return _finish_scan(candidates, collector, root=root_abs, source="folder", verify=verify, num_threads=num_threads, started=started, listed=True)
 
 
-def _parse_limited(data: Any, origin: str, limits: ScanLimits, collector: _Collector,
-                   format_reason: str) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+def _parse_limited(
+    data: Any, origin: str, limits: ScanLimits, collector: _Collector, format_reason: str
+) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
     """parse_sidecar under the tag limits; None (counted by reason) when the sample is unusable."""
     tag_filter = TagFilter.from_limits(limits)
     try:
@@ -606,8 +619,15 @@ def _read_sidecar_safe(path: str, max_bytes: int) -> dict[str, Any] | tuple[str,
 # --------------------------------------------------------------------------------------------
 
 
-def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: str = "header",
-                  num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> DatasetScan:
+def load_manifest(
+    path: str | Path,
+    root: str | Path | None = None,
+    *,
+    verify: str = "header",
+    num_threads: int = 8,
+    max_examples: int = 5,
+    limits: ScanLimits = DEFAULT_LIMITS,
+) -> DatasetScan:
     """Records from a JSON Lines manifest of {"file", "tags", "rating"} objects, checked like a scan.
 
     ``file`` is relative to `root` when given, else to the manifest's folder.
@@ -639,8 +659,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: s
                 collector.add("manifest_line_invalid", f"line {lineno}: invalid JSON: {exc}")
                 continue
             if not isinstance(obj, dict):
-                collector.add("manifest_line_invalid",
-                              f"line {lineno}: JSON {type(obj).__name__}, expected an object")
+                collector.add("manifest_line_invalid", f"line {lineno}: JSON {type(obj).__name__}, expected an object")
                 continue
             file_value = obj.get("file", obj.get("filename"))
             if not isinstance(file_value, str) or not file_value.strip():
@@ -666,17 +685,23 @@ def load_manifest(path: str | Path, root: str | Path | None = None, *, verify: s
             if link_reason is not None and os.path.lexists(os.path.join(root_abs, *target.split("/"))):
                 collector.add(link_reason, f"line {lineno}: {target}: a link the data.symlinks policy refuses")
                 continue
-            candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags,
-                                         cats, rating, f"line {lineno}"))
-    return _finish_scan(candidates, collector, root=root_abs, source=f"manifest:{manifest}",
-                        verify=verify, num_threads=num_threads, started=started)
+            candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, f"line {lineno}"))
+    return _finish_scan(candidates, collector, root=root_abs, source=f"manifest:{manifest}", verify=verify, num_threads=num_threads, started=started)
 
 
 class DatasetScanner:
     """Scans a dataset given as a folder of images with sidecars or as a JSON Lines manifest."""
 
-    def __init__(self, source: str | Path, *, root: str | Path | None = None, verify: str = "header",
-                 num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        root: str | Path | None = None,
+        verify: str = "header",
+        num_threads: int = 8,
+        max_examples: int = 5,
+        limits: ScanLimits = DEFAULT_LIMITS,
+    ) -> None:
         """Remember where the data is; `root` only applies to manifests."""
         _check_verify(verify)
         self.source = Path(source)
@@ -689,11 +714,11 @@ class DatasetScanner:
     def scan(self) -> DatasetScan:
         """Run the scan (folder) or manifest load (file) and return the DatasetScan."""
         if self.source.is_dir():
-            return scan_dataset(self.source, verify=self.verify, num_threads=self.num_threads,
-                                max_examples=self.max_examples, limits=self.limits)
+            return scan_dataset(self.source, verify=self.verify, num_threads=self.num_threads, max_examples=self.max_examples, limits=self.limits)
         if self.source.is_file():
-            return load_manifest(self.source, self.root, verify=self.verify, num_threads=self.num_threads,
-                                 max_examples=self.max_examples, limits=self.limits)
+            return load_manifest(
+                self.source, self.root, verify=self.verify, num_threads=self.num_threads, max_examples=self.max_examples, limits=self.limits
+            )
         raise FileNotFoundError(f"dataset source {str(self.source)!r} does not exist")
 
 
@@ -720,7 +745,8 @@ def check_scan_quality(scan: DatasetScan, max_bad_fraction: float, key: str = "d
         raise DataQualityError(
             f"{scan.num_skipped} of {total} samples ({share:.1%}) under {scan.root!r} are unusable, "
             f"more than {key}={max_bad_fraction:g} allows; raise {key} to train on the rest. "
-            f"{format_scan_summary(scan)}")
+            f"{format_scan_summary(scan)}"
+        )
     return share
 
 

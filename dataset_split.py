@@ -35,9 +35,16 @@ class SplitResult:
 
     def to_report(self) -> dict[str, Any]:
         """Counts for the data report."""
-        return {"seed": self.seed, "val_fraction": self.val_fraction, "max_val": self.max_val,
-                "train": len(self.train), "val": len(self.val), "excluded": len(self.excluded),
-                "vanished": len(self.vanished), "added": self.added}
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "max_val": self.max_val,
+            "train": len(self.train),
+            "val": len(self.val),
+            "excluded": len(self.excluded),
+            "vanished": len(self.vanished),
+            "added": self.added,
+        }
 
 
 def _split_hash(seed: int, sample_id: str) -> float:
@@ -45,7 +52,7 @@ def _split_hash(seed: int, sample_id: str) -> float:
     # surrogatepass: a name that is not valid UTF-8 (a surrogate-escaped str) hashes instead of
     # crashing; for every valid name the bytes, so the split, are unchanged
     digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 def _check_split_args(val_fraction: float, max_val: int) -> None:
@@ -56,8 +63,7 @@ def _check_split_args(val_fraction: float, max_val: int) -> None:
         raise ValueError(f"max_val must be >= 0, got {max_val}")
 
 
-def split_records(records: Sequence[SampleRecord], *, val_fraction: float, seed: int,
-                  max_val: int = 0) -> SplitResult:
+def split_records(records: Sequence[SampleRecord], *, val_fraction: float, seed: int, max_val: int = 0) -> SplitResult:
     """Split by a hash of (seed, sample_id); `max_val` > 0 keeps the lowest-hash val samples and
     excludes the rest (they are not moved to training)."""
     _check_split_args(val_fraction, max_val)
@@ -78,19 +84,23 @@ def split_records(records: Sequence[SampleRecord], *, val_fraction: float, seed:
         keep = {id(r) for _, r in ranked[:max_val]}
         excluded = [r for _, r in val if id(r) not in keep]
         val = [(h, r) for h, r in val if id(r) in keep]
-    return SplitResult(train=train, val=[r for _, r in val], excluded=excluded, seed=seed,
-                       val_fraction=val_fraction, max_val=max_val)
+    return SplitResult(train=train, val=[r for _, r in val], excluded=excluded, seed=seed, val_fraction=val_fraction, max_val=max_val)
 
 
 def save_split(path: str | Path, split: SplitResult) -> None:
     """Store the split (seed, fraction, cap and the id lists) as JSON, atomically."""
-    write_data_report(path, {
-        "format_version": 1, "seed": split.seed, "val_fraction": split.val_fraction,
-        "max_val": split.max_val,
-        "train": [r.sample_id for r in split.train],
-        "val": [r.sample_id for r in split.val],
-        "excluded": [r.sample_id for r in split.excluded],
-    })
+    write_data_report(
+        path,
+        {
+            "format_version": 1,
+            "seed": split.seed,
+            "val_fraction": split.val_fraction,
+            "max_val": split.max_val,
+            "train": [r.sample_id for r in split.train],
+            "val": [r.sample_id for r in split.val],
+            "excluded": [r.sample_id for r in split.excluded],
+        },
+    )
 
 
 def load_split(path: str | Path, records: Sequence[SampleRecord]) -> SplitResult:
@@ -131,5 +141,13 @@ def load_split(path: str | Path, records: Sequence[SampleRecord]) -> SplitResult
             lists["excluded" if full else "val"].append(rec)
         else:
             lists["train"].append(rec)
-    return SplitResult(train=lists["train"], val=lists["val"], excluded=lists["excluded"], seed=seed,
-                       val_fraction=fraction, max_val=max_val, vanished=vanished, added=added)
+    return SplitResult(
+        train=lists["train"],
+        val=lists["val"],
+        excluded=lists["excluded"],
+        seed=seed,
+        val_fraction=fraction,
+        max_val=max_val,
+        vanished=vanished,
+        added=added,
+    )

@@ -62,13 +62,7 @@ BACKGROUNDS: tuple[tuple[str, float], ...] = (
     ("checkered_background", 0.015),
 )
 SIMPLE_BACKGROUNDS = frozenset({"white_background", "grey_background", "dark_background"})
-EXTRA_TAG_PROBABILITIES: dict[str, float] = {
-    "outline": 0.15,
-    "text": 0.10,
-    "scanlines": 0.04,
-    "monochrome": 0.03,
-    "border": 0.015,
-}
+EXTRA_TAG_PROBABILITIES: dict[str, float] = {"outline": 0.15, "text": 0.10, "scanlines": 0.04, "monochrome": 0.03, "border": 0.015}
 META_TAGS = frozenset({"text"})  # put under tag_string_meta in per-category gallery-dl sidecars
 RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
 RATING_CODES = ("g", "s", "q", "e")
@@ -187,26 +181,19 @@ def describe_sample(index: int, seed: int = 0, image_size: int = 64) -> SampleSp
     if count == 1:
         column = rng.randrange(3)
         shapes.append(
-            ShapeSpec(
-                rng.choice(SHAPES), rng.choice(tuple(COLOURS)), column,
-                COLUMN_X[column] * size, SINGLE_Y * size, SHAPE_RADIUS_SHARE * size,
-            )
+            ShapeSpec(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), column, COLUMN_X[column] * size, SINGLE_Y * size, SHAPE_RADIUS_SHARE * size)
         )
     else:
         for column, row in rng.choice(_LAYOUTS[count]):
             shapes.append(
                 ShapeSpec(
-                    rng.choice(SHAPES), rng.choice(tuple(COLOURS)), column,
-                    COLUMN_X[column] * size, ROW_Y[row] * size, SHAPE_RADIUS_SHARE * size,
+                    rng.choice(SHAPES), rng.choice(tuple(COLOURS)), column, COLUMN_X[column] * size, ROW_Y[row] * size, SHAPE_RADIUS_SHARE * size
                 )
             )
 
     background = _pick(rng, BACKGROUNDS)
     rating = RATING_NAMES.index(_pick(rng, tuple(zip(RATING_NAMES, RATING_PROBABILITIES))))
-    skin_center = (
-        (0.5 + rng.uniform(-0.06, 0.06)) * size,
-        (0.55 + rng.uniform(-0.06, 0.06)) * size,
-    )
+    skin_center = ((0.5 + rng.uniform(-0.06, 0.06)) * size, (0.55 + rng.uniform(-0.06, 0.06)) * size)
     extras = {tag: rng.random() < probability for tag, probability in EXTRA_TAG_PROBABILITIES.items()}
     format_roll = rng.random()
     if extras["monochrome"]:
@@ -217,16 +204,7 @@ def describe_sample(index: int, seed: int = 0, image_size: int = 64) -> SampleSp
         image_format = "png_rgba"
     else:
         image_format = "png"
-    sidecar_style = _pick(
-        rng,
-        (
-            ("list", 0.65),
-            ("comma_string", 0.10),
-            ("file_field", 0.05),
-            ("tag_string", 0.10),
-            ("per_category", 0.10),
-        ),
-    )
+    sidecar_style = _pick(rng, (("list", 0.65), ("comma_string", 0.10), ("file_field", 0.05), ("tag_string", 0.10), ("per_category", 0.10)))
 
     tags: list[str] = []
     tags.extend(kind for kind in SHAPES if any(shape.kind == kind for shape in shapes))
@@ -276,9 +254,18 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
     if kind == "cross":
         a, t = r, r * 0.4
         return [
-            (cx - t, cy - a), (cx + t, cy - a), (cx + t, cy - t), (cx + a, cy - t),
-            (cx + a, cy + t), (cx + t, cy + t), (cx + t, cy + a), (cx - t, cy + a),
-            (cx - t, cy + t), (cx - a, cy + t), (cx - a, cy - t), (cx - t, cy - t),
+            (cx - t, cy - a),
+            (cx + t, cy - a),
+            (cx + t, cy - t),
+            (cx + a, cy - t),
+            (cx + a, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + a),
+            (cx - t, cy + a),
+            (cx - t, cy + t),
+            (cx - a, cy + t),
+            (cx - a, cy - t),
+            (cx - t, cy - t),
         ]
     raise ValueError(f"unknown polygon shape {kind!r}")
 
@@ -332,8 +319,13 @@ def _draw_text_box(draw: ImageDraw.ImageDraw, big: int, rng: random.Random) -> N
             gy0, gy1 = y0 + 1, y0 + cell_h - 2
             gym = (gy0 + gy1) // 2
             strokes = [
-                (gx0, gy0, gx0, gy1), (gx1, gy0, gx1, gy1), (gx0, gy0, gx1, gy0),
-                (gx0, gym, gx1, gym), (gx0, gy1, gx1, gy1), (gx0, gy1, gx1, gy0), (gx0, gy0, gx1, gy1),
+                (gx0, gy0, gx0, gy1),
+                (gx1, gy0, gx1, gy1),
+                (gx0, gy0, gx1, gy0),
+                (gx0, gym, gx1, gym),
+                (gx0, gy1, gx1, gy1),
+                (gx0, gy1, gx1, gy0),
+                (gx0, gy0, gx1, gy1),
             ]
             # Glyph strokes are chosen asymmetrically on purpose: mirrored text looks wrong.
             for line in rng.sample(strokes, rng.randint(2, 3)):
@@ -454,13 +446,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def marker_text(num_images: int, seed: int, image_size: int) -> str:
     """Contents of the DEMO_COMPLETE marker for these parameters."""
-    return (
-        f"{MARKER_HEADER}\n"
-        f"generator_version={GENERATOR_VERSION}\n"
-        f"num_images={num_images}\n"
-        f"seed={seed}\n"
-        f"image_size={image_size}\n"
-    )
+    return f"{MARKER_HEADER}\ngenerator_version={GENERATOR_VERSION}\nnum_images={num_images}\nseed={seed}\nimage_size={image_size}\n"
 
 
 def read_demo_marker(path: str | Path) -> dict[str, str] | None:
@@ -503,12 +489,7 @@ def _generate_into(folder: Path, num_images: int, seed: int, image_size: int) ->
 
 
 def generate_demo_dataset(
-    out_dir: str | Path,
-    num_images: int = DEFAULT_NUM_IMAGES,
-    seed: int = 0,
-    image_size: int = 64,
-    *,
-    force: bool = False,
+    out_dir: str | Path, num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, image_size: int = 64, *, force: bool = False
 ) -> Path:
     """Write the demo dataset to `out_dir` atomically and return its path.
 
@@ -529,10 +510,7 @@ def generate_demo_dataset(
         params = read_demo_marker(out)
         if params is None:
             if any(out.iterdir()):
-                raise ValueError(
-                    f"refusing to overwrite {out}: it is not empty and not a demo dataset "
-                    f"(no {MARKER_NAME} marker); pick another --out"
-                )
+                raise ValueError(f"refusing to overwrite {out}: it is not empty and not a demo dataset (no {MARKER_NAME} marker); pick another --out")
         elif not force and params == _marker_params(num_images, seed, image_size):
             return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -560,12 +538,7 @@ def generate_demo_dataset(
 
 def _marker_params(num_images: int, seed: int, image_size: int) -> dict[str, str]:
     """Marker key/values as `read_demo_marker` returns them."""
-    return {
-        "generator_version": str(GENERATOR_VERSION),
-        "num_images": str(num_images),
-        "seed": str(seed),
-        "image_size": str(image_size),
-    }
+    return {"generator_version": str(GENERATOR_VERSION), "num_images": str(num_images), "seed": str(seed), "image_size": str(image_size)}
 
 
 def tag_statistics(num_images: int = DEFAULT_NUM_IMAGES, seed: int = 0, image_size: int = 64) -> dict[str, int]:
@@ -588,9 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate even if an identical demo exists")
     args = parser.parse_args(argv)
     try:
-        out = generate_demo_dataset(
-            args.out, num_images=args.images, seed=args.seed, image_size=args.image_size, force=args.force
-        )
+        out = generate_demo_dataset(args.out, num_images=args.images, seed=args.seed, image_size=args.image_size, force=args.force)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -86,13 +86,7 @@ from metric_kernels import (
     threshold_scores,
 )
 
-__all__ = [
-    "DEFAULT_FREQUENCY_BUCKET_EDGES",
-    "MetricComputer",
-    "RatingConfusion",
-    "frequency_bucket_names",
-    "json_safe",
-]
+__all__ = ["DEFAULT_FREQUENCY_BUCKET_EDGES", "MetricComputer", "RatingConfusion", "frequency_bucket_names", "json_safe"]
 
 # Training-frequency buckets: <10, 10-99, 100-999, 1000+ training positives.
 DEFAULT_FREQUENCY_BUCKET_EDGES: tuple[int, ...] = (10, 100, 1000)
@@ -138,9 +132,7 @@ def _per_tag_list(values: Sequence[Any] | None, name: str, num_tags: int) -> lis
     return out
 
 
-def _check_tag_batch(
-    probs: torch.Tensor, targets: torch.Tensor, sample_mask: torch.Tensor | None, num_tags: int
-) -> None:
+def _check_tag_batch(probs: torch.Tensor, targets: torch.Tensor, sample_mask: torch.Tensor | None, num_tags: int) -> None:
     """ValueError unless probs is floating (B, T), targets (B, T) and sample_mask None or (B,)."""
     if probs.dim() != 2 or probs.shape[1] != num_tags:
         raise ValueError(f"probs must have shape (batch, {num_tags}), got {tuple(probs.shape)}")
@@ -169,9 +161,7 @@ def _group_summaries(
     for name in order:
         mask = torch.tensor([label == name for label in labels], dtype=torch.bool)  # (T,)
         if bool(mask.any()):
-            result[name] = summarize_tags(
-                stats.ap[mask], stats.support[mask], tp[mask], predicted[mask], stats.best_f1[mask]
-            )
+            result[name] = summarize_tags(stats.ap[mask], stats.support[mask], tp[mask], predicted[mask], stats.best_f1[mask])
     return result
 
 
@@ -212,14 +202,9 @@ class RatingConfusion:
     def check_batch(self, rating_logits: torch.Tensor, rating_targets: torch.Tensor) -> None:
         """ValueError unless logits are (B, R) and targets integer (B,)."""
         if rating_logits.dim() != 2 or rating_logits.shape[1] != self.num_ratings:
-            raise ValueError(
-                f"rating_logits must have shape (batch, {self.num_ratings}), got {tuple(rating_logits.shape)}"
-            )
+            raise ValueError(f"rating_logits must have shape (batch, {self.num_ratings}), got {tuple(rating_logits.shape)}")
         if rating_targets.shape != rating_logits.shape[:1]:
-            raise ValueError(
-                f"rating_targets shape {tuple(rating_targets.shape)} does not match "
-                f"batch size {rating_logits.shape[0]}"
-            )
+            raise ValueError(f"rating_targets shape {tuple(rating_targets.shape)} does not match batch size {rating_logits.shape[0]}")
         if rating_targets.is_floating_point():
             raise ValueError(f"rating_targets must be integer class ids, got {rating_targets.dtype}")
 
@@ -298,9 +283,7 @@ class ScoreHistograms:
         self.counts.index_add_(0, index.view(-1), ones)
         return num_nan
 
-    def curve_stats(
-        self, chunks: list[tuple[int, int]], ap_method: str, samples_bound: int
-    ) -> tuple[CurveStats, torch.Tensor]:
+    def curve_stats(self, chunks: list[tuple[int, int]], ap_method: str, samples_bound: int) -> tuple[CurveStats, torch.Tensor]:
         """Per-tag curve statistics and pooled (2, K) float64 counts over all tags, both on CPU.
 
         Works one (start, stop) tag range of `chunks` at a time to bound temporary memory;
@@ -469,21 +452,13 @@ class MetricComputer:
         if self._follow_first_update and self._samples_upper_bound == 0:
             self.to(device)
             return
-        raise ValueError(
-            f"MetricComputer state is on {self.device} but the batch is on {device}; "
-            "move the batch or call .to(device) first"
-        )
+        raise ValueError(f"MetricComputer state is on {self.device} but the batch is on {device}; move the batch or call .to(device) first")
 
     def bin_edges(self) -> torch.Tensor:
         """Lower score edge of every bin as a probability, (num_bins,) float64; edge 0 is 0.0."""
         return logit_bin_edges(self.num_bins, self.logit_range)
 
-    def update(
-        self,
-        probs: torch.Tensor,
-        targets: torch.Tensor,
-        sample_mask: torch.Tensor | None = None,
-    ) -> None:
+    def update(self, probs: torch.Tensor, targets: torch.Tensor, sample_mask: torch.Tensor | None = None) -> None:
         """Add a batch: probs (B, T) in [0, 1], targets (B, T) in {0, 1}; mask (B,) drops rows."""
         _check_tag_batch(probs, targets, sample_mask, self.num_tags)
         batch = probs.shape[0]
@@ -536,9 +511,7 @@ class MetricComputer:
     def _curve_stats(self) -> tuple[CurveStats, torch.Tensor]:
         """Per-tag curve statistics and pooled (2, K) counts (ScoreHistograms.curve_stats), cached."""
         if self._stats_cache is None:
-            self._stats_cache = self._scores.curve_stats(
-                self._tag_chunks(), self.ap_method, self._samples_upper_bound
-            )
+            self._stats_cache = self._scores.curve_stats(self._tag_chunks(), self.ap_method, self._samples_upper_bound)
         return self._stats_cache
 
     def compute(self) -> dict[str, Any]:

@@ -95,13 +95,13 @@ def _counts_at(computer: MetricComputer, edges: torch.Tensor, tag: int, threshol
 class Calibration:
     """Per-tag logit shifts in output order and what they were fitted from."""
 
-    shifts: torch.Tensor                     # (T,) float32, added to the tag logits
-    targets: dict[str, float]                # consumer threshold per block
-    prior: float                             # the n / (n + prior) blending strength
-    block_thresholds: dict[str, float]       # raw-probability F1-optimal threshold per block
+    shifts: torch.Tensor  # (T,) float32, added to the tag logits
+    targets: dict[str, float]  # consumer threshold per block
+    prior: float  # the n / (n + prior) blending strength
+    block_thresholds: dict[str, float]  # raw-probability F1-optimal threshold per block
     block_shifts: dict[str, float]
-    tag_thresholds: torch.Tensor             # (T,) raw F1-optimal threshold per tag (nan: no positive)
-    support: torch.Tensor                    # (T,) validation positives per tag
+    tag_thresholds: torch.Tensor  # (T,) raw F1-optimal threshold per tag (nan: no positive)
+    support: torch.Tensor  # (T,) validation positives per tag
 
     def summary(self) -> dict[str, Any]:
         """Plain-type description for the export report and the model card."""
@@ -120,9 +120,14 @@ class Calibration:
         }
 
 
-def fit_calibration(computer: MetricComputer, plan: OutputPlan, *,
-                    general_target: float = DEFAULT_GENERAL_THRESHOLD,
-                    character_target: float = DEFAULT_CHARACTER_THRESHOLD, prior: float = 10.0) -> Calibration:
+def fit_calibration(
+    computer: MetricComputer,
+    plan: OutputPlan,
+    *,
+    general_target: float = DEFAULT_GENERAL_THRESHOLD,
+    character_target: float = DEFAULT_CHARACTER_THRESHOLD,
+    prior: float = 10.0,
+) -> Calibration:
     """Fit the per-tag logit shifts from a MetricComputer of the raw model over the vocabulary's columns."""
     for name, value in (("general_target", general_target), ("character_target", character_target)):
         if not 0.0 < value < 1.0:
@@ -157,8 +162,7 @@ def fit_calibration(computer: MetricComputer, plan: OutputPlan, *,
                 shifts[i] = weight * own + (1.0 - weight) * block_shift
             else:
                 shifts[i] = block_shift
-    return Calibration(shifts.float(), targets, float(prior), block_thresholds, block_shifts,
-                       thresholds.float(), support.long())
+    return Calibration(shifts.float(), targets, float(prior), block_thresholds, block_shifts, thresholds.float(), support.long())
 
 
 class ExportMetrics:
@@ -172,8 +176,7 @@ class ExportMetrics:
         self.masks = masks
         cut = torch.where(masks["general"], targets["general"], targets["character"])  # (T,)
         self.cut = cut.to(device=device, dtype=torch.float32)
-        self.computer = MetricComputer(len(plan.columns), threshold=0.5, device=device,
-                                       tag_names=plan.labels.names[len(RATING_NAMES):])
+        self.computer = MetricComputer(len(plan.columns), threshold=0.5, device=device, tag_names=plan.labels.names[len(RATING_NAMES) :])
         self.tp = torch.zeros(len(plan.columns), dtype=torch.int64, device=device)
         self.pred = torch.zeros(len(plan.columns), dtype=torch.int64, device=device)
 
@@ -181,7 +184,7 @@ class ExportMetrics:
         """Add a batch: probs (B, 4 + T), multi-hot targets over the vocabulary (B, V), ratings (B,) with -1 unknown."""
         columns = torch.tensor(self.plan.columns, dtype=torch.long, device=vocab_targets.device)
         targets = vocab_targets.index_select(1, columns)  # (B, T) in output order
-        tags = probs[:, len(RATING_NAMES):].float()  # (B, T)
+        tags = probs[:, len(RATING_NAMES) :].float()  # (B, T)
         self.computer.update(tags, targets)
         # Ratings: argmax of the softmax = argmax of the logits; log() keeps the order.
         self.computer.update_rating(probs[:, : len(RATING_NAMES)].float().clamp_min(1e-30).log(), ratings)

@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROJECT_DIR", "atomic_write_bytes", "atomic_write_text", "load_json_file", "replace_with_retry",
-           "resolve_resource"]
+__all__ = ["PROJECT_DIR", "atomic_write_bytes", "atomic_write_text", "load_json_file", "replace_with_retry", "resolve_resource"]
 
 PROJECT_DIR = Path(__file__).resolve().parent
 

@@ -23,19 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = [
-    "IMAGE_ERRORS",
-    "classify_failure",
-    "PreprocessParams",
-    "load_letterboxed",
-    "load_image",
-    "normalize_images",
-]
+__all__ = ["IMAGE_ERRORS", "classify_failure", "PreprocessParams", "load_letterboxed", "load_image", "normalize_images"]
 
 # Errors that mean "this image file cannot be used"; Pillow raises several non-OSError types on
 # corrupt data (SyntaxError from the PNG parser, struct.error on short headers, zlib.error).
 IMAGE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    IndexError,
     Image.DecompressionBombError,
 )
 
@@ -49,8 +48,7 @@ def classify_failure(exc: BaseException) -> str:
     return "image_undecodable"
 
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-             "bilinear": Image.Resampling.BILINEAR}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,13 @@ class PreprocessParams:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/checkpoint-safe dict."""
-        return {"image_size": self.image_size, "pad_color": list(self.pad_color),
-                "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+        return {
+            "image_size": self.image_size,
+            "pad_color": list(self.pad_color),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resample": self.resample,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessParams":
@@ -160,10 +163,10 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
     pad = np.asarray(params.pad_color, dtype=np.uint8)
     # fill only the letterbox bands; the content overwrites the rest
     canvas[:y0] = pad
-    canvas[y0 + new_h:] = pad
-    canvas[y0:y0 + new_h, :x0] = pad
-    canvas[y0:y0 + new_h, x0 + new_w:] = pad
-    canvas[y0:y0 + new_h, x0:x0 + new_w] = content
+    canvas[y0 + new_h :] = pad
+    canvas[y0 : y0 + new_h, :x0] = pad
+    canvas[y0 : y0 + new_h, x0 + new_w :] = pad
+    canvas[y0 : y0 + new_h, x0 : x0 + new_w] = content
     return canvas, (x0, y0, x0 + new_w, y0 + new_h)
 
 
@@ -172,9 +175,15 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
 # ~850 MB per worker on its way to a 448 px array.
 HUGE_IMAGE_PIXELS = 16_000_000
 _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK"})
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _orientation(img: Image.Image) -> int:
@@ -223,8 +232,7 @@ def load_image(path: str | Path, params: PreprocessParams) -> np.ndarray:
     return load_letterboxed(path, params)[0]
 
 
-def normalize_images(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_images(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B,3,H,W) uint8 (or float in [0, 255]) -> float (x/255 - mean)/std, on the tensor's device.
 
     Computed as x * (1 / (255 std)) - mean / std with per-channel tensors: two passes instead of

@@ -23,14 +23,7 @@ from typing import Any
 
 from model_architecture import SimplifiedTagger, param_groups_for_weight_decay
 
-__all__ = [
-    "EMBEDDING_NAMES",
-    "FINAL_NORM_NAME",
-    "HEAD_NAMES",
-    "layer_id",
-    "layer_assignment",
-    "param_groups_layer_decay",
-]
+__all__ = ["EMBEDDING_NAMES", "FINAL_NORM_NAME", "HEAD_NAMES", "layer_id", "layer_assignment", "param_groups_layer_decay"]
 
 # Top-level names of SimplifiedTagger's parameters before the blocks (layer 0), of the final norm
 # (layer L, timm's MATCH_PREV_GROUP) and of the heads (layer L + 1).
@@ -56,10 +49,7 @@ def layer_id(name: str, depth: int) -> int:
         return depth
     if top in HEAD_NAMES:
         return depth + 1
-    raise ValueError(
-        f"parameter {name!r} has no layer-decay layer; expected one of "
-        f"{EMBEDDING_NAMES + ('blocks', FINAL_NORM_NAME) + HEAD_NAMES}"
-    )
+    raise ValueError(f"parameter {name!r} has no layer-decay layer; expected one of {EMBEDDING_NAMES + ('blocks', FINAL_NORM_NAME) + HEAD_NAMES}")
 
 
 def layer_assignment(model: SimplifiedTagger, layer_decay: float) -> dict[str, tuple[int, bool, float]]:
@@ -78,9 +68,7 @@ def layer_assignment(model: SimplifiedTagger, layer_decay: float) -> dict[str, t
     return out
 
 
-def param_groups_layer_decay(
-    model: SimplifiedTagger, weight_decay: float, layer_decay: float, base_lr: float | None = None
-) -> list[dict[str, Any]]:
+def param_groups_layer_decay(model: SimplifiedTagger, weight_decay: float, layer_decay: float, base_lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups per (layer, decay or not): params, weight_decay, lr_scale, layer and, with base_lr, lr.
 
     Groups run from the heads (layer L + 1, scale 1) down to the embeddings, decay group first, so
@@ -93,13 +81,7 @@ def param_groups_layer_decay(
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, (layer, decays, scale) in layer_assignment(model, layer_decay).items():
         group = groups.setdefault(
-            (layer, decays),
-            {
-                "params": [],
-                "weight_decay": float(weight_decay) if decays else 0.0,
-                "lr_scale": scale,
-                "layer": layer,
-            },
+            (layer, decays), {"params": [], "weight_decay": float(weight_decay) if decays else 0.0, "lr_scale": scale, "layer": layer}
         )
         group["params"].append(params[name])
     ordered = [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]

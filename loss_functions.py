@@ -119,10 +119,7 @@ class AsymmetricFocalLoss(nn.Module):
 
 
 def tag_weights_from_frequencies(
-    freqs: Union[Sequence[float], torch.Tensor],
-    num_samples: int,
-    scheme: str = "none",
-    beta: float = 0.999,
+    freqs: Union[Sequence[float], torch.Tensor], num_samples: int, scheme: str = "none", beta: float = 0.999
 ) -> torch.Tensor:
     """Per-tag loss weights (T,) with mean 1 from positive counts per tag over num_samples training images.
 
@@ -157,13 +154,7 @@ def tag_weights_from_frequencies(
 class MultiTaskLoss(nn.Module):
     """Weighted sum of a tag loss and a rating cross-entropy that ignores unknown ratings (-1)."""
 
-    def __init__(
-        self,
-        tag_loss: nn.Module,
-        tag_weight: float = 1.0,
-        rating_weight: float = 1.0,
-        rating_label_smoothing: float = 0.0,
-    ) -> None:
+    def __init__(self, tag_loss: nn.Module, tag_weight: float = 1.0, rating_weight: float = 1.0, rating_label_smoothing: float = 0.0) -> None:
         """Wrap tag_loss (logits, targets) -> scalar and set the task weights and rating label smoothing."""
         super().__init__()
         if not (0.0 <= rating_label_smoothing < 1.0):
@@ -183,19 +174,12 @@ class MultiTaskLoss(nn.Module):
         """
         if rating_logits.ndim != 2 or rating_targets.shape not in (rating_logits.shape[:1], rating_logits.shape):
             raise ValueError(
-                f"rating logits {tuple(rating_logits.shape)} and targets {tuple(rating_targets.shape)} "
-                "must be (B, R) and (B,) or (B, R)"
+                f"rating logits {tuple(rating_logits.shape)} and targets {tuple(rating_targets.shape)} must be (B, R) and (B,) or (B, R)"
             )
         if rating_targets.ndim == 2:
             return self._soft_rating_loss(rating_logits, rating_targets)
         targets = rating_targets.long()
-        summed = F.cross_entropy(
-            rating_logits.float(),
-            targets,
-            ignore_index=-1,
-            reduction="sum",
-            label_smoothing=self.rating_label_smoothing,
-        )
+        summed = F.cross_entropy(rating_logits.float(), targets, ignore_index=-1, reduction="sum", label_smoothing=self.rating_label_smoothing)
         # Dividing by max(known, 1) as a tensor avoids both 0/0 = NaN and a host sync (.item()).
         known = (targets != -1).sum().clamp(min=1).to(summed.dtype)
         return summed / known
@@ -212,10 +196,7 @@ class MultiTaskLoss(nn.Module):
         return (per_row * known).sum() / known.sum().clamp(min=1.0)
 
     def forward(
-        self,
-        outputs: Mapping[str, torch.Tensor],
-        tag_targets: torch.Tensor,
-        rating_targets: torch.Tensor,
+        self, outputs: Mapping[str, torch.Tensor], tag_targets: torch.Tensor, rating_targets: torch.Tensor
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Model outputs + targets (B, T) float and ratings (B,) long or soft (B, R) -> (total, {"tags", "rating"})."""
         tags = self.tag_loss(outputs["tag_logits"], tag_targets)

@@ -52,24 +52,35 @@ import torch
 
 from Configuration_System import RootConfig
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
-from micro_batching import (
-    MicroBatchPlan,
-    agree_across_ranks,
-    injected_oom_limit,
-    make_step_probe,
-    micro_batch_candidates,
-    plan_micro_batches,
-)
+from micro_batching import MicroBatchPlan, agree_across_ranks, injected_oom_limit, make_step_probe, micro_batch_candidates, plan_micro_batches
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from training_utils import GuardedOptimizerStep, TrainStep, autocast_context, resolve_precision
 
-__all__ = ["DEFAULT_WORKER_CAP", "MICRO_BATCH_KEY", "MemoryEstimate", "PeakRss", "StepMemoryProfile", "StepShape",
-           "cgroup_memory", "check_cpu_memory", "choose_micro_batches", "cpu_memory_message", "default_num_workers",
-           "describe_plan", "estimate_training_memory", "local_process_count", "memory_budget", "memory_message",
-           "profile_step_memory", "resolve_num_workers", "saved_plan", "usable_cpu_count"]
+__all__ = [
+    "DEFAULT_WORKER_CAP",
+    "MICRO_BATCH_KEY",
+    "MemoryEstimate",
+    "PeakRss",
+    "StepMemoryProfile",
+    "StepShape",
+    "cgroup_memory",
+    "check_cpu_memory",
+    "choose_micro_batches",
+    "cpu_memory_message",
+    "default_num_workers",
+    "describe_plan",
+    "estimate_training_memory",
+    "local_process_count",
+    "memory_budget",
+    "memory_message",
+    "profile_step_memory",
+    "resolve_num_workers",
+    "saved_plan",
+    "usable_cpu_count",
+]
 
-DEFAULT_WORKER_CAP = 8          # more workers rarely help one training process and each costs memory
-SAFETY_FRACTION = 0.10          # share of physical memory kept free (page cache, other programs, error)
+DEFAULT_WORKER_CAP = 8  # more workers rarely help one training process and each costs memory
+SAFETY_FRACTION = 0.10  # share of physical memory kept free (page cache, other programs, error)
 PROBE_TIMEOUT_S = 600
 GRAD_CHECKPOINT_KEY = "model.grad_checkpoint_every"
 BATCH_KEY = "data.batch_size"
@@ -78,6 +89,7 @@ BATCH_KEY = "data.batch_size"
 # --------------------------------------------------------------------------------------------
 # DataLoader workers
 # --------------------------------------------------------------------------------------------
+
 
 def usable_cpu_count() -> int:
     """CPUs this process may run on: the count DataLoader checks num_workers against."""
@@ -94,8 +106,7 @@ def local_process_count(environ: dict[str, str] | None = None) -> int:
     return int(value)
 
 
-def default_num_workers(cpus: int | None = None, local_processes: int | None = None,
-                        cap: int = DEFAULT_WORKER_CAP) -> int:
+def default_num_workers(cpus: int | None = None, local_processes: int | None = None, cap: int = DEFAULT_WORKER_CAP) -> int:
     """Workers per training process: its share of the CPUs minus one for itself, at most `cap`.
 
     Never above the CPU count, so DataLoader does not warn; 0 (load in the main process) when a
@@ -110,6 +121,7 @@ def default_num_workers(cpus: int | None = None, local_processes: int | None = N
 # --------------------------------------------------------------------------------------------
 # Measuring a step in a child process
 # --------------------------------------------------------------------------------------------
+
 
 def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
@@ -201,11 +213,13 @@ def _warm_up(model_cfg: VisionTransformerConfig, depth: int, precision: str) -> 
     model = SimplifiedTagger(replace(model_cfg, depth=depth, tag_bias_init=None)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
-    step = TrainStep(model, model, MultiTaskLoss(AsymmetricFocalLoss()),
-                     GuardedOptimizerStep(optimizer, device, precision, grad_clip=1.0), scheduler, None, device)
+    step = TrainStep(
+        model, model, MultiTaskLoss(AsymmetricFocalLoss()), GuardedOptimizerStep(optimizer, device, precision, grad_clip=1.0), scheduler, None, device
+    )
     size = model_cfg.image_size
-    step.forward_backward(torch.randn(1, 3, size, size), (torch.rand(1, model_cfg.num_tags) < 0.05).float(),
-                          torch.randint(0, model_cfg.num_ratings, (1,)), window=1)
+    step.forward_backward(
+        torch.randn(1, 3, size, size), (torch.rand(1, model_cfg.num_tags) < 0.05).float(), torch.randint(0, model_cfg.num_ratings, (1,)), window=1
+    )
     step.optimizer_step(0)
 
 
@@ -228,8 +242,17 @@ def _probe_child(spec_json: str) -> int:
         peaks.append(peak)
         counts.append(count)
     gc.collect()
-    print(json.dumps({"interpreter_bytes": interpreter, "runtime_bytes": _rss_bytes() - interpreter, "peaks": peaks,
-                      "parameters": counts, "seconds": time.perf_counter() - t0}))
+    print(
+        json.dumps(
+            {
+                "interpreter_bytes": interpreter,
+                "runtime_bytes": _rss_bytes() - interpreter,
+                "peaks": peaks,
+                "parameters": counts,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
     return 0
 
 
@@ -238,14 +261,14 @@ class StepMemoryProfile:
     """What the child measured, extrapolated to the full network: per image and fixed."""
 
     depth: int
-    parameters: int                 # of the full network
-    activation_per_image: int       # bytes a forward+backward keeps per image (activations, transients)
-    step_fixed_bytes: int           # a pass's cost that does not grow with the batch (e.g. weight-gradient buffers)
-    runtime_bytes: int              # what running the model adds to a process for good (code, threads, caches)
-    interpreter_bytes: int          # a fresh interpreter with torch and the model code imported
-    points: tuple[tuple[int, int], ...]   # (depth, batch) of each measured pass
-    peaks: tuple[int, ...]          # their peak bytes
-    seconds: float                  # wall time of the whole measurement, child start-up included
+    parameters: int  # of the full network
+    activation_per_image: int  # bytes a forward+backward keeps per image (activations, transients)
+    step_fixed_bytes: int  # a pass's cost that does not grow with the batch (e.g. weight-gradient buffers)
+    runtime_bytes: int  # what running the model adds to a process for good (code, threads, caches)
+    interpreter_bytes: int  # a fresh interpreter with torch and the model code imported
+    points: tuple[tuple[int, int], ...]  # (depth, batch) of each measured pass
+    peaks: tuple[int, ...]  # their peak bytes
+    seconds: float  # wall time of the whole measurement, child start-up included
 
 
 def _probe_points(model_cfg: VisionTransformerConfig) -> list[tuple[int, int]]:
@@ -263,8 +286,7 @@ def _probe_points(model_cfg: VisionTransformerConfig) -> list[tuple[int, int]]:
     return [(first, 1), (first, 2), (first + period, 2)]
 
 
-def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp32",
-                        timeout_s: float = PROBE_TIMEOUT_S) -> StepMemoryProfile:
+def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp32", timeout_s: float = PROBE_TIMEOUT_S) -> StepMemoryProfile:
     """Measure a training step's memory per image for this network in a child process.
 
     Peak(depth, batch) = fixed + batch * (stem + depth * block): two batch sizes separate the
@@ -276,8 +298,14 @@ def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp
     spec = {"model": {**model_cfg.to_dict(), "tag_bias_init": None}, "points": points, "precision": precision}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout_s, env=env, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        encoding="utf-8",
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -285,55 +313,67 @@ def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     peaks, counts = out["peaks"], out["parameters"]
     (d1, _), depth_full = points[0], model_cfg.depth
-    per_image = peaks[1] - peaks[0]                       # one more image at depth d1
+    per_image = peaks[1] - peaks[0]  # one more image at depth d1
     per_block_image, per_block_params = 0.0, 0.0
     if len(points) == 3:
         d2 = points[2][0]
         per_block_image = (peaks[2] - peaks[1]) / (2 * (d2 - d1))
         per_block_params = (counts[2] - counts[0]) / (d2 - d1)
     return StepMemoryProfile(
-        depth=depth_full, parameters=round(counts[0] + per_block_params * (depth_full - d1)),
+        depth=depth_full,
+        parameters=round(counts[0] + per_block_params * (depth_full - d1)),
         activation_per_image=math.ceil(per_image + per_block_image * (depth_full - d1)),
-        step_fixed_bytes=max(0, peaks[0] - per_image), runtime_bytes=max(0, out["runtime_bytes"]),
-        interpreter_bytes=out["interpreter_bytes"], points=tuple(tuple(p) for p in points), peaks=tuple(peaks),
-        seconds=seconds)
+        step_fixed_bytes=max(0, peaks[0] - per_image),
+        runtime_bytes=max(0, out["runtime_bytes"]),
+        interpreter_bytes=out["interpreter_bytes"],
+        points=tuple(tuple(p) for p in points),
+        peaks=tuple(peaks),
+        seconds=seconds,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The whole run's memory
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class StepShape:
     """What a run's memory depends on besides the network (from the config)."""
 
     batch_size: int
-    micro_batch: int | None = None   # images per forward/backward pass (None: the whole batch)
-    precision: str = "fp32"          # resolved: fp32 or bf16 on a CPU
+    micro_batch: int | None = None  # images per forward/backward pass (None: the whole batch)
+    precision: str = "fp32"  # resolved: fp32 or bf16 on a CPU
     num_workers: int = 0
     prefetch_factor: int = 2
-    ema: bool = False                # training.ema_decay > 0
-    async_checkpoint: bool = True    # checkpoint.async_write: a CPU copy of the state lives during training
-    model_built: bool = False        # the weights already count in this process's resident memory
+    ema: bool = False  # training.ema_decay > 0
+    async_checkpoint: bool = True  # checkpoint.async_write: a CPU copy of the state lives during training
+    model_built: bool = False  # the weights already count in this process's resident memory
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     """A run's memory: this process as it is now plus what training adds, per image and fixed."""
 
-    resident_now: int        # this process's RSS at the check
-    state_bytes: int         # weights (if not built yet), gradients, AdamW moments, EMA, checkpoint copy
-    fixed_bytes: int         # the step's batch-independent part and the runtime's one-time growth
-    per_image_step: int      # activations per image of a micro-batch
-    per_image_batch: int     # the loaded batch per image: uint8 and normalised float32 copies, targets
-    worker_bytes: int        # all workers' interpreters
-    per_image_workers: int   # batches the workers hold ready, per image of a batch
+    resident_now: int  # this process's RSS at the check
+    state_bytes: int  # weights (if not built yet), gradients, AdamW moments, EMA, checkpoint copy
+    fixed_bytes: int  # the step's batch-independent part and the runtime's one-time growth
+    per_image_step: int  # activations per image of a micro-batch
+    per_image_batch: int  # the loaded batch per image: uint8 and normalised float32 copies, targets
+    worker_bytes: int  # all workers' interpreters
+    per_image_workers: int  # batches the workers hold ready, per image of a batch
 
     def needed(self, batch_size: int, micro_batch: int | None = None) -> int:
         """Bytes the run needs at its peak, all processes together."""
         micro = batch_size if micro_batch is None else micro_batch
-        return (self.resident_now + self.state_bytes + self.fixed_bytes + self.worker_bytes
-                + batch_size * (self.per_image_batch + self.per_image_workers) + micro * self.per_image_step)
+        return (
+            self.resident_now
+            + self.state_bytes
+            + self.fixed_bytes
+            + self.worker_bytes
+            + batch_size * (self.per_image_batch + self.per_image_workers)
+            + micro * self.per_image_step
+        )
 
     def largest_batch(self, budget: int) -> int:
         """The largest batch that fits in `budget` bytes unsplit (0 when not even one image)."""
@@ -346,24 +386,28 @@ class MemoryEstimate:
         return next((m for m in micro_batch_candidates(batch_size) if self.needed(batch_size, m) <= budget), 0)
 
 
-def estimate_training_memory(profile: StepMemoryProfile, shape: StepShape, image_size: int, num_tags: int,
-                             resident_now: int | None = None) -> MemoryEstimate:
+def estimate_training_memory(
+    profile: StepMemoryProfile, shape: StepShape, image_size: int, num_tags: int, resident_now: int | None = None
+) -> MemoryEstimate:
     """Combine the measured step with what training allocates around it."""
-    weights = 4 * profile.parameters                       # float32 weights
-    state = weights * (1 + 2)                              # gradients + AdamW exp_avg and exp_avg_sq
+    weights = 4 * profile.parameters  # float32 weights
+    state = weights * (1 + 2)  # gradients + AdamW exp_avg and exp_avg_sq
     if not shape.model_built:
         state += weights
     if shape.ema:
-        state += weights                                   # the float32 shadow
+        state += weights  # the float32 shadow
     if shape.async_checkpoint:
-        state += weights * (3 + (1 if shape.ema else 0))   # CPU copies of weights, moments (and EMA) being written
+        state += weights * (3 + (1 if shape.ema else 0))  # CPU copies of weights, moments (and EMA) being written
     pixels = 3 * image_size * image_size
     return MemoryEstimate(
-        resident_now=_rss_bytes() if resident_now is None else resident_now, state_bytes=state,
-        fixed_bytes=profile.step_fixed_bytes + profile.runtime_bytes, per_image_step=profile.activation_per_image,
-        per_image_batch=pixels * (1 + 4) + num_tags * 4,   # uint8 batch, float32 images, float32 targets
+        resident_now=_rss_bytes() if resident_now is None else resident_now,
+        state_bytes=state,
+        fixed_bytes=profile.step_fixed_bytes + profile.runtime_bytes,
+        per_image_step=profile.activation_per_image,
+        per_image_batch=pixels * (1 + 4) + num_tags * 4,  # uint8 batch, float32 images, float32 targets
         worker_bytes=shape.num_workers * profile.interpreter_bytes,
-        per_image_workers=shape.num_workers * shape.prefetch_factor * pixels)
+        per_image_workers=shape.num_workers * shape.prefetch_factor * pixels,
+    )
 
 
 def _read_int(path: Path) -> int | None:
@@ -416,8 +460,7 @@ def cgroup_memory(root: Path = Path("/")) -> tuple[int, int] | None:
     return min(limit for limit, _ in found), min(available for _, available in found)
 
 
-def memory_budget(safety_fraction: float = SAFETY_FRACTION, resident_now: int | None = None,
-                  local_processes: int = 1) -> int:
+def memory_budget(safety_fraction: float = SAFETY_FRACTION, resident_now: int | None = None, local_processes: int = 1) -> int:
     """Bytes this process may use: its share of the memory available now (shared with the other
     training processes of this machine) plus what it already holds, less a margin of
     `safety_fraction` of the memory there is (physical, or a smaller cgroup limit)."""
@@ -434,15 +477,18 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def memory_message(estimate: MemoryEstimate, batch_size: int, budget: int, *, grad_checkpointing: bool,
-                   micro_batch_key: str | None, micro_batch: int | None = None) -> str | None:
+def memory_message(
+    estimate: MemoryEstimate, batch_size: int, budget: int, *, grad_checkpointing: bool, micro_batch_key: str | None, micro_batch: int | None = None
+) -> str | None:
     """None when the run fits in `budget` (batches split into `micro_batch` images, None: unsplit),
     else one line naming data.batch_size and what fits."""
     need = estimate.needed(batch_size, micro_batch)
     if need <= budget:
         return None
-    head = (f"{BATCH_KEY}={batch_size} needs about {_gb(need)} of memory on this machine "
-            f"({_gb(estimate.per_image_step)} of activations per image) but {_gb(budget)} can be used")
+    head = (
+        f"{BATCH_KEY}={batch_size} needs about {_gb(need)} of memory on this machine "
+        f"({_gb(estimate.per_image_step)} of activations per image) but {_gb(budget)} can be used"
+    )
     options = []
     largest = min(estimate.largest_batch(budget), batch_size - 1)
     if largest >= 1:
@@ -457,9 +503,15 @@ def memory_message(estimate: MemoryEstimate, batch_size: int, budget: int, *, gr
     return f"{head}: " + ", or ".join(options)
 
 
-def check_cpu_memory(model_cfg: VisionTransformerConfig, shape: StepShape, *,
-                     micro_batch_key: str | None = None, safety_fraction: float = SAFETY_FRACTION,
-                     local_processes: int = 1, profile: StepMemoryProfile | None = None) -> str | None:
+def check_cpu_memory(
+    model_cfg: VisionTransformerConfig,
+    shape: StepShape,
+    *,
+    micro_batch_key: str | None = None,
+    safety_fraction: float = SAFETY_FRACTION,
+    local_processes: int = 1,
+    profile: StepMemoryProfile | None = None,
+) -> str | None:
     """None when a CPU run of this network and batch fits in memory, else one line saying what fits.
 
     Call it before the model is built (or say model_built=True); it takes seconds (a child process
@@ -471,8 +523,14 @@ def check_cpu_memory(model_cfg: VisionTransformerConfig, shape: StepShape, *,
     resident = _rss_bytes()
     estimate = estimate_training_memory(profile, shape, model_cfg.image_size, model_cfg.num_tags, resident)
     budget = memory_budget(safety_fraction, resident, local_processes)
-    return memory_message(estimate, shape.batch_size, budget, grad_checkpointing=model_cfg.grad_checkpoint_every > 0,
-                          micro_batch_key=micro_batch_key, micro_batch=shape.micro_batch)
+    return memory_message(
+        estimate,
+        shape.batch_size,
+        budget,
+        grad_checkpointing=model_cfg.grad_checkpoint_every > 0,
+        micro_batch_key=micro_batch_key,
+        micro_batch=shape.micro_batch,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,8 +549,10 @@ def resolve_num_workers(cfg: RootConfig) -> str:
         return f"data.num_workers={cfg.data.num_workers}"
     cfg.data.num_workers = default_num_workers()
     local = local_process_count()
-    return (f"data.num_workers={cfg.data.num_workers} (auto: {usable_cpu_count()} usable cores, "
-            f"{local} training process{'es' if local != 1 else ''} on this machine)")
+    return (
+        f"data.num_workers={cfg.data.num_workers} (auto: {usable_cpu_count()} usable cores, "
+        f"{local} training process{'es' if local != 1 else ''} on this machine)"
+    )
 
 
 def saved_plan(resume_state: Mapping[str, Any] | None) -> MicroBatchPlan | None:
@@ -502,23 +562,26 @@ def saved_plan(resume_state: Mapping[str, Any] | None) -> MicroBatchPlan | None:
     return MicroBatchPlan.from_dict(resume_state["micro_batches"])
 
 
-def cpu_memory_message(cfg: RootConfig, device: torch.device, model_cfg: VisionTransformerConfig,
-                       saved: MicroBatchPlan | None) -> str | None:
+def cpu_memory_message(cfg: RootConfig, device: torch.device, model_cfg: VisionTransformerConfig, saved: MicroBatchPlan | None) -> str | None:
     """On the CPU (training.memory_check), one line naming data.batch_size when the run cannot fit
     in memory (the OS would kill it without a message); None when it fits. Takes seconds."""
     if device.type != "cpu" or not cfg.training.memory_check:
         return None
     mb = cfg.training.micro_batch_size
     micro = mb if mb > 0 else (saved.micro_batch if mb == 0 and saved is not None else None)
-    shape = StepShape(batch_size=cfg.data.batch_size, micro_batch=micro,
-                      precision=resolve_precision(cfg.training.precision, device), num_workers=cfg.data.num_workers,
-                      prefetch_factor=cfg.data.prefetch_factor, ema=cfg.training.ema_decay > 0,
-                      async_checkpoint=cfg.checkpoint.async_write)
+    shape = StepShape(
+        batch_size=cfg.data.batch_size,
+        micro_batch=micro,
+        precision=resolve_precision(cfg.training.precision, device),
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        ema=cfg.training.ema_decay > 0,
+        async_checkpoint=cfg.checkpoint.async_write,
+    )
     return check_cpu_memory(model_cfg, shape, micro_batch_key=MICRO_BATCH_KEY, local_processes=local_process_count())
 
 
-def choose_micro_batches(cfg: RootConfig, device: torch.device, step_fn: TrainStep,
-                         saved: MicroBatchPlan | None) -> tuple[MicroBatchPlan, str]:
+def choose_micro_batches(cfg: RootConfig, device: torch.device, step_fn: TrainStep, saved: MicroBatchPlan | None) -> tuple[MicroBatchPlan, str]:
     """The split of each batch (training.micro_batch_size) and how it was chosen.
 
     Auto (0): on CUDA the largest equal split whose real step fits, probed before the first step,
@@ -536,11 +599,18 @@ def choose_micro_batches(cfg: RootConfig, device: torch.device, step_fn: TrainSt
     model = step_fn.raw_model
     free, _ = torch.cuda.mem_get_info(device)
     n_params = sum(p.numel() for p in step_fn.params)
-    probe = make_step_probe(model, step_fn.loss_fn, step_fn.amp, num_tags=model.cfg.num_tags,
-                            num_ratings=model.cfg.num_ratings, image_size=cfg.data.image_size, device=device,
-                            reserve_bytes=8 * n_params,  # AdamW's two float32 moments, allocated at the first update
-                            memory_limit_bytes=int(CUDA_PROBE_FRACTION * (free + torch.cuda.memory_reserved(device))),
-                            fault_limit=injected_oom_limit())
+    probe = make_step_probe(
+        model,
+        step_fn.loss_fn,
+        step_fn.amp,
+        num_tags=model.cfg.num_tags,
+        num_ratings=model.cfg.num_ratings,
+        image_size=cfg.data.image_size,
+        device=device,
+        reserve_bytes=8 * n_params,  # AdamW's two float32 moments, allocated at the first update
+        memory_limit_bytes=int(CUDA_PROBE_FRACTION * (free + torch.cuda.memory_reserved(device))),
+        fault_limit=injected_oom_limit(),
+    )
     cap = batch if start is None else start.micro_batch
 
     def try_step(micro_batch: int) -> None:

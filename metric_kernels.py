@@ -71,9 +71,7 @@ def logit_bin_edges(num_bins: int, logit_range: float) -> torch.Tensor:
     return edges
 
 
-def logit_bin_positions(
-    probs: torch.Tensor, num_bins: int, logit_range: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_bin_positions(probs: torch.Tensor, num_bins: int, logit_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fractional bin position of every score in [0, K - 1] and the number of NaN scores.
 
     `probs` (B, T) float32 probabilities; returns (positions (B, T) float32, count 0-d int64).
@@ -105,9 +103,7 @@ class CurveStats(NamedTuple):
     best_bin: torch.Tensor  # int64 bin whose lower edge gives best_f1 (lowest on ties), -1 if none
 
 
-def histogram_curve_stats(
-    pos: torch.Tensor, neg: torch.Tensor, ap_method: str = "step"
-) -> CurveStats:
+def histogram_curve_stats(pos: torch.Tensor, neg: torch.Tensor, ap_method: str = "step") -> CurveStats:
     """AP, support and the F1-optimal bin per tag from integer histograms pos, neg (T, K).
 
     AP is the mean over positives of the precision at their rank. "step" treats each bin as one
@@ -124,10 +120,7 @@ def histogram_curve_stats(
     if ap_method not in AP_METHODS:
         raise ValueError(f"ap_method must be 'step' or 'interpolated', got {ap_method!r}")
     if pos.dim() != 2 or pos.shape != neg.shape:
-        raise ValueError(
-            f"pos and neg must be (tags, bins) histograms of one shape, got {tuple(pos.shape)} "
-            f"and {tuple(neg.shape)}"
-        )
+        raise ValueError(f"pos and neg must be (tags, bins) histograms of one shape, got {tuple(pos.shape)} and {tuple(neg.shape)}")
     rows, bins = pos.shape
     both = neg + pos  # (T, K) all samples per bin
     cum_pos = pos.cumsum(1, dtype=pos.dtype)  # (T, K) inclusive prefix sums over ascending bins
@@ -171,9 +164,7 @@ def _step_ap_terms(p: torch.Tensor, tp: torch.Tensor, pp: torch.Tensor) -> torch
     return p * tp / pp
 
 
-def _interpolated_ap_terms(
-    p: torch.Tensor, a: torch.Tensor, tp: torch.Tensor, pp: torch.Tensor
-) -> torch.Tensor:
+def _interpolated_ap_terms(p: torch.Tensor, a: torch.Tensor, tp: torch.Tensor, pp: torch.Tensor) -> torch.Tensor:
     """Sum of precisions of a bin's positives if its p positives and a - p negatives interleave evenly; (n,).
 
     The j-th positive then has (tp - p) + j true and (pp - a - tp + p) + n (j - 1/2) / p false
@@ -190,24 +181,12 @@ def _interpolated_ap_terms(
 # ------------------------------------------------------------------ counts at one threshold
 
 
-def threshold_scores(
-    tp: torch.Tensor, predicted: torch.Tensor, support: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def threshold_scores(tp: torch.Tensor, predicted: torch.Tensor, support: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-tag precision TP/PP, recall TP/P and F1 2TP/(PP + P) from counts (T,); float64, NaN for 0/0."""
-    return {
-        "precision": nan_div(tp, predicted),
-        "recall": nan_div(tp, support),
-        "f1": nan_div(2 * tp, predicted + support),
-    }
+    return {"precision": nan_div(tp, predicted), "recall": nan_div(tp, support), "f1": nan_div(2 * tp, predicted + support)}
 
 
-def summarize_tags(
-    ap: torch.Tensor,
-    support: torch.Tensor,
-    tp: torch.Tensor,
-    predicted: torch.Tensor,
-    best_f1: torch.Tensor,
-) -> dict[str, float]:
+def summarize_tags(ap: torch.Tensor, support: torch.Tensor, tp: torch.Tensor, predicted: torch.Tensor, best_f1: torch.Tensor) -> dict[str, float]:
     """mAP, macro/micro F1, micro precision/recall and mean best F1 over a group of tags (all (T,), CPU).
 
     mAP and the mean best F1 average over tags with a positive; macro F1 over tags where F1 is
@@ -226,9 +205,7 @@ def summarize_tags(
         "f1_micro": to_float(nan_div(2 * total_tp, total_pred + total_pos)),
         "precision_micro": to_float(nan_div(total_tp, total_pred)),
         "recall_micro": to_float(nan_div(total_tp, total_pos)),
-        "f1_macro_best_thresholds": (
-            to_float(best_f1[has_pos].mean()) if bool(has_pos.any()) else nan
-        ),
+        "f1_macro_best_thresholds": (to_float(best_f1[has_pos].mean()) if bool(has_pos.any()) else nan),
         "num_tags": int(support.numel()),
         "num_tags_with_positives": int(has_pos.sum()),
         "num_tags_f1_defined": int(defined.sum()),
@@ -238,9 +215,7 @@ def summarize_tags(
 # ------------------------------------------------------------------ thresholds
 
 
-def precision_equals_recall(
-    pos: torch.Tensor, neg: torch.Tensor
-) -> tuple[int, float, float] | None:
+def precision_equals_recall(pos: torch.Tensor, neg: torch.Tensor) -> tuple[int, float, float] | None:
     """(bin, precision, recall) where pooled precision equals recall, from counts pos, neg (K,); None if no positive.
 
     Precision TP/PP and recall TP/P are equal exactly when PP = P, so the bin whose lower edge
@@ -259,9 +234,7 @@ def precision_equals_recall(
 def counts_from_bin(pos: torch.Tensor, neg: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tag (TP, predicted positives), both (T,) int64, when bins k.. of histograms pos, neg (T, K) are predicted."""
     if pos.dim() != 2 or pos.shape != neg.shape:
-        raise ValueError(
-            f"pos and neg must be (tags, bins) of one shape, got {tuple(pos.shape)} and {tuple(neg.shape)}"
-        )
+        raise ValueError(f"pos and neg must be (tags, bins) of one shape, got {tuple(pos.shape)} and {tuple(neg.shape)}")
     if not 0 <= k < pos.shape[1]:
         raise ValueError(f"bin {k} outside [0, {pos.shape[1]})")
     tp = pos[:, k:].sum(1, dtype=torch.int64)  # (T,)
@@ -297,9 +270,7 @@ def highest_occupied_bin_below(occupied: torch.Tensor, limit: torch.Tensor) -> t
     return torch.where(below, ks[None, :], -1).amax(dim=1)
 
 
-def midpoint_thresholds(
-    best_bin: torch.Tensor, highest_below: torch.Tensor, logit_range: float, num_bins: int
-) -> torch.Tensor:
+def midpoint_thresholds(best_bin: torch.Tensor, highest_below: torch.Tensor, logit_range: float, num_bins: int) -> torch.Tensor:
     """Probability threshold per tag in the middle (in logit space) of the gap below its best bin; (T,) float64.
 
     Every threshold between the top of the highest non-empty bin below `best_bin` (index

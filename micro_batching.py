@@ -33,9 +33,19 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as tdist
 
-__all__ = ["OOM_FAULT_ENV", "InjectedOutOfMemoryError", "MicroBatchPlan", "MicroBatchPlanError",
-           "agree_across_ranks", "forward_backward_split", "injected_oom_limit", "is_out_of_memory",
-           "make_step_probe", "micro_batch_candidates", "plan_micro_batches"]
+__all__ = [
+    "OOM_FAULT_ENV",
+    "InjectedOutOfMemoryError",
+    "MicroBatchPlan",
+    "MicroBatchPlanError",
+    "agree_across_ranks",
+    "forward_backward_split",
+    "injected_oom_limit",
+    "is_out_of_memory",
+    "make_step_probe",
+    "micro_batch_candidates",
+    "plan_micro_batches",
+]
 
 # Deliberately long and test-specific, so that no one sets it by accident.
 OOM_FAULT_ENV = "OPPAI_TEST_INJECT_OOM_ABOVE_MICRO_BATCH"
@@ -72,8 +82,7 @@ def injected_oom_limit(environ: Mapping[str, str] | None = None) -> int | None:
 
 def _check_fault(micro_batch: int, fault_limit: int | None) -> None:
     if fault_limit is not None and micro_batch > fault_limit:
-        raise InjectedOutOfMemoryError(f"CUDA out of memory (injected by {OOM_FAULT_ENV}={fault_limit}: "
-                                       f"micro-batch {micro_batch} > {fault_limit})")
+        raise InjectedOutOfMemoryError(f"CUDA out of memory (injected by {OOM_FAULT_ENV}={fault_limit}: micro-batch {micro_batch} > {fault_limit})")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -87,15 +96,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
 # The split forward/backward
 # --------------------------------------------------------------------------------------------
 
+
 def _is_ddp(model: torch.nn.Module) -> bool:
     inner = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     return isinstance(inner, torch.nn.parallel.DistributedDataParallel)
 
 
-def forward_backward_split(model: torch.nn.Module, loss_fn: torch.nn.Module, amp: LossScaler,
-                           images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, *,
-                           micro_batch: int, window: int = 1, sync: bool = True,
-                           fault_limit: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def forward_backward_split(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    amp: LossScaler,
+    images: torch.Tensor,
+    tag_targets: torch.Tensor,
+    ratings: torch.Tensor,
+    *,
+    micro_batch: int,
+    window: int = 1,
+    sync: bool = True,
+    fault_limit: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of one batch (B images) as B / micro_batch micro-batches.
 
     images (B, 3, H, W), tag_targets (B, T), ratings (B,) with -1 = unknown. Gradients accumulate
@@ -141,6 +160,7 @@ def forward_backward_split(model: torch.nn.Module, loss_fn: torch.nn.Module, amp
 # --------------------------------------------------------------------------------------------
 # Planning the split
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MicroBatchPlan:
@@ -196,8 +216,7 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def plan_micro_batches(batch_size: int, try_step: Callable[[int], None], *,
-                       log: Callable[[str], None] | None = None) -> MicroBatchPlan:
+def plan_micro_batches(batch_size: int, try_step: Callable[[int], None], *, log: Callable[[str], None] | None = None) -> MicroBatchPlan:
     """The largest equal split of `batch_size` whose step fits; `try_step(m)` runs one step at
     micro-batch m and raises an out-of-memory error when it does not fit."""
     failures: list[str] = []
@@ -206,14 +225,17 @@ def plan_micro_batches(batch_size: int, try_step: Callable[[int], None], *,
         if failure is None:
             plan = MicroBatchPlan(batch_size, m)
             if log is not None and failures:
-                log(f"micro-batches: a batch of {batch_size} does not fit in memory at once; "
-                    f"training it as {plan.accumulation} micro-batches of {m} (same gradient)")
+                log(
+                    f"micro-batches: a batch of {batch_size} does not fit in memory at once; "
+                    f"training it as {plan.accumulation} micro-batches of {m} (same gradient)"
+                )
             return plan
         failures.append(f"{m}: {failure}")
         _free_device_memory()
     raise MicroBatchPlanError(
         f"data.batch_size={batch_size}: not even a micro-batch of 1 image fits in memory ({failures[-1]}); "
-        "use a smaller model (model.preset) or image size (data.image_size), or set model.grad_checkpoint_every=1")
+        "use a smaller model (model.preset) or image size (data.image_size), or set model.grad_checkpoint_every=1"
+    )
 
 
 def agree_across_ranks(plan: MicroBatchPlan, device: torch.device) -> MicroBatchPlan:
@@ -225,9 +247,19 @@ def agree_across_ranks(plan: MicroBatchPlan, device: torch.device) -> MicroBatch
     return MicroBatchPlan(plan.batch_size, int(value.item()))  # a divisor of the same batch on every rank
 
 
-def make_step_probe(model: torch.nn.Module, loss_fn: torch.nn.Module, amp: LossScaler, *, num_tags: int,
-                    num_ratings: int, image_size: int, device: torch.device, reserve_bytes: int = 0,
-                    memory_limit_bytes: int | None = None, fault_limit: int | None = None) -> Callable[[int], None]:
+def make_step_probe(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    amp: LossScaler,
+    *,
+    num_tags: int,
+    num_ratings: int,
+    image_size: int,
+    device: torch.device,
+    reserve_bytes: int = 0,
+    memory_limit_bytes: int | None = None,
+    fault_limit: int | None = None,
+) -> Callable[[int], None]:
     """A `try_step` for plan_micro_batches: one forward+backward of random images at micro-batch m.
 
     Pass the raw model (not DDP: no collective in a probe). Gradients are allocated before the pass
@@ -260,7 +292,8 @@ def make_step_probe(model: torch.nn.Module, loss_fn: torch.nn.Module, amp: LossS
                     if memory_limit_bytes is not None and peak > memory_limit_bytes:
                         raise torch.cuda.OutOfMemoryError(
                             f"out of memory headroom: micro-batch {micro_batch} reserved {peak / 2**30:.2f} GiB, "
-                            f"over the {memory_limit_bytes / 2**30:.2f} GiB limit")
+                            f"over the {memory_limit_bytes / 2**30:.2f} GiB limit"
+                        )
             finally:
                 for p in params:
                     p.grad = None

@@ -105,24 +105,13 @@ def _one_hot_ratings(ratings: torch.Tensor, num_ratings: int) -> tuple[torch.Ten
     return one_hot, known
 
 
-def mix_batch(
-    images: torch.Tensor,
-    tag_targets: torch.Tensor,
-    ratings: torch.Tensor,
-    params: MixParams,
-    generator: torch.Generator,
-) -> MixedBatch:
+def mix_batch(images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, params: MixParams, generator: torch.Generator) -> MixedBatch:
     """Mix a batch (images (B,3,H,W) float, tags (B,T) float, ratings (B,) long) with MixUp or CutMix.
 
     Draws from `generator` (CPU) in a fixed order: apply, switch, Beta seed, box centre, permutation.
     A batch left unmixed (prob, alphas) comes back with lam 1, mode "none" and the inputs unchanged.
     """
-    if (
-        images.dim() != 4
-        or tag_targets.dim() != 2
-        or ratings.shape != images.shape[:1]
-        or tag_targets.shape[:1] != images.shape[:1]
-    ):
+    if images.dim() != 4 or tag_targets.dim() != 2 or ratings.shape != images.shape[:1] or tag_targets.shape[:1] != images.shape[:1]:
         raise ValueError(
             f"expected images (B,3,H,W), tag targets (B,T), ratings (B,); got {tuple(images.shape)}, "
             f"{tuple(tag_targets.shape)}, {tuple(ratings.shape)}"
@@ -134,10 +123,7 @@ def mix_batch(
     batch, height, width = images.shape[0], images.shape[2], images.shape[3]
     apply_u, switch_u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
     beta_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    cy, cx = (
-        int(torch.randint(0, height, (1,), generator=generator)),
-        int(torch.randint(0, width, (1,), generator=generator)),
-    )
+    cy, cx = (int(torch.randint(0, height, (1,), generator=generator)), int(torch.randint(0, width, (1,), generator=generator)))
     perm = torch.randperm(batch, generator=generator).to(images.device)  # (B,)
     one_hot, known = _one_hot_ratings(ratings, params.num_ratings)  # (B, R), (B,)
 
@@ -163,9 +149,7 @@ def mix_batch(
     return MixedBatch(mixed, tags, soft, mask, lam, "cutmix" if use_cutmix else "mixup", perm, box)
 
 
-def soft_rating_cross_entropy(
-    logits: torch.Tensor, soft_targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
+def soft_rating_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of logits (B, R) against soft targets (B, R) over rows where mask (B,); 0 if none.
 
     With one-hot targets it equals F.cross_entropy(..., ignore_index=-1, label_smoothing=s) averaged
@@ -174,8 +158,7 @@ def soft_rating_cross_entropy(
     """
     if logits.dim() != 2 or soft_targets.shape != logits.shape or mask.shape != logits.shape[:1]:
         raise ValueError(
-            f"expected logits (B, R), soft targets (B, R), mask (B,); got {tuple(logits.shape)}, "
-            f"{tuple(soft_targets.shape)}, {tuple(mask.shape)}"
+            f"expected logits (B, R), soft targets (B, R), mask (B,); got {tuple(logits.shape)}, {tuple(soft_targets.shape)}, {tuple(mask.shape)}"
         )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")

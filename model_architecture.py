@@ -37,12 +37,7 @@ __all__ = [
 ]
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes (timm / DeiT naming).
-PRESETS: Dict[str, Tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
+PRESETS: Dict[str, Tuple[int, int, int]] = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 # Probabilities are clamped to this range before the logit so that a tag seen in every image (or
 # never) gets a large but finite bias (about +-13.8) instead of +-inf.
@@ -89,40 +84,22 @@ class VisionTransformerConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VisionTransformerConfig.{name} must be a positive int, got {value!r}")
         if self.image_size % self.patch_size != 0:
-            raise ValueError(
-                f"VisionTransformerConfig.image_size={self.image_size} is not divisible by "
-                f"patch_size={self.patch_size}"
-            )
+            raise ValueError(f"VisionTransformerConfig.image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads != 0:
-            raise ValueError(
-                f"VisionTransformerConfig.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"VisionTransformerConfig.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
             raise ValueError(f"VisionTransformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if not (0.0 <= float(self.drop_path_rate) < 1.0):
             raise ValueError(f"VisionTransformerConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
-        if self.layer_scale_init is not None and not (
-            isinstance(self.layer_scale_init, (int, float)) and self.layer_scale_init > 0
-        ):
-            raise ValueError(
-                f"VisionTransformerConfig.layer_scale_init must be None or > 0, got {self.layer_scale_init!r}"
-            )
+        if self.layer_scale_init is not None and not (isinstance(self.layer_scale_init, (int, float)) and self.layer_scale_init > 0):
+            raise ValueError(f"VisionTransformerConfig.layer_scale_init must be None or > 0, got {self.layer_scale_init!r}")
         if self.pooling not in ("cls", "avg"):
             raise ValueError(f"VisionTransformerConfig.pooling must be 'cls' or 'avg', got {self.pooling!r}")
-        if (
-            isinstance(self.grad_checkpoint_every, bool)
-            or not isinstance(self.grad_checkpoint_every, int)
-            or self.grad_checkpoint_every < 0
-        ):
-            raise ValueError(
-                f"VisionTransformerConfig.grad_checkpoint_every must be an int >= 0, got {self.grad_checkpoint_every!r}"
-            )
+        if isinstance(self.grad_checkpoint_every, bool) or not isinstance(self.grad_checkpoint_every, int) or self.grad_checkpoint_every < 0:
+            raise ValueError(f"VisionTransformerConfig.grad_checkpoint_every must be an int >= 0, got {self.grad_checkpoint_every!r}")
         if self.tag_bias_init is not None:
             if len(self.tag_bias_init) != self.num_tags:
-                raise ValueError(
-                    f"VisionTransformerConfig.tag_bias_init has {len(self.tag_bias_init)} values, "
-                    f"expected num_tags={self.num_tags}"
-                )
+                raise ValueError(f"VisionTransformerConfig.tag_bias_init has {len(self.tag_bias_init)} values, expected num_tags={self.num_tags}")
             bad = [v for v in self.tag_bias_init if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
             if bad:
                 raise ValueError(
@@ -307,10 +284,7 @@ class PatchEmbed(nn.Module):
 
 
 def resample_pos_embed(
-    pos_embed: torch.Tensor,
-    new_grid: Tuple[int, int],
-    old_grid: Tuple[int, int],
-    num_prefix_tokens: int = NUM_PREFIX_TOKENS,
+    pos_embed: torch.Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int], num_prefix_tokens: int = NUM_PREFIX_TOKENS
 ) -> torch.Tensor:
     """Bicubically resample the grid part of pos_embed (1, P + Ho*Wo, C) to (1, P + Hn*Wn, C), prefix kept."""
     if tuple(new_grid) == tuple(old_grid):
@@ -344,12 +318,7 @@ class SimplifiedTagger(nn.Module):
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                dim,
-                cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                drop_path=rates[i],
-                layer_scale_init=cfg.layer_scale_init,
+                dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path=rates[i], layer_scale_init=cfg.layer_scale_init
             )
             for i in range(cfg.depth)
         )
@@ -460,10 +429,7 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> List
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
-        {"params": decay, "weight_decay": float(weight_decay)},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -537,7 +503,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             stripped = False
             for prefix in _STRIP_PREFIXES:
                 if name.startswith(prefix):
-                    name = name[len(prefix):]
+                    name = name[len(prefix) :]
                     stripped = True
         state[name] = value
     return state
@@ -549,9 +515,7 @@ def _square_grid(num_tokens: int) -> Optional[int]:
     return side if side * side == num_tokens and side > 0 else None
 
 
-def _convert_pos_embed(
-    theirs: torch.Tensor, ours_shape: Tuple[int, ...], our_grid: Tuple[int, int], notes: List[str]
-) -> Optional[torch.Tensor]:
+def _convert_pos_embed(theirs: torch.Tensor, ours_shape: Tuple[int, ...], our_grid: Tuple[int, int], notes: List[str]) -> Optional[torch.Tensor]:
     """Map timm's pos_embed (1, [1+]M, C) onto our (1, 1 + N, C) grid; None when it cannot be mapped."""
     if theirs.ndim == 2:
         theirs = theirs.unsqueeze(0)

@@ -15,15 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "ReportedBest",
-    "StarvationWatch",
-    "StepRate",
-    "format_duration",
-    "metric_label",
-    "progress_line",
-    "validation_line",
-]
+__all__ = ["ReportedBest", "StarvationWatch", "StepRate", "format_duration", "metric_label", "progress_line", "validation_line"]
 
 # Seconds of wall time over which the step rate is smoothed for the ETA.
 _ETA_TIME_CONSTANT_S = 30.0
@@ -155,13 +147,7 @@ class ReportedBest:
 
 
 def progress_line(
-    step: int,
-    epoch: int,
-    total_steps: int,
-    scalars: Mapping[str, float],
-    perf: Mapping[str, float],
-    lr: float,
-    eta: float | None,
+    step: int, epoch: int, total_steps: int, scalars: Mapping[str, float], perf: Mapping[str, float], lr: float, eta: float | None
 ) -> str:
     """'ep 1 step 120/2000 loss 12.345 lr 3.0e-04 412 img/s wait 3% ETA 4m12s' (+ GPU memory)."""
     parts = [f"ep {epoch}", f"step {step}/{total_steps}" if total_steps > 0 else f"step {step}"]

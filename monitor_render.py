@@ -32,10 +32,7 @@ def _as_hist(name: str, hist: object) -> np.ndarray:
 
 
 def pr_curve_from_histograms(
-    pos_hist: object,
-    neg_hist: object,
-    bin_edges: object | None = None,
-    num_thresholds: int | None = None,
+    pos_hist: object, neg_hist: object, bin_edges: object | None = None, num_thresholds: int | None = None
 ) -> dict[str, np.ndarray]:
     """Cumulative PR-curve counts at evenly spaced thresholds from score histograms of positives/negatives.
 
@@ -170,9 +167,7 @@ def render_image_grid(
     caption_h = max(len(lines) for lines in wrapped) * line_h + 2 * pad
     tile_h = h + caption_h
 
-    canvas = Image.new(
-        "RGB", (cols * tile_w + (cols - 1) * gap, rows * tile_h + (rows - 1) * gap), (20, 20, 20)
-    )
+    canvas = Image.new("RGB", (cols * tile_w + (cols - 1) * gap, rows * tile_h + (rows - 1) * gap), (20, 20, 20))
     draw = ImageDraw.Draw(canvas)
     for k in range(n):
         x0 = (k % cols) * (tile_w + gap)

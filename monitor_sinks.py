@@ -35,16 +35,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from file_io import replace_with_retry
 from monitor_progress import ReportedBest, StepRate, progress_line, validation_line
 
-__all__ = [
-    "ConsoleSink",
-    "JsonlSink",
-    "RunSinks",
-    "TensorBoardSink",
-    "WandbSink",
-    "as_real",
-    "plain_json",
-    "truncate_metrics_jsonl",
-]
+__all__ = ["ConsoleSink", "JsonlSink", "RunSinks", "TensorBoardSink", "WandbSink", "as_real", "plain_json", "truncate_metrics_jsonl"]
 
 CountError = Callable[[str], None]
 
@@ -96,10 +87,7 @@ def truncate_metrics_jsonl(path: Path, resume_step: int) -> tuple[int, int]:
     replaced = False
     try:
         # Stream line by line: a multi-day run's log can be hundreds of MB.
-        with (
-            path.open("r", encoding="utf-8", errors="replace") as src,
-            tmp.open("w", encoding="utf-8", newline="\n") as dst,
-        ):
+        with path.open("r", encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8", newline="\n") as dst:
             for line in src:
                 text = line.strip()
                 if not text:
@@ -130,15 +118,7 @@ def truncate_metrics_jsonl(path: Path, resume_step: int) -> tuple[int, int]:
 class ConsoleSink:
     """Console lines: progress at most every `interval_s` (plus the last step), validations, events."""
 
-    def __init__(
-        self,
-        stream: IO[str] | None,
-        *,
-        total_steps: int,
-        interval_s: float,
-        clock: Callable[[], float],
-        count_error: CountError,
-    ) -> None:
+    def __init__(self, stream: IO[str] | None, *, total_steps: int, interval_s: float, clock: Callable[[], float], count_error: CountError) -> None:
         """`stream` None means sys.stdout at write time; `clock` is monotonic seconds (rate limit, ETA)."""
         self._stream = stream
         self.total_steps = int(total_steps)
@@ -166,9 +146,7 @@ class ConsoleSink:
             except (OSError, ValueError):
                 self._count_error("console")
 
-    def progress(
-        self, step: int, epoch: int, scalars: Mapping[str, float], perf: Mapping[str, float], lr: float
-    ) -> None:
+    def progress(self, step: int, epoch: int, scalars: Mapping[str, float], perf: Mapping[str, float], lr: float) -> None:
         """Update the step rate; print a progress line when the interval has passed or at the last step."""
         now = self._clock()
         self.rate.update(step, now)
@@ -304,12 +282,7 @@ class WandbSink:
 
     @classmethod
     def open(
-        cls,
-        cfg: Mapping[str, Any],
-        run_dir: Path,
-        resume_step: int | None,
-        say: Callable[[str], None],
-        count_error: CountError,
+        cls, cfg: Mapping[str, Any], run_dir: Path, resume_step: int | None, say: Callable[[str], None], count_error: CountError
     ) -> WandbSink | None:
         """Start a run from wandb.init keyword arguments `cfg` unless cfg['enabled'] is false or wandb is missing."""
         kwargs = dict(cfg)
@@ -365,12 +338,7 @@ class WandbSink:
 class RunSinks:
     """The run's recording sinks as one: scalars go to TensorBoard and W&B, records to metrics.jsonl."""
 
-    def __init__(
-        self,
-        jsonl: JsonlSink | None = None,
-        tensorboard: TensorBoardSink | None = None,
-        wandb: WandbSink | None = None,
-    ) -> None:
+    def __init__(self, jsonl: JsonlSink | None = None, tensorboard: TensorBoardSink | None = None, wandb: WandbSink | None = None) -> None:
         """Group the given sinks; a missing one is skipped (all missing: a disabled monitor)."""
         self.jsonl = jsonl
         self.tensorboard = tensorboard

@@ -39,16 +39,7 @@ FORMAT_VERSION = 1
 SAFETY_MODES = ("conservative", "permissive")
 DEFAULT_MAP_PATH = Path(__file__).resolve().parent / "configs" / "orientation_map.json"
 _ALLOWED_KEYS = frozenset(
-    {
-        "format_version",
-        "description",
-        "$comment",
-        "explicit_pairs",
-        "token_rule",
-        "symmetric_tags",
-        "orientation_patterns",
-        "forbid_flip",
-    }
+    {"format_version", "description", "$comment", "explicit_pairs", "token_rule", "symmetric_tags", "orientation_patterns", "forbid_flip"}
 )
 _TOKEN_SPLIT = re.compile(r"([a-z0-9]+)")
 
@@ -111,18 +102,14 @@ class OrientationHandler:
             left, right = _validate_pair(entry, "token_rule.token_pairs", source)
             for token in (left, right):
                 if not re.fullmatch(r"[a-z0-9]+", token):
-                    raise ValueError(
-                        f"{source}: token_rule.token_pairs: token {token!r} must be letters/digits only"
-                    )
+                    raise ValueError(f"{source}: token_rule.token_pairs: token {token!r} must be letters/digits only")
                 if token in self.token_map:
                     raise ValueError(f"{source}: token_rule.token_pairs: token {token!r} appears twice")
             self.token_map[left] = right
             self.token_map[right] = left
 
         self.forbid: frozenset[str] = frozenset(_validate_tag_list(forbid_flip, "forbid_flip", source))
-        self.symmetric: frozenset[str] = frozenset(
-            _validate_tag_list(symmetric_tags, "symmetric_tags", source)
-        )
+        self.symmetric: frozenset[str] = frozenset(_validate_tag_list(symmetric_tags, "symmetric_tags", source))
         for tag in sorted(self.forbid & self.symmetric):
             raise ValueError(f"{source}: tag {tag!r} is in both forbid_flip and symmetric_tags")
         for tag in sorted(self.forbid & set(self.pair_map)):
@@ -130,18 +117,14 @@ class OrientationHandler:
         for tag in sorted(self.symmetric & set(self.pair_map)):
             raise ValueError(f"{source}: tag {tag!r} is in both symmetric_tags and explicit_pairs")
 
-        self.patterns: tuple[re.Pattern[str], ...] = tuple(
-            _compile_pattern(pattern, source) for pattern in orientation_patterns
-        )
+        self.patterns: tuple[re.Pattern[str], ...] = tuple(_compile_pattern(pattern, source) for pattern in orientation_patterns)
         # Per-tag classification cache: the vocabulary is finite, so this stays bounded.
         self._cache: dict[str, tuple[str, str]] = {}
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], safety_mode: str = "conservative", source: str = "<dict>"
-    ) -> "OrientationHandler":
+    def from_dict(cls, data: Mapping[str, Any], safety_mode: str = "conservative", source: str = "<dict>") -> "OrientationHandler":
         """Build from a parsed orientation map; ValueError names `source` and the bad entry."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: orientation map must be a JSON object, got {type(data).__name__}")
@@ -264,11 +247,7 @@ class OrientationHandler:
         blocking = tuple(forbid_tags + vetoing_unmapped)
         if blocking:
             return FlipDecision(
-                allowed=False,
-                flipped_tags=original,
-                blocking_tags=blocking,
-                forbid_tags=tuple(forbid_tags),
-                unmapped_tags=tuple(vetoing_unmapped),
+                allowed=False, flipped_tags=original, blocking_tags=blocking, forbid_tags=tuple(forbid_tags), unmapped_tags=tuple(vetoing_unmapped)
             )
         # Two input tags can map onto one (e.g. "x_left" and an explicit partner); keep the first.
         deduplicated = tuple(dict.fromkeys(flipped))
@@ -303,11 +282,7 @@ def _validate_tag_list(values: Iterable[Any], name: str, source: str) -> list[st
 
 def _validate_pair(entry: Any, name: str, source: str) -> tuple[str, str]:
     """A normalised [a, b] pair of distinct non-empty strings, else ValueError naming the entry."""
-    if (
-        not isinstance(entry, (list, tuple))
-        or len(entry) != 2
-        or not all(isinstance(item, str) and _normalize(item) for item in entry)
-    ):
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(isinstance(item, str) and _normalize(item) for item in entry):
         raise ValueError(f"{source}: {name}: entry {entry!r} must be a pair of two non-empty strings")
     left, right = _normalize(entry[0]), _normalize(entry[1])
     if left == right:

@@ -46,8 +46,7 @@ _E_SHARD, _E_SLOT, _E_SIZE, _E_MTIME, _E_X0, _E_Y0, _E_X1, _E_Y1 = range(8)
 
 def _cache_key(params: PreprocessParams) -> dict[str, Any]:
     """The parameters that decide the cached pixels (mean/std are applied later, on the device)."""
-    return {"image_size": params.image_size, "pad_color": list(params.pad_color),
-            "resample": params.resample}
+    return {"image_size": params.image_size, "pad_color": list(params.pad_color), "resample": params.resample}
 
 
 def _file_signature(path: str) -> tuple[int, int]:
@@ -102,9 +101,15 @@ def _failed_entries(index: dict[str, Any]) -> dict[str, list[Any]]:
     return {str(k): list(v) for k, v in failed.items() if isinstance(v, list) and len(v) == 4}
 
 
-def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: PreprocessParams, *,
-                  num_workers: int = 0, shard_size: int = 2048,
-                  data_root: str | Path | None = None) -> dict[str, Any]:
+def prepare_cache(
+    records: Sequence[SampleRecord],
+    out_dir: str | Path,
+    params: PreprocessParams,
+    *,
+    num_workers: int = 0,
+    shard_size: int = 2048,
+    data_root: str | Path | None = None,
+) -> dict[str, Any]:
     """Letterbox every record into uint8 shard files under `out_dir`; returns a JSON-able report.
 
     Entries whose source file (size, mtime) is unchanged are kept from an earlier run; the rest are
@@ -114,8 +119,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     started = time.perf_counter()
     out = Path(out_dir)
     if data_root is not None and _is_inside(out, Path(data_root)):
-        raise ValueError(f"cache folder {str(out)!r} is inside the dataset {str(data_root)!r}; "
-                         "choose a folder outside it")
+        raise ValueError(f"cache folder {str(out)!r} is inside the dataset {str(data_root)!r}; choose a folder outside it")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +131,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     if existing is not None:
         index, entries = existing
         if index["key"] != key:
-            raise ValueError(f"cache {str(out)!r} was prepared with {index['key']}, not {key}; "
-                             "use another --out folder")
+            raise ValueError(f"cache {str(out)!r} was prepared with {index['key']}, not {key}; use another --out folder")
         shards = list(index["shards"])
         old_rows = {sid: entries[i] for i, sid in enumerate(index["ids"])}
         old_failed = _failed_entries(index)
@@ -161,8 +164,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     new_rows: dict[str, np.ndarray] = {}
     jobs = [(rec.image_path, params) for rec in todo]
     if num_workers > 0 and len(jobs) > 1:
-        pool: Any = ProcessPoolExecutor(max_workers=num_workers,
-                                        mp_context=multiprocessing.get_context("spawn"))
+        pool: Any = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
         results: Iterator[Any] = pool.map(_prepare_one, jobs, chunksize=16)
     else:
         pool = None
@@ -170,7 +172,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     try:
         position = 0
         while position < len(todo):
-            batch = todo[position:position + shard_size]
+            batch = todo[position : position + shard_size]
             shard_no = len(shards)
             name = f"shard_{shard_no:05d}.u8"
             pixels: list[bytes] = []
@@ -180,8 +182,7 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
                     failed_samples[rec.sample_id] = [result[0], result[2], result[3], result[1]]
                     continue
                 data, box, fsize, mtime = result
-                new_rows[rec.sample_id] = np.asarray(
-                    [shard_no, len(pixels), fsize, mtime, *box], dtype=np.int64)
+                new_rows[rec.sample_id] = np.asarray([shard_no, len(pixels), fsize, mtime, *box], dtype=np.int64)
                 pixels.append(data)
             position += len(batch)
             if pixels:
@@ -194,18 +195,35 @@ def prepare_cache(records: Sequence[SampleRecord], out_dir: str | Path, params: 
     ids = sorted(set(keep) | set(new_rows))
     rows = np.stack([new_rows.get(s, keep.get(s)) for s in ids]) if ids else np.zeros((0, 8), np.int64)
     atomic_write_bytes(out / _CACHE_ENTRIES, [_npy_bytes(rows.astype(np.int64))])
-    write_data_report(out / _CACHE_INDEX, {
-        "format_version": CACHE_FORMAT_VERSION, "key": key, "params": params.to_dict(),
-        "shards": shards, "ids": ids, "failed": dict(sorted(failed_samples.items()))})
+    write_data_report(
+        out / _CACHE_INDEX,
+        {
+            "format_version": CACHE_FORMAT_VERSION,
+            "key": key,
+            "params": params.to_dict(),
+            "shards": shards,
+            "ids": ids,
+            "failed": dict(sorted(failed_samples.items())),
+        },
+    )
     for entry in failed_samples.values():
         failed[entry[0]] = failed.get(entry[0], 0) + 1
         if len(examples) < 5:
             examples.append(str(entry[3]))
     live = {int(r[_E_SHARD]) for r in rows}
     on_disk = sum((out / s["file"]).stat().st_size for i, s in enumerate(shards) if i in live)
-    return {"cached": len(ids), "reused": len(keep), "decoded": len(new_rows), "failed": failed,
-            "examples": examples, "failed_samples": {s: e[0] for s, e in sorted(failed_samples.items())}, "shards": len(shards), "bytes_per_image": size * size * 3,
-            "bytes_on_disk": on_disk, "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "cached": len(ids),
+        "reused": len(keep),
+        "decoded": len(new_rows),
+        "failed": failed,
+        "examples": examples,
+        "failed_samples": {s: e[0] for s, e in sorted(failed_samples.items())},
+        "shards": len(shards),
+        "bytes_per_image": size * size * 3,
+        "bytes_on_disk": on_disk,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -226,8 +244,9 @@ class PreparedCache:
             raise FileNotFoundError(f"no prepared cache at {self.cache_dir!r} (missing {_CACHE_INDEX})")
         index, _entries = loaded
         if index["key"] != _cache_key(params):
-            raise ValueError(f"cache {self.cache_dir!r} holds {index['key']}, but training uses "
-                             f"{_cache_key(params)}; prepare it again for these parameters")
+            raise ValueError(
+                f"cache {self.cache_dir!r} holds {index['key']}, but training uses {_cache_key(params)}; prepare it again for these parameters"
+            )
         self.image_size = params.image_size
         self.ids: list[str] = list(index["ids"])
         self.shard_files = [(s["file"], int(s["count"])) for s in index["shards"]]
@@ -253,8 +272,7 @@ class PreparedCache:
     def _entry(self, row: int) -> np.ndarray:
         """One entries.npy row (memory-mapped on first use)."""
         if self._entries is None:
-            self._entries = np.load(Path(self.cache_dir) / _CACHE_ENTRIES, mmap_mode="r",
-                                    allow_pickle=False)
+            self._entries = np.load(Path(self.cache_dir) / _CACHE_ENTRIES, mmap_mode="r", allow_pickle=False)
         return self._entries[row]
 
     def get(self, row: int, image_path: str) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
@@ -270,8 +288,7 @@ class PreparedCache:
         if mapped is None:
             name, count = self.shard_files[shard]
             size = self.image_size
-            mapped = np.memmap(Path(self.cache_dir) / name, dtype=np.uint8, mode="r",
-                               shape=(count, size, size, 3))
+            mapped = np.memmap(Path(self.cache_dir) / name, dtype=np.uint8, mode="r", shape=(count, size, size, 3))
             self._maps[shard] = mapped
         box = (int(entry[_E_X0]), int(entry[_E_Y0]), int(entry[_E_X1]), int(entry[_E_Y1]))
         return np.array(mapped[int(entry[_E_SLOT])]), box
@@ -290,21 +307,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     prep.add_argument("--shard-size", type=int, default=2048)
     prep.add_argument("--verify", choices=("none", "header", "decode"), default="header")
-    prep.add_argument("--symlinks", choices=("inside_root", "follow"), default="inside_root",
-                      help="links to images, folders and sidecars: follow only those inside --data, or all")
+    prep.add_argument(
+        "--symlinks",
+        choices=("inside_root", "follow"),
+        default="inside_root",
+        help="links to images, folders and sidecars: follow only those inside --data, or all",
+    )
     args = parser.parse_args(argv)
     source = Path(args.data)
     root = source if source.is_dir() else source.parent
     if source.exists() and _is_inside(Path(args.out), root):
-        print(f"error: --out {args.out} is inside the dataset folder {root}; nothing is ever written "
-              "into the dataset: choose a folder outside it", file=sys.stderr)
+        print(
+            f"error: --out {args.out} is inside the dataset folder {root}; nothing is ever written into the dataset: choose a folder outside it",
+            file=sys.stderr,
+        )
         return 2
     try:
         scan = DatasetScanner(source, verify=args.verify, limits=ScanLimits(symlinks=args.symlinks)).scan()
         print(format_scan_summary(scan), file=sys.stderr)
         params = PreprocessParams(args.image_size, pad_color=tuple(args.pad_color))
-        report = prepare_cache(scan.records, args.out, params, num_workers=args.workers,
-                               shard_size=args.shard_size, data_root=root)
+        report = prepare_cache(scan.records, args.out, params, num_workers=args.workers, shard_size=args.shard_size, data_root=root)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

@@ -32,8 +32,7 @@ class Distributed:
 def init_distributed(device_pref: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun process group when launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Distributed(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if device_pref == "auto":
         device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     else:

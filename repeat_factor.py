@@ -207,21 +207,9 @@ class RepeatFactorSampler(Sampler):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from state_dict(); ValueError if the data, factors or layout changed since."""
-        for key in (
-            "num_samples",
-            "batch_size",
-            "world_size",
-            "seed",
-            "shuffle",
-            "drop_last",
-            "effective_epoch_length",
-            "factors_digest",
-        ):
+        for key in ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last", "effective_epoch_length", "factors_digest"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this run has "
-                    f"{getattr(self, key)!r}; cannot resume inside the epoch"
-                )
+                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; cannot resume inside the epoch")
         start = int(state.get("start_batch", 0))
         epoch = int(state.get("epoch", 0))
         if start >= self.batches_per_epoch():  # the stored epoch was finished

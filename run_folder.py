@@ -28,12 +28,24 @@ from checkpoint_store import BEST_POINTER, LAST_POINTER, checkpoints_dir, parse_
 from file_io import atomic_write_text, load_json_file
 from run_lock import LOCK_NAME, RunLock, RunLockError
 
-__all__ = ["NEW_FOLDER_FLAG", "RUN_RECORD_NAME", "RunClaim", "RunFolderInUseError", "RunRecord",
-           "checkpoint_run_id", "claim_run_folder", "existing_run", "is_own_checkpoint", "next_free_run_dir",
-           "read_run_record", "refuse_fresh_run", "run_record_text"]
+__all__ = [
+    "NEW_FOLDER_FLAG",
+    "RUN_RECORD_NAME",
+    "RunClaim",
+    "RunFolderInUseError",
+    "RunRecord",
+    "checkpoint_run_id",
+    "claim_run_folder",
+    "existing_run",
+    "is_own_checkpoint",
+    "next_free_run_dir",
+    "read_run_record",
+    "refuse_fresh_run",
+    "run_record_text",
+]
 
 RUN_RECORD_NAME = "run.json"
-NEW_FOLDER_FLAG = "--new-run-folder"   # the trainer's opt-in flag for a suffixed new folder
+NEW_FOLDER_FLAG = "--new-run-folder"  # the trainer's opt-in flag for a suffixed new folder
 # Files at the top of a run folder that mean "a run was started here" (besides checkpoints).
 RUN_FILES = ("config.yaml", "metrics.jsonl", RUN_RECORD_NAME)
 _UUID_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -50,21 +62,21 @@ class RunRecord:
 
     run_id: str
     experiment_name: str
-    created_at: str        # ISO 8601, UTC, when the run started fresh
+    created_at: str  # ISO 8601, UTC, when the run started fresh
 
     @classmethod
     def new(cls, experiment_name: str, run_id: str | None = None) -> RunRecord:
         """A fresh record (a new random run id unless one is given)."""
-        return cls(run_id=run_id or uuid.uuid4().hex, experiment_name=experiment_name,
-                   created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return cls(
+            run_id=run_id or uuid.uuid4().hex, experiment_name=experiment_name, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds")
+        )
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> RunRecord:
         """Validate a parsed run.json (untrusted data); ValueError names the file."""
         if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or not _UUID_HEX.match(data["run_id"]):
             raise ValueError(f"{path}: not a run record (expected a JSON object with a 32-hex-digit run_id)")
-        return cls(run_id=data["run_id"], experiment_name=str(data.get("experiment_name", "")),
-                   created_at=str(data.get("created_at", "")))
+        return cls(run_id=data["run_id"], experiment_name=str(data.get("experiment_name", "")), created_at=str(data.get("created_at", "")))
 
 
 def run_record_text(record: RunRecord) -> str:
@@ -98,6 +110,7 @@ def is_own_checkpoint(step_folder: str | Path, run_id: str) -> bool:
 # Does a folder already hold a run?
 # --------------------------------------------------------------------------------------------
 
+
 def existing_run(run_dir: str | Path) -> list[str]:
     """What marks `run_dir` as holding a run: e.g. ['3 checkpoints', 'config.yaml']; [] for none."""
     run_dir = Path(run_dir)
@@ -124,13 +137,16 @@ def refuse_fresh_run(run_dir: str | Path) -> None:
         return
     other = next_free_run_dir(run_dir)
     if any("checkpoint" in item for item in found):
-        todo = (f"continue it with --resume latest, start another with --set experiment_name=NAME, "
-                f"or pass {NEW_FOLDER_FLAG} to train into {other}")
+        todo = f"continue it with --resume latest, start another with --set experiment_name=NAME, or pass {NEW_FOLDER_FLAG} to train into {other}"
     else:
-        todo = (f"it has no checkpoint to resume: delete the folder, start with --set experiment_name=NAME, "
-                f"or pass {NEW_FOLDER_FLAG} to train into {other}")
-    raise RunFolderInUseError(f"{run_dir} already holds a run ({', '.join(found)}); refusing to start a fresh "
-                              f"one there (it would mix logs and replace its checkpoints): {todo}")
+        todo = (
+            f"it has no checkpoint to resume: delete the folder, start with --set experiment_name=NAME, "
+            f"or pass {NEW_FOLDER_FLAG} to train into {other}"
+        )
+    raise RunFolderInUseError(
+        f"{run_dir} already holds a run ({', '.join(found)}); refusing to start a fresh "
+        f"one there (it would mix logs and replace its checkpoints): {todo}"
+    )
 
 
 def next_free_run_dir(run_dir: str | Path) -> Path:
@@ -140,13 +156,13 @@ def next_free_run_dir(run_dir: str | Path) -> Path:
         candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
         if not existing_run(candidate) and not (candidate / LOCK_NAME).exists():
             return candidate
-    raise RunFolderInUseError(f"{run_dir}: {run_dir.name}-2 ... {run_dir.name}-{MAX_SUFFIX} all hold runs; "
-                              "choose another experiment_name")
+    raise RunFolderInUseError(f"{run_dir}: {run_dir.name}-2 ... {run_dir.name}-{MAX_SUFFIX} all hold runs; choose another experiment_name")
 
 
 # --------------------------------------------------------------------------------------------
 # Claiming a folder at start-up
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunClaim:
@@ -154,10 +170,10 @@ class RunClaim:
 
     run_dir: Path
     run_id: str
-    lock: RunLock | None     # rank 0 only
+    lock: RunLock | None  # rank 0 only
     note: str | None = None  # a line worth printing (a new folder was chosen, a legacy run got an id)
-    fresh: bool = False      # a fresh run (rank 0): abandon() may undo the claim
-    created: tuple[Path, ...] = ()   # folders the claim created, deepest first (rank 0, fresh runs)
+    fresh: bool = False  # a fresh run (rank 0): abandon() may undo the claim
+    created: tuple[Path, ...] = ()  # folders the claim created, deepest first (rank 0, fresh runs)
 
     def release(self) -> None:
         """Release the lock (rank 0); safe to call on every rank and more than once."""
@@ -190,8 +206,7 @@ def _missing_folders(folder: Path) -> tuple[Path, ...]:
     return tuple(p for p in (folder, *folder.parents) if not p.exists())
 
 
-def _lock_fresh_folder(run_dir: Path, new_folder: bool, run_id: str,
-                       log: Callable[[str], None] | None) -> tuple[RunLock, tuple[Path, ...]]:
+def _lock_fresh_folder(run_dir: Path, new_folder: bool, run_id: str, log: Callable[[str], None] | None) -> tuple[RunLock, tuple[Path, ...]]:
     """Lock `run_dir` for a fresh run, or with new_folder the first free suffixed folder; also
     returns the folders that locking created."""
     if not new_folder:
@@ -215,12 +230,10 @@ def _lock_fresh_folder(run_dir: Path, new_folder: bool, run_id: str,
         if not existing_run(candidate):
             return lock, created
         lock.release()
-    raise RunFolderInUseError(f"{run_dir}: {run_dir.name}-2 ... {run_dir.name}-{MAX_SUFFIX} all hold runs; "
-                              "choose another experiment_name")
+    raise RunFolderInUseError(f"{run_dir}: {run_dir.name}-2 ... {run_dir.name}-{MAX_SUFFIX} all hold runs; choose another experiment_name")
 
 
-def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
-                           log: Callable[[str], None] | None) -> RunClaim:
+def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool, log: Callable[[str], None] | None) -> RunClaim:
     """Rank 0's part: lock, refuse or choose the folder, read or mint the run id."""
     note = None
     write_record = not resume
@@ -229,13 +242,15 @@ def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
         try:
             record = read_run_record(run_dir)
         except ValueError as exc:
-            raise RunFolderInUseError(f"{exc}; restore it from a checkpoint folder's {RUN_RECORD_NAME} "
-                                      "or delete it to give the run a new id") from exc
+            raise RunFolderInUseError(
+                f"{exc}; restore it from a checkpoint folder's {RUN_RECORD_NAME} or delete it to give the run a new id"
+            ) from exc
         if record is None:  # a run from before lineage existed: it gets an id now
             record = RunRecord.new(run_dir.name)
             write_record = True
-            note = (f"{run_dir / RUN_RECORD_NAME}: new run id {record.run_id}; checkpoints written before "
-                    "it have none and are never pruned automatically")
+            note = (
+                f"{run_dir / RUN_RECORD_NAME}: new run id {record.run_id}; checkpoints written before it have none and are never pruned automatically"
+            )
         lock = RunLock(run_dir, run_id=record.run_id, log=log).acquire()
     else:
         run_id = uuid.uuid4().hex
@@ -249,13 +264,18 @@ def _claim_on_this_process(run_dir: Path, resume: bool, new_folder: bool,
         except OSError:
             lock.release()
             raise
-    return RunClaim(run_dir=lock.run_dir, run_id=record.run_id, lock=lock, note=note, fresh=not resume,
-                    created=created)
+    return RunClaim(run_dir=lock.run_dir, run_id=record.run_id, lock=lock, note=note, fresh=not resume, created=created)
 
 
-def claim_run_folder(run_dir: str | Path, *, resume: bool, new_folder: bool = False, rank: int = 0,
-                     share: Callable[[list], Any] | None = None,
-                     log: Callable[[str], None] | None = None) -> RunClaim:
+def claim_run_folder(
+    run_dir: str | Path,
+    *,
+    resume: bool,
+    new_folder: bool = False,
+    rank: int = 0,
+    share: Callable[[list], Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RunClaim:
     """Lock the run folder (rank 0) and agree on folder and run id across ranks.
 
     Raises RunLockError (another live process holds the folder, a lock from another host, or the

@@ -66,20 +66,25 @@ class LockHolder:
 
     pid: int
     hostname: str
-    create_time: float     # psutil.Process(pid).create_time(), seconds since the epoch
+    create_time: float  # psutil.Process(pid).create_time(), seconds since the epoch
     command: str
-    started_at: str        # ISO 8601, UTC
-    lock_id: str           # random, tells this lock from a later one by the same process
+    started_at: str  # ISO 8601, UTC
+    lock_id: str  # random, tells this lock from a later one by the same process
     run_id: str | None = None
 
     @classmethod
     def of_this_process(cls, run_id: str | None) -> LockHolder:
         """The record for the calling process."""
         me = psutil.Process()
-        return cls(pid=os.getpid(), hostname=socket.gethostname(), create_time=me.create_time(),
-                   command=" ".join([sys.executable, *sys.argv]),
-                   started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   lock_id=uuid.uuid4().hex, run_id=run_id)
+        return cls(
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            create_time=me.create_time(),
+            command=" ".join([sys.executable, *sys.argv]),
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            lock_id=uuid.uuid4().hex,
+            run_id=run_id,
+        )
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> LockHolder:
@@ -87,10 +92,15 @@ class LockHolder:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a lock record (expected a JSON object)")
         try:
-            holder = cls(pid=int(data["pid"]), hostname=str(data["hostname"]), create_time=float(data["create_time"]),
-                         command=str(data.get("command", "")), started_at=str(data.get("started_at", "")),
-                         lock_id=str(data["lock_id"]),
-                         run_id=None if data.get("run_id") is None else str(data["run_id"]))
+            holder = cls(
+                pid=int(data["pid"]),
+                hostname=str(data["hostname"]),
+                create_time=float(data["create_time"]),
+                command=str(data.get("command", "")),
+                started_at=str(data.get("started_at", "")),
+                lock_id=str(data["lock_id"]),
+                run_id=None if data.get("run_id") is None else str(data["run_id"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a lock record ({type(exc).__name__}: {exc})") from exc
         if holder.pid <= 0:
@@ -164,14 +174,13 @@ def _unlink(path: Path, attempts: int = 10, delay_s: float = 0.05) -> None:
 class RunLock:
     """The exclusive lock of one run folder; use as a context manager or acquire()/release()."""
 
-    def __init__(self, run_dir: str | Path, run_id: str | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, run_dir: str | Path, run_id: str | None = None, log: Callable[[str], None] | None = None) -> None:
         """Lock `run_dir` (created if missing); `log` receives the take-over message (default: stderr)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.run_id = run_id
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
-        self.holder: LockHolder | None = None   # set while this object holds the lock
+        self.holder: LockHolder | None = None  # set while this object holds the lock
 
     @property
     def held(self) -> bool:
@@ -193,8 +202,10 @@ class RunLock:
             try:
                 other = read_lock(self.path)
             except ValueError as exc:
-                raise RunLockError(f"{self.run_dir} has a lock file that cannot be read ({exc}); if no training "
-                                   f"is running in this folder, delete {self.path} and start again") from exc
+                raise RunLockError(
+                    f"{self.run_dir} has a lock file that cannot be read ({exc}); if no training "
+                    f"is running in this folder, delete {self.path} and start again"
+                ) from exc
             if other is None:
                 continue
             state = holder_state(other)
@@ -202,21 +213,25 @@ class RunLock:
                 raise RunLockError(
                     f"{self.run_dir} is in use by another training process ({other.describe()}: {other.command}); "
                     f"wait for it to finish, stop it (Ctrl+C, or a file named STOP in {self.run_dir}), "
-                    "or train into another folder with --set experiment_name=NAME")
+                    "or train into another folder with --set experiment_name=NAME"
+                )
             if state == "foreign":
                 raise RunLockError(
                     f"{self.run_dir} is locked by a training process on another machine ({other.describe()}); "
                     f"this machine ({socket.gethostname()}) cannot check whether it still runs: if it does not, "
-                    f"delete {self.path} and start again")
+                    f"delete {self.path} and start again"
+                )
             if self._take_over(other, payload):
                 self.log(f"run lock: took over {self.path} left by {other.describe()}, which is no longer running")
                 self._hold(mine)
                 return self
             time.sleep(0.05)  # another process is taking it over: look again once it is done
         guard = self.path.with_name(self.path.name + TAKEOVER_SUFFIX)
-        raise RunLockError(f"{self.run_dir}: could not take the run lock {self.path} within {CONTENDED_WAIT_S:.0f} s "
-                           f"(other processes keep taking it over); try again, and if no other training is starting "
-                           f"here, delete {guard}")
+        raise RunLockError(
+            f"{self.run_dir}: could not take the run lock {self.path} within {CONTENDED_WAIT_S:.0f} s "
+            f"(other processes keep taking it over); try again, and if no other training is starting "
+            f"here, delete {guard}"
+        )
 
     def _take_over(self, stale: LockHolder, payload: bytes) -> bool:
         """Replace the stale lock by ours; False when another process changed it first."""
@@ -271,4 +286,3 @@ class RunLock:
     def __exit__(self, *exc_info: object) -> None:
         """Release on exit, error or not."""
         self.release()
-

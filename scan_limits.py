@@ -107,8 +107,7 @@ class TagFilter:
     def check_count(self, count: int, field_name: str) -> None:
         """TooManyTagsError when one field alone holds more items than a sample may have tags."""
         if count > self.max_tags:
-            raise TooManyTagsError(f"field {field_name!r} holds {count} tags, more than "
-                                   f"data.max_tags_per_sample={self.max_tags}")
+            raise TooManyTagsError(f"field {field_name!r} holds {count} tags, more than data.max_tags_per_sample={self.max_tags}")
 
     def raw_ok(self, raw: str) -> bool:
         """Whether a raw tag is short enough to normalise (checked first, so a 10 MiB string is

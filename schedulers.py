@@ -38,9 +38,7 @@ def _check_ratio(name: str, value: object) -> float:
     return ratio
 
 
-def validate_warmup_cosine_args(
-    warmup_steps: int, total_steps: int, min_lr_ratio: float, warmup_start_ratio: float
-) -> tuple[int, int, float, float]:
+def validate_warmup_cosine_args(warmup_steps: int, total_steps: int, min_lr_ratio: float, warmup_start_ratio: float) -> tuple[int, int, float, float]:
     """Check the schedule's arguments and return them normalised, raising ValueError naming the bad one."""
     warmup = _check_int("warmup_steps", warmup_steps)
     total = _check_int("total_steps", total_steps)
@@ -50,25 +48,12 @@ def validate_warmup_cosine_args(
         raise ValueError(f"total_steps must be > 0, got {total}")
     if warmup > total:
         raise ValueError(f"warmup_steps ({warmup}) must not exceed total_steps ({total})")
-    return (
-        warmup,
-        total,
-        _check_ratio("min_lr_ratio", min_lr_ratio),
-        _check_ratio("warmup_start_ratio", warmup_start_ratio),
-    )
+    return (warmup, total, _check_ratio("min_lr_ratio", min_lr_ratio), _check_ratio("warmup_start_ratio", warmup_start_ratio))
 
 
-def warmup_cosine_factor(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    min_lr_ratio: float = 0.0,
-    warmup_start_ratio: float = 0.0,
-) -> float:
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, warmup_start_ratio: float = 0.0) -> float:
     """Multiplier of the base LR after `step` optimizer updates: linear warm-up, cosine decay, then held."""
-    warmup, total, min_ratio, start_ratio = validate_warmup_cosine_args(
-        warmup_steps, total_steps, min_lr_ratio, warmup_start_ratio
-    )
+    warmup, total, min_ratio, start_ratio = validate_warmup_cosine_args(warmup_steps, total_steps, min_lr_ratio, warmup_start_ratio)
     step = _check_int("step", step)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -95,12 +80,9 @@ class LinearWarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         """Validate the arguments and set every group's LR to its step-0 value (or `last_epoch`'s on resume)."""
-        (
-            self.warmup_steps,
-            self.total_steps,
-            self.min_lr_ratio,
-            self.warmup_start_ratio,
-        ) = validate_warmup_cosine_args(warmup_steps, total_steps, min_lr_ratio, warmup_start_ratio)
+        (self.warmup_steps, self.total_steps, self.min_lr_ratio, self.warmup_start_ratio) = validate_warmup_cosine_args(
+            warmup_steps, total_steps, min_lr_ratio, warmup_start_ratio
+        )
         last_epoch = _check_int("last_epoch", last_epoch)
         if last_epoch < -1:
             raise ValueError(f"last_epoch must be >= -1, got {last_epoch}")
@@ -109,11 +91,7 @@ class LinearWarmupCosineLR(LRScheduler):
     def factor(self, step: int | None = None) -> float:
         """Multiplier of the base LR at `step` (default: the scheduler's current step)."""
         return warmup_cosine_factor(
-            self.last_epoch if step is None else step,
-            self.warmup_steps,
-            self.total_steps,
-            self.min_lr_ratio,
-            self.warmup_start_ratio,
+            self.last_epoch if step is None else step, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.warmup_start_ratio
         )
 
     def _lrs(self) -> list[float | torch.Tensor]:
@@ -134,18 +112,12 @@ class LinearWarmupCosineLR(LRScheduler):
         """Restore the state, re-check its schedule arguments and set every group's LR to match it."""
         super().load_state_dict(state_dict)
         # A hand-edited or foreign state dict must fail here, not deep inside a later step().
-        (
-            self.warmup_steps,
-            self.total_steps,
-            self.min_lr_ratio,
-            self.warmup_start_ratio,
-        ) = validate_warmup_cosine_args(
+        (self.warmup_steps, self.total_steps, self.min_lr_ratio, self.warmup_start_ratio) = validate_warmup_cosine_args(
             self.warmup_steps, self.total_steps, self.min_lr_ratio, self.warmup_start_ratio
         )
         if len(self.base_lrs) != len(self.optimizer.param_groups):
             raise ValueError(
-                f"scheduler state has {len(self.base_lrs)} base LRs but the optimizer has "
-                f"{len(self.optimizer.param_groups)} param groups"
+                f"scheduler state has {len(self.base_lrs)} base LRs but the optimizer has {len(self.optimizer.param_groups)} param groups"
             )
         # Whatever order the caller restores optimizer and scheduler in, the LR in use is the
         # schedule's value at the restored step.
@@ -154,10 +126,7 @@ class LinearWarmupCosineLR(LRScheduler):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        self._last_lr = [
-            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-            for g in self.optimizer.param_groups
-        ]
+        self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in self.optimizer.param_groups]
 
 
 class CosineAnnealingWarmupRestarts(LRScheduler):
@@ -168,9 +137,17 @@ class CosineAnnealingWarmupRestarts(LRScheduler):
     from the step count, so it resumes exactly from its state dict.
     """
 
-    def __init__(self, optimizer: Optimizer, *, first_cycle_steps: int, warmup_steps: int = 0,
-                 cycle_mult: float = 1.0, gamma: float = 1.0, min_lr_ratio: float = 0.0,
-                 last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        first_cycle_steps: int,
+        warmup_steps: int = 0,
+        cycle_mult: float = 1.0,
+        gamma: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         """Validate the cycle arguments and set every group's LR to its step-0 value."""
         if first_cycle_steps < 1:
             raise ValueError(f"first_cycle_steps must be >= 1, got {first_cycle_steps}")

@@ -19,12 +19,7 @@ __all__ = ["TAG_CATEGORIES", "SidecarFormatError", "parse_rating", "split_tag_st
 
 TAG_CATEGORIES: tuple[str, ...] = ("general", "character", "copyright", "artist", "meta")
 
-_RATING_CODES: dict[str, int] = {
-    "g": 0, "general": 0, "safe": 0,
-    "s": 1, "sensitive": 1,
-    "q": 2, "questionable": 2,
-    "e": 3, "explicit": 3,
-}
+_RATING_CODES: dict[str, int] = {"g": 0, "general": 0, "safe": 0, "s": 1, "sensitive": 1, "q": 2, "questionable": 2, "e": 3, "explicit": 3}
 # e621-style tag dicts use other category names; these map onto ours, the rest become "".
 _CATEGORY_ALIASES: dict[str, str] = {c: c for c in TAG_CATEGORIES}
 _CATEGORY_ALIASES.update({"species": "general", "lore": "meta", "invalid": "meta"})
@@ -32,9 +27,6 @@ _CATEGORY_ALIASES.update({"species": "general", "lore": "meta", "invalid": "meta
 
 class SidecarFormatError(ValueError):
     """A sidecar or manifest entry has a field of the wrong type."""
-
-
-
 
 
 def parse_rating(value: Any) -> int:
@@ -79,8 +71,7 @@ def _normalised(parts: list[Any], field_name: str, tag_filter: TagFilter | None)
     return out
 
 
-def _tags_from_value(value: Any, field_name: str, *, space_only: bool = False,
-                     tag_filter: TagFilter | None = None) -> list[str]:
+def _tags_from_value(value: Any, field_name: str, *, space_only: bool = False, tag_filter: TagFilter | None = None) -> list[str]:
     """Tags from a list of strings or one string; raises SidecarFormatError on other types."""
     if value is None:
         return []
@@ -90,8 +81,7 @@ def _tags_from_value(value: Any, field_name: str, *, space_only: bool = False,
         return split_tag_string(value, tag_filter)
     if isinstance(value, list):
         return _normalised(value, field_name, tag_filter)
-    raise SidecarFormatError(
-        f"field {field_name!r} is a {type(value).__name__}, expected a list of strings or a string")
+    raise SidecarFormatError(f"field {field_name!r} is a {type(value).__name__}, expected a list of strings or a string")
 
 
 def parse_sidecar(data: Any, tag_filter: TagFilter | None = None) -> tuple[tuple[str, ...], tuple[str, ...], int]:
@@ -119,19 +109,15 @@ def parse_sidecar(data: Any, tag_filter: TagFilter | None = None) -> tuple[tuple
     raw_tags = data.get("tags")
     if isinstance(raw_tags, Mapping):
         for key, value in raw_tags.items():
-            add(_tags_from_value(value, f"tags.{key}", tag_filter=tag_filter),
-                _CATEGORY_ALIASES.get(str(key).lower(), ""))
+            add(_tags_from_value(value, f"tags.{key}", tag_filter=tag_filter), _CATEGORY_ALIASES.get(str(key).lower(), ""))
     else:
         add(_tags_from_value(raw_tags, "tags", tag_filter=tag_filter), "")
     for category in TAG_CATEGORIES:
-        add(_tags_from_value(data.get(f"tag_string_{category}"), f"tag_string_{category}",
-                             space_only=True, tag_filter=tag_filter), category)
-        add(_tags_from_value(data.get(f"tags_{category}"), f"tags_{category}", tag_filter=tag_filter),
-            category)
+        add(_tags_from_value(data.get(f"tag_string_{category}"), f"tag_string_{category}", space_only=True, tag_filter=tag_filter), category)
+        add(_tags_from_value(data.get(f"tags_{category}"), f"tags_{category}", tag_filter=tag_filter), category)
     tag_string = data.get("tag_string")
     if tag_string is not None and not isinstance(tag_string, str):
-        raise SidecarFormatError(
-            f"field 'tag_string' is a {type(tag_string).__name__}, expected a string")
+        raise SidecarFormatError(f"field 'tag_string' is a {type(tag_string).__name__}, expected a string")
     add(_tags_from_value(tag_string, "tag_string", space_only=True, tag_filter=tag_filter), "")
     if tag_filter is not None:
         tag_filter.check_count(len(order), "all tag fields together")

@@ -27,10 +27,7 @@ def cuda_memory_gib() -> dict[str, float]:
     """Peak allocated and reserved CUDA memory in GiB, only when this process already uses CUDA."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return {}
-    return {
-        "gpu_mem_max_allocated_gb": torch.cuda.max_memory_allocated() / GIB,
-        "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB,
-    }
+    return {"gpu_mem_max_allocated_gb": torch.cuda.max_memory_allocated() / GIB, "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB}
 
 
 class NvmlGpu:
@@ -170,9 +167,7 @@ class SystemStatsSampler:
 class SystemStatsThread:
     """Daemon thread: a reading at once (so every run has one), then one every interval until stop()."""
 
-    def __init__(
-        self, sampler: SystemStatsSampler, interval_s: float, deliver: Callable[[dict[str, float]], None]
-    ) -> None:
+    def __init__(self, sampler: SystemStatsSampler, interval_s: float, deliver: Callable[[dict[str, float]], None]) -> None:
         """Start sampling; each reading goes to `deliver` on the sampling thread."""
         if not interval_s > 0:
             raise ValueError(f"system stats interval must be > 0 seconds, got {interval_s!r}")

@@ -70,14 +70,36 @@ __all__ = [
 ]
 
 # Tags made of punctuation and underscores that must keep their underscores (the wd-tagger app's list).
-KAOMOJIS = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9",
-                      ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+KAOMOJIS = frozenset(
+    {
+        "0_0",
+        "(o)_(o)",
+        "+_+",
+        "+_-",
+        "._.",
+        "<o>_<o>",
+        "<|>_<|>",
+        "=_=",
+        ">_<",
+        "3_3",
+        "6_9",
+        ">_o",
+        "@_@",
+        "^_^",
+        "o_o",
+        "u_u",
+        "x_x",
+        "|_|",
+        "||_||",
+    }
+)
 WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------------------------
 # Captions
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CaptionOptions:
@@ -103,6 +125,7 @@ def format_tag(name: str, options: CaptionOptions) -> str:
 
 def caption_tags(decision: TagDecision, options: CaptionOptions) -> list[str]:
     """Caption tags of one image: [rating], general and character tags (characters first on request), formatted."""
+
     def wanted(name: str) -> bool:
         return name not in options.undesired and format_tag(name, options) not in options.undesired
 
@@ -126,8 +149,7 @@ def merge_caption(existing: str, new_tags: Sequence[str], separator: str) -> str
     return separator.join(merged)
 
 
-def load_thresholds(path: str | Path, labels: LabelTable, general: float,
-                    character: float) -> tuple[dict[str, float], float, float]:
+def load_thresholds(path: str | Path, labels: LabelTable, general: float, character: float) -> tuple[dict[str, float], float, float]:
     """(per-tag thresholds, general, character) from export_model's or validation_loop's thresholds.json.
 
     Tags without a per-tag value (null) use the file's per-category value, else its global
@@ -147,8 +169,7 @@ def load_thresholds(path: str | Path, labels: LabelTable, general: float,
     general = _threshold(per_category.get("general", fallback), general, path)
     character = _threshold(per_category.get("character", fallback), character, path)
     known = set(labels.general) | set(labels.character)
-    per_tag = {name: _threshold(value, math.nan, path) for name, value in data["per_tag"].items()
-               if name in known and value is not None}
+    per_tag = {name: _threshold(value, math.nan, path) for name, value in data["per_tag"].items() if name in known and value is not None}
     return per_tag, general, character
 
 
@@ -164,6 +185,7 @@ def _threshold(value: Any, default: float, path: Path) -> float:
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
+
 
 class OnnxBackend:
     """A WD-tagger folder (model.onnx + selected_tags.csv) run by onnxruntime."""
@@ -182,15 +204,13 @@ class OnnxBackend:
         self.preprocess = PreprocessParams(image_size=self.image_size, pad_color=WHITE)
         outputs = self.session.get_outputs()[0].shape
         if isinstance(outputs[-1], int) and outputs[-1] != 4 + self.labels.num_tags:
-            raise ValueError(f"{folder}: the model has {outputs[-1]} outputs but {LABELS_FILE} "
-                             f"describes {4 + self.labels.num_tags}")
+            raise ValueError(f"{folder}: the model has {outputs[-1]} outputs but {LABELS_FILE} describes {4 + self.labels.num_tags}")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """RGB uint8 (B, S, S, 3) -> probabilities (B, 4 + T)."""
         batch = rgb_to_wd_input(images)  # (B, S, S, 3) float32 BGR
         if self.one_at_a_time:
-            return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + 1]})[0]
-                                   for i in range(batch.shape[0])])
+            return np.concatenate([self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])])
         return self.session.run(None, {self.input_name: batch})[0]
 
 
@@ -229,6 +249,7 @@ def open_backend(model: str | Path, device: str, ema: bool = False) -> OnnxBacke
 # Images
 # --------------------------------------------------------------------------------------------
 
+
 def find_images(root: Path, recursive: bool) -> list[Path]:
     """Image files under root (sorted; subfolders only when recursive)."""
     if recursive:
@@ -266,8 +287,7 @@ def collate_images(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack the readable images (k, S, S, 3) uint8; keep (index, reason) of the others."""
     good = [s for s in batch if s["image"] is not None]
     images = np.stack([s["image"] for s in good]) if good else None
-    return {"images": images, "indices": [s["index"] for s in good],
-            "errors": [(s["index"], s["error"]) for s in batch if s["image"] is None]}
+    return {"images": images, "indices": [s["index"] for s in good], "errors": [(s["index"], s["error"]) for s in batch if s["image"] is None]}
 
 
 def _worker_init(worker_id: int) -> None:
@@ -278,6 +298,7 @@ def _worker_init(worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Progress and the run
 # --------------------------------------------------------------------------------------------
+
 
 class Progress:
     """A progress line with rate and ETA on stderr: redrawn in place on a terminal, a new line every 10 s elsewhere."""
@@ -340,8 +361,7 @@ def _caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
-def _plan_images(images: list[Path], extension: str, append: bool, overwrite: bool,
-                 summary: RunSummary) -> list[Path]:
+def _plan_images(images: list[Path], extension: str, append: bool, overwrite: bool, summary: RunSummary) -> list[Path]:
     """Images to tag: drop those whose caption exists (unless append/overwrite) or is shared with another image."""
     chosen: list[Path] = []
     owners: dict[Path, Path] = {}
@@ -388,18 +408,21 @@ def run(args: argparse.Namespace) -> RunSummary:
     per_tag: dict[str, float] = {}
     if args.thresholds:
         per_tag, general, character = load_thresholds(args.thresholds, backend.labels, general, character)
-    options = CaptionOptions(args.remove_underscore, args.escape_parentheses, args.character_first, args.rating,
-                             frozenset(t.strip() for t in args.undesired_tags.split(",") if t.strip()),
-                             args.separator)
+    options = CaptionOptions(
+        args.remove_underscore,
+        args.escape_parentheses,
+        args.character_first,
+        args.rating,
+        frozenset(t.strip() for t in args.undesired_tags.split(",") if t.strip()),
+        args.separator,
+    )
     summary = RunSummary()
-    images = _plan_images(find_images(root, args.recursive), args.caption_extension, args.append, args.overwrite,
-                          summary)
+    images = _plan_images(find_images(root, args.recursive), args.caption_extension, args.append, args.overwrite, summary)
     dataset = ImageFileDataset(images, backend.preprocess)
     extra: dict[str, Any] = {}
     if args.num_workers > 0:
         extra = {"worker_init_fn": _worker_init, "multiprocessing_context": args.worker_start_method or None}
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False,
-                        collate_fn=collate_images, **extra)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False, collate_fn=collate_images, **extra)
     progress = Progress(len(images))
     for batch in loader:
         for index, reason in batch["errors"]:
@@ -407,18 +430,15 @@ def run(args: argparse.Namespace) -> RunSummary:
         if batch["images"] is not None:
             probs = backend(batch["images"])  # (k, 4 + T)
             for row, index in zip(probs, batch["indices"]):
-                decision = select_tags(row, backend.labels, general_threshold=general,
-                                       character_threshold=character, per_tag_thresholds=per_tag)
+                decision = select_tags(row, backend.labels, general_threshold=general, character_threshold=character, per_tag_thresholds=per_tag)
                 _write_caption(images[index], caption_tags(decision, options), args, summary)
                 if args.json:
                     key = images[index].relative_to(root).as_posix()
-                    summary.results[key] = {"rating": decision.ratings, "general": dict(decision.general),
-                                            "character": dict(decision.character)}
+                    summary.results[key] = {"rating": decision.ratings, "general": dict(decision.general), "character": dict(decision.character)}
         progress.update(len(batch["indices"]) + len(batch["errors"]))
     progress.close()
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps({"images": summary.results, "skipped": summary.skipped},
-                                                      indent=1, ensure_ascii=False))
+        atomic_write_text(Path(args.json), json.dumps({"images": summary.results, "skipped": summary.skipped}, indent=1, ensure_ascii=False))
     return summary
 
 
@@ -441,8 +461,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--append", "--append_tags", action="store_true", help="merge new tags into existing captions")
     mode.add_argument("--overwrite", action="store_true", help="replace existing captions")
-    p.add_argument("--json", default="", help="also write the chosen tags with their probabilities to this file "
-                                               "(images whose caption is left alone are not tagged)")
+    p.add_argument(
+        "--json",
+        default="",
+        help="also write the chosen tags with their probabilities to this file (images whose caption is left alone are not tagged)",
+    )
     p.add_argument("--batch-size", "--batch_size", type=int, default=8)
     p.add_argument("--num-workers", "--max_data_loader_n_workers", type=int, default=2, help="image-decoding worker processes (0 = none)")
     p.add_argument("--worker-start-method", default="", choices=("", "spawn", "fork", "forkserver"))
@@ -465,9 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - started
     tagged = summary.written + summary.appended
-    print(f"tagged {tagged} images in {seconds:.1f}s: {summary.written} captions written, {summary.appended} merged; "
-          f"{summary.kept_existing} existing captions left alone"
-          + ("" if args.append or args.overwrite else " (--append or --overwrite to change them)"))
+    print(
+        f"tagged {tagged} images in {seconds:.1f}s: {summary.written} captions written, {summary.appended} merged; "
+        f"{summary.kept_existing} existing captions left alone"
+        + ("" if args.append or args.overwrite else " (--append or --overwrite to change them)")
+    )
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} images:")
         for path, reason in summary.skipped.items():

@@ -36,8 +36,15 @@ from timm_layout import TIMM_CONFIG_FILE, read_timm_folder
 from vocabulary import TagVocabulary
 from wd_format import CATEGORY_CHARACTER, LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
 
-__all__ = ["InitReport", "ReleasedTagger", "extend_vocabulary", "init_from_released", "init_model_weights",
-           "is_released_tagger", "read_released_tagger"]
+__all__ = [
+    "InitReport",
+    "ReleasedTagger",
+    "extend_vocabulary",
+    "init_from_released",
+    "init_model_weights",
+    "is_released_tagger",
+    "read_released_tagger",
+]
 
 # Shape fields that must agree between the release and the new model (image size may differ).
 _SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "pooling")
@@ -48,13 +55,13 @@ class ReleasedTagger:
     """A WD tagger folder read into our layout."""
 
     folder: Path
-    cfg: VisionTransformerConfig                  # the release's architecture (num_tags = T)
-    backbone: dict[str, torch.Tensor]             # our key names, RGB input
+    cfg: VisionTransformerConfig  # the release's architecture (num_tags = T)
+    backbone: dict[str, torch.Tensor]  # our key names, RGB input
     labels: LabelTable
-    tag_weight: dict[str, torch.Tensor]           # tag name -> head row (C,)
-    tag_bias: dict[str, float]                    # tag name -> head bias
-    rating_weight: torch.Tensor                   # (4, C)
-    rating_bias: torch.Tensor                     # (4,)
+    tag_weight: dict[str, torch.Tensor]  # tag name -> head row (C,)
+    tag_bias: dict[str, float]  # tag name -> head bias
+    rating_weight: torch.Tensor  # (4, C)
+    rating_bias: torch.Tensor  # (4,)
 
     def tag_categories(self) -> dict[str, str]:
         """Our category of each release tag: "character" for the character block, else "general"."""
@@ -101,10 +108,14 @@ def read_released_tagger(folder: str | Path, *, remove_calibration: bool = False
             raise ValueError(f"{folder}: remove_calibration needs {REPORT_FILE} with 'logit_shifts'")
         bias -= torch.tensor([shifts.get(n, 0.0) for n in names], dtype=torch.float64)
     return ReleasedTagger(
-        folder=folder, cfg=timm.cfg, backbone=timm.backbone, labels=labels,
+        folder=folder,
+        cfg=timm.cfg,
+        backbone=timm.backbone,
+        labels=labels,
         tag_weight={n: timm.head_weight[4 + i] for i, n in enumerate(names)},
         tag_bias={n: float(bias[i]) for i, n in enumerate(names)},
-        rating_weight=timm.head_weight[:4], rating_bias=timm.head_bias[:4],
+        rating_weight=timm.head_weight[:4],
+        rating_bias=timm.head_bias[:4],
     )
 
 
@@ -129,8 +140,7 @@ class InitReport:
         """One line for the training log."""
         c = self.counts()
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
-        return (f"released tagger: {c['kept']} tags kept with their trained rows, {c['new']} new, "
-                f"{c['dropped']} dropped; rating head seeded{notes}")
+        return f"released tagger: {c['kept']} tags kept with their trained rows, {c['new']} new, {c['dropped']} dropped; rating head seeded{notes}"
 
 
 def _copy_backbone(model: SimplifiedTagger, released: ReleasedTagger, notes: list[str]) -> None:
@@ -160,11 +170,13 @@ def init_from_released(model: SimplifiedTagger, vocab: TagVocabulary, released: 
         raise ValueError(f"the model has {model.cfg.num_tags} tag outputs but the vocabulary {len(vocab)} tags")
     if model.cfg.num_ratings != len(RATING_NAMES):
         raise ValueError(f"the model has {model.cfg.num_ratings} rating outputs; a WD release has {len(RATING_NAMES)}")
-    different = [f"{name} {getattr(released.cfg, name)!r} vs {getattr(model.cfg, name)!r}" for name in _SHAPE_FIELDS
-                 if getattr(released.cfg, name) != getattr(model.cfg, name)]
+    different = [
+        f"{name} {getattr(released.cfg, name)!r} vs {getattr(model.cfg, name)!r}"
+        for name in _SHAPE_FIELDS
+        if getattr(released.cfg, name) != getattr(model.cfg, name)
+    ]
     if different:
-        raise ValueError(f"{released.folder}: the release's architecture differs from the model's (release vs "
-                         f"model): {', '.join(different)}")
+        raise ValueError(f"{released.folder}: the release's architecture differs from the model's (release vs model): {', '.join(different)}")
     report = InitReport()
     _copy_backbone(model, released, report.notes)
     with torch.no_grad():

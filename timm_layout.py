@@ -62,13 +62,37 @@ _DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
 
 # model_args our architecture can express, with the only values it supports (None = any value).
 _SUPPORTED_ARGS: dict[str, Any] = {
-    "img_size": None, "patch_size": None, "embed_dim": None, "depth": None, "num_heads": None,
-    "mlp_ratio": None, "qkv_bias": None, "init_values": None, "global_pool": None, "num_classes": None,
-    "class_token": True, "no_embed_class": False, "fc_norm": False, "reg_tokens": 0, "pre_norm": False,
-    "final_norm": True, "qk_norm": False, "proj_bias": True, "pos_embed": "learn", "in_chans": 3,
-    "dynamic_img_size": None, "dynamic_img_pad": False, "act_layer": "gelu", "pool_include_prefix": False,
-    "drop_rate": None, "pos_drop_rate": None, "proj_drop_rate": None, "attn_drop_rate": None,
-    "drop_path_rate": None, "patch_drop_rate": None, "weight_init": None,
+    "img_size": None,
+    "patch_size": None,
+    "embed_dim": None,
+    "depth": None,
+    "num_heads": None,
+    "mlp_ratio": None,
+    "qkv_bias": None,
+    "init_values": None,
+    "global_pool": None,
+    "num_classes": None,
+    "class_token": True,
+    "no_embed_class": False,
+    "fc_norm": False,
+    "reg_tokens": 0,
+    "pre_norm": False,
+    "final_norm": True,
+    "qk_norm": False,
+    "proj_bias": True,
+    "pos_embed": "learn",
+    "in_chans": 3,
+    "dynamic_img_size": None,
+    "dynamic_img_pad": False,
+    "act_layer": "gelu",
+    "pool_include_prefix": False,
+    "drop_rate": None,
+    "pos_drop_rate": None,
+    "proj_drop_rate": None,
+    "attn_drop_rate": None,
+    "drop_path_rate": None,
+    "patch_drop_rate": None,
+    "weight_init": None,
 }
 
 
@@ -90,8 +114,9 @@ def timm_model_args(cfg: VisionTransformerConfig) -> dict[str, Any]:
     }
 
 
-def timm_config(cfg: VisionTransformerConfig, label_names: Sequence[str], mean: Sequence[float],
-                std: Sequence[float], *, description: str = "") -> dict[str, Any]:
+def timm_config(
+    cfg: VisionTransformerConfig, label_names: Sequence[str], mean: Sequence[float], std: Sequence[float], *, description: str = ""
+) -> dict[str, Any]:
     """config.json for timm (hub layout): architecture, num_classes, model_args, pretrained_cfg, label_names."""
     args = timm_model_args(cfg)
     size = cfg.image_size
@@ -117,8 +142,10 @@ def timm_config(cfg: VisionTransformerConfig, label_names: Sequence[str], mean: 
             "classifier": "head",
             "description": description or "OppaiOracle multi-label tagger (WD-tagger layout)",
             "notes": [
-                ("Input: the image padded to a square with white, resized, normalised with mean/std, "
-                "channels in BGR order (x[:, [2, 1, 0]] after timm's transform), as WD v3 taggers."),
+                (
+                    "Input: the image padded to a square with white, resized, normalised with mean/std, "
+                    "channels in BGR order (x[:, [2, 1, 0]] after timm's transform), as WD v3 taggers."
+                ),
                 "Output: logits; sigmoid for the tags, softmax over the first four (the rating).",
             ],
         },
@@ -149,10 +176,10 @@ def write_timm_folder(folder: Path, config: Mapping[str, Any], state: Mapping[st
 class TimmFolder:
     """A timm-layout tagger read back into our layout."""
 
-    cfg: VisionTransformerConfig            # our architecture (num_tags = outputs after the ratings)
-    backbone: dict[str, torch.Tensor]       # our key names, first conv taking RGB again
-    head_weight: torch.Tensor               # (4 + T, C), rows in the folder's output order
-    head_bias: torch.Tensor                 # (4 + T,)
+    cfg: VisionTransformerConfig  # our architecture (num_tags = outputs after the ratings)
+    backbone: dict[str, torch.Tensor]  # our key names, first conv taking RGB again
+    head_weight: torch.Tensor  # (4 + T, C), rows in the folder's output order
+    head_bias: torch.Tensor  # (4 + T,)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -176,8 +203,9 @@ def _check_model_args(args: Mapping[str, Any], source: str) -> None:
         raise ValueError(f"{source}: this timm model cannot be loaded into our ViT exactly: " + "; ".join(problems))
 
 
-def _our_config(config: Mapping[str, Any], args: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                pretrained: Mapping[str, Any], source: str) -> VisionTransformerConfig:
+def _our_config(
+    config: Mapping[str, Any], args: Mapping[str, Any], state: Mapping[str, torch.Tensor], pretrained: Mapping[str, Any], source: str
+) -> VisionTransformerConfig:
     """Our VisionTransformerConfig from the weights' shapes, model_args and the architecture's defaults."""
     embed_dim, _, patch, _ = state[_FIRST_CONV].shape  # (C, 3, p, p)
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
@@ -185,8 +213,9 @@ def _our_config(config: Mapping[str, Any], args: Mapping[str, Any], state: Mappi
     defaults = {name: shape for shape, name in _ARCHITECTURES.items()}.get(str(config.get("architecture", "")))
     num_heads = args.get("num_heads", defaults[2] if defaults and defaults[0] == embed_dim else None)
     if num_heads is None:
-        raise ValueError(f"{source}: model_args has no num_heads and the architecture "
-                         f"{config.get('architecture')!r} does not fix it for width {embed_dim}")
+        raise ValueError(
+            f"{source}: model_args has no num_heads and the architecture {config.get('architecture')!r} does not fix it for width {embed_dim}"
+        )
     for key, found in (("embed_dim", embed_dim), ("patch_size", patch), ("depth", depth)):
         if key in args and int(args[key]) != found:
             raise ValueError(f"{source}: model_args {key}={args[key]} but the weights have {found}")
@@ -197,11 +226,16 @@ def _our_config(config: Mapping[str, Any], args: Mapping[str, Any], state: Mappi
     try:
         return VisionTransformerConfig(
             image_size=int(image_size[-1] if isinstance(image_size, (list, tuple)) else image_size),
-            patch_size=int(patch), num_tags=num_outputs - 4, embed_dim=int(embed_dim), depth=depth,
-            num_heads=int(num_heads), mlp_ratio=hidden / embed_dim,
+            patch_size=int(patch),
+            num_tags=num_outputs - 4,
+            embed_dim=int(embed_dim),
+            depth=depth,
+            num_heads=int(num_heads),
+            mlp_ratio=hidden / embed_dim,
             qkv_bias="blocks.0.attn.qkv.bias" in state,
             layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state else None,  # gamma itself is loaded
-            pooling="avg" if args.get("global_pool", "token") == "avg" else "cls")
+            pooling="avg" if args.get("global_pool", "token") == "avg" else "cls",
+        )
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
 

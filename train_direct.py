@@ -9,7 +9,6 @@ script runs unchanged under `torchrun --nproc-per-node N` (DDP; rank 0 writes fi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -40,24 +39,23 @@ from Configuration_System import ConfigError, RootConfig, dump_config, load_conf
 from data_setup import DataBundle, build_eval_loader, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
-from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
-from micro_batching import MicroBatchPlan, MicroBatchPlanError, injected_oom_limit
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay
+from micro_batching import MicroBatchPlan, MicroBatchPlanError
+from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, init_distributed
-from run_folder import (
-    NEW_FOLDER_FLAG,
-    RUN_RECORD_NAME,
-    RunClaim,
-    claim_run_folder,
-    is_own_checkpoint,
-    read_run_record,
-    run_record_text,
-)
+from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
-from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
 from tagger_init import init_model_weights
+from training_setup import (
+    build_step,
+    check_resume_compatible,
+    effective_learning_rate,
+    model_config,
+    schedule_signature,
+    steps_per_epoch,
+    total_optimizer_steps,
+)
 from training_utils import (
     BestMetric,
     EarlyStopping,
@@ -71,106 +69,24 @@ from training_utils import (
 )
 from validation_loop import EvalResult, evaluate
 
-# Config keys whose change alters the schedule or the data order of a resumed run.
-SCHEDULE_KEYS = ("data.batch_size", "training.grad_accum_steps", "training.epochs", "training.max_steps",
-                 "training.learning_rate", "training.lr_scaling", "training.scheduler",
-                 "training.warmup_steps", "training.warmup_ratio", "training.min_lr_ratio", "training.seed")
-
-
 # --------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------
-
-def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:
-    """learning_rate scaled by effective batch / reference batch (none, linear or sqrt rule)."""
-    t = cfg.training
-    ratio = cfg.data.batch_size * t.grad_accum_steps * world_size / t.reference_batch_size
-    if t.lr_scaling == "linear":
-        return t.learning_rate * ratio
-    if t.lr_scaling == "sqrt":
-        return t.learning_rate * math.sqrt(ratio)
-    return t.learning_rate
-
-
-def steps_per_epoch(batches_per_epoch: int, accum: int) -> int:
-    """Optimizer steps in one epoch (a partial accumulation window at the end counts as one)."""
-    return math.ceil(batches_per_epoch / accum)
-
-
-def total_optimizer_steps(cfg: RootConfig, per_epoch: int) -> int:
-    """Optimizer steps of the whole run (epochs x steps per epoch, capped by max_steps)."""
-    total = cfg.training.epochs * per_epoch
-    return min(total, cfg.training.max_steps) if cfg.training.max_steps else total
-
-
-def model_config(cfg: RootConfig, data: DataBundle) -> VisionTransformerConfig:
-    """The tagger's shape, its tag-head biases at the log-odds of each tag's training frequency."""
-    m = cfg.model
-    overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
-    freqs = data.vocab.frequencies_array()
-    n_train = max(1, len(data.train_records))
-    model_cfg = VisionTransformerConfig.from_preset(
-        m.preset, image_size=cfg.data.image_size, patch_size=m.patch_size, num_tags=len(data.vocab),
-        mlp_ratio=m.mlp_ratio, drop_path_rate=m.drop_path_rate,
-        layer_scale_init=m.layer_scale_init or None, pooling=m.pooling,
-        grad_checkpoint_every=m.grad_checkpoint_every,
-        tag_bias_init=[f / n_train for f in freqs], **overrides)
-    return model_cfg
-
-
-def build_loss(cfg: RootConfig, data: DataBundle, device: torch.device) -> MultiTaskLoss:
-    """Asymmetric focal loss for tags plus rating cross-entropy."""
-    lc = cfg.loss
-    weights = None
-    if lc.tag_weighting != "none":
-        weights = tag_weights_from_frequencies(data.vocab.frequencies_array(), len(data.train_records), lc.tag_weighting).to(device)
-    tag_loss = AsymmetricFocalLoss(gamma_neg=lc.gamma_neg, gamma_pos=lc.gamma_pos, clip=lc.clip, eps=lc.eps, tag_weights=weights)
-    return MultiTaskLoss(tag_loss, tag_weight=lc.tag_weight, rating_weight=lc.rating_weight,
-                         rating_label_smoothing=lc.rating_label_smoothing).to(device)
-
-
-def build_scheduler(cfg: RootConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured learning-rate schedule, stepped once per optimizer update."""
-    t = cfg.training
-    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
-    if t.scheduler == "cosine_restarts":
-        period = t.restart_period_steps or max(1, total_steps // 4)
-        return CosineAnnealingWarmupRestarts(optimizer, first_cycle_steps=period, warmup_steps=min(warmup, period - 1),
-                                             cycle_mult=t.restart_period_mult, gamma=t.restart_decay, min_lr_ratio=t.min_lr_ratio)
-    return LinearWarmupCosineLR(optimizer, warmup_steps=min(warmup, total_steps), total_steps=total_steps, min_lr_ratio=t.min_lr_ratio)
-
-
-def schedule_signature(cfg: RootConfig, world_size: int) -> dict[str, Any]:
-    """The settings a resumed run must share with its checkpoint to continue the same schedule."""
-    sig = {}
-    for key in SCHEDULE_KEYS:
-        section, name = key.split(".")
-        sig[key] = getattr(getattr(cfg, section), name)
-    sig["world_size"] = world_size
-    return sig
-
-
-def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], accept: bool) -> list[str]:
-    """Refuse (or, with accept, list) schedule changes between a checkpoint and this run."""
-    changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-    if changes and not accept:
-        raise ConfigError("resuming would change the schedule (" + "; ".join(changes)
-                          + "). Use the checkpoint's settings, or pass --accept-schedule-change to continue with the new ones")
-    return changes
 
 
 # --------------------------------------------------------------------------------------------
 # Run state
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RunState:
     """Where the run is: the counters a checkpoint carries besides weights, optimizer and RNG."""
 
-    step: int = 0                 # optimizer steps done
-    epoch: int = 0                # current epoch (0-based)
-    batch_in_epoch: int = 0       # micro-batches of this epoch already consumed (this rank)
-    images_seen: int = 0          # all ranks
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (this rank)
+    images_seen: int = 0  # all ranks
     last_val_step: int | None = None
     last_ckpt_step: int | None = None
 
@@ -213,11 +129,11 @@ class TrainingRun:
     dist: Distributed
     device: torch.device
     data: DataBundle
-    step_fn: TrainStep                # forward, loss, backward, update, schedule, EMA
+    step_fn: TrainStep  # forward, loss, backward, update, schedule, EMA
     optimizer: torch.optim.Optimizer
     sampler: ResumableSampler
     failures: FailureTracker
-    best: BestMetric                  # the selection metric's best value and step
+    best: BestMetric  # the selection metric's best value and step
     early_stopping: EarlyStopping
     writer: AsyncCheckpointWriter
     monitor: TrainingMonitor
@@ -228,7 +144,7 @@ class TrainingRun:
     background: ThreadSafeMetricsTracker = field(default_factory=ThreadSafeMetricsTracker)  # other threads' timings
     flips: list[int] = field(default_factory=lambda: [0, 0])  # flipped, vetoed since the last log line
     state: RunState = field(default_factory=RunState)
-    run_record: str = ""              # run.json's text (rank 0), copied into every checkpoint: its lineage
+    run_record: str = ""  # run.json's text (rank 0), copied into every checkpoint: its lineage
 
     @property
     def raw_model(self) -> SimplifiedTagger:
@@ -253,15 +169,24 @@ class TrainingRun:
     def components(self) -> dict[str, Stateful]:
         """The stateful pieces, by their key in training_state.pt (the weights go in safetensors).
         Restored in this order: RNG last, so nothing restored after it draws random numbers."""
-        return {"run_state": self.state, "optimizer": self.optimizer, "scheduler": self.scheduler, "amp": self.amp,
-                "sampler": SamplerPosition(self.sampler, self.state), "early_stopping": self.early_stopping,
-                "best": self.best, "failures": self.failures, "monitor": self.monitor,
-                "rng": RankRngStates(self.dist.rank, self.dist.world_size)}
+        return {
+            "run_state": self.state,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "amp": self.amp,
+            "sampler": SamplerPosition(self.sampler, self.state),
+            "early_stopping": self.early_stopping,
+            "best": self.best,
+            "failures": self.failures,
+            "monitor": self.monitor,
+            "rng": RankRngStates(self.dist.rank, self.dist.world_size),
+        }
 
 
 # --------------------------------------------------------------------------------------------
 # Per-step work
 # --------------------------------------------------------------------------------------------
+
 
 def count_flips(run: TrainingRun, flip: torch.Tensor) -> None:
     """Flips done (1) and vetoed (2) in a host-side batch tensor, for the next log line."""
@@ -277,12 +202,16 @@ def log_training(run: TrainingRun, images: int, seconds: float, wait_s: float) -
     values["augment/flipped"], values["augment/flip_vetoed"] = float(run.flips[0]), float(run.flips[1])
     values["data/replaced_samples"] = float(run.failures.failed)
     run.flips = [0, 0]
-    run.monitor.log_train(run.state.step, run.state.epoch + 1, values,
-                          images_per_s=images / max(seconds, 1e-9), data_wait_share=wait_s / max(seconds, 1e-9),
-                          lr=run.scheduler.get_last_lr()[0])
+    run.monitor.log_train(
+        run.state.step,
+        run.state.epoch + 1,
+        values,
+        images_per_s=images / max(seconds, 1e-9),
+        data_wait_share=wait_s / max(seconds, 1e-9),
+        lr=run.scheduler.get_last_lr()[0],
+    )
     if run.amp.max_consecutive_skips.item() >= run.cfg.training.max_consecutive_skips:
-        raise NonFiniteTrainingError(
-            f"{run.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
+        raise NonFiniteTrainingError(f"{run.cfg.training.max_consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm")
 
 
 @dataclass
@@ -304,6 +233,7 @@ class NonFiniteTrainingError(RuntimeError):
 # Validation and checkpoints
 # --------------------------------------------------------------------------------------------
 
+
 def run_validation(run: TrainingRun) -> tuple[bool, bool]:
     """Inline validation with the same function validation_loop.py uses; returns (is_new_best,
     should_stop_early). The best is updated before logging, so the monitor shows what
@@ -311,16 +241,23 @@ def run_validation(run: TrainingRun) -> tuple[bool, bool]:
     model = run.raw_model
     if run.cfg.validation.use_ema and run.ema is not None:
         model = _ema_model(run)
-    result = evaluate(model, run.val_loader, run.device, run.data.vocab, run.data.preprocess,
-                      threshold=run.cfg.validation.threshold, autocast=run.amp.autocast,
-                      world_size=run.dist.world_size, max_batches=run.cfg.validation.max_batches,
-                      num_examples=run.cfg.monitor.validation_images)
+    result = evaluate(
+        model,
+        run.val_loader,
+        run.device,
+        run.data.vocab,
+        run.data.preprocess,
+        threshold=run.cfg.validation.threshold,
+        autocast=run.amp.autocast,
+        world_size=run.dist.world_size,
+        max_batches=run.cfg.validation.max_batches,
+        num_examples=run.cfg.monitor.validation_images,
+    )
     run.failures.record(result.skipped)  # validation skips, never substituted: in the report and left out next time
     value = float(result.metrics[run.best.name])
     is_best = run.best.update(run.state.step, value)
     stop = run.early_stopping.update(value)
-    run.monitor.log_validation(run.state.step, result.metrics, best_name=run.best.name,
-                               best_value=run.best.value, best_step=run.best.step)
+    run.monitor.log_validation(run.state.step, result.metrics, best_name=run.best.name, best_value=run.best.value, best_step=run.best.step)
     log_validation_pictures(run, result)
     run.state.last_val_step = run.state.step
     return is_best, stop
@@ -367,11 +304,13 @@ def stop_agreed(run: TrainingRun, stopper: GracefulStopper, poll: bool) -> bool:
 def training_state_dict(run: TrainingRun) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (tensors and plain types); a
     collective call under DDP (the RNG states of every rank are gathered)."""
-    return {"format_version": CHECKPOINT_FORMAT_VERSION,
-            **{name: component.state_dict() for name, component in run.components().items()},
-            "schedule": schedule_signature(run.cfg, run.dist.world_size),
-            "micro_batches": run.step_fn.plan.to_dict(),  # not part of the schedule: a resume may re-plan
-            "vocabulary_fingerprint": run.data.vocab.fingerprint()}
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        **{name: component.state_dict() for name, component in run.components().items()},
+        "schedule": schedule_signature(run.cfg, run.dist.world_size),
+        "micro_batches": run.step_fn.plan.to_dict(),  # not part of the schedule: a resume may re-plan
+        "vocabulary_fingerprint": run.data.vocab.fingerprint(),
+    }
 
 
 def save_checkpoint(run: TrainingRun, is_best: bool, wait: bool = False) -> None:
@@ -381,13 +320,12 @@ def save_checkpoint(run: TrainingRun, is_best: bool, wait: bool = False) -> None
     train_state = training_state_dict(run)  # collective under DDP
     if not run.dist.is_main:
         return
-    model_state, train_state, ema_state = snapshot_state(
-        run.raw_model.state_dict(), train_state, run.ema.state_dict() if run.ema else None)
-    files = checkpoint_files(run.cfg, run.data.vocab_path.read_text(encoding="utf-8"), run.raw_model.cfg,
-                             run.data.preprocess)
+    model_state, train_state, ema_state = snapshot_state(run.raw_model.state_dict(), train_state, run.ema.state_dict() if run.ema else None)
+    files = checkpoint_files(run.cfg, run.data.vocab_path.read_text(encoding="utf-8"), run.raw_model.cfg, run.data.preprocess)
     files[RUN_RECORD_NAME] = run.run_record  # the pruner deletes only folders of this run's lineage
-    run.writer.submit(CheckpointPayload(step=run.state.step, model_state=model_state, training_state=train_state,
-                                        files=files, ema_state=ema_state, is_best=is_best))
+    run.writer.submit(
+        CheckpointPayload(step=run.state.step, model_state=model_state, training_state=train_state, files=files, ema_state=ema_state, is_best=is_best)
+    )
     if wait:
         run.writer.wait()
 
@@ -408,10 +346,11 @@ def with_best_entry(state: Mapping[str, Any]) -> dict[str, Any]:
 def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any], accept_schedule_change: bool) -> None:
     """Restore weights, EMA and every component of `state` (the folder's training state)."""
     if state["vocabulary_fingerprint"] != run.data.vocab.fingerprint():
-        raise ConfigError(f"{folder}: the checkpoint's vocabulary differs from this run's ({run.data.vocab_path}); "
-                          "resume with the run's own vocabulary.json (data.vocabulary)")
-    changes = check_resume_compatible(state["schedule"], schedule_signature(run.cfg, run.dist.world_size),
-                                      accept_schedule_change)
+        raise ConfigError(
+            f"{folder}: the checkpoint's vocabulary differs from this run's ({run.data.vocab_path}); "
+            "resume with the run's own vocabulary.json (data.vocabulary)"
+        )
+    changes = check_resume_compatible(state["schedule"], schedule_signature(run.cfg, run.dist.world_size), accept_schedule_change)
     run.raw_model.load_state_dict(load_model_state(folder))
     if run.ema is not None:
         if has_ema(folder):
@@ -442,6 +381,7 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
 # The loop
 # --------------------------------------------------------------------------------------------
 
+
 def epoch_batches(run: TrainingRun, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
     """Device batches of one epoch, starting after `start_batch` already-consumed micro-batches."""
     run.sampler.set_epoch(epoch, start_batch=start_batch)
@@ -465,8 +405,7 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
                 wait_since += time.perf_counter() - t0
                 run.failures.observe(batch)
                 count_flips(run, batch["flip"])
-                run.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"],
-                                             window, sync=(i == window - 1))
+                run.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"], window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * run.dist.world_size
                 st.batch_in_epoch += 1
             run.step_fn.optimizer_step(st.step)
@@ -516,16 +455,26 @@ def after_step(run: TrainingRun, epoch_done: bool, stopper: GracefulStopper) -> 
 # main
 # --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description="Train a ViT image tagger from images with sidecar JSON tags.")
     p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the run's newest checkpoint or a given one")
-    p.add_argument("--init-from", default=None, metavar="PATH", help="start from these weights (model.init_from): a released WD tagger folder (head matched by tag name), a checkpoint folder or timm-layout ViT weights")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start from these weights (model.init_from): a released WD tagger folder (head matched by tag name), a checkpoint folder or timm-layout ViT weights",
+    )
     p.add_argument("--accept-schedule-change", action="store_true", help="resume even if batch size, epochs or learning rate changed")
-    p.add_argument(NEW_FOLDER_FLAG, dest="new_run_folder", action="store_true",
-                   help="when the run folder already holds a run, start this fresh run in NAME-2, NAME-3, ... instead")
+    p.add_argument(
+        NEW_FOLDER_FLAG,
+        dest="new_run_folder",
+        action="store_true",
+        help="when the run folder already holds a run, start this fresh run in NAME-2, NAME-3, ... instead",
+    )
     return p.parse_args(argv)
 
 
@@ -554,9 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:  # one process per run folder, and no fresh run into an earlier run's folder
-        claim = claim_run_folder(cfg.run_dir, resume=resume_dir is not None, new_folder=args.new_run_folder,
-                                 rank=dist.rank, share=_broadcast_from_rank0 if dist.world_size > 1 else None,
-                                 log=print if dist.is_main else None)
+        claim = claim_run_folder(
+            cfg.run_dir,
+            resume=resume_dir is not None,
+            new_folder=args.new_run_folder,
+            rank=dist.rank,
+            share=_broadcast_from_rank0 if dist.world_size > 1 else None,
+            log=print if dist.is_main else None,
+        )
     except RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -579,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         claim.release()
 
 
-def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, device: torch.device,
-                claim: RunClaim, resume_dir: Path | None) -> TrainingRun | int:
+def prepare_run(
+    args: argparse.Namespace, cfg: RootConfig, dist: Distributed, device: torch.device, claim: RunClaim, resume_dir: Path | None
+) -> TrainingRun | int:
     """Data, memory check, model, micro-batch split, session and resume; an exit code on a setup
     error (printed in one line)."""
     try:
@@ -594,8 +549,9 @@ def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, de
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = cfg.run_dir
     try:
-        data = prepare_data(cfg, run_dir, rank=dist.rank, world_size=dist.world_size,
-                            resume=resume_dir is not None, log=print if dist.is_main else None)
+        data = prepare_data(
+            cfg, run_dir, rank=dist.rank, world_size=dist.world_size, resume=resume_dir is not None, log=print if dist.is_main else None
+        )
         model_cfg = model_config(cfg, data)
         box = [cpu_memory_message(cfg, device, model_cfg, saved) if dist.is_main else None]  # before the model exists
     except (ConfigError, FileNotFoundError, ValueError, DataQualityError) as exc:
@@ -619,8 +575,15 @@ def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, de
         if dist.is_main:
             write_data_report(run_dir / "data_report.json", data.report)
     try:
-        train_sampler = ResumableSampler(len(data.train_dataset), batch_size=cfg.data.batch_size, shuffle=True,
-                                         seed=cfg.training.seed, rank=dist.rank, world_size=dist.world_size, drop_last=True)
+        train_sampler = ResumableSampler(
+            len(data.train_dataset),
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            seed=cfg.training.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            drop_last=True,
+        )
     except ValueError as exc:  # e.g. a batch larger than the training split
         print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
@@ -633,8 +596,18 @@ def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, de
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg.training.micro_batch_size = step_fn.plan.micro_batch  # the resolved split, in config.yaml and checkpoints
-    run = build_session(cfg, dist, device, data, step_fn, train_sampler, total_steps, per_epoch, claim,
-                        resume_step=None if resume_state is None else resume_state["run_state"]["step"])
+    run = build_session(
+        cfg,
+        dist,
+        device,
+        data,
+        step_fn,
+        train_sampler,
+        total_steps,
+        per_epoch,
+        claim,
+        resume_step=None if resume_state is None else resume_state["run_state"]["step"],
+    )
     if resume_dir is not None:
         try:
             restore_checkpoint(run, resume_dir, resume_state, args.accept_schedule_change)
@@ -646,9 +619,11 @@ def prepare_run(args: argparse.Namespace, cfg: RootConfig, dist: Distributed, de
     if dist.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
-              f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
-              f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}")
+        print(
+            f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
+            f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
+            f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}"
+        )
         print(f"micro-batches: {describe_plan(step_fn.plan)} ({how})")
         run.monitor.log_hparams(_flat_hparams(cfg), {})
     return run
@@ -663,56 +638,65 @@ def note_replan(run: TrainingRun, plan: MicroBatchPlan, reason: str) -> None:
         atomic_write_text(run.cfg.run_dir / "config.yaml", dump_config(run.cfg))
 
 
-def build_step(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle,
-               raw_model: SimplifiedTagger, total_steps: int) -> TrainStep:
-    """Optimizer, schedule, loss, EMA and the step around a built model (unsplit until planned)."""
-    model: torch.nn.Module = raw_model
-    if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(param_groups_for_weight_decay(raw_model, cfg.training.weight_decay),
-                                  lr=effective_learning_rate(cfg, dist.world_size),
-                                  betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
-    return TrainStep(
-        model, raw_model, build_loss(cfg, data, device),
-        GuardedOptimizerStep(optimizer, device, cfg.training.precision, cfg.training.grad_clip),
-        build_scheduler(cfg, optimizer, total_steps),
-        ModelEma(raw_model, cfg.training.ema_decay, cfg.training.ema_warmup_steps) if cfg.training.ema_decay else None,
-        device,
-        # An out-of-memory error splits further and retries (one process: DDP ranks cannot retry alone).
-        adaptive=cfg.training.micro_batch_size == 0 and dist.world_size == 1, fault_limit=injected_oom_limit())
-
-
-def build_session(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle, step_fn: TrainStep,
-                  train_sampler: ResumableSampler, total_steps: int, per_epoch: int, claim: RunClaim,
-                  resume_step: int | None) -> TrainingRun:
+def build_session(
+    cfg: RootConfig,
+    dist: Distributed,
+    device: torch.device,
+    data: DataBundle,
+    step_fn: TrainStep,
+    train_sampler: ResumableSampler,
+    total_steps: int,
+    per_epoch: int,
+    claim: RunClaim,
+    resume_step: int | None,
+) -> TrainingRun:
     """Loaders, checkpoint writer and monitor around the step."""
-    monitor = TrainingMonitor(cfg.run_dir, enabled=dist.is_main, total_steps=total_steps,
-                              console_interval_s=cfg.monitor.console_interval_s, tensorboard=cfg.monitor.tensorboard,
-                              system_stats_interval_s=cfg.monitor.system_stats_interval_s,
-                              wandb={"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode,
-                                     "name": cfg.experiment_name} if cfg.monitor.wandb_project else None,
-                              resume_step=resume_step)
+    monitor = TrainingMonitor(
+        cfg.run_dir,
+        enabled=dist.is_main,
+        total_steps=total_steps,
+        console_interval_s=cfg.monitor.console_interval_s,
+        tensorboard=cfg.monitor.tensorboard,
+        system_stats_interval_s=cfg.monitor.system_stats_interval_s,
+        wandb={"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode, "name": cfg.experiment_name}
+        if cfg.monitor.wandb_project
+        else None,
+        resume_step=resume_step,
+    )
     background = CheckpointTimings(ThreadSafeMetricsTracker())
     record = read_run_record(claim.run_dir) if dist.is_main else None
-    ckpt = CheckpointManager(checkpoints_dir(cfg.run_dir), keep_last=cfg.checkpoint.keep_last,
-                             owns=partial(is_own_checkpoint, run_id=claim.run_id))
+    ckpt = CheckpointManager(checkpoints_dir(cfg.run_dir), keep_last=cfg.checkpoint.keep_last, owns=partial(is_own_checkpoint, run_id=claim.run_id))
     return TrainingRun(
-        cfg=cfg, dist=dist, device=device, data=data, step_fn=step_fn, optimizer=step_fn.amp.optimizer,
-        sampler=train_sampler, failures=data.failure_tracker(cfg.data.max_bad_fraction),
+        cfg=cfg,
+        dist=dist,
+        device=device,
+        data=data,
+        step_fn=step_fn,
+        optimizer=step_fn.amp.optimizer,
+        sampler=train_sampler,
+        failures=data.failure_tracker(cfg.data.max_bad_fraction),
         best=BestMetric(cfg.validation.selection_metric),
         early_stopping=EarlyStopping(cfg.validation.early_stopping_patience, cfg.validation.early_stopping_min_delta),
         writer=AsyncCheckpointWriter(ckpt, enabled=cfg.checkpoint.async_write, on_written=background.record_write),
-        monitor=monitor, background=background.tracker,
+        monitor=monitor,
+        background=background.tracker,
         train_loader=build_dataloader(
-            data.train_dataset, train_sampler, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-            pin_memory=cfg.data.pin_memory and device.type == "cuda", drop_last=True,
-            prefetch_factor=cfg.data.prefetch_factor, persistent_workers=cfg.data.persistent_workers,
-            multiprocessing_context=cfg.data.worker_start_method or None, generator_seed=cfg.training.seed),
+            data.train_dataset,
+            train_sampler,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            pin_memory=cfg.data.pin_memory and device.type == "cuda",
+            drop_last=True,
+            prefetch_factor=cfg.data.prefetch_factor,
+            persistent_workers=cfg.data.persistent_workers,
+            multiprocessing_context=cfg.data.worker_start_method or None,
+            generator_seed=cfg.training.seed,
+        ),
         val_loader=build_eval_loader(cfg, data, rank=dist.rank, world_size=dist.world_size),
-        total_steps=total_steps, steps_per_epoch=per_epoch,
-        run_record=run_record_text(record) if record is not None else "")
+        total_steps=total_steps,
+        steps_per_epoch=per_epoch,
+        run_record=run_record_text(record) if record is not None else "",
+    )
 
 
 def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
@@ -747,20 +731,26 @@ def record_worker_failures(run: TrainingRun) -> None:
     run.data.report["replaced_during_training"] = run.failures.to_dict()
     write_data_report(run.cfg.run_dir / "data_report.json", run.data.report)
     if run.failures.failed:
-        print(f"data: {run.failures.failed} samples failed in workers and were replaced "
-              f"({', '.join(f'{k}: {v}' for k, v in sorted(run.failures.by_reason.items()))})")
+        print(
+            f"data: {run.failures.failed} samples failed in workers and were replaced "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(run.failures.by_reason.items()))})"
+        )
 
 
 def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None:
     """The closing lines: what happened, the best checkpoint, how to resume or evaluate."""
     run_dir = run.cfg.run_dir
     best_value = run.best.value if run.best.value is not None else float("nan")
-    print(f"done: {outcome} at step {run.state.step}/{run.total_steps}; "
-          f"best {run.best.name} {best_value:.4f} at step {run.best.step}")
+    print(f"done: {outcome} at step {run.state.step}/{run.total_steps}; best {run.best.name} {best_value:.4f} at step {run.best.step}")
     if outcome.startswith("stopped"):
         named = [f"--set experiment_name={run.cfg.experiment_name}"] if args.new_run_folder else []  # NAME-2
-        cmd = " ".join([sys.executable, "train_direct.py"] + (["--config", str(args.config)] if args.config else [])
-                       + [f"--set {s}" for s in args.set] + named + ["--resume", "latest"])
+        cmd = " ".join(
+            [sys.executable, "train_direct.py"]
+            + (["--config", str(args.config)] if args.config else [])
+            + [f"--set {s}" for s in args.set]
+            + named
+            + ["--resume", "latest"]
+        )
         print(f"resume with: {cmd}")
     best = checkpoints_dir(run_dir) / BEST_POINTER
     if best.is_file():

@@ -26,13 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from micro_batching import (
-    MicroBatchPlan,
-    MicroBatchPlanError,
-    forward_backward_split,
-    is_out_of_memory,
-    micro_batch_candidates,
-)
+from micro_batching import MicroBatchPlan, MicroBatchPlanError, forward_backward_split, is_out_of_memory, micro_batch_candidates
 
 
 class Stateful(Protocol):
@@ -49,6 +43,7 @@ class Stateful(Protocol):
 # Reproducibility
 # --------------------------------------------------------------------------------------------
 
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -62,8 +57,13 @@ def capture_rng_state() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -110,6 +110,7 @@ class RankRngStates:
 # Best metric and early stopping
 # --------------------------------------------------------------------------------------------
 
+
 class BestMetric:
     """The best value so far of the run's selection metric (higher is better) and its step.
 
@@ -142,8 +143,9 @@ class BestMetric:
         """
         saved = state.get("metric")
         if saved is not None and saved != self.name:
-            raise ValueError(f"the checkpoint's best is by {saved} but this run selects by {self.name} "
-                             f"(validation.selection_metric); resume with {saved}")
+            raise ValueError(
+                f"the checkpoint's best is by {saved} but this run selects by {self.name} (validation.selection_metric); resume with {saved}"
+            )
         value, step = state.get("value"), state.get("step")
         self.value = None if value is None else float(value)
         self.step = None if step is None else int(step)
@@ -188,6 +190,7 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------
+
 
 class ModelEma:
     """Exponential moving average of a model's floating-point parameters and buffers.
@@ -278,8 +281,7 @@ class GuardedOptimizerStep:
     on the device and read at log time.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
-                 grad_clip: float = 0.0) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, precision: str, grad_clip: float = 0.0) -> None:
         """Guard `optimizer` (a fused one: it must skip on the device); precision as in the config."""
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             raise ValueError(f"{type(optimizer).__name__} cannot skip a step on the device; use a fused optimizer (AdamW(fused=True))")
@@ -412,14 +414,24 @@ class TrainStep:
     only: under DDP the ranks would have to agree on every retry.
     """
 
-    def __init__(self, model: torch.nn.Module, raw_model: torch.nn.Module, loss_fn: torch.nn.Module,
-                 amp: GuardedOptimizerStep, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 ema: ModelEma | None, device: torch.device, *, plan: MicroBatchPlan | None = None,
-                 adaptive: bool = False, fault_limit: int | None = None,
-                 on_replan: Callable[[MicroBatchPlan, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        raw_model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
+        amp: GuardedOptimizerStep,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ema: ModelEma | None,
+        device: torch.device,
+        *,
+        plan: MicroBatchPlan | None = None,
+        adaptive: bool = False,
+        fault_limit: int | None = None,
+        on_replan: Callable[[MicroBatchPlan, str], None] | None = None,
+    ) -> None:
         """The pieces of one step; `model` may wrap `raw_model` in DDP and/or torch.compile."""
-        self.model = model            # what forward runs (maybe DDP and/or compiled)
-        self.raw_model = raw_model    # the module whose parameters are updated and saved
+        self.model = model  # what forward runs (maybe DDP and/or compiled)
+        self.raw_model = raw_model  # the module whose parameters are updated and saved
         self.loss_fn = loss_fn
         self.amp = amp
         self.scheduler = scheduler
@@ -439,8 +451,7 @@ class TrainStep:
         """Images per forward/backward pass for a batch of `batch_size`."""
         return batch_size if self.plan is None else self.plan.micro_batch
 
-    def forward_backward(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor,
-                         window: int, sync: bool = True) -> None:
+    def forward_backward(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, window: int, sync: bool = True) -> None:
         """One batch of a `window`-long accumulation window; `sync=False` skips the DDP gradient
         all-reduce (every batch but the window's last)."""
         if self.adaptive:
@@ -455,11 +466,21 @@ class TrainStep:
         if failure is not None:  # outside the except block: the failed pass's tensors are freed
             self._run_window_again(images.shape[0], failure)
 
-    def _pass(self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, window: int,
-              sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return forward_backward_split(self.model, self.loss_fn, self.amp, images, tag_targets, ratings,
-                                      micro_batch=self.micro_batch(images.shape[0]), window=window, sync=sync,
-                                      fault_limit=self.fault_limit)
+    def _pass(
+        self, images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, window: int, sync: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return forward_backward_split(
+            self.model,
+            self.loss_fn,
+            self.amp,
+            images,
+            tag_targets,
+            ratings,
+            micro_batch=self.micro_batch(images.shape[0]),
+            window=window,
+            sync=sync,
+            fault_limit=self.fault_limit,
+        )
 
     def _run_window_again(self, batch_size: int, failure: str) -> None:
         """Split further after an out-of-memory error and redo the window's batches until they fit."""
@@ -470,7 +491,8 @@ class TrainStep:
                 raise MicroBatchPlanError(
                     f"data.batch_size={batch_size}: out of memory even in micro-batches of 1 image ({failure}); "
                     "use a smaller model (model.preset) or image size (data.image_size), "
-                    "or set model.grad_checkpoint_every=1")
+                    "or set model.grad_checkpoint_every=1"
+                )
             self.plan = MicroBatchPlan(batch_size, smaller[0])
             self.replans += 1
             self.amp.discard_window()
@@ -501,8 +523,7 @@ class TrainStep:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.raw_model, step, skipped)
-        self._accumulate("grad_norm", torch.where(skipped, torch.zeros_like(grad_norm), grad_norm.float()),
-                         count=(~skipped).float())
+        self._accumulate("grad_norm", torch.where(skipped, torch.zeros_like(grad_norm), grad_norm.float()), count=(~skipped).float())
 
     def _accumulate(self, name: str, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
         s = self.sums.get(name)
@@ -535,7 +556,3 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-
-
-# The earlier name, kept for benchmarks/bench_train_step.py until it imports GuardedOptimizerStep.
-MixedPrecisionTrainer = GuardedOptimizerStep

@@ -47,8 +47,8 @@ RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
 class EvalExamples:
     """The first few validation images with their scores, for a picture in TensorBoard."""
 
-    images: torch.Tensor   # (N, 3, H, W) uint8, as the model saw them
-    probs: torch.Tensor    # (N, T) float
+    images: torch.Tensor  # (N, 3, H, W) uint8, as the model saw them
+    probs: torch.Tensor  # (N, T) float
     targets: torch.Tensor  # (N, T) float in {0, 1}
 
 
@@ -69,10 +69,19 @@ def _denormalize(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Te
     return ((images.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, vocab: TagVocabulary,
-             preprocess: PreprocessParams, *, threshold: float,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             world_size: int = 1, max_batches: int = 0, num_examples: int = 0) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: torch.device,
+    vocab: TagVocabulary,
+    preprocess: PreprocessParams,
+    *,
+    threshold: float,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    world_size: int = 1,
+    max_batches: int = 0,
+    num_examples: int = 0,
+) -> EvalResult:
     """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP).
 
     With num_examples > 0 the first images of the first batch are kept with their scores.
@@ -81,9 +90,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
     """
     was_training = model.training
     model.eval()
-    computer = MetricComputer(len(vocab), threshold=threshold, device=device, tag_names=vocab.index_to_tag,
-                              tag_categories=[vocab.tag_categories.get(t, "") for t in vocab.index_to_tag],
-                              tag_frequencies=vocab.frequencies_array())
+    computer = MetricComputer(
+        len(vocab),
+        threshold=threshold,
+        device=device,
+        tag_names=vocab.index_to_tag,
+        tag_categories=[vocab.tag_categories.get(t, "") for t in vocab.index_to_tag],
+        tag_frequencies=vocab.frequencies_array(),
+    )
     examples: EvalExamples | None = None
     skipped: dict[str, str] = {}
     try:
@@ -101,8 +115,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
                 computer.update_rating(outputs["rating_logits"].float(), batch["ratings"])  # (B, 4)
                 if num_examples and examples is None:
                     n = min(num_examples, probs.shape[0])
-                    examples = EvalExamples(_denormalize(batch["images"][:n], preprocess),
-                                            probs[:n].cpu(), batch["tag_targets"][:n].cpu())
+                    examples = EvalExamples(_denormalize(batch["images"][:n], preprocess), probs[:n].cpu(), batch["tag_targets"][:n].cpu())
         if world_size > 1:
             computer.all_reduce_()
     finally:
@@ -115,6 +128,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict[str, Any]], device: t
 # --------------------------------------------------------------------------------------------
 # Loading a checkpoint folder
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -143,23 +157,26 @@ def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool =
 # Reports
 # --------------------------------------------------------------------------------------------
 
+
 def per_tag_rows(result: EvalResult, vocab: TagVocabulary) -> list[dict[str, Any]]:
     """One row per tag: name, category, training frequency, support, AP, P/R/F1, best threshold."""
     per_tag = result.computer.per_tag()
     rows = []
     for i, tag in enumerate(vocab.index_to_tag):
-        rows.append({
-            "tag": tag,
-            "category": vocab.tag_categories.get(tag, ""),
-            "train_frequency": vocab.tag_frequencies.get(tag, 0),
-            "support": int(per_tag["support"][i]),
-            "ap": _num(per_tag["ap"][i]),
-            "precision": _num(per_tag["precision"][i]),
-            "recall": _num(per_tag["recall"][i]),
-            "f1": _num(per_tag["f1"][i]),
-            "best_threshold": _num(per_tag["best_threshold"][i]),
-            "best_f1": _num(per_tag["best_f1"][i]),
-        })
+        rows.append(
+            {
+                "tag": tag,
+                "category": vocab.tag_categories.get(tag, ""),
+                "train_frequency": vocab.tag_frequencies.get(tag, 0),
+                "support": int(per_tag["support"][i]),
+                "ap": _num(per_tag["ap"][i]),
+                "precision": _num(per_tag["precision"][i]),
+                "recall": _num(per_tag["recall"][i]),
+                "f1": _num(per_tag["f1"][i]),
+                "best_threshold": _num(per_tag["best_threshold"][i]),
+                "best_f1": _num(per_tag["best_f1"][i]),
+            }
+        )
     return rows
 
 
@@ -195,8 +212,19 @@ def _none_if_nan(value: Any) -> float | None:
 def report_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], source: str, top_n: int = 15) -> str:
     """report.md: headline metrics, best and worst tags, the rating confusion matrix."""
     lines = [f"# Evaluation of {source}", "", "| metric | value |", "| --- | --- |"]
-    for key in ("mAP", "f1_micro", "f1_macro", "precision_micro", "recall_micro", "rating_accuracy",
-                "global_threshold_p_eq_r", "num_samples", "num_skipped", "num_tags", "num_tags_with_positives"):
+    for key in (
+        "mAP",
+        "f1_micro",
+        "f1_macro",
+        "precision_micro",
+        "recall_micro",
+        "rating_accuracy",
+        "global_threshold_p_eq_r",
+        "num_samples",
+        "num_skipped",
+        "num_tags",
+        "num_tags_with_positives",
+    ):
         if key in metrics:
             v = metrics[key]
             lines.append(f"| {key} | {v:.4f} |" if isinstance(v, float) else f"| {key} | {v} |")
@@ -207,8 +235,7 @@ def report_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], source:
         lines += [f"| {r['tag']} | {r['support']} | {r['ap']:.4f} | {r['f1']:.4f} | {r['best_threshold']:.3f} |" for r in chosen]
     confusion = metrics.get("rating_confusion")
     if confusion:
-        lines += ["", "## Rating confusion (rows: true, columns: predicted)", "",
-                  "| | " + " | ".join(RATING_NAMES) + " |", "| --- " * 5 + "|"]
+        lines += ["", "## Rating confusion (rows: true, columns: predicted)", "", "| | " + " | ".join(RATING_NAMES) + " |", "| --- " * 5 + "|"]
         lines += [f"| {RATING_NAMES[i]} | " + " | ".join(str(int(c)) for c in row) + " |" for i, row in enumerate(confusion)]
     return "\n".join(lines) + "\n"
 
@@ -236,6 +263,7 @@ def select_tags(result: EvalResult, vocab: TagVocabulary, names: list[str]) -> d
 # CLI
 # --------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description="Evaluate a tagger checkpoint.")
@@ -256,8 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Load the checkpoint, evaluate, write the reports, print the headline."""
     args = parse_args(argv)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     try:
         ck = load_checkpoint_for_eval(args.checkpoint, device, ema=args.ema)
         cfg = ck.cfg
@@ -268,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         threshold = args.threshold or cfg.validation.threshold
         data_folder = Path(args.data) if args.data else (Path(cfg.data.root) if cfg.data.root else None)
         if args.out and data_folder is not None and data_folder.is_dir() and is_inside(args.out, data_folder):
-            raise ConfigError(f"--out {args.out} is inside the dataset folder {data_folder}; "
-                              "nothing is ever written into the dataset: choose a folder outside it")
+            raise ConfigError(
+                f"--out {args.out} is inside the dataset folder {data_folder}; nothing is ever written into the dataset: choose a folder outside it"
+            )
         data = prepare_eval_data(cfg, ck.vocab, ck.preprocess, data_root=args.data, log=print)
         tag_names = [t.strip() for t in args.tags.split(",") if t.strip()]
         if args.mode == "tags" and not tag_names:
@@ -280,13 +308,28 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(cfg.training.precision, device)
     autocast = functools.partial(autocast_context, precision, device)
     loader = build_eval_loader(cfg, data)
-    result = evaluate(ck.model, loader, device, ck.vocab, ck.preprocess, threshold=threshold, autocast=autocast,
-                      max_batches=args.fast_batches if args.mode == "fast" else 0)
+    result = evaluate(
+        ck.model,
+        loader,
+        device,
+        ck.vocab,
+        ck.preprocess,
+        threshold=threshold,
+        autocast=autocast,
+        max_batches=args.fast_batches if args.mode == "fast" else 0,
+    )
     metrics = dict(result.metrics)
-    metrics.update({"checkpoint": str(ck.folder), "step": ck.step, "mode": args.mode, "ema": args.ema,
-                    "data": str(args.data or cfg.data.root),
-                    "skipped_samples": {printable(k): v for k, v in sorted(result.skipped.items())},
-                    "data_skipped_at_scan": data.report.get("skipped", {})})
+    metrics.update(
+        {
+            "checkpoint": str(ck.folder),
+            "step": ck.step,
+            "mode": args.mode,
+            "ema": args.ema,
+            "data": str(args.data or cfg.data.root),
+            "skipped_samples": {printable(k): v for k, v in sorted(result.skipped.items())},
+            "data_skipped_at_scan": data.report.get("skipped", {}),
+        }
+    )
     if args.mode == "hierarchical":
         metrics["by_category"] = result.computer.by_category()
         metrics["by_frequency_bucket"] = result.computer.by_bucket()
@@ -298,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = Path(args.out) if args.out else run_dir_of(ck.folder) / "eval" / ck.folder.name
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
-    print(f"eval {ck.folder.name}: mAP {metrics['mAP']:.4f}  F1 micro {metrics['f1_micro']:.4f}  "
-          f"macro {metrics['f1_macro']:.4f}  rating acc {metrics.get('rating_accuracy', float('nan')):.4f}  "
-          f"({metrics['num_samples']} samples evaluated, {metrics['num_skipped']} skipped: failed to load) -> {out}")
+    print(
+        f"eval {ck.folder.name}: mAP {metrics['mAP']:.4f}  F1 micro {metrics['f1_micro']:.4f}  "
+        f"macro {metrics['f1_macro']:.4f}  rating acc {metrics.get('rating_accuracy', float('nan')):.4f}  "
+        f"({metrics['num_samples']} samples evaluated, {metrics['num_skipped']} skipped: failed to load) -> {out}"
+    )
     return 0
 
 

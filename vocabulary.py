@@ -56,10 +56,7 @@ class TagVocabulary:
     """The ordered tag list behind the model's tag outputs, with frequencies and categories."""
 
     def __init__(
-        self,
-        index_to_tag: Sequence[str],
-        tag_frequencies: Mapping[str, int] | None = None,
-        tag_categories: Mapping[str, str] | None = None,
+        self, index_to_tag: Sequence[str], tag_frequencies: Mapping[str, int] | None = None, tag_categories: Mapping[str, str] | None = None
     ) -> None:
         """Build from an ordered tag list; raises ValueError on duplicates or empty/non-str tags."""
         tags = list(index_to_tag)
@@ -68,9 +65,7 @@ class TagVocabulary:
             if not isinstance(tag, str) or not tag:
                 raise ValueError(f"vocabulary tag at index {index} is not a non-empty string: {tag!r}")
             if tag in tag_to_index:
-                raise ValueError(
-                    f"duplicate tag {tag!r} at indices {tag_to_index[tag]} and {index}"
-                )
+                raise ValueError(f"duplicate tag {tag!r} at indices {tag_to_index[tag]} and {index}")
             tag_to_index[tag] = index
         self.index_to_tag: list[str] = tags
         self.tag_to_index: dict[str, int] = tag_to_index
@@ -93,9 +88,7 @@ class TagVocabulary:
         if not isinstance(other, TagVocabulary):
             return NotImplemented
         return (
-            self.index_to_tag == other.index_to_tag
-            and self.tag_frequencies == other.tag_frequencies
-            and self.tag_categories == other.tag_categories
+            self.index_to_tag == other.index_to_tag and self.tag_frequencies == other.tag_frequencies and self.tag_categories == other.tag_categories
         )
 
     def __repr__(self) -> str:
@@ -210,8 +203,7 @@ def _ordered_tags_from_document(data: Mapping[str, Any], source: str) -> list[st
                 by_index[index] = tag
             if sorted(by_index) != list(range(len(by_index))):
                 raise ValueError(
-                    f"{source}: index_to_tag indices are not contiguous from 0 "
-                    f"({len(by_index)} entries, max index {max(by_index, default=-1)})"
+                    f"{source}: index_to_tag indices are not contiguous from 0 ({len(by_index)} entries, max index {max(by_index, default=-1)})"
                 )
             ordered = [by_index[i] for i in range(len(by_index))]
         else:
@@ -235,24 +227,18 @@ def _ordered_tags_from_document(data: Mapping[str, Any], source: str) -> list[st
             by_position: dict[int, str] = {}
             for tag, index in raw_tag_to_index.items():
                 if index in by_position:
-                    raise ValueError(
-                        f"{source}: tags {by_position[index]!r} and {tag!r} share index {index}"
-                    )
+                    raise ValueError(f"{source}: tags {by_position[index]!r} and {tag!r} share index {index}")
                 by_position[index] = tag
             if sorted(by_position) != list(range(len(by_position))):
                 raise ValueError(f"{source}: tag_to_index indices are not contiguous from 0")
             ordered = [by_position[i] for i in range(len(by_position))]
         else:
             if len(raw_tag_to_index) != len(ordered):
-                raise ValueError(
-                    f"{source}: tag_to_index has {len(raw_tag_to_index)} entries but "
-                    f"index_to_tag has {len(ordered)}"
-                )
+                raise ValueError(f"{source}: tag_to_index has {len(raw_tag_to_index)} entries but index_to_tag has {len(ordered)}")
             for index, tag in enumerate(ordered):
                 if raw_tag_to_index.get(tag) != index:
                     raise ValueError(
-                        f"{source}: index mismatch for tag {tag!r}: index_to_tag says {index}, "
-                        f"tag_to_index says {raw_tag_to_index.get(tag)!r}"
+                        f"{source}: index mismatch for tag {tag!r}: index_to_tag says {index}, tag_to_index says {raw_tag_to_index.get(tag)!r}"
                     )
     assert ordered is not None  # one of the two branches above always sets it
     return ordered
@@ -341,11 +327,7 @@ def _sample_tags_and_categories(sample: Any) -> tuple[Sequence[str], Sequence[st
 
 
 def build_vocabulary(
-    samples: Iterable[Any],
-    *,
-    min_frequency: int = 1,
-    top_k: int = 0,
-    ignore_tags: Iterable[str] = (),
+    samples: Iterable[Any], *, min_frequency: int = 1, top_k: int = 0, ignore_tags: Iterable[str] = ()
 ) -> tuple[TagVocabulary, VocabularyBuildReport]:
     """Build a vocabulary and a report of what was dropped; see `create_vocabulary_from_datasets`."""
     if min_frequency < 1:
@@ -403,11 +385,7 @@ def build_vocabulary(
 
 
 def create_vocabulary_from_datasets(
-    samples: Iterable[Any],
-    *,
-    min_frequency: int = 1,
-    top_k: int = 0,
-    ignore_tags: Iterable[str] = (),
+    samples: Iterable[Any], *, min_frequency: int = 1, top_k: int = 0, ignore_tags: Iterable[str] = ()
 ) -> TagVocabulary:
     """Build a TagVocabulary from samples (objects with .tags/.categories, or plain tag sequences).
 
@@ -416,9 +394,7 @@ def create_vocabulary_from_datasets(
     the most frequent. Order: frequency descending, then tag name. A tag's category is the most
     common non-empty category it was given.
     """
-    vocabulary, _ = build_vocabulary(
-        samples, min_frequency=min_frequency, top_k=top_k, ignore_tags=ignore_tags
-    )
+    vocabulary, _ = build_vocabulary(samples, min_frequency=min_frequency, top_k=top_k, ignore_tags=ignore_tags)
     return vocabulary
 
 
@@ -427,12 +403,10 @@ def format_build_summary(vocabulary: TagVocabulary, report: VocabularyBuildRepor
     lines = [
         f"samples: {report.num_samples}  distinct tags: {report.distinct_tags}",
         f"kept: {report.kept}",
-        f"dropped by ignore list: {len(report.dropped_ignored)}"
-        + (f" ({', '.join(report.dropped_ignored[:10])})" if report.dropped_ignored else ""),
+        f"dropped by ignore list: {len(report.dropped_ignored)}" + (f" ({', '.join(report.dropped_ignored[:10])})" if report.dropped_ignored else ""),
         f"dropped by min frequency: {len(report.dropped_min_frequency)}",
         f"dropped by top-k: {len(report.dropped_top_k)}",
-        f"tag occurrences covered: {report.kept_occurrences}/{report.total_occurrences} "
-        f"({100.0 * report.coverage:.2f}%)",
+        f"tag occurrences covered: {report.kept_occurrences}/{report.total_occurrences} ({100.0 * report.coverage:.2f}%)",
         f"fingerprint: {vocabulary.fingerprint()[:16]}",
         "top tags:",
     ]
@@ -453,12 +427,7 @@ def _build_command(args: argparse.Namespace) -> int:
         print(f"  {reason}: e.g. {examples[0]}")
     for example in scan.dropped_tag_examples:
         print(f"  tags dropped: {example}")
-    vocabulary, report = build_vocabulary(
-        scan.records,
-        min_frequency=args.min_frequency,
-        top_k=args.top_k,
-        ignore_tags=ignore_tags,
-    )
+    vocabulary, report = build_vocabulary(scan.records, min_frequency=args.min_frequency, top_k=args.top_k, ignore_tags=ignore_tags)
     if len(vocabulary) == 0:
         print(f"error: no tags kept from {args.data}", file=sys.stderr)
         return 2

@@ -96,8 +96,7 @@ class LabelTable:
         """Check the rating rows, name uniqueness and the count lengths; raises ValueError."""
         if len(self.ratings) != len(RATING_NAMES):
             raise ValueError(f"a WD label table needs exactly {len(RATING_NAMES)} rating rows, got {len(self.ratings)}")
-        for counts, names, what in ((self.general_counts, self.general, "general"),
-                                    (self.character_counts, self.character, "character")):
+        for counts, names, what in ((self.general_counts, self.general, "general"), (self.character_counts, self.character, "character")):
             if counts and len(counts) != len(names):
                 raise ValueError(f"{what}_counts has {len(counts)} values for {len(names)} {what} tags")
         seen: set[str] = set()
@@ -135,8 +134,10 @@ class LabelTable:
         for name in self.ratings:
             writer.writerow((row_id, name, CATEGORY_RATING, 0))
             row_id += 1
-        for names, counts, code in ((self.general, self.general_counts, CATEGORY_GENERAL),
-                                    (self.character, self.character_counts, CATEGORY_CHARACTER)):
+        for names, counts, code in (
+            (self.general, self.general_counts, CATEGORY_GENERAL),
+            (self.character, self.character_counts, CATEGORY_CHARACTER),
+        ):
             for index, name in enumerate(names):
                 writer.writerow((row_id, name, code, int(counts[index]) if counts else 0))
                 row_id += 1
@@ -170,12 +171,16 @@ class LabelTable:
             except ValueError:
                 raise ValueError(f"{source}: line {line_number}: category {row[2]!r} is not an integer") from None
             if code not in blocks:
-                raise ValueError(f"{source}: line {line_number}: category {code} for {row[1]!r}; only 9 (rating), "
-                                 "0 (general) and 4 (character) can be read by position")
+                raise ValueError(
+                    f"{source}: line {line_number}: category {code} for {row[1]!r}; only 9 (rating), "
+                    "0 (general) and 4 (character) can be read by position"
+                )
             position = order.index(code)
             if position < stage:
-                raise ValueError(f"{source}: line {line_number}: {row[1]!r} (category {code}) comes after a later "
-                                 "block; rows must be ratings, then general, then character")
+                raise ValueError(
+                    f"{source}: line {line_number}: {row[1]!r} (category {code}) comes after a later "
+                    "block; rows must be ratings, then general, then character"
+                )
             stage = position
             count = 0
             if has_count and len(row) > 3 and row[3].strip():
@@ -230,10 +235,14 @@ class TagDecision:
         return max(self.ratings, key=lambda name: self.ratings[name])
 
 
-def select_tags(probs: Sequence[float] | np.ndarray, labels: LabelTable, *,
-                general_threshold: float = DEFAULT_GENERAL_THRESHOLD,
-                character_threshold: float = DEFAULT_CHARACTER_THRESHOLD,
-                per_tag_thresholds: Mapping[str, float] | None = None) -> TagDecision:
+def select_tags(
+    probs: Sequence[float] | np.ndarray,
+    labels: LabelTable,
+    *,
+    general_threshold: float = DEFAULT_GENERAL_THRESHOLD,
+    character_threshold: float = DEFAULT_CHARACTER_THRESHOLD,
+    per_tag_thresholds: Mapping[str, float] | None = None,
+) -> TagDecision:
     """Apply the consumers' rule to one output row (4 + T,): p >= threshold, blocks read by position.
 
     `per_tag_thresholds` (tag name -> threshold) overrides the block threshold for the tags it names.
@@ -245,9 +254,8 @@ def select_tags(probs: Sequence[float] | np.ndarray, labels: LabelTable, *,
     ratings = {name: float(row[i]) for i, name in enumerate(labels.ratings)}
     chosen: list[list[tuple[str, float]]] = [[], []]
     offset = 4
-    for block, (names, default) in enumerate(((labels.general, general_threshold),
-                                              (labels.character, character_threshold))):
-        values = row[offset:offset + len(names)]
+    for block, (names, default) in enumerate(((labels.general, general_threshold), (labels.character, character_threshold))):
+        values = row[offset : offset + len(names)]
         for name, value in zip(names, values):
             threshold = overrides.get(name, default)
             if not math.isnan(value) and value >= threshold:
@@ -262,8 +270,7 @@ def import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ImportError(f"onnxruntime is needed for model.onnx ({exc}); install it with "
-                          "`pip install onnx onnxruntime`") from None
+        raise ImportError(f"onnxruntime is needed for model.onnx ({exc}); install it with `pip install onnx onnxruntime`") from None
     return onnxruntime
 
 

@@ -37,8 +37,8 @@ class OutputPlan:
     """Which vocabulary column feeds each tag output, in selected_tags.csv order."""
 
     labels: LabelTable
-    columns: tuple[int, ...]      # vocabulary index of tag output i (output 4 + i)
-    dropped: tuple[str, ...]      # vocabulary tags left out (category not exported)
+    columns: tuple[int, ...]  # vocabulary index of tag output i (output 4 + i)
+    dropped: tuple[str, ...]  # vocabulary tags left out (category not exported)
 
     @property
     def num_outputs(self) -> int:
@@ -148,7 +148,7 @@ class WDTagger(nn.Module):
     def probabilities(logits: torch.Tensor) -> torch.Tensor:
         """Logits (N, 4 + T) -> softmax over the 4 rating outputs, sigmoid over the tags."""
         ratings = torch.softmax(logits[:, : len(RATING_NAMES)], dim=1)  # (N, 4)
-        tags = torch.sigmoid(logits[:, len(RATING_NAMES):])  # (N, T)
+        tags = torch.sigmoid(logits[:, len(RATING_NAMES) :])  # (N, T)
         return torch.cat([ratings, tags], dim=1)
 
     def forward(self, images_bgr: torch.Tensor) -> torch.Tensor:

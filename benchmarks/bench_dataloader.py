@@ -51,12 +51,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--repeat", type=int, default=2, help="passes over the images per variant")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the decode variants; the best is kept")
-    parser.add_argument("--loader-workers", type=int, default=0,
-                        help="also time a DataLoader with this many workers (0: skip)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="also time a DataLoader with this many workers (0: skip)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--loader-passes", type=int, default=8, help="passes over the data per loader timing")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: loader timings also copy to the GPU through ImagePreFetcher")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: loader timings also copy to the GPU through ImagePreFetcher")
     parser.add_argument("--data-dir", default=None, help="where to generate data (default: a temp dir)")
     parser.add_argument("--json-out", default=None)
     return parser.parse_args(argv)
@@ -76,8 +74,7 @@ def generate(root: Path, count: int, width: int, height: int) -> int:
         path = data / f"img_{i:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
         total += path.stat().st_size
-        (data / f"img_{i:05d}.jpg.json").write_text(
-            json.dumps({"tags": ["tag_a", f"tag_{i % 5}"], "rating": "g"}), encoding="utf-8")
+        (data / f"img_{i:05d}.jpg.json").write_text(json.dumps({"tags": ["tag_a", f"tag_{i % 5}"], "rating": "g"}), encoding="utf-8")
     return total
 
 
@@ -105,8 +102,7 @@ def best_of(variants: dict[str, Callable[[int], Any]], count: int, repeat: int, 
     return best
 
 
-def loader_rate(dataset: SidecarJsonDataset, workers: int, batch_size: int, passes: int,
-                device: str = "cpu") -> dict[str, float]:
+def loader_rate(dataset: SidecarJsonDataset, workers: int, batch_size: int, passes: int, device: str = "cpu") -> dict[str, float]:
     """images/s through build_dataloader with `workers` workers over `passes` passes of the data.
 
     The keys of all passes form one long epoch so every worker stays busy; the first
@@ -114,8 +110,9 @@ def loader_rate(dataset: SidecarJsonDataset, workers: int, batch_size: int, pass
     through ImagePreFetcher (pinned memory, side-stream copy, normalisation on the GPU).
     """
     keys = [(i % len(dataset), i // len(dataset)) for i in range(len(dataset) * passes)]
-    loader = build_dataloader(dataset, keys, batch_size=batch_size, num_workers=workers,
-                              pin_memory=device == "cuda", drop_last=True, prefetch_factor=4)
+    loader = build_dataloader(
+        dataset, keys, batch_size=batch_size, num_workers=workers, pin_memory=device == "cuda", drop_last=True, prefetch_factor=4
+    )
     batches: Any = loader
     if device == "cuda":
         batches = ImagePreFetcher(loader, device, dataset.params, num_tags=len(dataset.tag_to_index))
@@ -134,8 +131,7 @@ def loader_rate(dataset: SidecarJsonDataset, workers: int, batch_size: int, pass
     seconds = time.perf_counter() - started
     if seen == 0:
         raise RuntimeError(f"too few batches to time: raise --loader-passes above {passes}")
-    return {"images_per_s": seen / seconds, "workers": workers,
-            "images_per_s_per_worker": seen / seconds / max(1, workers), "device": device}
+    return {"images_per_s": seen / seconds, "workers": workers, "images_per_s_per_worker": seen / seconds / max(1, workers), "device": device}
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -160,32 +156,35 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         with Image.open(paths[i]) as img:
             img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
 
-    results.update(best_of({"full_decode": lambda i: full[(i, 0)], "pil_floor": pil_floor}, len(paths),
-                           args.repeat, args.rounds))
+    results.update(best_of({"full_decode": lambda i: full[(i, 0)], "pil_floor": pil_floor}, len(paths), args.repeat, args.rounds))
 
     started = time.perf_counter()
     report = prepare_cache(scan.records, root / "cache", params, num_workers=0)
     prepare_s = time.perf_counter() - started
     results["prepare"] = {"images_per_s": args.images / prepare_s, "ms_per_image": 1000 * prepare_s / args.images}
-    cached = SidecarJsonDataset(scan.records, t2i, params, augment=aug,
-                                cache=PreparedCache(root / "cache", params))
+    cached = SidecarJsonDataset(scan.records, t2i, params, augment=aug, cache=PreparedCache(root / "cache", params))
     results["cache"] = timed(lambda i: cached[(i, 0)], len(cached), args.repeat)
     if cached.cache_hits == 0:
         raise RuntimeError("the cached dataset never read from the cache")
 
     if args.loader_workers > 0:
         for name, dataset in (("loader_full_decode", full), ("loader_cache", cached)):
-            results[name] = loader_rate(dataset, args.loader_workers, args.batch_size,
-                                        args.loader_passes, args.device)
+            results[name] = loader_rate(dataset, args.loader_workers, args.batch_size, args.loader_passes, args.device)
 
     # what one sample costs to send from a worker to the main process: the collated batch's tensors
     batch = collate_samples([cached[(i, 0)] for i in range(min(args.batch_size, len(cached)))])
     queue_bytes = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
     return {
         "queue_bytes_per_sample": queue_bytes / len(batch["indices"]),
-        "config": {"images": args.images, "width": args.width, "height": args.height,
-                   "megapixels": round(args.width * args.height / 1e6, 3), "image_size": size,
-                   "repeat": args.repeat, "cpu_count": os.cpu_count()},
+        "config": {
+            "images": args.images,
+            "width": args.width,
+            "height": args.height,
+            "megapixels": round(args.width * args.height / 1e6, 3),
+            "image_size": size,
+            "repeat": args.repeat,
+            "cpu_count": os.cpu_count(),
+        },
         "source_bytes_per_image": source_bytes / args.images,
         "cache_bytes_per_image": report["bytes_on_disk"] / report["cached"],
         "scan_seconds": scan.seconds,

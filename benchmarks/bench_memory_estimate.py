@@ -40,9 +40,15 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def model_config(args: argparse.Namespace) -> VisionTransformerConfig:
     """The network of the command line."""
     overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth), ("num_heads", args.heads)) if v}
-    return VisionTransformerConfig.from_preset(args.preset, image_size=args.image_size, patch_size=args.patch_size,
-                                               num_tags=args.tags, drop_path_rate=args.drop_path_rate,
-                                               grad_checkpoint_every=args.grad_checkpoint_every, **overrides)
+    return VisionTransformerConfig.from_preset(
+        args.preset,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_tags=args.tags,
+        drop_path_rate=args.drop_path_rate,
+        grad_checkpoint_every=args.grad_checkpoint_every,
+        **overrides,
+    )
 
 
 def measure_real(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--drop-path-rate", type=float, default=0.1)
     p.add_argument("--grad-checkpoint-every", type=int, default=0)
-    p.add_argument("--real", default="default", choices=("none", "default", "live", "both"),
-                   help="real steps to measure: none (the estimate and its time only), with the default allocator, "
-                        "live (MALLOC_MMAP_THRESHOLD_ set: freed blocks go back at once, so RSS is live memory) or both")
+    p.add_argument(
+        "--real",
+        default="default",
+        choices=("none", "default", "live", "both"),
+        help="real steps to measure: none (the estimate and its time only), with the default allocator, "
+        "live (MALLOC_MMAP_THRESHOLD_ set: freed blocks go back at once, so RSS is live memory) or both",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -95,36 +105,42 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = model_config(args)
     profile = profile_step_memory(cfg, args.precision)
-    shape = StepShape(batch_size=args.batch_size, precision=args.precision, num_workers=0, ema=False,
-                      async_checkpoint=False, model_built=False)
-    estimate = estimate_training_memory(profile, shape, cfg.image_size, cfg.num_tags,
-                                        resident_now=profile.interpreter_bytes)
+    shape = StepShape(batch_size=args.batch_size, precision=args.precision, num_workers=0, ema=False, async_checkpoint=False, model_built=False)
+    estimate = estimate_training_memory(profile, shape, cfg.image_size, cfg.num_tags, resident_now=profile.interpreter_bytes)
     estimated_above_start = estimate.needed(args.batch_size) - estimate.resident_now
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k not in ("child", "real")},
-        "probe_seconds": round(profile.seconds, 2), "parameters": profile.parameters,
+        "probe_seconds": round(profile.seconds, 2),
+        "parameters": profile.parameters,
         "activation_per_image_mb": round(profile.activation_per_image / 2**20, 1),
         "estimated_above_start_mb": round(estimated_above_start / 2**20, 1),
         "estimated_total_mb": round(estimate.needed(args.batch_size) / 2**20, 1),
     }
     runs = {"none": [], "default": [("", {})], "live": [("live_", LIVE_ENV)], "both": [("", {}), ("live_", LIVE_ENV)]}[args.real]
-    child_args = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-                  if name not in ("child", "real")]
+    child_args = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name not in ("child", "real")]
     for prefix, env in runs:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_args, "--child"],
-                              capture_output=True, text=True, timeout=3600, encoding="utf-8", env=dict(os.environ, **env))
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *child_args, "--child"],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            encoding="utf-8",
+            env=dict(os.environ, **env),
+        )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         real = json.loads(proc.stdout.strip().splitlines()[-1])
         measured_total = real["start_rss"] + real["peak_above_start"]
-        report.update({
-            f"{prefix}measured_above_start_mb": round(real["peak_above_start"] / 2**20, 1),
-            f"{prefix}measured_total_mb": round(measured_total / 2**20, 1),
-            f"{prefix}ratio_above_start": round(estimated_above_start / real["peak_above_start"], 3),
-            f"{prefix}ratio_total": round(estimate.needed(args.batch_size) / measured_total, 3),
-            f"{prefix}real_step_seconds": [round(t, 2) for t in real["step_seconds"]],
-        })
+        report.update(
+            {
+                f"{prefix}measured_above_start_mb": round(real["peak_above_start"] / 2**20, 1),
+                f"{prefix}measured_total_mb": round(measured_total / 2**20, 1),
+                f"{prefix}ratio_above_start": round(estimated_above_start / real["peak_above_start"], 3),
+                f"{prefix}ratio_total": round(estimate.needed(args.batch_size) / measured_total, 3),
+                f"{prefix}real_step_seconds": [round(t, 2) for t in real["step_seconds"]],
+            }
+        )
     print(json.dumps(report))
     return 0
 

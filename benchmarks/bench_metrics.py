@@ -67,13 +67,9 @@ class BatchGenerator:
         """Draw fixed per-tag positive densities (0.1%..1%) and per-tag score offsets."""
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.density = torch.empty(num_tags, device=device).uniform_(
-            0.001, 0.01, generator=self.generator
-        )  # (T,)
+        self.density = torch.empty(num_tags, device=device).uniform_(0.001, 0.01, generator=self.generator)  # (T,)
         self.tag_bias = torch.randn(num_tags, device=device, generator=self.generator) - 5.0
-        self.separation = torch.empty(num_tags, device=device).uniform_(
-            1.0, 7.0, generator=self.generator
-        )  # (T,)
+        self.separation = torch.empty(num_tags, device=device).uniform_(1.0, 7.0, generator=self.generator)  # (T,)
 
     def __call__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: probs (B, T) float32 and targets (B, T) bool."""

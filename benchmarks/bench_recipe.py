@@ -51,21 +51,13 @@ from evaluation_metrics import MetricComputer, json_safe  # noqa: E402
 from layer_decay import param_groups_layer_decay  # noqa: E402
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies  # noqa: E402
 from mixup import MixParams, mix_batch  # noqa: E402
-from model_architecture import (  # noqa: E402
-    SimplifiedTagger,
-    VisionTransformerConfig,
-    load_pretrained_backbone,
-    param_groups_for_weight_decay,
-)
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, param_groups_for_weight_decay  # noqa: E402
 from repeat_factor import RepeatFactorSampler, repeat_factors  # noqa: E402
 from schedulers import LinearWarmupCosineLR, warmup_cosine_factor  # noqa: E402
 
 GRID_CELLS = 4  # glyph cells per image side
 NUM_SHAPES = 5
-PALETTE = np.array(
-    [[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.15, 0.3, 1.0], [1.0, 0.95, 0.1], [0.95, 0.2, 0.95], [0.1, 0.95, 0.95]],
-    dtype=np.float32,
-)
+PALETTE = np.array([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.15, 0.3, 1.0], [1.0, 0.95, 0.1], [0.95, 0.2, 0.95], [0.1, 0.95, 0.95]], dtype=np.float32)
 MAX_TAGS = GRID_CELLS * GRID_CELLS * NUM_SHAPES * len(PALETTE)
 RATING_LEVEL_PROBS = (0.7, 0.15, 0.1, 0.05)  # share of tags whose rating level is 0, 1, 2, 3
 UNKNOWN_RATING_SHARE = 0.1
@@ -134,9 +126,7 @@ VARIANTS: dict[str, Recipe] = {
     "finetune_layer_decay": Recipe(pretrained=True, layer_decay=0.75),
 }
 # Paired deltas are taken against this variant (fine-tuning against fine-tuning without decay).
-REFERENCE = {
-    name: ("finetune" if recipe.pretrained and name != "finetune" else "baseline") for name, recipe in VARIANTS.items()
-}
+REFERENCE = {name: ("finetune" if recipe.pretrained and name != "finetune" else "baseline") for name, recipe in VARIANTS.items()}
 MIX_PARAMS = MixParams(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
 
 
@@ -175,9 +165,7 @@ def glyph_stamps(num_tags: int, side: int) -> np.ndarray:
     return stamps
 
 
-def generate_split(
-    sizes: Sizes, num_images: int, probs: np.ndarray, levels: np.ndarray, rng: np.random.Generator
-) -> TagData:
+def generate_split(sizes: Sizes, num_images: int, probs: np.ndarray, levels: np.ndarray, rng: np.random.Generator) -> TagData:
     """Draw `num_images` images with Zipf tags `probs` (T,), each tag's glyph painted in its cell."""
     size, cells, tags = sizes.image_size, GRID_CELLS * GRID_CELLS, sizes.num_tags
     cell = size // GRID_CELLS
@@ -289,11 +277,7 @@ def train_model(
     by_time = wall_seconds > 0
     total = WALL_SCHEDULE_STEPS if by_time else steps
     warmup = int(sizes.warmup_ratio * total)
-    scheduler = (
-        None
-        if by_time
-        else LinearWarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=total, min_lr_ratio=sizes.min_lr_ratio)
-    )
+    scheduler = None if by_time else LinearWarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=total, min_lr_ratio=sizes.min_lr_ratio)
     loss_fn = make_loss(recipe, train)
     if recipe.repeat_factor_threshold > 0:
         batches = repeat_factor_batches(train, recipe.repeat_factor_threshold, sizes.batch_size, seed)
@@ -329,12 +313,7 @@ def train_model(
         step += 1
         loss_value = float(loss.detach())
     seconds = time.perf_counter() - start
-    return {
-        "steps": step,
-        "train_seconds": seconds,
-        "steps_per_second": step / max(seconds, 1e-9),
-        "final_loss": loss_value,
-    }
+    return {"steps": step, "train_seconds": seconds, "steps_per_second": step / max(seconds, 1e-9), "final_loss": loss_value}
 
 
 @torch.no_grad()
@@ -400,8 +379,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], names: list[str]) 
         if reference != name and reference in names:
             entry["reference"] = reference
             entry["delta_vs_reference"] = {
-                key: _mean_std([per_seed[s][name][key] - per_seed[s][reference][key] for s in per_seed])
-                for key in METRIC_KEYS
+                key: _mean_std([per_seed[s][name][key] - per_seed[s][reference][key] for s in per_seed]) for key in METRIC_KEYS
             }
         out[name] = entry
     return out

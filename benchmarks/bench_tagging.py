@@ -39,7 +39,7 @@ from wd_model import WDTagger, fused_head, plan_outputs  # noqa: E402
 
 # name -> (image size, patch, width, depth, heads, tags)
 MODELS: dict[str, tuple[int, int, int, int, int, int]] = {
-    "demo": (64, 8, 128, 4, 4, 28),          # configs/demo.yaml
+    "demo": (64, 8, 128, 4, 4, 28),  # configs/demo.yaml
     "vit_b_448": (448, 16, 768, 12, 12, 10_000),
 }
 
@@ -70,8 +70,7 @@ def build(name: str, seed: int) -> WDTagger:
     """A random-weight WDTagger of the named size."""
     size, patch, width, depth, heads, tags = MODELS[name]
     torch.manual_seed(seed)
-    cfg = VisionTransformerConfig(image_size=size, patch_size=patch, num_tags=tags, embed_dim=width, depth=depth,
-                                  num_heads=heads)
+    cfg = VisionTransformerConfig(image_size=size, patch_size=patch, num_tags=tags, embed_dim=width, depth=depth, num_heads=heads)
     model = SimplifiedTagger(cfg).eval()
     vocab = TagVocabulary([f"tag_{i}" for i in range(tags)])
     return WDTagger(model, fused_head(model, plan_outputs(vocab)), (0.5,) * 3, (0.5,) * 3).eval()
@@ -83,7 +82,7 @@ def _rate(run: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int,
     sync()
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        run(images[i:i + batch_size])
+        run(images[i : i + batch_size])
     sync()
     return len(images) / (time.perf_counter() - start)
 
@@ -98,8 +97,7 @@ def measure(name: str, count: int, args: argparse.Namespace, workdir: Path) -> d
     export_onnx(wd, path)
     export_seconds = time.perf_counter() - started
     session = onnx_session(path, args.device, threads=args.threads)
-    onnx_rate = _rate(lambda batch: session.run(None, {"input": rgb_to_wd_input(batch)}), images,
-                      args.batch_size, lambda: None)
+    onnx_rate = _rate(lambda batch: session.run(None, {"input": rgb_to_wd_input(batch)}), images, args.batch_size, lambda: None)
     device = torch.device(args.device)
     wd = wd.to(device)
 
@@ -115,9 +113,17 @@ def measure(name: str, count: int, args: argparse.Namespace, workdir: Path) -> d
     torch_rate = _rate(torch_run, images, args.batch_size, sync)
     _, patch, width, depth, heads, tags = MODELS[name]
     return {
-        "image_size": size, "patch_size": patch, "width": width, "depth": depth, "heads": heads, "tags": tags,
-        "images": count, "onnxruntime_images_per_s": round(onnx_rate, 2), "pytorch_images_per_s": round(torch_rate, 2),
-        "onnx_file_mb": round(path.stat().st_size / 2**20, 1), "export_seconds": round(export_seconds, 1),
+        "image_size": size,
+        "patch_size": patch,
+        "width": width,
+        "depth": depth,
+        "heads": heads,
+        "tags": tags,
+        "images": count,
+        "onnxruntime_images_per_s": round(onnx_rate, 2),
+        "pytorch_images_per_s": round(torch_rate, 2),
+        "onnx_file_mb": round(path.stat().st_size / 2**20, 1),
+        "export_seconds": round(export_seconds, 1),
     }
 
 
@@ -128,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
-        "device": args.device, "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "threads": args.threads,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,16 +38,16 @@ if str(REPO_ROOT) not in sys.path:
     # Run as a script, sys.path[0] is benchmarks/; the project modules live one level up.
     sys.path.insert(0, str(REPO_ROOT))
 
-import dataset_loader as dl
-from Configuration_System import atomic_write_text
+from augmentation import AugmentParams  # noqa: E402
+from batching import ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, targets_from_indices  # noqa: E402
+from dataset_scan import scan_dataset  # noqa: E402
+from file_io import atomic_write_text  # noqa: E402
+from image_preprocess import PreprocessParams, normalize_images  # noqa: E402
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
-from model_architecture import (  # noqa: E402
-    SimplifiedTagger,
-    VisionTransformerConfig,
-    param_groups_for_weight_decay,
-)
-from schedulers import LinearWarmupCosineLR
-from training_utils import GuardedOptimizerStep, ModelEma, TrainStep
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay  # noqa: E402
+from prepared_cache import PreparedCache, prepare_cache  # noqa: E402
+from schedulers import LinearWarmupCosineLR  # noqa: E402
+from training_utils import GuardedOptimizerStep, ModelEma, TrainStep  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_RATINGS = 4
@@ -64,13 +64,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tags", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="timed rounds per variant, alternating between variants; the best round is reported")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps before timing (at least one is run: it measures peak memory)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads for every variant (0 = torch's default); on a machine shared "
-                             "with other work, 1 avoids threads stalling on each other at every op")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant, alternating between variants; the best round is reported")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (at least one is run: it measures peak memory)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for every variant (0 = torch's default); on a machine shared "
+        "with other work, 1 avoids threads stalling on each other at every op",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--embed-dim", type=int, default=None)
@@ -81,9 +83,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul used for the peak")
     parser.add_argument("--ema-decay", type=float, default=0.9998, help="weight EMA as in training (0 = off)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--pipeline-images", type=int, default=0,
-                        help="also train ours from a prepared cache of this many generated 1.5 MP JPEGs, "
-                             "with DataLoader workers on every CPU core (0 = skip)")
+    parser.add_argument(
+        "--pipeline-images",
+        type=int,
+        default=0,
+        help="also train ours from a prepared cache of this many generated 1.5 MP JPEGs, with DataLoader workers on every CPU core (0 = skip)",
+    )
     parser.add_argument("--pipeline-workers", type=int, default=0, help="default: os.cpu_count()")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -198,13 +203,17 @@ class StepRunner:
         per_image = max(1, int(POSITIVE_RATE * cfg.num_tags))
         self.tag_indices = torch.randint(0, cfg.num_tags, (batch, per_image), generator=gen).to(device)  # (B, L)
         self.rating_targets = torch.randint(-1, NUM_RATINGS, (batch,), generator=gen).to(device)  # -1 = unknown
-        self.params = dl.PreprocessParams(size)
+        self.params = PreprocessParams(size)
         optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=True)
         self.train_step = TrainStep(
-            model, model, MultiTaskLoss(AsymmetricFocalLoss()).to(device),
+            model,
+            model,
+            MultiTaskLoss(AsymmetricFocalLoss()).to(device),
             GuardedOptimizerStep(optimizer, device, args.dtype, grad_clip=args.grad_clip),
             LinearWarmupCosineLR(optimizer, warmup_steps=10, total_steps=100_000),
-            ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None, device)
+            ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None,
+            device,
+        )
         self.updates = 0
         self.sample_rss = device.type == "cpu"
         self.rss_peak = 0
@@ -221,8 +230,8 @@ class StepRunner:
     def step(self, batch: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """One training step on the synthetic batch (or a real device batch); no host sync."""
         if batch is None:
-            images = dl.normalize_images(self.images_u8, self.params.mean, self.params.std)  # (B, 3, H, W)
-            targets = dl.targets_from_indices(self.tag_indices, self.num_tags)                # (B, T)
+            images = normalize_images(self.images_u8, self.params.mean, self.params.std)  # (B, 3, H, W)
+            targets = targets_from_indices(self.tag_indices, self.num_tags)  # (B, T)
             batch = {"images": images, "tag_targets": targets, "ratings": self.rating_targets}
         self.train_step.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"], window=1)
         if self.sample_rss:
@@ -232,11 +241,10 @@ class StepRunner:
 
     def forward_loss(self) -> torch.Tensor:
         """Forward and loss of the synthetic batch (for FLOP counting and the final loss)."""
-        images = dl.normalize_images(self.images_u8, self.params.mean, self.params.std)
+        images = normalize_images(self.images_u8, self.params.mean, self.params.std)
         with self.train_step.amp.autocast():
             outputs = self.forward_fn(images)
-        total, _parts = self.train_step.loss_fn(outputs, dl.targets_from_indices(self.tag_indices, self.num_tags),
-                                                self.rating_targets)
+        total, _parts = self.train_step.loss_fn(outputs, targets_from_indices(self.tag_indices, self.num_tags), self.rating_targets)
         return total
 
     def count_flops(self) -> int:
@@ -290,12 +298,7 @@ class Variant:
 
 
 def prepare_variant(
-    name: str,
-    build: Callable[[], nn.Module],
-    cfg: VisionTransformerConfig,
-    args: argparse.Namespace,
-    device: torch.device,
-    compiled: bool,
+    name: str, build: Callable[[], nn.Module], cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device, compiled: bool
 ) -> Variant:
     """Build, (optionally compile,) warm up one model and measure its peak memory over the warm-up steps."""
     release_host_memory()
@@ -368,8 +371,9 @@ def finish_variant(variant: Variant, args: argparse.Namespace, matmul_peak: Opti
     return result
 
 
-def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device, compiled: bool,
-                 synthetic_images_per_s: float) -> Dict[str, Any]:
+def run_pipeline(
+    cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device, compiled: bool, synthetic_images_per_s: float
+) -> Dict[str, Any]:
     """Our step fed by the real data pipeline: generated 1.5 MP JPEGs, prepared cache, flip and
     jitter augmentation, DataLoader workers on every core, ImagePreFetcher; images/s and its share
     of the synthetic-input rate."""
@@ -383,20 +387,34 @@ def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device:
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         root = Path(tmp)
         generate(root, args.pipeline_images, 1414, 1061)
-        scan = dl.scan_dataset(root / "data", verify="none")
+        scan = scan_dataset(root / "data", verify="none")
         names = sorted({t for r in scan.records for t in r.tags})
         tag_to_index = {t: i % cfg.num_tags for i, t in enumerate(names)}
-        params = dl.PreprocessParams(cfg.image_size)
+        params = PreprocessParams(cfg.image_size)
         started = time.perf_counter()
-        dl.prepare_cache(scan.records, root / "cache", params, num_workers=workers, data_root=root / "data")
+        prepare_cache(scan.records, root / "cache", params, num_workers=workers, data_root=root / "data")
         prepare_s = time.perf_counter() - started
-        dataset = dl.SidecarJsonDataset(scan.records, tag_to_index, params, augment=dl.AugmentParams(),
-                                        orientation=OrientationHandler.default(), seed=0,
-                                        cache=dl.PreparedCache(root / "cache", params))
-        sampler = dl.ResumableSampler(len(dataset), batch_size=args.batch_size, shuffle=True, seed=0, drop_last=True)
-        loader = dl.build_dataloader(dataset, sampler, batch_size=args.batch_size, num_workers=workers,
-                                     pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4,
-                                     persistent_workers=workers > 0, generator_seed=0)
+        dataset = SidecarJsonDataset(
+            scan.records,
+            tag_to_index,
+            params,
+            augment=AugmentParams(),
+            orientation=OrientationHandler.default(),
+            seed=0,
+            cache=PreparedCache(root / "cache", params),
+        )
+        sampler = ResumableSampler(len(dataset), batch_size=args.batch_size, shuffle=True, seed=0, drop_last=True)
+        loader = build_dataloader(
+            dataset,
+            sampler,
+            batch_size=args.batch_size,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            prefetch_factor=4,
+            persistent_workers=workers > 0,
+            generator_seed=0,
+        )
         torch.manual_seed(0)
         model = SimplifiedTagger(cfg).to(device).train()
         runner = StepRunner(model, cfg, args, device)
@@ -407,7 +425,7 @@ def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device:
             epoch = 0
             while True:
                 sampler.set_epoch(epoch)
-                yield from dl.ImagePreFetcher(loader, device, params, cfg.num_tags)
+                yield from ImagePreFetcher(loader, device, params, cfg.num_tags)
                 epoch += 1
 
         stream = batches()
@@ -420,9 +438,14 @@ def run_pipeline(cfg: VisionTransformerConfig, args: argparse.Namespace, device:
         sync(device)
         seconds = time.perf_counter() - started
     rate = args.batch_size * args.steps / seconds
-    return {"name": f"ours_{'compiled' if compiled else 'eager'}_pipeline", "images_per_s": rate,
-            "share_of_synthetic": rate / synthetic_images_per_s, "workers": workers,
-            "images": args.pipeline_images, "cache_prepare_s": prepare_s}
+    return {
+        "name": f"ours_{'compiled' if compiled else 'eager'}_pipeline",
+        "images_per_s": rate,
+        "share_of_synthetic": rate / synthetic_images_per_s,
+        "workers": workers,
+        "images": args.pipeline_images,
+        "cache_prepare_s": prepare_s,
+    }
 
 
 def prime_runtime(args: argparse.Namespace, device: torch.device, with_timm: bool) -> None:
@@ -449,9 +472,7 @@ def format_table(results: Dict[str, Dict[str, Any]]) -> str:
     for key, r in results.items():
         tflops = f"{r['achieved_tflops']:.1f}" if r["achieved_tflops"] else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        lines.append(
-            f"{key:<16}{r['images_per_s']:>10.1f}{r['step_time_ms']:>10.2f}{r['peak_memory_mib']:>10.1f}{tflops:>10}{mfu:>8}"
-        )
+        lines.append(f"{key:<16}{r['images_per_s']:>10.1f}{r['step_time_ms']:>10.2f}{r['peak_memory_mib']:>10.1f}{tflops:>10}{mfu:>8}")
     return "\n".join(lines)
 
 
@@ -486,15 +507,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     round_ms: Dict[str, List[float]] = {}
     for compiled in modes:
         # Eager and compiled are separate comparisons: only one mode's models are alive at a time.
-        prepared = [prepare_variant(f"{name}_{'compiled' if compiled else 'eager'}", build, cfg, args, device, compiled)
-                    for name, build in variants]
+        prepared = [prepare_variant(f"{name}_{'compiled' if compiled else 'eager'}", build, cfg, args, device, compiled) for name, build in variants]
         time_alternating(prepared, args.steps, args.rounds)
         for variant in prepared:
             results[variant.name] = finish_variant(variant, args, matmul_peak)
             round_ms[variant.name] = [1000.0 * statistics.fmean(times) for times in variant.rounds]
-            print(f"[bench] {variant.name}: {results[variant.name]['images_per_s']:.1f} img/s (best of "
-                  f"{args.rounds} rounds; round means ms {[round(ms, 2) for ms in round_ms[variant.name]]})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench] {variant.name}: {results[variant.name]['images_per_s']:.1f} img/s (best of "
+                f"{args.rounds} rounds; round means ms {[round(ms, 2) for ms in round_ms[variant.name]]})",
+                file=sys.stderr,
+                flush=True,
+            )
         del prepared, variant  # free this mode's models before the next mode or the pipeline run
         release_host_memory()
         if device.type == "cuda":
@@ -505,9 +528,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         compiled = bool(args.compile)
         synthetic = results[f"ours_{'compiled' if compiled else 'eager'}"]["images_per_s"]
         pipeline = run_pipeline(cfg, args, device, compiled, synthetic)
-        print(f"[bench] {pipeline['name']}: {pipeline['images_per_s']:.1f} img/s "
-              f"({pipeline['share_of_synthetic']:.1%} of synthetic input, {pipeline['workers']} workers)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[bench] {pipeline['name']}: {pipeline['images_per_s']:.1f} img/s "
+            f"({pipeline['share_of_synthetic']:.1%} of synthetic input, {pipeline['workers']} workers)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     ratios: Dict[str, Dict[str, float]] = {}
     for mode in ("eager", "compiled"):
@@ -515,9 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if ours and theirs:
             ratios[mode] = {
                 "images_per_s_ours_over_timm": ours["images_per_s"] / theirs["images_per_s"],
-                "peak_memory_ours_over_timm": (
-                    ours["peak_memory_mib"] / theirs["peak_memory_mib"] if theirs["peak_memory_mib"] > 0 else math.nan
-                ),
+                "peak_memory_ours_over_timm": (ours["peak_memory_mib"] / theirs["peak_memory_mib"] if theirs["peak_memory_mib"] > 0 else math.nan),
             }
     report: Dict[str, Any] = {
         "device": device.type,
@@ -544,20 +568,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "results": results,
         "round_step_time_ms": round_ms,
         "pipeline": pipeline,
-        "step": {"ema_decay": args.ema_decay, "grad_clip": args.grad_clip,
-                 "what": "training_utils.TrainStep, as train_direct.py runs it"},
+        "step": {"ema_decay": args.ema_decay, "grad_clip": args.grad_clip, "what": "training_utils.TrainStep, as train_direct.py runs it"},
         "ratios": ratios,
     }
     print(format_table(results), file=sys.stderr)
     for mode, r in ratios.items():
+        print(f"ours/timm {mode}: images/s x{r['images_per_s_ours_over_timm']:.3f}, memory x{r['peak_memory_ours_over_timm']:.3f}", file=sys.stderr)
+    if pipeline:
         print(
-            f"ours/timm {mode}: images/s x{r['images_per_s_ours_over_timm']:.3f}, "
-            f"memory x{r['peak_memory_ours_over_timm']:.3f}",
+            f"end to end from the prepared cache: {pipeline['images_per_s']:.1f} img/s = "
+            f"{pipeline['share_of_synthetic']:.1%} of the synthetic-input rate",
             file=sys.stderr,
         )
-    if pipeline:
-        print(f"end to end from the prepared cache: {pipeline['images_per_s']:.1f} img/s = "
-              f"{pipeline['share_of_synthetic']:.1%} of the synthetic-input rate", file=sys.stderr)
     text = json.dumps(report, indent=2, allow_nan=True)
     if args.json_out is not None:
         atomic_write_text(args.json_out, text + "\n")

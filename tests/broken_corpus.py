@@ -32,8 +32,9 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Im
     return Image.fromarray(arr, mode)
 
 
-def write_image(path: Path, width: int = 40, height: int = 30, *, seed: int = 0,
-                color: tuple[int, int, int] | None = None, exif_orientation: int | None = None) -> Path:
+def write_image(
+    path: Path, width: int = 40, height: int = 30, *, seed: int = 0, color: tuple[int, int, int] | None = None, exif_orientation: int | None = None
+) -> Path:
     """Write an RGB image (format from the suffix); solid `color` or noise; optional EXIF orientation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", (width, height), color) if color is not None else noise_image(width, height, seed)
@@ -87,8 +88,7 @@ def write_png_header_only(path: Path, width: int, height: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
     return path
 
 
@@ -123,8 +123,9 @@ class BrokenCorpus:
         return kept
 
 
-def make_broken_corpus(root: Path, *, good: int = 40, copies: int = 1, size: tuple[int, int] = (40, 30),
-                       outside_target: Path | None = None) -> BrokenCorpus:
+def make_broken_corpus(
+    root: Path, *, good: int = 40, copies: int = 1, size: tuple[int, int] = (40, 30), outside_target: Path | None = None
+) -> BrokenCorpus:
     """Write `good` valid samples plus `copies` of each broken kind under `root`.
 
     Per copy: a truncated JPEG, a zero-byte PNG, a text file renamed .png, invalid JSON, a JSON
@@ -219,7 +220,7 @@ def write_odd_mode(path: Path, mode: str, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = noise_image(24, 20, seed)
     if mode == "I;16":
-        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        arr = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
         Image.fromarray(arr).save(path)  # uint16 -> mode I;16
     elif mode == "P":
         rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path, transparency=0)
@@ -261,8 +262,7 @@ class HostileCorpus:
         return set(self.good_ids) | (set() if decoded else set(self.decode_only_ids))
 
 
-def make_hostile_corpus(base: Path, *, good: int = 40, huge_tag_string: bool = True,
-                        with_links: bool = True) -> HostileCorpus:
+def make_hostile_corpus(base: Path, *, good: int = 40, huge_tag_string: bool = True, with_links: bool = True) -> HostileCorpus:
     """`good` valid samples (two shared tags each) plus one of each hostile case under base/root.
 
     Cases: a non-UTF-8 image name and sidecar name; a lone-surrogate tag and a 300-character tag
@@ -299,8 +299,7 @@ def make_hostile_corpus(base: Path, *, good: int = 40, huge_tag_string: bool = T
     bump("name_not_utf8")
     # tags
     write_image(root / "tags" / "surrogate.png", 24, 20, seed=7)
-    write_json_text(root / "tags" / "surrogate.png.json",
-                    '{"tags": ["common", "shared", "\\ud800", "' + "x" * 300 + '"], "rating": "s"}')
+    write_json_text(root / "tags" / "surrogate.png.json", '{"tags": ["common", "shared", "\\ud800", "' + "x" * 300 + '"], "rating": "s"}')
     corpus.good_ids.append("tags/surrogate.png")
     corpus.dropped_tags = {"tag_not_utf8": 1, "tag_too_long": 1}
     write_image(root / "tags" / "many.png", 24, 20, seed=8)

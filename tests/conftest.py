@@ -16,11 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A micro model and short run: enough to learn something in well under a minute on 2 cores.
 TINY_RUN = [
-    "data.image_size=32", "data.batch_size=32", "data.num_workers=2", "data.val_fraction=0.25",
-    "model.preset=tiny", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=2",
-    "model.drop_path_rate=0.0", "training.epochs=4", "training.learning_rate=0.003", "training.warmup_steps=3",
-    "validation.every_steps=20", "checkpoint.every_steps=20", "monitor.log_every_steps=1",
-    "monitor.console_interval_s=0", "monitor.system_stats_interval_s=0",
+    "data.image_size=32",
+    "data.batch_size=32",
+    "data.num_workers=2",
+    "data.val_fraction=0.25",
+    "model.preset=tiny",
+    "model.patch_size=8",
+    "model.embed_dim=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.drop_path_rate=0.0",
+    "training.epochs=4",
+    "training.learning_rate=0.003",
+    "training.warmup_steps=3",
+    "validation.every_steps=20",
+    "checkpoint.every_steps=20",
+    "monitor.log_every_steps=1",
+    "monitor.console_interval_s=0",
+    "monitor.system_stats_interval_s=0",
 ]
 
 
@@ -52,8 +65,7 @@ def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, from `cwd`."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env, encoding="utf-8")
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, encoding="utf-8")
 
 
 def read_jsonl(path: Path) -> list[dict]:

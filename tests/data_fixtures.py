@@ -25,9 +25,13 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
 
 def small_orientation_handler() -> OrientationHandler:
     """A small explicit orientation handler independent of the shipped map file."""
-    return OrientationHandler(explicit_pairs=[("looking_to_the_left", "looking_to_the_right")],
-                              forbid_flip=["text"], token_rule=True,
-                              orientation_patterns=[r"(^|_)(left|right)[a-z]"], safety_mode="conservative")
+    return OrientationHandler(
+        explicit_pairs=[("looking_to_the_left", "looking_to_the_right")],
+        forbid_flip=["text"],
+        token_rule=True,
+        orientation_patterns=[r"(^|_)(left|right)[a-z]"],
+        safety_mode="conservative",
+    )
 
 
 def broken_corpus(base: Path) -> bc.BrokenCorpus:

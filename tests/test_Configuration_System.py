@@ -22,9 +22,22 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_and_design_keys_exist() -> None:
     cfg = C.load_config(None)
-    for key in ("experiment_name", "output_root", "data.root", "data.image_size", "data.batch_size",
-                "data.num_workers", "model.preset", "model.patch_size", "training.epochs", "training.max_steps",
-                "training.learning_rate", "training.seed", "checkpoint.every_steps", "validation.every_steps"):
+    for key in (
+        "experiment_name",
+        "output_root",
+        "data.root",
+        "data.image_size",
+        "data.batch_size",
+        "data.num_workers",
+        "model.preset",
+        "model.patch_size",
+        "training.epochs",
+        "training.max_steps",
+        "training.learning_rate",
+        "training.seed",
+        "checkpoint.every_steps",
+        "validation.every_steps",
+    ):
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)  # getattr raises if one of these keys was removed or renamed
@@ -43,17 +56,20 @@ def test_unknown_section_names_nearest(tmp_path: Path) -> None:
         C.load_config(write(tmp_path, "trainig:\n  epochs: 1\n"))
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("data:\n  batch_size: eight\n", "data.batch_size must be an integer"),
-    ("data:\n  batch_size: 2.5\n", "data.batch_size must be an integer"),
-    ("data:\n  pin_memory: 1\n", "data.pin_memory must be true or false"),
-    ("training:\n  learning_rate: -0.1\n", "training.learning_rate must be > 0.0"),
-    ("model:\n  preset: huge\n", "model.preset must be one of"),
-    ("data:\n  image_size: 100\nmodel:\n  patch_size: 16\n", "divisible by model.patch_size"),
-    ("data:\n  mean: [0.5, 0.5]\n", "data.mean must be a list of 3 numbers"),
-    ("data: 5\n", "section 'data' must be a mapping"),
-    ("- a\n- b\n", "top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("data:\n  batch_size: eight\n", "data.batch_size must be an integer"),
+        ("data:\n  batch_size: 2.5\n", "data.batch_size must be an integer"),
+        ("data:\n  pin_memory: 1\n", "data.pin_memory must be true or false"),
+        ("training:\n  learning_rate: -0.1\n", "training.learning_rate must be > 0.0"),
+        ("model:\n  preset: huge\n", "model.preset must be one of"),
+        ("data:\n  image_size: 100\nmodel:\n  patch_size: 16\n", "divisible by model.patch_size"),
+        ("data:\n  mean: [0.5, 0.5]\n", "data.mean must be a list of 3 numbers"),
+        ("data: 5\n", "section 'data' must be a mapping"),
+        ("- a\n- b\n", "top level must be a mapping"),
+    ],
+)
 def test_bad_values_rejected(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(C.ConfigError, match=fragment):
         C.load_config(write(tmp_path, text))
@@ -66,8 +82,9 @@ def test_int_accepted_for_float_and_whole_float_for_int(tmp_path: Path) -> None:
 
 
 def test_overrides_are_typed_and_checked() -> None:
-    cfg = C.load_config(None, ["data.batch_size=12", "training.learning_rate=3e-4", "data.pin_memory=false",
-                               "experiment_name=2024", "data.mean=[0.1, 0.2, 0.3]"])
+    cfg = C.load_config(
+        None, ["data.batch_size=12", "training.learning_rate=3e-4", "data.pin_memory=false", "experiment_name=2024", "data.mean=[0.1, 0.2, 0.3]"]
+    )
     assert cfg.data.batch_size == 12
     assert cfg.training.learning_rate == pytest.approx(3e-4)
     assert cfg.data.pin_memory is False
@@ -109,9 +126,7 @@ def test_reference_file_is_current_and_documents_every_key() -> None:
 @pytest.mark.e2e
 def test_cli_check_reports_one_line(tmp_path: Path) -> None:
     p = write(tmp_path, "model:\n  pach_size: 8\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "Configuration_System.py"), "check", str(p)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "Configuration_System.py"), "check", str(p)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model.pach_size" in proc.stderr and "model.patch_size" in proc.stderr
-

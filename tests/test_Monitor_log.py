@@ -31,9 +31,7 @@ from Monitor_log import (
     truncate_metrics_jsonl,
 )
 
-EventAccumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator"
-).EventAccumulator
+EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
 
 class FakeClock:
@@ -50,9 +48,7 @@ class FakeClock:
 
 def load_events(run_dir: Path) -> EventAccumulator:
     """Load every event file under run_dir/tensorboard with no down-sampling."""
-    acc = EventAccumulator(
-        str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
-    )
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
 
@@ -146,9 +142,7 @@ def test_pr_curve_with_logit_bin_edges_and_resampled_thresholds() -> None:
     assert curve["recall"][0] == 1.0 and curve["recall"][-1] == 0.0
     assert np.all(np.diff(curve["recall"]) <= 0)
     np.testing.assert_array_equal(curve["tp"] + curve["fn"], len(pos_scores))
-    assert pr_curve_from_histograms(to_bins(pos_scores), to_bins(neg_scores), edges, num_thresholds=11)[
-        "tp"
-    ].shape == (11,)
+    assert pr_curve_from_histograms(to_bins(pos_scores), to_bins(neg_scores), edges, num_thresholds=11)["tp"].shape == (11,)
     with pytest.raises(ValueError, match="one lower edge per bin"):
         pr_curve_from_histograms(to_bins(pos_scores), to_bins(neg_scores), edges[:-1])
     with pytest.raises(ValueError, match="ascending"):
@@ -156,8 +150,7 @@ def test_pr_curve_with_logit_bin_edges_and_resampled_thresholds() -> None:
 
 
 @pytest.mark.parametrize(
-    "pos,neg,needle",
-    [([1, 2], [1, 2, 3], "differ"), ([], [], "non-empty"), ([1, -1], [0, 0], "non-negative"), ([[1]], [[1]], "1-D")],
+    "pos,neg,needle", [([1, 2], [1, 2, 3], "differ"), ([], [], "non-empty"), ([1, -1], [0, 0], "non-negative"), ([[1]], [[1]], "1-D")]
 )
 def test_pr_curve_rejects_bad_histograms(pos: list, neg: list, needle: str) -> None:
     """Mismatched, empty, negative or 2-D histograms are ValueErrors."""
@@ -183,8 +176,8 @@ def test_render_image_grid_places_images_and_draws_captions() -> None:
         x0 = (k % cols) * (tile_w + gap) + (tile_w - w) // 2
         y0 = (k // cols) * (tile_h + gap)
         np.testing.assert_array_equal(grid[y0 : y0 + h, x0 : x0 + w], images[k].transpose(1, 2, 0))
-    caption0 = grid[h : tile_h, 0:tile_w]
-    caption1 = grid[h : tile_h, tile_w + gap : 2 * tile_w + gap]
+    caption0 = grid[h:tile_h, 0:tile_w]
+    caption1 = grid[h:tile_h, tile_w + gap : 2 * tile_w + gap]
     assert (caption0.max(axis=2) > 150).sum() > 20  # light text on the dark background
     assert (caption1.max(axis=2) > 150).sum() == 0
     # A longer caption wraps onto more lines and makes the tiles taller.
@@ -301,11 +294,24 @@ def test_event_files_hold_every_category(tmp_path: Path) -> None:
     with make_monitor(run, total_steps=5, system_stats_interval_s=30.0) as mon:
         for step in range(1, 6):
             mon.log_train(
-                step, 1, {"loss": 10.0 / step, "loss/tags": 8.0 / step, "grad_norm": 0.5 * step},
-                images_per_s=100.0 + step, data_wait_share=0.01 * step, lr=1e-4 * step,
+                step,
+                1,
+                {"loss": 10.0 / step, "loss/tags": 8.0 / step, "grad_norm": 0.5 * step},
+                images_per_s=100.0 + step,
+                data_wait_share=0.01 * step,
+                lr=1e-4 * step,
             )
-        mon.log_validation(5, {"mAP": 0.42, "f1_micro": 0.5, "f1_macro": 0.25, "per_tag_ap": [0.1, 0.2],
-                               "by_category": {"general": {"f1": 0.3}}, "confusion": [[1, 2], [3, 4]]})
+        mon.log_validation(
+            5,
+            {
+                "mAP": 0.42,
+                "f1_micro": 0.5,
+                "f1_macro": 0.25,
+                "per_tag_ap": [0.1, 0.2],
+                "by_category": {"general": {"f1": 0.3}},
+                "confusion": [[1, 2], [3, 4]],
+            },
+        )
         mon.log_pr_curve(5, "smile", pos, neg)
         mon.log_image_grid(5, images, captions)
         mon.log_hparams({"model": {"preset": "tiny", "dim": 64}, "lr": 1e-3, "data_root": None}, {"mAP": 0.42})
@@ -425,9 +431,7 @@ def test_resume_truncates_jsonl_and_tensorboard(tmp_path: Path) -> None:
     assert len(trunc) == 1 and trunc[0]["removed_lines"] == 6 and trunc[0]["malformed_lines"] == 1
     assert not (run / "metrics.jsonl.tmp").exists()
     acc = load_events(run)
-    assert scalar_series(acc, "train/loss") == [(s, float(s)) for s in range(1, 7)] + [
-        (s, 100.0 + s) for s in range(7, 10)
-    ]
+    assert scalar_series(acc, "train/loss") == [(s, float(s)) for s in range(1, 7)] + [(s, 100.0 + s) for s in range(7, 10)]
     assert scalar_series(acc, "val/mAP") == [(5, pytest.approx(0.1))]
 
 
@@ -445,8 +449,7 @@ def test_disabled_monitor_writes_nothing(tmp_path: Path) -> None:
     """A disabled (non-rank-0) monitor creates no folder, no thread and prints nothing."""
     run = tmp_path / "run"
     stream = io.StringIO()
-    with TrainingMonitor(run, enabled=False, total_steps=10, stream=stream, resume_step=3,
-                         system_stats_interval_s=0.01) as mon:
+    with TrainingMonitor(run, enabled=False, total_steps=10, stream=stream, resume_step=3, system_stats_interval_s=0.01) as mon:
         mon.log_train(1, 1, {"loss": 1.0}, images_per_s=1.0, data_wait_share=0.0, lr=1.0)
         mon.log_validation(1, {"mAP": 0.5})
         mon.log_pr_curve(1, "a", [1, 2], [2, 1])
@@ -556,14 +559,13 @@ def test_validation_line_shows_the_best_the_caller_reports(tmp_path: Path) -> No
     """One line per validation with mAP and F1; the best shown is the caller's, under its readable name."""
     run, stream = tmp_path / "run", io.StringIO()
     with make_monitor(run, stream=stream) as mon:
-        mon.log_validation(100, {"mAP": 0.3, "f1_micro": 0.41, "f1_macro": 0.2, "rating_accuracy": 0.9},
-                           best_name="mAP", best_value=0.3, best_step=100)
+        mon.log_validation(
+            100, {"mAP": 0.3, "f1_micro": 0.41, "f1_macro": 0.2, "rating_accuracy": 0.9}, best_name="mAP", best_value=0.3, best_step=100
+        )
         # A resumed run's best comes from its checkpoint, not from what this monitor has seen.
-        mon.log_validation(200, {"mAP": 0.25, "f1_micro": 0.4, "f1_macro": 0.19},
-                           best_name="mAP", best_value=0.8705, best_step=60)
+        mon.log_validation(200, {"mAP": 0.25, "f1_micro": 0.4, "f1_macro": 0.19}, best_name="mAP", best_value=0.8705, best_step=60)
         mon.log_validation(300, {"mAP": 0.5, "f1_macro": 0.25}, best_name="f1_macro", best_value=0.25, best_step=300)
-        mon.log_validation(400, {"mAP": 0.5, "f1_micro": 0.6}, best_name="f1_micro", best_value=np.float32(0.5),
-                           best_step=400)
+        mon.log_validation(400, {"mAP": 0.5, "f1_micro": 0.6}, best_name="f1_micro", best_value=np.float32(0.5), best_step=400)
         mon.log_validation(500, {"mAP": 0.1})  # no best given: none shown
     assert stream.getvalue().splitlines() == [
         "val step 100 mAP 0.3000 F1 micro 0.4100 macro 0.2000 rating acc 0.9000 best mAP 0.3000 @ 100",
@@ -631,8 +633,11 @@ def test_state_dict_round_trip_continues_eta_errors_and_starvation(tmp_path: Pat
     second.close()
     assert not any(r.get("kind") == "data_starved" for r in read_jsonl(run / "metrics.jsonl"))  # said once per run
     fresh = make_monitor(tmp_path / "c", total_steps=1000)
-    assert fresh.state_dict() == {"error_counts": {}, "step_rate": {"sec_per_step": None},
-                                  "starvation": {"wait_ema": None, "calls": 0, "reported": False}}
+    assert fresh.state_dict() == {
+        "error_counts": {},
+        "step_rate": {"sec_per_step": None},
+        "starvation": {"wait_ema": None, "calls": 0, "reported": False},
+    }
     fresh.close()
 
 
@@ -648,8 +653,7 @@ def test_state_dict_round_trip_continues_eta_errors_and_starvation(tmp_path: Pat
         (lambda s: s["starvation"].update(wait_ema=float("nan")), "wait_ema"),
     ],
 )
-def test_load_state_dict_rejects_malformed_state(tmp_path: Path, change: Callable[[dict], object],
-                                                 needle: str) -> None:
+def test_load_state_dict_rejects_malformed_state(tmp_path: Path, change: Callable[[dict], object], needle: str) -> None:
     """A checkpoint's monitor state is untrusted: a wrong entry is a ValueError naming it."""
     with make_monitor(tmp_path / "run") as mon:
         state = mon.state_dict()
@@ -813,9 +817,9 @@ def test_tensorboard_server_serves_the_run(tmp_path: Path) -> None:
     port = _free_port()
     log = (tmp_path / "tb.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(
-        [str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port),
-         "--load_fast=false", "--reload_interval", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [str(exe), "--logdir", str(run), "--host", "127.0.0.1", "--port", str(port), "--load_fast=false", "--reload_interval", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -824,14 +828,12 @@ def test_tensorboard_server_serves_the_run(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 log.flush()
-                pytest.skip(f"tensorboard exited with {proc.returncode}: "
-                            f"{(tmp_path / 'tb.log').read_text(encoding='utf-8')[-500:]}")
+                pytest.skip(f"tensorboard exited with {proc.returncode}: {(tmp_path / 'tb.log').read_text(encoding='utf-8')[-500:]}")
             try:
                 tags = _get_json(f"{base}/data/plugin/scalars/tags")
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 tags = None
-            if isinstance(tags, dict) and "train/loss" in tags.get("tensorboard", {}) and \
-                    "val/mAP" in tags.get("tensorboard", {}):
+            if isinstance(tags, dict) and "train/loss" in tags.get("tensorboard", {}) and "val/mAP" in tags.get("tensorboard", {}):
                 break
             time.sleep(0.3)
         assert isinstance(tags, dict), "tensorboard did not answer within 45 s"

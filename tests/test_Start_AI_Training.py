@@ -15,8 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Start_AI_Training.ps1"
 EXAMPLE_ENV = ROOT / "payton_env.example.ps1"
-PARAMETERS = {"Config", "Resume", "Set", "CudaTorch", "TorchIndexUrl", "VenvDir", "EnvFile", "Python",
-              "NProcPerNode", "SkipInstall", "DryRun"}
+PARAMETERS = {"Config", "Resume", "Set", "CudaTorch", "TorchIndexUrl", "VenvDir", "EnvFile", "Python", "NProcPerNode", "SkipInstall", "DryRun"}
 
 
 def parse(path: Path):  # -> tree_sitter.Tree
@@ -44,8 +43,7 @@ def test_scripts_parse_without_errors(path: Path) -> None:
 
 def test_the_grammar_catches_a_broken_script(tmp_path: Path) -> None:
     broken = tmp_path / "broken.ps1"
-    broken.write_text(SCRIPT.read_text(encoding="utf-8").replace("foreach ($override in $Set) {", "foreach ($override in $Set {"),
-                      encoding="utf-8")
+    broken.write_text(SCRIPT.read_text(encoding="utf-8").replace("foreach ($override in $Set) {", "foreach ($override in $Set {"), encoding="utf-8")
     assert parse(broken).root_node.has_error
 
 
@@ -53,8 +51,11 @@ def test_parameters() -> None:
     tree = parse(SCRIPT)
     blocks = [n for n in walk(tree.root_node) if n.type == "param_block"]
     assert len(blocks) == 1
-    names = {SCRIPT.read_bytes()[v.start_byte:v.end_byte].decode()[1:]
-             for v in walk(blocks[0]) if v.type == "variable" and v.parent.type == "script_parameter"}
+    names = {
+        SCRIPT.read_bytes()[v.start_byte : v.end_byte].decode()[1:]
+        for v in walk(blocks[0])
+        if v.type == "variable" and v.parent.type == "script_parameter"
+    }
     assert names == PARAMETERS
 
 
@@ -77,8 +78,25 @@ def test_command_it_builds_and_exit_code() -> None:
 
 @pytest.mark.skipif(shutil.which("pwsh") is None, reason="PowerShell (pwsh) is not installed here")
 def test_dry_run_prints_the_command() -> None:
-    proc = subprocess.run(["pwsh", "-NoProfile", "-File", str(SCRIPT), "-DryRun", "-Config", "configs/x.yaml",
-                           "-Set", "a.b=1,c.d=2", "-Resume", "latest", "-EnvFile", "none.ps1"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "pwsh",
+            "-NoProfile",
+            "-File",
+            str(SCRIPT),
+            "-DryRun",
+            "-Config",
+            "configs/x.yaml",
+            "-Set",
+            "a.b=1,c.d=2",
+            "-Resume",
+            "latest",
+            "-EnvFile",
+            "none.ps1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("train_direct.py --config configs/x.yaml --set a.b=1 --set c.d=2 --resume latest")

@@ -27,7 +27,7 @@ def test_sample_rng_depends_only_on_its_key() -> None:
     assert {k: sample_rng(*k).random(4).tolist() for k in reversed(keys)} == draws
     assert len({tuple(v) for v in draws.values()}) == len(keys)
     # a negative seed is taken modulo 2**64 (numpy seeds must be non-negative)
-    assert draws[(-1, 0, 0)] == np.random.default_rng([2 ** 64 - 1, 0, 0]).random(4).tolist()
+    assert draws[(-1, 0, 0)] == np.random.default_rng([2**64 - 1, 0, 0]).random(4).tolist()
 
 
 def test_color_jitter_matches_direct_formula() -> None:
@@ -37,8 +37,7 @@ def test_color_jitter_matches_direct_formula() -> None:
     img = rng.integers(0, 256, size=(2, 3, 6, 7)).astype(np.float64)  # (B, 3, H, W)
     boxes = np.array([[1, 2, 6, 5], [0, 0, 7, 6]])
     factors = np.array([[1.2, 0.8, 1.1], [0.9, 1.1, 0.7]])
-    out = apply_color_jitter(torch.tensor(img, dtype=torch.float32), torch.tensor(factors, dtype=torch.float32),
-                             torch.tensor(boxes)).numpy()
+    out = apply_color_jitter(torch.tensor(img, dtype=torch.float32), torch.tensor(factors, dtype=torch.float32), torch.tensor(boxes)).numpy()
     luma = np.array([0.299, 0.587, 0.114])
     for b, (x0, y0, x1, y1) in enumerate(boxes):
         x = img[b, :, y0:y1, x0:x1].transpose(1, 2, 0) * factors[b, 0]  # (h, w, 3)

@@ -14,15 +14,7 @@ import torch
 
 import broken_corpus as bc
 from augmentation import AugmentParams, apply_color_jitter
-from batching import (
-    FailureTracker,
-    ImagePreFetcher,
-    ResumableSampler,
-    SidecarJsonDataset,
-    build_dataloader,
-    collate_samples,
-    targets_from_indices,
-)
+from batching import FailureTracker, ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, collate_samples, targets_from_indices
 from data_fixtures import broken_corpus, small_orientation_handler
 from dataset_scan import DataQualityError, SampleRecord, scan_dataset
 from image_preprocess import PreprocessParams, load_image, normalize_images
@@ -41,46 +33,48 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> bc.BrokenCorpus:
 # ------------------------------------------------------------------------------------------
 
 
-def _flip_dataset(tmp_path: Path, tags_by_name: dict[str, list[str]], augment: AugmentParams,
-                  seed: int = 0) -> tuple[SidecarJsonDataset, dict[str, int]]:
+def _flip_dataset(
+    tmp_path: Path, tags_by_name: dict[str, list[str]], augment: AugmentParams, seed: int = 0
+) -> tuple[SidecarJsonDataset, dict[str, int]]:
     """A dataset of solid/noise images with given tags plus its tag_to_index."""
     records = []
     for i, (name, tags) in enumerate(tags_by_name.items()):
         path = bc.write_image(tmp_path / name, 24, 12, seed=i)
         records.append(SampleRecord(name, str(path), tuple(tags), ("",) * len(tags), i % 4))
-    vocab_tags = sorted({t for ts in tags_by_name.values() for t in ts} | {"looking_to_the_right",
-                                                                        "hand_on_right_hip"})
+    vocab_tags = sorted({t for ts in tags_by_name.values() for t in ts} | {"looking_to_the_right", "hand_on_right_hip"})
     t2i = {t: i for i, t in enumerate(vocab_tags)}
-    ds = SidecarJsonDataset(records, t2i, PreprocessParams(16, pad_color=(7, 7, 7)),
-                            augment=augment, orientation=small_orientation_handler(), seed=seed)
+    ds = SidecarJsonDataset(
+        records, t2i, PreprocessParams(16, pad_color=(7, 7, 7)), augment=augment, orientation=small_orientation_handler(), seed=seed
+    )
     return ds, t2i
 
 
 def test_flip_swaps_tags_and_vetoes(tmp_path: Path) -> None:
     """Allowed flips mirror the image and swap tags; vetoed ones change nothing."""
     no_jitter = AugmentParams(flip_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
-    ds, t2i = _flip_dataset(tmp_path, {
-        "ok.png": ["looking_to_the_left", "hand_on_left_hip", "smile"],
-        "veto.png": ["text", "smile"],
-        "unmapped.png": ["lefty_pose", "smile"],
-    }, no_jitter)
+    ds, t2i = _flip_dataset(
+        tmp_path,
+        {"ok.png": ["looking_to_the_left", "hand_on_left_hip", "smile"], "veto.png": ["text", "smile"], "unmapped.png": ["lefty_pose", "smile"]},
+        no_jitter,
+    )
     base = [load_image(ds.image_path(i), ds.params) for i in range(3)]
     ok = ds[(0, 0)]
     assert ok["flip"] == 1 and ok["failure"] is None and ok["index"] == 0
     np.testing.assert_array_equal(ok["image"].permute(1, 2, 0).numpy(), base[0][:, ::-1])
-    assert sorted(ok["tag_indices"].tolist()) == sorted(
-        [t2i["looking_to_the_right"], t2i["hand_on_right_hip"], t2i["smile"]])
+    assert sorted(ok["tag_indices"].tolist()) == sorted([t2i["looking_to_the_right"], t2i["hand_on_right_hip"], t2i["smile"]])
     for i in (1, 2):  # forbid tag; orientation-looking tag with no mapping (conservative)
         item = ds[(i, 0)]
         assert item["flip"] == 2
         np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), base[i])
         assert item["tag_indices"].tolist() == ds.tag_indices(i).tolist()
-    never = SidecarJsonDataset([SampleRecord("ok.png", ds.image_path(0), ("smile",), ("",), 0)],
-                               t2i, ds.params, augment=AugmentParams(0.0, 0.0, 0.0, 0.0), seed=0)
+    never = SidecarJsonDataset(
+        [SampleRecord("ok.png", ds.image_path(0), ("smile",), ("",), 0)], t2i, ds.params, augment=AugmentParams(0.0, 0.0, 0.0, 0.0), seed=0
+    )
     assert never[0]["flip"] == 0
     with pytest.raises(ValueError, match="orientation"):
-        SidecarJsonDataset(never_records := [SampleRecord("a", ds.image_path(0), ("smile",), ("",), 0)],
-                           t2i, ds.params, augment=AugmentParams(), orientation=None)
+        SidecarJsonDataset(
+            never_records := [SampleRecord("a", ds.image_path(0), ("smile",), ("",), 0)], t2i, ds.params, augment=AugmentParams(), orientation=None
+        )
     assert never_records
 
 
@@ -125,11 +119,20 @@ def test_failed_sample_replaced_deterministically(tmp_path: Path) -> None:
 
 def test_collate_and_targets_from_indices() -> None:
     """Collation pads with -1; multi-hot targets equal a direct loop."""
-    samples = [{"image": torch.full((3, 4, 4), i, dtype=torch.uint8),
-                "tag_indices": torch.tensor(t, dtype=torch.long), "rating": r, "index": i, "flip": f,
-                "failure": fail, "more_failures": [], "jitter": (1.0, 1.0 + i / 10, 1.0), "box": (0, i, 4, 4)}
-               for i, (t, r, f, fail) in enumerate([([3, 1], 0, 1, None), ([], -1, 0, ("x", "image_undecodable")),
-                                                    ([0, 2, 4], 2, 2, None)])]
+    samples = [
+        {
+            "image": torch.full((3, 4, 4), i, dtype=torch.uint8),
+            "tag_indices": torch.tensor(t, dtype=torch.long),
+            "rating": r,
+            "index": i,
+            "flip": f,
+            "failure": fail,
+            "more_failures": [],
+            "jitter": (1.0, 1.0 + i / 10, 1.0),
+            "box": (0, i, 4, 4),
+        }
+        for i, (t, r, f, fail) in enumerate([([3, 1], 0, 1, None), ([], -1, 0, ("x", "image_undecodable")), ([0, 2, 4], 2, 2, None)])
+    ]
     batch = collate_samples(samples)
     assert batch["images"].shape == (3, 3, 4, 4) and batch["images"].dtype == torch.uint8
     assert batch["tag_indices"].tolist() == [[3, 1, -1], [-1, -1, -1], [0, 2, 4]]
@@ -169,10 +172,14 @@ def test_failure_tracker_state_round_trip() -> None:
     tracker.observe({"indices": torch.arange(6), "failures": [("a.jpg", "image_undecodable"), ("b.png", "image_missing")]})
     state = tracker.state_dict()
     assert state == tracker.to_dict()
-    assert state == {"delivered": 6, "failed": 2, "bad_fraction": 2 / 8,
-                     "by_reason": {"image_undecodable": 1, "image_missing": 1},
-                     "examples": ["a.jpg: image_undecodable", "b.png: image_missing"],
-                     "samples": {"a.jpg": "image_undecodable", "b.png": "image_missing"}}
+    assert state == {
+        "delivered": 6,
+        "failed": 2,
+        "bad_fraction": 2 / 8,
+        "by_reason": {"image_undecodable": 1, "image_missing": 1},
+        "examples": ["a.jpg: image_undecodable", "b.png: image_missing"],
+        "samples": {"a.jpg": "image_undecodable", "b.png": "image_missing"},
+    }
     restored = FailureTracker(0.25, min_samples=1)
     restored.load_state_dict(json.loads(json.dumps(state)))
     assert restored.state_dict() == state
@@ -250,8 +257,7 @@ def test_sampler_resume_inside_epoch() -> None:
         ResumableSampler(41, batch_size=4, seed=2, rank=1, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError):
         s.set_epoch(0, start_batch=99)
-    loader = build_dataloader(_KeyEcho(), resumed, batch_size=4, num_workers=0, pin_memory=False,
-                              drop_last=True)
+    loader = build_dataloader(_KeyEcho(), resumed, batch_size=4, num_workers=0, pin_memory=False, drop_last=True)
     assert len(loader) == s.batches_per_epoch() - 2
 
 
@@ -273,8 +279,14 @@ class _KeyEcho(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         """A 1x1 sample carrying the index."""
-        return {"image": torch.zeros(3, 1, 1, dtype=torch.uint8), "tag_indices": torch.tensor([0]),
-                "rating": 0, "index": key[0], "flip": 0, "failure": None}
+        return {
+            "image": torch.zeros(3, 1, 1, dtype=torch.uint8),
+            "tag_indices": torch.tensor([0]),
+            "rating": 0,
+            "index": key[0],
+            "flip": 0,
+            "failure": None,
+        }
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,8 +298,7 @@ def _run_epoch(ds: SidecarJsonDataset, workers: int, context: str | None) -> lis
     """All batches of epoch 1 with the given worker count."""
     sampler = ResumableSampler(len(ds), batch_size=8, seed=4, drop_last=True)
     sampler.set_epoch(1)
-    loader = build_dataloader(ds, sampler, batch_size=8, num_workers=workers, pin_memory=False,
-                              drop_last=True, multiprocessing_context=context)
+    loader = build_dataloader(ds, sampler, batch_size=8, num_workers=workers, pin_memory=False, drop_last=True, multiprocessing_context=context)
     return list(loader)
 
 
@@ -298,8 +309,7 @@ def test_dataloader_workers_replace_decode_failures(corpus: bc.BrokenCorpus) -> 
     assert set(corpus.decode_only_ids) <= {r.sample_id for r in scan.records}
     vocab = create_vocabulary_from_datasets(scan.records)
     aug = AugmentParams(flip_prob=0.5)
-    ds = SidecarJsonDataset(scan.records, vocab.tag_to_index, PreprocessParams(16), augment=aug,
-                            orientation=OrientationHandler.default(), seed=1)
+    ds = SidecarJsonDataset(scan.records, vocab.tag_to_index, PreprocessParams(16), augment=aug, orientation=OrientationHandler.default(), seed=1)
     assert len(pickle.dumps(ds)) < 64_000
     # spawn: the way Windows starts workers, proving the dataset and worker_init pickle
     with_workers = _run_epoch(ds, 2, "spawn")
@@ -327,10 +337,17 @@ def test_dataloader_workers_replace_decode_failures(corpus: bc.BrokenCorpus) -> 
 def test_prefetcher_cpu_matches_reference() -> None:
     """On CPU the prefetcher normalises images and builds targets like the references."""
     params = PreprocessParams(4, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7))
-    batches = [{"images": torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8),
-                "tag_indices": torch.tensor([[0, 2], [1, -1]]), "ratings": torch.tensor([1, -1]),
-                "indices": torch.tensor([5, 6]), "flip": torch.tensor([0, 1]), "failures": [("z", "r")]}
-               for _ in range(3)]
+    batches = [
+        {
+            "images": torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8),
+            "tag_indices": torch.tensor([[0, 2], [1, -1]]),
+            "ratings": torch.tensor([1, -1]),
+            "indices": torch.tensor([5, 6]),
+            "flip": torch.tensor([0, 1]),
+            "failures": [("z", "r")],
+        }
+        for _ in range(3)
+    ]
     out = list(ImagePreFetcher(batches, "cpu", params, num_tags=3))
     assert len(out) == 3
     for got, src in zip(out, batches):
@@ -344,10 +361,17 @@ def test_prefetcher_cpu_matches_reference() -> None:
 def test_prefetcher_cuda_matches_cpu() -> None:
     """On CUDA the side-stream prefetcher gives the same tensors as the CPU path."""
     params = PreprocessParams(8)
-    batches = [{"images": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).pin_memory(),
-                "tag_indices": torch.randint(-1, 10, (4, 5)).pin_memory(),
-                "ratings": torch.randint(-1, 4, (4,)).pin_memory(),
-                "indices": torch.arange(4), "flip": torch.zeros(4), "failures": []} for _ in range(5)]
+    batches = [
+        {
+            "images": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).pin_memory(),
+            "tag_indices": torch.randint(-1, 10, (4, 5)).pin_memory(),
+            "ratings": torch.randint(-1, 4, (4,)).pin_memory(),
+            "indices": torch.arange(4),
+            "flip": torch.zeros(4),
+            "failures": [],
+        }
+        for _ in range(5)
+    ]
     gpu = list(ImagePreFetcher(batches, "cuda", params, num_tags=10))
     cpu = list(ImagePreFetcher(batches, "cpu", params, num_tags=10))
     for g, c in zip(gpu, cpu):
@@ -360,12 +384,18 @@ def test_prefetcher_applies_jitter_then_normalises() -> None:
     """Batches with jitter factors are jittered on the device before normalisation."""
     params = PreprocessParams(4, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
-    batch = {"images": images, "tag_indices": torch.tensor([[0, -1], [1, 2]]), "ratings": torch.tensor([0, -1]),
-             "jitter": torch.tensor([[1.2, 0.9, 1.1], [1.0, 1.0, 1.0]]), "box": torch.tensor([[0, 1, 4, 3], [0, 0, 4, 4]]),
-             "failures": [], "flip": torch.zeros(2), "indices": torch.arange(2)}
+    batch = {
+        "images": images,
+        "tag_indices": torch.tensor([[0, -1], [1, 2]]),
+        "ratings": torch.tensor([0, -1]),
+        "jitter": torch.tensor([[1.2, 0.9, 1.1], [1.0, 1.0, 1.0]]),
+        "box": torch.tensor([[0, 1, 4, 3], [0, 0, 4, 4]]),
+        "failures": [],
+        "flip": torch.zeros(2),
+        "indices": torch.arange(2),
+    }
     out = next(iter(ImagePreFetcher([batch], "cpu", params, num_tags=3)))
-    expected = normalize_images(apply_color_jitter(images.float(), batch["jitter"], batch["box"]),
-                                params.mean, params.std)
+    expected = normalize_images(apply_color_jitter(images.float(), batch["jitter"], batch["box"]), params.mean, params.std)
     torch.testing.assert_close(out["images"], expected)
     assert not torch.allclose(out["images"][0], normalize_images(images, params.mean, params.std)[0])
     torch.testing.assert_close(out["images"][1], normalize_images(images, params.mean, params.std)[1])

@@ -19,11 +19,37 @@ def test_tiny_run_reports_every_variant(tmp_path: Path) -> None:
     """Every variant reports a positive rate; the cache costs exactly S*S*3 bytes per image."""
     out_file = tmp_path / "out" / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--images", "3", "--width", "120", "--height", "90",
-         "--image-size", "32", "--repeat", "1", "--data-dir", str(tmp_path / "data"),
-         "--loader-workers", "1", "--loader-passes", "4", "--batch-size", "1",
-         "--json-out", str(out_file)],
-        cwd=str(tmp_path), capture_output=True, text=True, encoding="utf-8", timeout=240, check=False)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--images",
+            "3",
+            "--width",
+            "120",
+            "--height",
+            "90",
+            "--image-size",
+            "32",
+            "--repeat",
+            "1",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--loader-workers",
+            "1",
+            "--loader-passes",
+            "4",
+            "--batch-size",
+            "1",
+            "--json-out",
+            str(out_file),
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert json.loads(out_file.read_text(encoding="utf-8")) == report

@@ -40,9 +40,7 @@ def test_tiny_benchmark_reports_json() -> None:
     assert 0.0 < out["mAP"] <= 1.0
     for key in ("seconds_update", "seconds_compute", "seconds_data_generation"):
         assert out[key] >= 0.0, key
-    assert out["seconds_metrics"] == pytest.approx(
-        out["seconds_update"] + out["seconds_compute"], abs=2e-3
-    )
+    assert out["seconds_metrics"] == pytest.approx(out["seconds_update"] + out["seconds_compute"], abs=2e-3)
     assert out["peak_rss_mb"] >= out["rss_start_mb"] > 0
     # histogram: tags * 2 * bins int32 cells (+1 discard cell), plus small per-tag counters
     assert out["state_bytes"] >= 40 * 2 * 128 * 4
@@ -53,13 +51,6 @@ def test_tiny_benchmark_reports_json() -> None:
 
 def test_bad_option_is_rejected() -> None:
     """A non-positive size is an argparse error naming the option."""
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--samples", "0"],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=120,
-        check=False,
-    )
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--samples", "0"], capture_output=True, text=True, encoding="utf-8", timeout=120, check=False)
     assert proc.returncode == 2
     assert "--samples must be >= 1" in proc.stderr

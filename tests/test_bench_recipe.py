@@ -99,11 +99,7 @@ def test_smoke_run_reports_every_variant_with_sane_numbers(tmp_path: Path) -> No
 def test_wall_time_mode_trains_for_the_budget() -> None:
     """--wall-seconds: each variant stops once its budget is spent, after at least one step."""
     budget = 0.5
-    doc = _document(
-        _run_bench(
-            "--smoke", "--seeds", "1", "--wall-seconds", str(budget), "--variants", "baseline,progressive_resolution"
-        )
-    )
+    doc = _document(_run_bench("--smoke", "--seeds", "1", "--wall-seconds", str(budget), "--variants", "baseline,progressive_resolution"))
     assert doc["mode"] == "wall_seconds" and doc["wall_seconds"] == budget
     for name in ("baseline", "progressive_resolution"):
         run = doc["per_seed"]["0"][name]

@@ -17,9 +17,15 @@ SCRIPT = ROOT / "benchmarks" / "bench_tagging.py"
 
 @pytest.mark.e2e
 def test_tiny_tagging_benchmark_reports_both_backends() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--models", "demo", "--images", "16", "--batch-size", "4",
-                           "--threads", "1"], cwd=str(ROOT.parent), capture_output=True, text=True, encoding="utf-8",
-                          timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "demo", "--images", "16", "--batch-size", "4", "--threads", "1"],
+        cwd=str(ROOT.parent),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout
@@ -33,6 +39,7 @@ def test_tiny_tagging_benchmark_reports_both_backends() -> None:
 
 @pytest.mark.e2e
 def test_unknown_model_name_is_refused() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--models", "vit_huge"], capture_output=True, text=True,
-                          encoding="utf-8", timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--models", "vit_huge"], capture_output=True, text=True, encoding="utf-8", timeout=120, check=False
+    )
     assert proc.returncode == 2 and "vit_huge" in proc.stderr

@@ -14,20 +14,51 @@ pytestmark = pytest.mark.e2e  # the whole module runs processes (the slow tier)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "bench_train_step.py"
 MICRO_ARGS = [
-    "--device", "cpu", "--preset", "tiny", "--depth", "2", "--embed-dim", "64", "--heads", "4",
-    "--image-size", "32", "--patch-size", "8", "--tags", "50", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+    "--device",
+    "cpu",
+    "--preset",
+    "tiny",
+    "--depth",
+    "2",
+    "--embed-dim",
+    "64",
+    "--heads",
+    "4",
+    "--image-size",
+    "32",
+    "--patch-size",
+    "8",
+    "--tags",
+    "50",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
 ]
 RESULT_KEYS = {
-    "name", "compiled", "params", "images_per_s", "step_time_ms", "step_time_ms_median", "step_time_ms_min",
-    "peak_memory_mib", "memory_kind", "compile_s", "flops_per_step", "achieved_tflops", "mfu", "final_loss",
+    "name",
+    "compiled",
+    "params",
+    "images_per_s",
+    "step_time_ms",
+    "step_time_ms_median",
+    "step_time_ms_min",
+    "peak_memory_mib",
+    "memory_kind",
+    "compile_s",
+    "flops_per_step",
+    "achieved_tflops",
+    "mfu",
+    "final_loss",
 }
 
 
 def run_bench(*extra: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run the benchmark script with the micro arguments; fails the test on a non-zero exit."""
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *MICRO_ARGS, *extra],
-        cwd=str(cwd), capture_output=True, text=True, encoding="utf-8", timeout=240,
+        [sys.executable, str(SCRIPT), *MICRO_ARGS, *extra], cwd=str(cwd), capture_output=True, text=True, encoding="utf-8", timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -62,9 +93,7 @@ def test_cpu_micro_run_reports_positive_numbers(tmp_path: Path) -> None:
     if report["timm_available"]:
         assert results["ours_eager"]["params"] == results["timm_eager"]["params"]
         ratios = report["ratios"]["eager"]
-        assert ratios["images_per_s_ours_over_timm"] == pytest.approx(
-            results["ours_eager"]["images_per_s"] / results["timm_eager"]["images_per_s"]
-        )
+        assert ratios["images_per_s_ours_over_timm"] == pytest.approx(results["ours_eager"]["images_per_s"] / results["timm_eager"]["images_per_s"])
         assert ratios["peak_memory_ours_over_timm"] > 0
     assert "img/s" in proc.stderr  # the human table goes to stderr
     assert report["step"]["what"].startswith("training_utils.TrainStep")
@@ -73,8 +102,13 @@ def test_cpu_micro_run_reports_positive_numbers(tmp_path: Path) -> None:
 
 def test_pipeline_rate_from_the_prepared_cache(tmp_path: Path) -> None:
     """--pipeline-images trains ours from generated JPEGs through the cache and real loader."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), *MICRO_ARGS, "--no-timm", "--pipeline-images", "8",
-                           "--pipeline-workers", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *MICRO_ARGS, "--no-timm", "--pipeline-images", "8", "--pipeline-workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     pipe = report["pipeline"]
@@ -87,7 +121,11 @@ def test_pipeline_rate_from_the_prepared_cache(tmp_path: Path) -> None:
 def test_bad_arguments_fail_cleanly() -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--batch-size", "0"],
-        cwd=str(REPO_ROOT), capture_output=True, text=True, encoding="utf-8", timeout=120,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "--batch-size must be > 0" in proc.stderr

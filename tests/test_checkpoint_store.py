@@ -11,9 +11,14 @@ import checkpoint_store as S
 
 
 def payload(step: int, value: float = 1.0, best: bool = False) -> S.CheckpointPayload:
-    return S.CheckpointPayload(step=step, model_state={"w": torch.full((2, 3), value)},
-                               training_state={"format_version": S.CHECKPOINT_FORMAT_VERSION, "step": step},
-                               files={"config.yaml": "a: 1\n"}, ema_state={"w": torch.zeros(2, 3)}, is_best=best)
+    return S.CheckpointPayload(
+        step=step,
+        model_state={"w": torch.full((2, 3), value)},
+        training_state={"format_version": S.CHECKPOINT_FORMAT_VERSION, "step": step},
+        files={"config.yaml": "a: 1\n"},
+        ema_state={"w": torch.zeros(2, 3)},
+        is_best=best,
+    )
 
 
 def test_checkpoint_layout_pointers_and_prune(tmp_path: Path) -> None:
@@ -28,8 +33,7 @@ def test_checkpoint_layout_pointers_and_prune(tmp_path: Path) -> None:
     assert names == ["best", "last", "step_10", "step_30", "step_40"]
     folder = S.resolve_checkpoint(tmp_path / "checkpoints" / "last")
     assert folder.name == "step_40"
-    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "config.yaml", "ema.safetensors",
-                                                          "model.safetensors", "training_state.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["COMPLETE", "config.yaml", "ema.safetensors", "model.safetensors", "training_state.pt"]
     assert S.resolve_checkpoint(tmp_path / "checkpoints" / "best").name == "step_10"
     assert torch.equal(S.load_model_state(folder)["w"], torch.ones(2, 3))
     assert S.load_training_state(folder)["step"] == 40
@@ -122,8 +126,9 @@ def _written_checkpoint(tmp_path: Path, step: int = 9) -> tuple[Path, dict, obje
     cfg = load_config(None, ["data.image_size=32", "model.patch_size=8", "experiment_name=ckpt"])
     vocab = TagVocabulary(["cat", "dog", "red"], {"cat": 5, "dog": 3, "red": 1}, {"cat": "general"})
     vocab_path = vocab.save(tmp_path / "vocabulary.json")
-    model_cfg = VisionTransformerConfig.from_preset("tiny", image_size=32, patch_size=8, num_tags=3, embed_dim=16,
-                                                    depth=1, num_heads=2, tag_bias_init=[0.5, 0.3, 0.1])
+    model_cfg = VisionTransformerConfig.from_preset(
+        "tiny", image_size=32, patch_size=8, num_tags=3, embed_dim=16, depth=1, num_heads=2, tag_bias_init=[0.5, 0.3, 0.1]
+    )
     torch.manual_seed(0)
     model = SimplifiedTagger(model_cfg)
     preprocess = PreprocessParams(image_size=32, pad_color=(0, 0, 0), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
@@ -131,10 +136,12 @@ def _written_checkpoint(tmp_path: Path, step: int = 9) -> tuple[Path, dict, obje
     files = S.checkpoint_files(cfg, vocab_path.read_text(encoding="utf-8"), model_cfg, preprocess)
     assert set(files) == {S.CONFIG_FILE, S.VOCABULARY_FILE, S.MODEL_CONFIG_FILE, S.PREPROCESS_FILE}
     mgr = S.CheckpointManager(S.checkpoints_dir(tmp_path / "run"), keep_last=2)
-    folder = mgr.write(S.CheckpointPayload(step=step, model_state=model.state_dict(), ema_state=ema, files=files,
-                                           training_state={"format_version": S.CHECKPOINT_FORMAT_VERSION}))
-    return folder, {"cfg": cfg, "vocab": vocab, "model_cfg": model_cfg, "model": model, "preprocess": preprocess,
-                    "ema": ema}, mgr
+    folder = mgr.write(
+        S.CheckpointPayload(
+            step=step, model_state=model.state_dict(), ema_state=ema, files=files, training_state={"format_version": S.CHECKPOINT_FORMAT_VERSION}
+        )
+    )
+    return (folder, {"cfg": cfg, "vocab": vocab, "model_cfg": model_cfg, "model": model, "preprocess": preprocess, "ema": ema}, mgr)
 
 
 def test_reader_returns_what_training_wrote(tmp_path: Path) -> None:
@@ -142,8 +149,17 @@ def test_reader_returns_what_training_wrote(tmp_path: Path) -> None:
 
     folder, wrote, _ = _written_checkpoint(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [S.COMPLETE_MARKER, S.MODEL_WEIGHTS, S.EMA_WEIGHTS, S.TRAINING_STATE, S.CONFIG_FILE, S.VOCABULARY_FILE,
-         S.MODEL_CONFIG_FILE, S.PREPROCESS_FILE])
+        [
+            S.COMPLETE_MARKER,
+            S.MODEL_WEIGHTS,
+            S.EMA_WEIGHTS,
+            S.TRAINING_STATE,
+            S.CONFIG_FILE,
+            S.VOCABULARY_FILE,
+            S.MODEL_CONFIG_FILE,
+            S.PREPROCESS_FILE,
+        ]
+    )
     got = S.read_checkpoint(folder.parent / S.LAST_POINTER)
     assert got.folder == folder and got.step == 9
     assert got.model_config == dataclasses.replace(wrote["model_cfg"], tag_bias_init=None)  # not stored

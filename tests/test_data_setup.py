@@ -11,14 +11,7 @@ import pytest
 import broken_corpus as bc
 from Configuration_System import ConfigError, load_config
 from data_fixtures import listing
-from data_setup import (
-    check_output_locations,
-    ensure_dataset,
-    flip_audit,
-    prepare_data,
-    prepare_eval_data,
-    preprocess_from_config,
-)
+from data_setup import check_output_locations, ensure_dataset, flip_audit, prepare_data, prepare_eval_data, preprocess_from_config
 from dataset_scan import DataQualityError, filter_known_tags, scan_dataset
 from dataset_split import split_records
 from file_io import resolve_resource
@@ -56,8 +49,9 @@ def test_prepare_data_matches_the_steps_by_hand(demo_root: Path, tmp_path: Path)
 
     scan = scan_dataset(demo_root)
     split = split_records(scan.records, val_fraction=0.25, seed=cfg.training.seed, max_val=cfg.data.max_val_samples)
-    vocab = create_vocabulary_from_datasets(split.train, min_frequency=3, top_k=cfg.data.top_k_tags,
-                                            ignore_tags=load_ignore_list(resolve_resource(cfg.data.ignore_tags_file)))
+    vocab = create_vocabulary_from_datasets(
+        split.train, min_frequency=3, top_k=cfg.data.top_k_tags, ignore_tags=load_ignore_list(resolve_resource(cfg.data.ignore_tags_file))
+    )
     assert bundle.vocab.index_to_tag == vocab.index_to_tag
     assert bundle.train_records == filter_known_tags(split.train, vocab)[0]
     assert bundle.val_records == filter_known_tags(split.val, vocab)[0]
@@ -106,8 +100,7 @@ def test_prepare_eval_data_takes_every_sample_of_a_folder(demo_root: Path) -> No
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value", [("output_root", "{data}/runs"), ("data.cache_dir", "{data}/sub/cache"),
-                                        ("output_root", "{data}/../data/x")])
+@pytest.mark.parametrize("key, value", [("output_root", "{data}/runs"), ("data.cache_dir", "{data}/sub/cache"), ("output_root", "{data}/../data/x")])
 def test_output_locations_inside_the_dataset_are_refused_first(tmp_path: Path, key: str, value: str) -> None:
     """A run folder or cache folder inside data.root is a ConfigError naming the key, raised by
     prepare_data before anything is scanned or written."""
@@ -120,8 +113,7 @@ def test_output_locations_inside_the_dataset_are_refused_first(tmp_path: Path, k
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         prepare_data(cfg, cfg.run_dir, log=None)
     assert listing(data) == before
-    ok = load_config(None, SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}",
-                                    f"data.cache_dir={tmp_path / 'cache'}"])
+    ok = load_config(None, SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"])
     check_output_locations(ok)
 
 
@@ -140,8 +132,13 @@ def test_cache_build_failures_are_left_out_and_reported(tmp_path: Path) -> None:
     """With data.cache_dir, the files the cache build cannot decode are skipped under their reason
     before the split (never in validation), on this run and on a run that reuses the cache."""
     hostile = bc.make_hostile_corpus(tmp_path, good=40, huge_tag_string=False, with_links=False)
-    sets = [f"data.root={hostile.root}", f"output_root={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.max_bad_fraction=0.5", "augment.flip_prob=0"]
+    sets = [
+        f"data.root={hostile.root}",
+        f"output_root={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_bad_fraction=0.5",
+        "augment.flip_prob=0",
+    ]
     for name in ("a", "b"):
         cfg = load_config(None, SMALL + sets + [f"experiment_name={name}"])
         bundle = prepare_data(cfg, cfg.run_dir, log=None)
@@ -159,12 +156,10 @@ def test_a_single_sample_cannot_take_over_the_vocabulary(tmp_path: Path) -> None
         bc.write_image(data / f"{i}.png", 8, 8, seed=i)
         bc.write_json(data / f"{i}.png.json", {"tags": ["common", f"pair_{i // 2}"]})
     bc.write_json(data / "0.png.json", {"tags": ["common", "pair_0"] + [f"junk_{k}" for k in range(2000)]})
-    base = SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}", "data.val_fraction=0.2",
-                    "augment.flip_prob=0"]
+    base = SMALL + [f"data.root={data}", f"output_root={tmp_path / 'runs'}", "data.val_fraction=0.2", "augment.flip_prob=0"]
     bundle = prepare_data(load_config(None, base), tmp_path / "runs" / "a", log=None)
     assert not [t for t in bundle.vocab.index_to_tag if t.startswith("junk_")]
-    capped = prepare_data(load_config(None, base + ["data.min_tag_frequency=1", "data.max_vocabulary_tags=3"]),
-                          tmp_path / "runs" / "b", log=None)
+    capped = prepare_data(load_config(None, base + ["data.min_tag_frequency=1", "data.max_vocabulary_tags=3"]), tmp_path / "runs" / "b", log=None)
     assert len(capped.vocab) == 3 and capped.report["vocabulary"]["dropped_top_k"] > 0
 
 
@@ -172,8 +167,17 @@ def test_resume_never_decodes_earlier_failures_again(tmp_path: Path) -> None:
     """Samples an earlier attempt of the run found undecodable (in data_report.json) stay out of
     validation and are never decoded again in training on resume; the report keeps them."""
     hostile = bc.make_hostile_corpus(tmp_path, good=40, huge_tag_string=False, with_links=False)
-    cfg = load_config(None, SMALL + [f"data.root={hostile.root}", f"output_root={tmp_path / 'runs'}",
-                                     "data.max_bad_fraction=0.5", "augment.flip_prob=0", "data.val_fraction=0.5"])
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            f"data.root={hostile.root}",
+            f"output_root={tmp_path / 'runs'}",
+            "data.max_bad_fraction=0.5",
+            "augment.flip_prob=0",
+            "data.val_fraction=0.5",
+        ],
+    )
     first = prepare_data(cfg, cfg.run_dir, log=None)
     failed = {sid: "image_undecodable" for sid in hostile.decode_only_ids}
     tracker = first.failure_tracker(0.5)

@@ -69,39 +69,51 @@ def test_filename_field_relative_to_json_folder(tmp_path: Path) -> None:
     bc.write_json(root / "images" / "p3.jpg.json", {"filename": "p3", "extension": "jpg", "tags": "c"})
     scan = scan_dataset(root, num_threads=2)
     assert scan.skipped == {}
-    assert {r.sample_id: r.tags for r in scan.records} == {
-        "images/p1.jpg": ("a",), "images/p2.webp": ("b",), "images/p3.jpg": ("c",)}
+    assert {r.sample_id: r.tags for r in scan.records} == {"images/p1.jpg": ("a",), "images/p2.webp": ("b",), "images/p3.jpg": ("c",)}
 
 
 def test_tag_string_fields_keep_categories(tmp_path: Path) -> None:
     """Per-category tag_string fields give each tag its category, no duplicates."""
-    data = {"tag_string": "1girl hatsune_miku vocaloid solo",
-            "tag_string_general": "1girl solo", "tag_string_character": "hatsune_miku",
-            "tag_string_copyright": "vocaloid", "tag_string_artist": "someone",
-            "tag_string_meta": "highres", "rating": "s"}
+    data = {
+        "tag_string": "1girl hatsune_miku vocaloid solo",
+        "tag_string_general": "1girl solo",
+        "tag_string_character": "hatsune_miku",
+        "tag_string_copyright": "vocaloid",
+        "tag_string_artist": "someone",
+        "tag_string_meta": "highres",
+        "rating": "s",
+    }
     scan = _scan_one(tmp_path, "img.png.json", data)
     (rec,) = scan.records
     cats = dict(zip(rec.tags, rec.categories))
-    assert cats == {"1girl": "general", "solo": "general", "hatsune_miku": "character",
-                    "vocaloid": "copyright", "someone": "artist", "highres": "meta"}
+    assert cats == {
+        "1girl": "general",
+        "solo": "general",
+        "hatsune_miku": "character",
+        "vocaloid": "copyright",
+        "someone": "artist",
+        "highres": "meta",
+    }
     assert len(rec.tags) == len(set(rec.tags))
 
 
 def test_e621_style_tag_dict() -> None:
     """A {category: [tags]} dict maps known categories and leaves others empty."""
-    tags, cats, rating = parse_sidecar({"tags": {"general": ["Fur"], "species": ["fox"],
-                                                 "artist": ["x"], "weird": ["y"]}, "rating": "e"})
+    tags, cats, rating = parse_sidecar({"tags": {"general": ["Fur"], "species": ["fox"], "artist": ["x"], "weird": ["y"]}, "rating": "e"})
     assert dict(zip(tags, cats)) == {"fur": "general", "fox": "general", "x": "artist", "y": ""}
     assert rating == 3
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("long hair, blue eyes ,smile", ["long_hair", "blue_eyes", "smile"]),
-    ("long_hair blue_eyes  smile", ["long_hair", "blue_eyes", "smile"]),
-    ("  Single Tag ", ["single", "tag"]),
-    ("a,,b, ", ["a", "b"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("long hair, blue eyes ,smile", ["long_hair", "blue_eyes", "smile"]),
+        ("long_hair blue_eyes  smile", ["long_hair", "blue_eyes", "smile"]),
+        ("  Single Tag ", ["single", "tag"]),
+        ("a,,b, ", ["a", "b"]),
+        ("", []),
+    ],
+)
 def test_tag_string_splitting(text: str, expected: list[str]) -> None:
     """Commas win over whitespace; tags are normalised and empties dropped."""
     assert split_tag_string(text) == expected
@@ -114,18 +126,37 @@ def test_tags_deduplicated_order_kept() -> None:
     assert cats == ("", "general", "general")  # "a" gets the category given later
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("g", 0), ("general", 0), ("safe", 0), ("S", 1), ("sensitive", 1), ("q", 2),
-    ("questionable", 2), ("e", 3), ("Explicit", 3), (0, 0), (3, 3), ("2", 2), (" 1 ", 1),
-    (4, -1), (-1, -1), ("x", -1), (None, -1), (True, -1), (1.0, -1), ([], -1),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("g", 0),
+        ("general", 0),
+        ("safe", 0),
+        ("S", 1),
+        ("sensitive", 1),
+        ("q", 2),
+        ("questionable", 2),
+        ("e", 3),
+        ("Explicit", 3),
+        (0, 0),
+        (3, 3),
+        ("2", 2),
+        (" 1 ", 1),
+        (4, -1),
+        (-1, -1),
+        ("x", -1),
+        (None, -1),
+        (True, -1),
+        (1.0, -1),
+        ([], -1),
+    ],
+)
 def test_rating_codes(value: object, expected: int) -> None:
     """Every documented rating spelling maps to 0-3; anything else to -1."""
     assert parse_rating(value) == expected
 
 
-@pytest.mark.parametrize("data", [{"tags": [1, 2]}, {"tags": 5}, {"tag_string": ["a"]},
-                                  {"tag_string_general": 3}, ["a"], "tags"])
+@pytest.mark.parametrize("data", [{"tags": [1, 2]}, {"tags": 5}, {"tag_string": ["a"]}, {"tag_string_general": 3}, ["a"], "tags"])
 def test_wrong_field_types_raise(data: object) -> None:
     """Wrong field types are errors (they become sidecar_unreadable in a scan)."""
     with pytest.raises(ValueError):
@@ -260,12 +291,9 @@ def test_manifest_records_and_reasons(tmp_path: Path) -> None:
     manifest = root / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     scan = load_manifest(manifest)
-    assert [(r.sample_id, r.tags, r.rating) for r in scan.records] == [
-        ("a.jpg", ("x", "y"), 0), ("sub/b.png", ("p", "q"), 3)]
-    assert scan.skipped == {"manifest_line_invalid": 4, "path_outside_root": 1, "image_missing": 1,
-                            "image_undecodable": 1, "duplicate_image": 1}
-    assert [e.split(":")[0] for e in scan.examples["manifest_line_invalid"]] == [
-        "line 4", "line 5", "line 6", "line 11"]
+    assert [(r.sample_id, r.tags, r.rating) for r in scan.records] == [("a.jpg", ("x", "y"), 0), ("sub/b.png", ("p", "q"), 3)]
+    assert scan.skipped == {"manifest_line_invalid": 4, "path_outside_root": 1, "image_missing": 1, "image_undecodable": 1, "duplicate_image": 1}
+    assert [e.split(":")[0] for e in scan.examples["manifest_line_invalid"]] == ["line 4", "line 5", "line 6", "line 11"]
     # same result through DatasetScanner, and with an explicit root from elsewhere
     other = tmp_path / "elsewhere.jsonl"
     other.write_text(lines[0] + "\n", encoding="utf-8")
@@ -298,8 +326,7 @@ def test_hostile_corpus_counted_once_per_sample_by_reason(hostile: bc.HostileCor
     assert scan.skipped == hostile.expected_skips(decoded)
     assert {r.sample_id for r in scan.records} == hostile.expected_ids(decoded)
     assert scan.dropped_tags == hostile.dropped_tags
-    assert sorted(scan.dropped_tag_examples) == ["tags/surrogate.png.json: 1 tag_not_utf8",
-                                                 "tags/surrogate.png.json: 1 tag_too_long"]
+    assert sorted(scan.dropped_tag_examples) == ["tags/surrogate.png.json: 1 tag_not_utf8", "tags/surrogate.png.json: 1 tag_too_long"]
     kept = {r.sample_id: r for r in scan.records}["tags/surrogate.png"]
     assert kept.tags == ("common", "shared")
     assert any("Corrupt EXIF" in k for k in scan.decoder_warnings)
@@ -340,8 +367,12 @@ def test_manifest_with_hostile_entries(tmp_path: Path) -> None:
     bc.write_image(root / "a.png", 8, 8)
     bc.write_image(tmp_path / "out.png", 8, 8)
     os.symlink(tmp_path / "out.png", root / "link.png")
-    lines = ['{"file": "a.png", "tags": ["x", "\\ud800"]}', '{"file": "caf\\udce9.png", "tags": ["x"]}',
-             '{"file": "link.png", "tags": ["x"]}', json.dumps({"file": "a.png", "tags": ["t"] * 3000})]
+    lines = [
+        '{"file": "a.png", "tags": ["x", "\\ud800"]}',
+        '{"file": "caf\\udce9.png", "tags": ["x"]}',
+        '{"file": "link.png", "tags": ["x"]}',
+        json.dumps({"file": "a.png", "tags": ["t"] * 3000}),
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     scan = load_manifest(manifest, root)

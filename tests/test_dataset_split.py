@@ -14,8 +14,7 @@ from dataset_split import _split_hash, load_split, save_split, split_records
 
 def _records(n: int, prefix: str = "img") -> list[SampleRecord]:
     """n synthetic records."""
-    return [SampleRecord(f"{prefix}/{i:05d}.jpg", f"/x/{prefix}/{i:05d}.jpg", ("a",), ("",), 0)
-            for i in range(n)]
+    return [SampleRecord(f"{prefix}/{i:05d}.jpg", f"/x/{prefix}/{i:05d}.jpg", ("a",), ("",), 0) for i in range(n)]
 
 
 def test_split_disjoint_and_matches_hash_rule() -> None:
@@ -27,7 +26,7 @@ def test_split_disjoint_and_matches_hash_rule() -> None:
     assert not train_ids & val_ids and len(train_ids | val_ids) == 2000 and not split.excluded
     for rec in records:  # reference: direct blake2b computation
         digest = hashlib.blake2b(f"7\x00{rec.sample_id}".encode("utf-8"), digest_size=8).digest()
-        assert (int.from_bytes(digest, "big") / 2 ** 64 < 0.1) == (rec.sample_id in val_ids)
+        assert (int.from_bytes(digest, "big") / 2**64 < 0.1) == (rec.sample_id in val_ids)
     assert 150 < len(val_ids) < 250
     other = split_records(records, val_fraction=0.1, seed=8)
     assert {r.sample_id for r in other.val} != val_ids
@@ -67,11 +66,9 @@ def test_split_max_val_excludes_overflow(tmp_path: Path) -> None:
     assert loaded.vanished == [gone]
     assert loaded.added == 100
     # the freed validation slot is refilled by new val-side ids; the overflow is excluded
-    new_val_side = sorted((r for r in now if r.sample_id.startswith("added/")
-                           and _split_hash(3, r.sample_id) < 0.3), key=lambda r: r.sample_id)
+    new_val_side = sorted((r for r in now if r.sample_id.startswith("added/") and _split_hash(3, r.sample_id) < 0.3), key=lambda r: r.sample_id)
     assert len(loaded.val) == 50 and len(new_val_side) >= 1
-    assert {r.sample_id for r in loaded.val} == ({r.sample_id for r in capped.val} - {gone}
-                                                 | {new_val_side[0].sample_id})
+    assert {r.sample_id for r in loaded.val} == ({r.sample_id for r in capped.val} - {gone} | {new_val_side[0].sample_id})
     assert {r.sample_id for r in new_val_side[1:]} <= {r.sample_id for r in loaded.excluded}
     assert {r.sample_id for r in capped.train} <= {r.sample_id for r in loaded.train}
     new_train = [r for r in loaded.train if r.sample_id.startswith("added/")]
@@ -85,6 +82,6 @@ def test_split_hash_accepts_names_that_are_not_utf8() -> None:
     ids hash exactly as blake2b of their UTF-8 bytes, so existing splits do not move."""
     odd = "caf\udce9.png"
     digest = hashlib.blake2b(b"3\x00" + odd.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    assert _split_hash(3, odd) == int.from_bytes(digest, "big") / 2.0 ** 64
+    assert _split_hash(3, odd) == int.from_bytes(digest, "big") / 2.0**64
     plain = hashlib.blake2b("3\x00café.png".encode("utf-8"), digest_size=8).digest()
-    assert _split_hash(3, "café.png") == int.from_bytes(plain, "big") / 2.0 ** 64
+    assert _split_hash(3, "café.png") == int.from_bytes(plain, "big") / 2.0**64

@@ -170,9 +170,9 @@ def test_left_right_tags_match_drawn_pixels(demo: Path) -> None:
 def test_shapes_never_touch_and_stay_inside() -> None:
     for index in range(400):
         spec = describe_sample(index, 0, SIZE)
-        assert len(spec.shapes) == ["one_shape", "two_shapes", "three_shapes"].index(
-            next(t for t in spec.tags if t.endswith(("_shape", "_shapes")))
-        ) + 1
+        assert (
+            len(spec.shapes) == ["one_shape", "two_shapes", "three_shapes"].index(next(t for t in spec.tags if t.endswith(("_shape", "_shapes")))) + 1
+        )
         for shape in spec.shapes:
             assert shape.radius <= shape.cx <= SIZE - shape.radius
             assert shape.radius <= shape.cy <= SIZE - shape.radius
@@ -333,14 +333,7 @@ def test_crash_leaves_no_partial_dataset(tmp_path: Path, monkeypatch: pytest.Mon
     assert not fresh.exists()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"num_images": 0}, "num_images"),
-        ({"seed": -1}, "seed"),
-        ({"image_size": 16}, "image_size"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "message"), [({"num_images": 0}, "num_images"), ({"seed": -1}, "seed"), ({"image_size": 16}, "image_size")])
 def test_invalid_parameters(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate_demo_dataset(tmp_path / "x", **kwargs)

@@ -22,14 +22,19 @@ STEPS = 24
 # Loss-curve tolerance between 1 process at batch 32 and 2 processes at batch 16 each: the same
 # samples per step, so only the order of floating-point reductions differs.
 REL_TOL = 1e-5  # measured: 1e-7
-BASE = TINY_RUN + ["data.num_workers=0", f"training.max_steps={STEPS}", "training.epochs=3",
-                   "validation.every_steps=12", "checkpoint.every_steps=6", "checkpoint.keep_last=10"]
+BASE = TINY_RUN + [
+    "data.num_workers=0",
+    f"training.max_steps={STEPS}",
+    "training.epochs=3",
+    "validation.every_steps=12",
+    "checkpoint.every_steps=6",
+    "checkpoint.keep_last=10",
+]
 
 
 def args_for(data: Path, name: str, batch: int, extra: list[str] = ()) -> list[str]:
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in BASE + [f"data.batch_size={batch}", f"data.root={data}", "output_root=runs",
-                     f"experiment_name={name}", *extra]:
+    for o in BASE + [f"data.batch_size={batch}", f"data.root={data}", "output_root=runs", f"experiment_name={name}", *extra]:
         args += ["--set", o]
     return args
 
@@ -48,8 +53,14 @@ def losses(run: Path) -> dict[int, float]:
 def test_two_processes_match_one_at_the_same_global_batch(demo_data: Path, tmp_path: Path) -> None:
     one = run_cli(args_for(demo_data, "one", 32, ["model.drop_path_rate=0.0"]), cwd=tmp_path, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(torchrun(args_for(demo_data, "two", 16, ["model.drop_path_rate=0.0"])), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV))
+    two = subprocess.run(
+        torchrun(args_for(demo_data, "two", 16, ["model.drop_path_rate=0.0"])),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **ENV),
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     a, b = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "two")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
@@ -68,12 +79,19 @@ def test_two_processes_match_one_at_the_same_global_batch(demo_data: Path, tmp_p
 
 def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path) -> None:
     extra = ["model.drop_path_rate=0.1"]  # per-rank random state must be restored for this to match
-    ref = subprocess.run(torchrun(args_for(demo_data, "ref", 16, extra)), cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, **ENV))
+    ref = subprocess.run(
+        torchrun(args_for(demo_data, "ref", 16, extra)), cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV)
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen(torchrun(args_for(demo_data, "killed", 16, extra)), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, **ENV), start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(args_for(demo_data, "killed", 16, extra)),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, **ENV),
+        start_new_session=True,
+    )
     marker = run / "checkpoints" / "step_12" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -81,8 +99,14 @@ def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path)
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, like a power cut
     proc.wait(timeout=60)
-    resumed = subprocess.run(torchrun(args_for(demo_data, "killed", 16, extra) + ["--resume", "latest"]), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV))
+    resumed = subprocess.run(
+        torchrun(args_for(demo_data, "killed", 16, extra) + ["--resume", "latest"]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **ENV),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "runs" / "ref") == losses(run)
     a = load_file(str(tmp_path / "runs" / "ref" / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
@@ -91,13 +115,20 @@ def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path)
 
 
 def test_resume_at_another_world_size_says_what_changes(demo_data: Path, tmp_path: Path) -> None:
-    first = subprocess.run(torchrun(args_for(demo_data, "ws", 16, ["training.max_steps=6"])), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV))
+    first = subprocess.run(
+        torchrun(args_for(demo_data, "ws", 16, ["training.max_steps=6"])),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **ENV),
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     refused = run_cli(args_for(demo_data, "ws", 16, ["training.max_steps=6"]) + ["--resume", "latest"], cwd=tmp_path, env=ENV)
     assert refused.returncode == 2 and "world_size: 2 -> 1" in refused.stderr
-    accepted = run_cli(args_for(demo_data, "ws", 16, ["training.max_steps=12"]) + ["--resume", "latest", "--accept-schedule-change"],
-                       cwd=tmp_path, env=ENV)
+    accepted = run_cli(
+        args_for(demo_data, "ws", 16, ["training.max_steps=12"]) + ["--resume", "latest", "--accept-schedule-change"], cwd=tmp_path, env=ENV
+    )
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     events = read_jsonl(tmp_path / "runs" / "ws" / "metrics.jsonl")
     changed = [e for e in events if e.get("kind") == "schedule_changed"]

@@ -38,18 +38,14 @@ def exact_ap(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((gained * tp / (tp + fp)).sum() / n_pos)
 
 
-def direct_counts(
-    probs: torch.Tensor, targets: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def direct_counts(probs: torch.Tensor, targets: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tag (TP, predicted positives, positives) counted directly, int64."""
     pred = probs >= threshold
     pos = targets.bool()
     return (pred & pos).sum(0), pred.sum(0), pos.sum(0)
 
 
-def realistic_batch(
-    n: int, t: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def realistic_batch(n: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid-of-normal scores, sparse positives shifted up by a per-tag margin."""
     g = torch.Generator().manual_seed(seed)
     density = torch.exp(torch.empty(t).uniform_(-6.0, -1.5, generator=g))  # 0.25% .. 22%
@@ -60,9 +56,7 @@ def realistic_batch(
     return torch.sigmoid(logits), targets
 
 
-def bin_centred_batch(
-    mc: MetricComputer, n: int, t: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def bin_centred_batch(mc: MetricComputer, n: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores at bin centres (far from every edge, many exact ties) with informative labels."""
     g = torch.Generator().manual_seed(seed)
     width = 2 * mc.logit_range / mc.num_bins
@@ -89,12 +83,10 @@ def test_map_close_to_exact_on_realistic_scores(ap_method: str) -> None:
     targets[:, 0] = False  # no positives: excluded from mAP, AP NaN
     targets[:, 1] = True  # only positives: AP 1
     probs[:, 2] = 0.25  # every score tied
-    probs[: 3000, 3] = torch.round(probs[:3000, 3] * 100) / 100  # partial ties
+    probs[:3000, 3] = torch.round(probs[:3000, 3] * 100) / 100  # partial ties
     mc = MetricComputer(60, ap_method=ap_method)
     stream(mc, probs, targets, 512)
-    ref = torch.tensor(
-        [exact_ap(probs[:, j], targets[:, j]) for j in range(60)], dtype=torch.float64
-    )
+    ref = torch.tensor([exact_ap(probs[:, j], targets[:, j]) for j in range(60)], dtype=torch.float64)
     has_pos = ~ref.isnan()
     out = mc.compute()
     ap = mc.per_tag()["ap"]
@@ -113,18 +105,14 @@ def test_step_ap_is_exact_for_scores_tied_within_bins() -> None:
     mc = MetricComputer(12, num_bins=64)
     probs, targets = bin_centred_batch(mc, 3000, 12, seed=2)
     stream(mc, probs, targets, 700)
-    ref = torch.tensor(
-        [exact_ap(probs[:, j], targets[:, j]) for j in range(12)], dtype=torch.float64
-    )
+    ref = torch.tensor([exact_ap(probs[:, j], targets[:, j]) for j in range(12)], dtype=torch.float64)
     torch.testing.assert_close(mc.per_tag()["ap"], ref, rtol=0, atol=1e-12)
 
 
 def test_interpolated_ap_beats_step_on_continuous_scores() -> None:
     """On continuous scores and coarse bins the interpolated rule is closer to exact."""
     probs, targets = realistic_batch(5000, 40, seed=3)
-    ref = torch.tensor(
-        [exact_ap(probs[:, j], targets[:, j]) for j in range(40)], dtype=torch.float64
-    )
+    ref = torch.tensor([exact_ap(probs[:, j], targets[:, j]) for j in range(40)], dtype=torch.float64)
     errors = {}
     for method in ("step", "interpolated"):
         mc = MetricComputer(40, num_bins=512, ap_method=method)
@@ -193,9 +181,7 @@ def test_best_thresholds_match_brute_force() -> None:
     assert math.isnan(float(per_tag["best_threshold"][9]))
     assert math.isnan(float(per_tag["best_f1"][9]))
     out = mc.compute()
-    assert out["f1_macro_best_thresholds"] == pytest.approx(
-        float(per_tag["best_f1"][:9].mean()), abs=1e-12
-    )
+    assert out["f1_macro_best_thresholds"] == pytest.approx(float(per_tag["best_f1"][:9].mean()), abs=1e-12)
 
 
 def test_global_p_eq_r_threshold_matches_brute_force() -> None:
@@ -237,9 +223,7 @@ def test_rating_accuracy_and_confusion() -> None:
     for t, p in zip(target[known].tolist(), pred[known].tolist()):
         conf[t, p] += 1
     assert out["rating_confusion"] == conf.tolist()
-    assert out["rating_accuracy"] == pytest.approx(
-        float((pred[known] == target[known]).double().mean()), abs=1e-12
-    )
+    assert out["rating_accuracy"] == pytest.approx(float((pred[known] == target[known]).double().mean()), abs=1e-12)
     assert out["rating_num_known"] == int(known.sum())
     assert out["rating_num_unknown"] == int((target == -1).sum())
     assert out["rating_num_invalid"] == 5
@@ -318,19 +302,14 @@ def _all_reduce_worker(rank: int, world: int, port: int, result_dir: str) -> Non
     """One gloo rank: update on its shard, all-reduce, save the reduced state."""
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         probs, targets = realistic_batch(300, 12, seed=11)
         mc = MetricComputer(12, num_bins=64)
         mc.update(probs[rank::world], targets[rank::world])
         mc.update_rating(torch.randn(5, 4), torch.full((5,), rank))
         mc.all_reduce_()
-        torch.save(
-            [t.to(torch.int64) for t in mc.state_tensors()],
-            os.path.join(result_dir, f"rank{rank}.pt"),
-        )
+        torch.save([t.to(torch.int64) for t in mc.state_tensors()], os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -367,9 +346,7 @@ def test_by_bucket_and_by_category_match_per_tag_subsets() -> None:
     probs, targets = realistic_batch(1500, 16, seed=12)
     freqs = [3, 9, 10, 50, 99, 100, 500, 999, 1000, 5000, 0, 42, 7, 123, 2000, 11]
     cats = ["general", "character", None, "general"] * 4
-    mc = MetricComputer(
-        16, num_bins=256, tag_frequencies=freqs, tag_categories=cats, threshold=0.3
-    )
+    mc = MetricComputer(16, num_bins=256, tag_frequencies=freqs, tag_categories=cats, threshold=0.3)
     stream(mc, probs, targets, 500)
     per_tag = mc.per_tag()
     tp, pred, pos = direct_counts(probs, targets, 0.3)
@@ -406,8 +383,7 @@ def test_by_bucket_and_by_category_match_per_tag_subsets() -> None:
 def test_no_samples_gives_nan_rates_and_zero_counts() -> None:
     """An empty computer reports NaN rates, zero counts, and strict JSON via json_safe."""
     out = MetricComputer(5, num_bins=32).compute()
-    for key in ("mAP", "f1_micro", "f1_macro", "precision_micro", "recall_micro",
-                "rating_accuracy", "global_threshold_p_eq_r"):
+    for key in ("mAP", "f1_micro", "f1_macro", "precision_micro", "recall_micro", "rating_accuracy", "global_threshold_p_eq_r"):
         assert math.isnan(out[key]), key
     assert out["num_samples"] == 0 and out["num_tags"] == 5
     assert out["num_tags_with_positives"] == 0
@@ -486,8 +462,7 @@ def test_device_results_match_cpu(device: str) -> None:
     stream(mc, probs.to(device), targets.to(device), 200)
     assert mc.state_tensors()[0].device.type == device
     _assert_same_results(ref, mc)
-    torch.testing.assert_close(mc.per_tag()["best_threshold"], ref.per_tag()["best_threshold"],
-                               equal_nan=True)
+    torch.testing.assert_close(mc.per_tag()["best_threshold"], ref.per_tag()["best_threshold"], equal_nan=True)
 
 
 def test_chunked_compute_matches_single_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

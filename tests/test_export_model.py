@@ -71,11 +71,11 @@ def exported(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) 
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+
 @pytest.mark.e2e
 def test_onnx_probabilities_equal_pytorch_on_validation_images(exported: Exported) -> None:
     onnx = onnx_probabilities(exported.out, exported.val.images)
-    reference = reference_probabilities(reference_logits(exported.ck, exported.names, exported.report["logit_shifts"],
-                                                         exported.val.images))
+    reference = reference_probabilities(reference_logits(exported.ck, exported.names, exported.report["logit_shifts"], exported.val.images))
     assert onnx.shape == (len(exported.val.paths), len(exported.names))
     assert np.abs(onnx - reference).max() <= 1e-4
     # The export checked itself the same way and printed the figure.
@@ -121,9 +121,13 @@ def test_timm_builds_the_export_with_equal_outputs(exported: Exported) -> None:
     config = json.loads((exported.out / "config.json").read_text(encoding="utf-8"))
     by_folder = timm.create_model(f"local-dir:{exported.out}", pretrained=True).eval()
     n = config["num_classes"]
-    by_file = timm.create_model(config["architecture"], pretrained=True, num_classes=n, **config["model_args"],
-                                pretrained_cfg_overlay={"file": str(exported.out / "model.safetensors"),
-                                                        "num_classes": n}).eval()
+    by_file = timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        num_classes=n,
+        **config["model_args"],
+        pretrained_cfg_overlay={"file": str(exported.out / "model.safetensors"), "num_classes": n},
+    ).eval()
     ck = exported.ck
     images = torch.from_numpy(exported.val.images[:16]).permute(0, 3, 1, 2)
     x = normalize_images(images, ck.preprocess.mean, ck.preprocess.std)[:, [2, 1, 0]]  # BGR, as WD v3 timm models
@@ -157,8 +161,10 @@ def _micro_f1(probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) ->
 
 @pytest.mark.e2e
 def test_exported_model_keeps_map_and_consumer_thresholds_reach_tuned_f1(exported: Exported, tmp_path: Path) -> None:
-    proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(exported.checkpoint), "--out",
-                    str(tmp_path / "eval"), "--num-workers", "0"], cwd=tmp_path)
+    proc = run_cli(
+        [str(ROOT / "validation_loop.py"), "--checkpoint", str(exported.checkpoint), "--out", str(tmp_path / "eval"), "--num-workers", "0"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     checkpoint_map = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["mAP"]
     probs = onnx_probabilities(exported.out, exported.val.images)[:, 4:]  # (N, T)
@@ -178,8 +184,15 @@ def test_exported_model_keeps_map_and_consumer_thresholds_reach_tuned_f1(exporte
 @pytest.mark.e2e
 def test_model_card_and_thresholds_describe_the_export(exported: Exported) -> None:
     card = (exported.out / "README.md").read_text(encoding="utf-8")
-    for needle in ("## Calibration", "shift_t = ", "## Preprocessing", "BGR", "## Validation metrics",
-                   f"{exported.report['exported']['mAP']:.4f}", "local-dir:"):
+    for needle in (
+        "## Calibration",
+        "shift_t = ",
+        "## Preprocessing",
+        "BGR",
+        "## Validation metrics",
+        f"{exported.report['exported']['mAP']:.4f}",
+        "local-dir:",
+    ):
         assert needle in card, needle
     thresholds = json.loads((exported.out / "thresholds.json").read_text(encoding="utf-8"))
     assert list(thresholds["per_tag"]) == exported.names[4:]
@@ -206,17 +219,28 @@ def test_export_at_another_image_size(exported: Exported, tmp_path: Path) -> Non
 
 @pytest.mark.e2e
 def test_export_rejects_an_unknown_category(exported: Exported, tmp_path: Path) -> None:
-    proc = run_cli([str(ROOT / "export_model.py"), "--checkpoint", str(exported.checkpoint), "--out",
-                    str(tmp_path / "x"), "--categories", "general,species"], cwd=tmp_path)
+    proc = run_cli(
+        [str(ROOT / "export_model.py"), "--checkpoint", str(exported.checkpoint), "--out", str(tmp_path / "x"), "--categories", "general,species"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "species" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- units
 
+
 def _tiny_model(num_tags: int = 6, pooling: str = "cls", seed: int = 0) -> SimplifiedTagger:
     torch.manual_seed(seed)
-    cfg = VisionTransformerConfig(image_size=32, patch_size=8, num_tags=num_tags, embed_dim=32, depth=2, num_heads=2,
-                                  pooling=pooling, layer_scale_init=0.5 if pooling == "avg" else None)
+    cfg = VisionTransformerConfig(
+        image_size=32,
+        patch_size=8,
+        num_tags=num_tags,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        pooling=pooling,
+        layer_scale_init=0.5 if pooling == "avg" else None,
+    )
     model = SimplifiedTagger(cfg).eval()
     with torch.no_grad():  # non-trivial heads, so a wrong row or order shows
         model.tag_head.bias.normal_()
@@ -226,8 +250,7 @@ def _tiny_model(num_tags: int = 6, pooling: str = "cls", seed: int = 0) -> Simpl
 
 def _vocab() -> TagVocabulary:
     tags = ["hero", "sky", "tree", "brand", "villain", "mystery"]
-    categories = {"hero": "character", "sky": "general", "tree": "general", "brand": "copyright",
-                  "villain": "character", "mystery": ""}
+    categories = {"hero": "character", "sky": "general", "tree": "general", "brand": "copyright", "villain": "character", "mystery": ""}
     return TagVocabulary(tags, {t: 10 - i for i, t in enumerate(tags)}, categories)
 
 
@@ -252,8 +275,7 @@ def test_wdtagger_on_bgr_input_equals_the_model(pooling: str) -> None:
     with torch.no_grad():
         out = model(normalize_images(torch.from_numpy(rgb).permute(0, 3, 1, 2), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)))
         got = wd(torch.from_numpy(rgb_to_wd_input(rgb)))
-    expected = torch.cat([out["rating_logits"].softmax(1),
-                          torch.sigmoid(out["tag_logits"][:, list(plan.columns)] + shift)], dim=1)
+    expected = torch.cat([out["rating_logits"].softmax(1), torch.sigmoid(out["tag_logits"][:, list(plan.columns)] + shift)], dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
@@ -267,7 +289,7 @@ def test_onnx_export_of_a_random_model_matches_and_batches(tmp_path: Path) -> No
     with torch.no_grad():
         expected = wd(x).numpy()
     got7 = session.run(None, {"input": x.numpy()})[0]
-    got1 = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(7)])
+    got1 = np.concatenate([session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(7)])
     np.testing.assert_allclose(got7, expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got1, got7, rtol=0, atol=1e-6)
 
@@ -276,16 +298,14 @@ def test_timm_folder_round_trip_and_refusals(tmp_path: Path) -> None:
     model = _tiny_model(pooling="avg")
     plan = plan_outputs(_vocab())
     head = fused_head(model, plan)
-    write_timm_folder(tmp_path, timm_config(model.cfg, plan.labels.names, (0.5,) * 3, (0.5,) * 3),
-                      timm_state_dict(model, head))
+    write_timm_folder(tmp_path, timm_config(model.cfg, plan.labels.names, (0.5,) * 3, (0.5,) * 3), timm_state_dict(model, head))
     back = read_timm_folder(tmp_path)
     assert back.cfg.pooling == "avg" and back.cfg.layer_scale_init is not None
     for key, value in model.backbone_state_dict().items():
         torch.testing.assert_close(back.backbone[key], value, rtol=0, atol=0)  # the BGR flip undone exactly
     torch.testing.assert_close(back.head_weight, head.weight.detach(), rtol=0, atol=0)
     config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    for change, needle in (({"class_token": False}, "class_token"), ({"act_layer": "gelu_tanh"}, "act_layer"),
-                           ({"fc_norm": None}, "fc_norm")):
+    for change, needle in (({"class_token": False}, "class_token"), ({"act_layer": "gelu_tanh"}, "act_layer"), ({"fc_norm": None}, "fc_norm")):
         bad = dict(config, model_args={**config["model_args"], **change})
         (tmp_path / "config.json").write_text(json.dumps(bad), encoding="utf-8")
         with pytest.raises(ValueError, match=needle):
@@ -319,8 +339,7 @@ def test_calibration_puts_each_tags_f1_point_on_the_consumer_threshold() -> None
         f1_target = _micro_f1(scores[:, None], positive[:, None], np.array([target]))
         # At the consumer threshold each tag reaches its best F1 (up to the metric's bin width).
         assert f1_target >= f1_best - 0.003, (name, f1_target, f1_best)
-        f1_uncalibrated = _micro_f1(1 / (1 + np.exp(-logits[:, [plan.columns[i]]])), positive[:, None],
-                                    np.array([target]))
+        f1_uncalibrated = _micro_f1(1 / (1 + np.exp(-logits[:, [plan.columns[i]]])), positive[:, None], np.array([target]))
         assert f1_target > f1_uncalibrated  # and the raw, over-confident scores would not
     # A huge prior puts every tag on its block's shift.
     pooled = fit_calibration(computer, plan, prior=1e12)

@@ -22,8 +22,15 @@ from data_fixtures import listing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="POSIX names and links")]
 
-HOSTILE_RUN = TINY_RUN + ["data.num_workers=2", "data.batch_size=8", "data.val_fraction=0.25", "training.epochs=2",
-                          "augment.flip_prob=0", "data.max_bad_fraction=0.3", "data.verify=header"]
+HOSTILE_RUN = TINY_RUN + [
+    "data.num_workers=2",
+    "data.batch_size=8",
+    "data.val_fraction=0.25",
+    "training.epochs=2",
+    "augment.flip_prob=0",
+    "data.max_bad_fraction=0.3",
+    "data.verify=header",
+]
 
 
 def _train(base: Path, data: Path, name: str, extra: list[str], timeout: float = 600) -> tuple[Path, str]:
@@ -66,8 +73,7 @@ def test_training_counts_every_reason_exactly(hostile: bc.HostileCorpus, trained
     assert any("Corrupt EXIF" in k for k in report["decoder_warnings"])
 
 
-def test_header_only_run_skips_in_validation_and_replaces_in_training(hostile: bc.HostileCorpus,
-                                                                      tmp_path: Path) -> None:
+def test_header_only_run_skips_in_validation_and_replaces_in_training(hostile: bc.HostileCorpus, tmp_path: Path) -> None:
     """Without a cache the two decode-only files reach the datasets: training replaces and
     records them, validation evaluates the rest and says how many it skipped."""
     run_dir, stdout = _train(tmp_path, hostile.root, "nocache", ["training.epochs=1"])
@@ -87,19 +93,24 @@ def test_prepare_and_vocabulary_build_handle_the_folder(hostile: bc.HostileCorpu
     vocabulary; both print the skip counts; --out inside the dataset is refused before any work."""
     before = listing(hostile.root)
     out = tmp_path / "cache"
-    proc = run_cli([str(ROOT / "dataset_loader.py"), "prepare", "--data", str(hostile.root), "--image-size", "16",
-                    "--out", str(out), "--workers", "2"], cwd=tmp_path)
+    proc = run_cli(
+        [str(ROOT / "dataset_loader.py"), "prepare", "--data", str(hostile.root), "--image-size", "16", "--out", str(out), "--workers", "2"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["failed"] == {"image_undecodable": len(hostile.decode_only_ids)}
     assert report["scan"]["skipped"] == hostile.expected_skips(decoded=False)
     index = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert set(index["ids"]) == hostile.expected_ids(decoded=True) and set(index["failed"]) == set(hostile.decode_only_ids)
-    inside = run_cli([str(ROOT / "dataset_loader.py"), "prepare", "--data", str(hostile.root), "--image-size", "16",
-                      "--out", str(hostile.root / "cache")], cwd=tmp_path)
+    inside = run_cli(
+        [str(ROOT / "dataset_loader.py"), "prepare", "--data", str(hostile.root), "--image-size", "16", "--out", str(hostile.root / "cache")],
+        cwd=tmp_path,
+    )
     assert inside.returncode == 2 and "inside the dataset folder" in inside.stderr and inside.stdout == ""
-    proc = run_cli([str(ROOT / "vocabulary.py"), "build", "--data", str(hostile.root), "--out",
-                    str(tmp_path / "vocab.json"), "--no-ignore"], cwd=tmp_path)
+    proc = run_cli(
+        [str(ROOT / "vocabulary.py"), "build", "--data", str(hostile.root), "--out", str(tmp_path / "vocab.json"), "--no-ignore"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "name_not_utf8: 1" in proc.stdout and "tags dropped: tag_not_utf8: 1, tag_too_long: 1" in proc.stdout
     assert "tags dropped: tags/surrogate.png.json: 1 tag_not_utf8" in proc.stdout  # names the sidecar
@@ -108,8 +119,7 @@ def test_prepare_and_vocabulary_build_handle_the_folder(hostile: bc.HostileCorpu
     assert listing(hostile.root) == before
 
 
-def test_validation_metrics_equal_without_the_bad_images(hostile: bc.HostileCorpus, trained: tuple[Path, str],
-                                                         tmp_path: Path) -> None:
+def test_validation_metrics_equal_without_the_bad_images(hostile: bc.HostileCorpus, trained: tuple[Path, str], tmp_path: Path) -> None:
     """validation_loop.py --data on the hostile folder gives the metrics of the same folder with
     only its usable samples: bad images are skipped and counted, never substituted."""
     run_dir, _ = trained
@@ -121,8 +131,22 @@ def test_validation_metrics_equal_without_the_bad_images(hostile: bc.HostileCorp
     results = {}
     for label, data in (("hostile", hostile.root), ("clean", clean)):
         out = tmp_path / f"eval_{label}"
-        proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(run_dir / "checkpoints" / "last"),
-                        "--data", str(data), "--out", str(out), "--num-workers", "2", "--device", "cpu"], cwd=tmp_path)
+        proc = run_cli(
+            [
+                str(ROOT / "validation_loop.py"),
+                "--checkpoint",
+                str(run_dir / "checkpoints" / "last"),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--num-workers",
+                "2",
+                "--device",
+                "cpu",
+            ],
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         results[label] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     hostile_m, clean_m = results["hostile"], results["clean"]
@@ -130,8 +154,10 @@ def test_validation_metrics_equal_without_the_bad_images(hostile: bc.HostileCorp
     assert set(hostile_m["skipped_samples"]) == set(hostile.decode_only_ids)
     for key in ("num_samples", "mAP", "f1_micro", "f1_macro", "rating_accuracy"):
         assert hostile_m[key] == clean_m[key], key
-    refused = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(run_dir / "checkpoints" / "last"),
-                       "--data", str(clean), "--out", str(clean / "eval")], cwd=tmp_path)
+    refused = run_cli(
+        [str(ROOT / "validation_loop.py"), "--checkpoint", str(run_dir / "checkpoints" / "last"), "--data", str(clean), "--out", str(clean / "eval")],
+        cwd=tmp_path,
+    )
     assert refused.returncode == 2 and "--out" in refused.stderr and "inside the dataset folder" in refused.stderr
 
 
@@ -146,13 +172,16 @@ def test_a_ten_mib_tag_string_costs_no_memory(tmp_path: Path) -> None:
     peaks = {}
     for label, huge in (("plain", False), ("huge", True)):
         corpus = bc.make_hostile_corpus(tmp_path / label, huge_tag_string=huge, with_links=False)
-        args = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "train_direct.py"), "--config",
-                str(ROOT / "configs" / "demo.yaml")]
-        for o in HOSTILE_RUN + [f"data.root={corpus.root}", f"output_root={tmp_path / label / 'runs'}",
-                                "experiment_name=m", "data.num_workers=0", "training.max_steps=2"]:
+        args = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+        for o in HOSTILE_RUN + [
+            f"data.root={corpus.root}",
+            f"output_root={tmp_path / label / 'runs'}",
+            "experiment_name=m",
+            "data.num_workers=0",
+            "training.max_steps=2",
+        ]:
             args += ["--set", o]
-        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         peaks[label] = _peak_rss_kb(proc.stderr)
     print(f"peak RSS: without {peaks['plain']} KiB, with a 10 MiB tag string {peaks['huge']} KiB")

@@ -19,8 +19,13 @@ def test_preprocess_params_roundtrip_and_validation() -> None:
     p = PreprocessParams(64, pad_color=[0, 0, 0], mean=[0.4, 0.5, 0.6], std=(0.2, 0.3, 0.4))
     assert PreprocessParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     assert PreprocessParams.from_dict({"image_size": 32}) == PreprocessParams(32)
-    for bad in ({"image_size": 0}, {"image_size": 8, "pad_color": (0, 0, 300)},
-                {"image_size": 8, "std": (1, 0, 1)}, {"image_size": 8, "colour": 1}, {}):
+    for bad in (
+        {"image_size": 0},
+        {"image_size": 8, "pad_color": (0, 0, 300)},
+        {"image_size": 8, "std": (1, 0, 1)},
+        {"image_size": 8, "colour": 1},
+        {},
+    ):
         with pytest.raises(ValueError):
             PreprocessParams.from_dict(bad)
 
@@ -163,6 +168,7 @@ def test_huge_image_is_reduced_right_after_decoding(tmp_path: Path, monkeypatch:
     """Above HUGE_IMAGE_PIXELS a PNG is box-reduced before conversion; the result stays within
     a few grey levels of the plain path (same letterbox, same content box)."""
     import image_preprocess as ip
+
     path = tmp_path / "big.png"
     Image.fromarray(np.tile(np.linspace(0, 255, 640, dtype=np.uint8), (480, 1))).convert("RGB").save(path)
     params = PreprocessParams(image_size=32)

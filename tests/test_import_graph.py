@@ -83,7 +83,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -136,8 +136,7 @@ def _import_first(first: str) -> str:
     """Import `first` alone in a fresh interpreter, then every other project module; '' or the error."""
     others = [m for m in MODULES if m != first]
     code = "import importlib\n" + "\n".join(f"importlib.import_module({m!r})" for m in [first, *others])
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          encoding="utf-8", timeout=240, check=False)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=240, check=False)
     return "" if proc.returncode == 0 else proc.stderr[-3000:]
 
 

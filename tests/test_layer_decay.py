@@ -17,9 +17,7 @@ DEPTH, DECAY, WD = 3, 0.65, 0.05
 
 def _tagger() -> SimplifiedTagger:
     """A tiny tagger with LayerScale so every kind of parameter is present."""
-    cfg = VisionTransformerConfig(
-        image_size=32, patch_size=8, num_tags=7, embed_dim=32, depth=DEPTH, num_heads=2, layer_scale_init=1e-5
-    )
+    cfg = VisionTransformerConfig(image_size=32, patch_size=8, num_tags=7, embed_dim=32, depth=DEPTH, num_heads=2, layer_scale_init=1e-5)
     return SimplifiedTagger(cfg)
 
 
@@ -78,18 +76,9 @@ def test_weight_decay_split_is_the_models_own_rule() -> None:
 def test_assignment_matches_timm_param_groups_layer_decay() -> None:
     """Same depth timm ViT: every parameter gets timm's lr_scale and weight decay (heads mapped to `head`)."""
     timm_model = VisionTransformer(
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=DEPTH,
-        num_heads=2,
-        num_classes=7,
-        init_values=1e-5,
-        global_pool="token",
+        img_size=32, patch_size=8, embed_dim=32, depth=DEPTH, num_heads=2, num_classes=7, init_values=1e-5, global_pool="token"
     )
-    timm_groups = timm_param_groups_layer_decay(
-        timm_model, weight_decay=WD, layer_decay=DECAY, no_weight_decay_list=timm_model.no_weight_decay()
-    )
+    timm_groups = timm_param_groups_layer_decay(timm_model, weight_decay=WD, layer_decay=DECAY, no_weight_decay_list=timm_model.no_weight_decay())
     timm_names = {id(p): n for n, p in timm_model.named_parameters()}
     timm_of = {timm_names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in timm_groups for p in g["params"]}
     ours = layer_assignment(_tagger(), DECAY)

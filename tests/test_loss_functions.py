@@ -8,11 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss_functions import (
-    AsymmetricFocalLoss,
-    MultiTaskLoss,
-    tag_weights_from_frequencies,
-)
+from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from mixup import soft_rating_cross_entropy
 
 
@@ -330,18 +326,14 @@ def test_soft_rating_targets_match_mixup_reference() -> None:
     """Mixed (B, R) targets give mixup.soft_rating_cross_entropy with mask = nonzero rows."""
     torch.manual_seed(8)
     logits = torch.randn(5, 4)
-    soft = torch.tensor(
-        [[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.25, 0.75], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
-    )
+    soft = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.25, 0.75], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     mask = soft.sum(dim=1) > 0
     for smoothing in (0.0, 0.1):
         got = MultiTaskLoss(AsymmetricFocalLoss(), rating_label_smoothing=smoothing).rating_loss(logits, soft)
         torch.testing.assert_close(got, soft_rating_cross_entropy(logits, soft, mask, label_smoothing=smoothing))
     # Written out by hand for the first known row: -(0.7 log q0 + 0.3 log q1).
     log_q = F.log_softmax(logits, dim=1)
-    by_hand = (
-        -(0.7 * log_q[0, 0] + 0.3 * log_q[0, 1]) - (0.25 * log_q[2, 2] + 0.75 * log_q[2, 3]) - log_q[3, 0]
-    ) / 3
+    by_hand = (-(0.7 * log_q[0, 0] + 0.3 * log_q[0, 1]) - (0.25 * log_q[2, 2] + 0.75 * log_q[2, 3]) - log_q[3, 0]) / 3
     torch.testing.assert_close(MultiTaskLoss(AsymmetricFocalLoss()).rating_loss(logits, soft), by_hand)
 
 

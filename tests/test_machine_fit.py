@@ -23,9 +23,10 @@ BENCH = ROOT / "benchmarks" / "bench_memory_estimate.py"
 # Workers
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cpus", "local", "expected"), [
-    (1, 1, 0), (2, 1, 1), (4, 1, 3), (16, 1, 8), (64, 1, 8), (16, 4, 3), (64, 8, 7), (3, 4, 0), (8, 2, 3),
-])
+
+@pytest.mark.parametrize(
+    ("cpus", "local", "expected"), [(1, 1, 0), (2, 1, 1), (4, 1, 3), (16, 1, 8), (64, 1, 8), (16, 4, 3), (64, 8, 7), (3, 4, 0), (8, 2, 3)]
+)
 def test_default_workers_share_the_cpus(cpus: int, local: int, expected: int) -> None:
     assert mf.default_num_workers(cpus=cpus, local_processes=local) == expected
 
@@ -62,11 +63,18 @@ def test_default_never_makes_dataloader_warn(monkeypatch: pytest.MonkeyPatch) ->
 # Memory: the message
 # --------------------------------------------------------------------------------------------
 
+
 def example_estimate() -> mf.MemoryEstimate:
     """Round numbers, so the expected sizes below follow by hand."""
-    return mf.MemoryEstimate(resident_now=500_000_000, state_bytes=1_400_000_000, fixed_bytes=100_000_000,
-                             per_image_step=480_000_000, per_image_batch=3_000_000, worker_bytes=0,
-                             per_image_workers=7_000_000)
+    return mf.MemoryEstimate(
+        resident_now=500_000_000,
+        state_bytes=1_400_000_000,
+        fixed_bytes=100_000_000,
+        per_image_step=480_000_000,
+        per_image_batch=3_000_000,
+        worker_bytes=0,
+        per_image_workers=7_000_000,
+    )
 
 
 def test_needed_memory_adds_up() -> None:
@@ -99,10 +107,10 @@ def test_message_names_batch_size_and_what_fits() -> None:
 # Memory: the estimate against real training steps
 # --------------------------------------------------------------------------------------------
 
+
 def bench(*args: str) -> dict:
     """Run benchmarks/bench_memory_estimate.py and return its JSON."""
-    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900,
-                          encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900, encoding="utf-8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -159,25 +167,44 @@ def fake_cgroup(root: Path, proc_line: str, files: dict[str, str]) -> Path:
 
 
 def test_cgroup_limits_are_seen(tmp_path: Path) -> None:
-    v2 = fake_cgroup(tmp_path / "v2", "0::/job/42", {
-        "sys/fs/cgroup/job/42/memory.max": "8589934592\n", "sys/fs/cgroup/job/42/memory.current": "1073741824\n",
-        "sys/fs/cgroup/job/42/memory.stat": "anon 1\ninactive_file 536870912\n"})
+    v2 = fake_cgroup(
+        tmp_path / "v2",
+        "0::/job/42",
+        {
+            "sys/fs/cgroup/job/42/memory.max": "8589934592\n",
+            "sys/fs/cgroup/job/42/memory.current": "1073741824\n",
+            "sys/fs/cgroup/job/42/memory.stat": "anon 1\ninactive_file 536870912\n",
+        },
+    )
     assert mf.cgroup_memory(v2) == (8 * 2**30, 7 * 2**30 + 2**29)
-    v1 = fake_cgroup(tmp_path / "v1", "4:memory:/docker/abc", {
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": "4294967296\n",  # a container sees its own group at the root
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": "1073741824\n"})
+    v1 = fake_cgroup(
+        tmp_path / "v1",
+        "4:memory:/docker/abc",
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": "4294967296\n",  # a container sees its own group at the root
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": "1073741824\n",
+        },
+    )
     assert mf.cgroup_memory(v1) == (4 * 2**30, 3 * 2**30)
-    unlimited = fake_cgroup(tmp_path / "none", "0::/", {"sys/fs/cgroup/memory.max": "max\n",
-                                                         "sys/fs/cgroup/memory.current": "5\n"})
+    unlimited = fake_cgroup(tmp_path / "none", "0::/", {"sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "5\n"})
     assert mf.cgroup_memory(unlimited) is None
-    unlimited_v1 = fake_cgroup(tmp_path / "none1", "4:memory:/", {
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": "5\n"})
+    unlimited_v1 = fake_cgroup(
+        tmp_path / "none1",
+        "4:memory:/",
+        {"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n", "sys/fs/cgroup/memory/memory.usage_in_bytes": "5\n"},
+    )
     assert mf.cgroup_memory(unlimited_v1) is None
     assert mf.cgroup_memory(tmp_path / "missing") is None
-    nested = fake_cgroup(tmp_path / "nested", "0::/slice/job", {  # the parent's limit is the tighter one
-        "sys/fs/cgroup/slice/memory.max": "2147483648\n", "sys/fs/cgroup/slice/memory.current": "1073741824\n",
-        "sys/fs/cgroup/slice/job/memory.max": "max\n", "sys/fs/cgroup/slice/job/memory.current": "1073741824\n"})
+    nested = fake_cgroup(
+        tmp_path / "nested",
+        "0::/slice/job",
+        {  # the parent's limit is the tighter one
+            "sys/fs/cgroup/slice/memory.max": "2147483648\n",
+            "sys/fs/cgroup/slice/memory.current": "1073741824\n",
+            "sys/fs/cgroup/slice/job/memory.max": "max\n",
+            "sys/fs/cgroup/slice/job/memory.current": "1073741824\n",
+        },
+    )
     assert mf.cgroup_memory(nested) == (2 * 2**30, 2**30)
 
 
@@ -195,12 +222,12 @@ def test_budget_is_shared_by_local_processes_and_capped_by_cgroups(monkeypatch: 
 
 def test_configured_micro_batch_counts_in_the_check() -> None:
     """A run already split into micro-batches needs only one micro-batch of activations."""
-    est = mf.MemoryEstimate(resident_now=1000, state_bytes=0, fixed_bytes=0, per_image_step=100, per_image_batch=1,
-                            worker_bytes=0, per_image_workers=0)
+    est = mf.MemoryEstimate(
+        resident_now=1000, state_bytes=0, fixed_bytes=0, per_image_step=100, per_image_batch=1, worker_bytes=0, per_image_workers=0
+    )
     budget = est.needed(64, 8)
     assert est.needed(64) > budget
-    assert mf.memory_message(est, 64, budget, grad_checkpointing=True, micro_batch_key="training.micro_batch_size",
-                             micro_batch=8) is None
+    assert mf.memory_message(est, 64, budget, grad_checkpointing=True, micro_batch_key="training.micro_batch_size", micro_batch=8) is None
     line = mf.memory_message(est, 64, budget, grad_checkpointing=True, micro_batch_key="training.micro_batch_size")
     assert line.startswith("data.batch_size=64 needs") and "training.micro_batch_size=8" in line
 

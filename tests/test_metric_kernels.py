@@ -166,12 +166,9 @@ def test_threshold_scores_and_summary_match_direct_formulas() -> None:
     support = torch.tensor([6, 0, 0, 10])
     scores = threshold_scores(tp, predicted, support)
     nan = math.nan
-    torch.testing.assert_close(scores["precision"], torch.tensor([0.75, nan, 0.0, 1.0], dtype=torch.float64),
-                               equal_nan=True)
-    torch.testing.assert_close(scores["recall"], torch.tensor([0.5, nan, nan, 0.5], dtype=torch.float64),
-                               equal_nan=True)
-    torch.testing.assert_close(scores["f1"], torch.tensor([0.6, nan, 0.0, 10 / 15], dtype=torch.float64),
-                               equal_nan=True)
+    torch.testing.assert_close(scores["precision"], torch.tensor([0.75, nan, 0.0, 1.0], dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(scores["recall"], torch.tensor([0.5, nan, nan, 0.5], dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(scores["f1"], torch.tensor([0.6, nan, 0.0, 10 / 15], dtype=torch.float64), equal_nan=True)
     ap = torch.tensor([0.5, nan, nan, 0.9], dtype=torch.float64)
     best_f1 = torch.tensor([0.7, nan, nan, 0.8], dtype=torch.float64)
     out = summarize_tags(ap, support, tp, predicted, best_f1)

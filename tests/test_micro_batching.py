@@ -33,16 +33,21 @@ CPU = torch.device("cpu")
 def tiny_vit(seed: int = 0) -> SimplifiedTagger:
     """A small ViT in fp32 with stochastic depth off (its draws differ between split and unsplit runs)."""
     torch.manual_seed(seed)
-    cfg = VisionTransformerConfig(image_size=32, patch_size=8, num_tags=NUM_TAGS, embed_dim=48, depth=2, num_heads=3,
-                                  drop_path_rate=0.0, layer_scale_init=0.1)
+    cfg = VisionTransformerConfig(
+        image_size=32, patch_size=8, num_tags=NUM_TAGS, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0, layer_scale_init=0.1
+    )
     return SimplifiedTagger(cfg).train()
 
 
 def project_loss() -> MultiTaskLoss:
     """The training loss with every option that changes its reduction turned on."""
     weights = torch.linspace(0.5, 2.0, NUM_TAGS)
-    return MultiTaskLoss(AsymmetricFocalLoss(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, tag_weights=weights),
-                         tag_weight=1.0, rating_weight=0.7, rating_label_smoothing=0.1)
+    return MultiTaskLoss(
+        AsymmetricFocalLoss(gamma_neg=4.0, gamma_pos=1.0, clip=0.05, tag_weights=weights),
+        tag_weight=1.0,
+        rating_weight=0.7,
+        rating_label_smoothing=0.1,
+    )
 
 
 def guard(model: torch.nn.Module) -> GuardedOptimizerStep:
@@ -83,8 +88,7 @@ def test_split_equals_unsplit_loss_and_gradient(micro_batch: int) -> None:
     reference = grads(reference_model)
 
     model = tiny_vit()
-    split_total, split_parts = forward_backward_split(model, loss_fn, guard(model), images, targets, ratings,
-                                                      micro_batch=micro_batch, window=2)
+    split_total, split_parts = forward_backward_split(model, loss_fn, guard(model), images, targets, ratings, micro_batch=micro_batch, window=2)
     assert relative(split_total, total.detach()) < 1e-6
     for name in ("tags", "rating"):
         assert relative(split_parts[name], parts[name].detach()) < 1e-6
@@ -102,7 +106,7 @@ def test_plain_mean_of_micro_batch_losses_would_differ() -> None:
     model = tiny_vit()
     with torch.no_grad():
         total, _ = loss_fn(model(images), targets, ratings)
-        naive = sum(loss_fn(model(images[i:i + 2]), targets[i:i + 2], ratings[i:i + 2])[0] for i in range(0, 8, 2)) / 4
+        naive = sum(loss_fn(model(images[i : i + 2]), targets[i : i + 2], ratings[i : i + 2])[0] for i in range(0, 8, 2)) / 4
     assert relative(naive, total) > 1e-3
 
 
@@ -150,8 +154,17 @@ def test_out_of_memory_recognition() -> None:
 def test_planner_finds_the_largest_equal_split_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OOM_FAULT_ENV, "12")
     model = tiny_vit()
-    probe = make_step_probe(model, project_loss(), guard(model), num_tags=NUM_TAGS, num_ratings=4, image_size=32,
-                            device=CPU, reserve_bytes=1 << 20, fault_limit=injected_oom_limit())
+    probe = make_step_probe(
+        model,
+        project_loss(),
+        guard(model),
+        num_tags=NUM_TAGS,
+        num_ratings=4,
+        image_size=32,
+        device=CPU,
+        reserve_bytes=1 << 20,
+        fault_limit=injected_oom_limit(),
+    )
     tried: list[int] = []
 
     def recorded(m: int) -> None:
@@ -163,8 +176,7 @@ def test_planner_finds_the_largest_equal_split_that_fits(monkeypatch: pytest.Mon
     plan = plan_micro_batches(48, recorded, log=messages.append)
     assert tried == [48, 24, 16, 12]
     assert (plan.micro_batch, plan.accumulation) == (12, 4)
-    assert messages == [("micro-batches: a batch of 48 does not fit in memory at once; training it as 4 "
-                         "micro-batches of 12 (same gradient)")]
+    assert messages == [("micro-batches: a batch of 48 does not fit in memory at once; training it as 4 micro-batches of 12 (same gradient)")]
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
     assert torch.equal(torch.get_rng_state(), rng_before)  # nor a changed random stream
     assert plan_micro_batches(12, probe, log=messages.append) == MicroBatchPlan(12, 12) and len(messages) == 1
@@ -234,8 +246,12 @@ def test_split_under_ddp_equals_unsplit_and_ranks_agree(tmp_path: Path) -> None:
     tests = Path(__file__).resolve().parent
     script = tmp_path / "ddp.py"
     script.write_text(DDP_RANKS.format(root=str(tests.parent), tests=str(tests)), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
     assert len(lines) == 2

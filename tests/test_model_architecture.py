@@ -156,30 +156,27 @@ def reference_logits(model: SimplifiedTagger, images: torch.Tensor) -> Dict[str,
         qkv = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).reshape(batch, tokens, 3, heads, head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each (B, H, 1+N, D)
         weights = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, dim=-1)
-        attn = F.linear((weights @ v).transpose(1, 2).reshape(batch, tokens, dim), block.attn.proj.weight,
-                        block.attn.proj.bias)
+        attn = F.linear((weights @ v).transpose(1, 2).reshape(batch, tokens, dim), block.attn.proj.weight, block.attn.proj.bias)
         x = x + (attn * block.ls1.gamma if cfg.layer_scale_init else attn)
         h = F.layer_norm(x, (dim,), block.norm2.weight, block.norm2.bias, eps=1e-6)
-        mlp = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight,
-                       block.mlp.fc2.bias)
+        mlp = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias)
         x = x + (mlp * block.ls2.gamma if cfg.layer_scale_init else mlp)
     x = F.layer_norm(x, (dim,), model.norm.weight, model.norm.bias, eps=1e-6)  # (B, 1+N, C)
     pooled = x[:, 1:].mean(1) if cfg.pooling == "avg" else x[:, 0]  # (B, C)
-    return {"tag_logits": F.linear(pooled, model.tag_head.weight, model.tag_head.bias),
-            "rating_logits": F.linear(pooled, model.rating_head.weight, model.rating_head.bias)}
+    return {
+        "tag_logits": F.linear(pooled, model.tag_head.weight, model.tag_head.bias),
+        "rating_logits": F.linear(pooled, model.rating_head.weight, model.rating_head.bias),
+    }
 
 
 @pytest.mark.parametrize("pooling", ["cls", "avg"])
 @pytest.mark.parametrize("layer_scale_init", [None, 0.1])
 @pytest.mark.parametrize("checkpoint_every", [0, 2])
-def test_forward_and_gradients_match_full_token_reference(
-    pooling: str, layer_scale_init: Any, checkpoint_every: int
-) -> None:
+def test_forward_and_gradients_match_full_token_reference(pooling: str, layer_scale_init: Any, checkpoint_every: int) -> None:
     """forward skips the last block's unread patch tokens under cls pooling; outputs and every
     parameter's gradient still equal the all-tokens forward."""
     torch.manual_seed(0)
-    model = SimplifiedTagger(micro_cfg(depth=3, pooling=pooling, layer_scale_init=layer_scale_init,
-                                       grad_checkpoint_every=checkpoint_every)).train()
+    model = SimplifiedTagger(micro_cfg(depth=3, pooling=pooling, layer_scale_init=layer_scale_init, grad_checkpoint_every=checkpoint_every)).train()
     randomise_(model)
     images = torch.randn(3, 3, 32, 32)
     params = dict(model.named_parameters())
@@ -337,10 +334,17 @@ def test_param_groups_for_weight_decay() -> None:
     no_decay = {names[id(p)] for p in groups[1]["params"]}
     assert decay.isdisjoint(no_decay)
     assert decay | no_decay == set(names.values())
-    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "tag_head.bias", "blocks.0.ls1.gamma",
-            "blocks.0.attn.qkv.bias", "blocks.1.norm2.weight"} <= no_decay
-    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
-            "tag_head.weight", "rating_head.weight"} <= decay
+    assert {
+        "pos_embed",
+        "cls_token",
+        "norm.weight",
+        "norm.bias",
+        "tag_head.bias",
+        "blocks.0.ls1.gamma",
+        "blocks.0.attn.qkv.bias",
+        "blocks.1.norm2.weight",
+    } <= no_decay
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "tag_head.weight", "rating_head.weight"} <= decay
     torch.optim.AdamW(groups, lr=1e-3)  # accepted as-is
 
 
@@ -372,6 +376,7 @@ def test_forward_compiles_fullgraph() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- weight import
+
 
 def timm_model(img_size: int = 32, **kwargs: Any) -> torch.nn.Module:
     """timm ViT matching micro_cfg's shape, random weights, eval mode (skips the test without timm)."""

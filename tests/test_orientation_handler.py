@@ -13,6 +13,7 @@ from orientation_handler import DEFAULT_MAP_PATH, FlipDecision, FlipStats, Orien
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture(scope="module")
 def conservative() -> OrientationHandler:
     """The shipped map in conservative mode."""
@@ -37,14 +38,7 @@ def test_explicit_and_token_swaps_keep_order(conservative: OrientationHandler) -
     decision = conservative.decide(tags)
     assert decision.allowed
     assert decision.blocking_tags == ()
-    assert decision.flipped_tags == (
-        "red",
-        "hair_over_right_eye",
-        "shape_on_right",
-        "arm_(left)",
-        "looking_to_the_left",
-        "solo",
-    )
+    assert decision.flipped_tags == ("red", "hair_over_right_eye", "shape_on_right", "arm_(left)", "looking_to_the_left", "solo")
 
 
 def test_flip_is_an_involution_on_shipped_pairs(conservative: OrientationHandler) -> None:
@@ -77,9 +71,7 @@ def test_forbid_tags_veto_in_both_modes(conservative: OrientationHandler, permis
             assert decision.flipped_tags == tuple(tags)
 
 
-def test_unmapped_orientation_tag_conservative_vs_permissive(
-    conservative: OrientationHandler, permissive: OrientationHandler
-) -> None:
+def test_unmapped_orientation_tag_conservative_vs_permissive(conservative: OrientationHandler, permissive: OrientationHandler) -> None:
     tags = ["leftward_glance", "looking_to_the_left"]
     strict = conservative.decide(tags)
     assert not strict.allowed
@@ -183,10 +175,7 @@ def test_map_entries_are_normalised(tmp_path: Path) -> None:
 
 
 def test_flip_stats_record_merge_to_dict(conservative: OrientationHandler) -> None:
-    batches = [
-        [["shape_on_left"], ["text", "red"], ["leftward"], ["circle"]],
-        [["text", "watermark"], ["red"]],
-    ]
+    batches = [[["shape_on_left"], ["text", "red"], ["leftward"], ["circle"]], [["text", "watermark"], ["red"]]]
     per_worker = []
     for batch in batches:
         stats = FlipStats()

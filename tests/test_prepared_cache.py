@@ -59,8 +59,7 @@ def test_prepared_cache_same_pixels_and_invalidation(tmp_path: Path) -> None:
     os.utime(root / "i2.jpg", ns=(1, 1))
     fresh = SidecarJsonDataset(scan.records, t2i, params, cache=PreparedCache(tmp_path / "cache", params))
     index = [r.sample_id for r in scan.records].index("i2.jpg")
-    np.testing.assert_array_equal(fresh[index]["image"].permute(1, 2, 0).numpy(),
-                                  load_image(root / "i2.jpg", params))
+    np.testing.assert_array_equal(fresh[index]["image"].permute(1, 2, 0).numpy(), load_image(root / "i2.jpg", params))
     assert fresh.cache_hits == 0
     again = prepare_cache(scan.records, tmp_path / "cache", params, shard_size=4)
     assert again["reused"] == 5 and again["decoded"] == 1
@@ -79,9 +78,14 @@ def test_prepare_cli(corpus: bc.BrokenCorpus, tmp_path: Path, script: str) -> No
     the usable images and reports the failures as JSON."""
     before = listing(corpus.root)
     out = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, str(_REPO / script), "prepare", "--data",
-                           str(corpus.root), "--image-size", "8", "--out", str(out), "--workers", "0"],
-                          capture_output=True, text=True, encoding="utf-8", timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(_REPO / script), "prepare", "--data", str(corpus.root), "--image-size", "8", "--out", str(out), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     header_records = corpus.expected_records("header")

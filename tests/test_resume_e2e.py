@@ -20,9 +20,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reaso
 
 STEPS = 36  # about 1.3 epochs of the 600-image demo at batch 16: the resume crosses an epoch boundary
 RESUME_RUN = TINY_RUN + [
-    "data.batch_size=16", f"training.max_steps={STEPS}", "training.epochs=3", "checkpoint.every_steps=6",
-    "validation.every_steps=12", "model.drop_path_rate=0.1", "training.ema_decay=0.9",
-    "checkpoint.keep_last=10", "data.num_workers=2",
+    "data.batch_size=16",
+    f"training.max_steps={STEPS}",
+    "training.epochs=3",
+    "checkpoint.every_steps=6",
+    "validation.every_steps=12",
+    "model.drop_path_rate=0.1",
+    "training.ema_decay=0.9",
+    "checkpoint.keep_last=10",
+    "data.num_workers=2",
 ]
 
 
@@ -41,8 +47,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     last = (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip()
     assert last == f"step_{STEPS}", last
     folder = run_dir / "checkpoints" / last
-    return {**load_file(str(folder / "model.safetensors")),
-            **{f"ema.{k}": v for k, v in load_file(str(folder / "ema.safetensors")).items()}}
+    return {**load_file(str(folder / "model.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(folder / "ema.safetensors")).items()}}
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -64,8 +69,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tupl
 
 def start_and_interrupt(work: Path, args: list[str], run_dir: Path, after_step: int, how: str) -> subprocess.Popen:
     """Start training, wait for the checkpoint of `after_step`, then interrupt the process."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     marker = run_dir / "checkpoints" / f"step_{after_step}" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -130,8 +136,9 @@ def test_incomplete_newest_checkpoint_is_skipped(reference: tuple[Path, Path], d
     (crashed / "model.safetensors").write_bytes(b"torn write")
     proc = run_cli(train_args(demo_data, "partial") + ["--resume", "latest"], cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"step_{STEPS}" in [e.get("checkpoint", "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
-                               for e in read_jsonl(copy / "metrics.jsonl") if e.get("kind") == "resumed"]
+    assert f"step_{STEPS}" in [
+        e.get("checkpoint", "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1] for e in read_jsonl(copy / "metrics.jsonl") if e.get("kind") == "resumed"
+    ]
 
 
 # The last commit before checkpoint_store took over the checkpoint folder; its checkpoints keep
@@ -152,8 +159,7 @@ def format_1_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     found = subprocess.run([git, "-C", str(ROOT), "cat-file", "-e", f"{FORMAT_1_COMMIT}^{{commit}}"], capture_output=True)
     if found.returncode != 0:
         pytest.skip(f"commit {FORMAT_1_COMMIT[:7]} is not in this clone's history (shallow clone?)")
-    archive = subprocess.run([git, "-C", str(ROOT), "archive", "--format=tar", FORMAT_1_COMMIT],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run([git, "-C", str(ROOT), "archive", "--format=tar", FORMAT_1_COMMIT], capture_output=True, check=True).stdout
     dest = tmp_path_factory.mktemp("format1_code")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
@@ -179,8 +185,7 @@ def assert_close_run(a: Path, b: Path) -> None:
         assert float((wa[k] - wb[k]).abs().max()) <= 1e-2 * float(wa[k].abs().max()), k
 
 
-def test_checkpoint_of_the_previous_code_resumes_to_the_same_run(reference: tuple[Path, Path], demo_data: Path,
-                                                                 format_1_code: Path) -> None:
+def test_checkpoint_of_the_previous_code_resumes_to_the_same_run(reference: tuple[Path, Path], demo_data: Path, format_1_code: Path) -> None:
     """A run trained by the code before checkpoint_store, resumed by this code from its step-18
     checkpoint (best value in run_state, no "best" or "monitor" entry), ends as the old code's
     own uninterrupted run does; and that run is this code's run too (same seed, same metrics)."""
@@ -197,8 +202,7 @@ def test_checkpoint_of_the_previous_code_resumes_to_the_same_run(reference: tupl
     assert_close_run(ref_dir, old_dir)
     copy = work / "runs" / "format1_resumed"
     shutil.copytree(old_dir, copy)
-    resumed = run_cli(train_args(demo_data, "format1_resumed")
-                      + ["--resume", str(copy / "checkpoints" / "step_18")], cwd=work)
+    resumed = run_cli(train_args(demo_data, "format1_resumed") + ["--resume", str(copy / "checkpoints" / "step_18")], cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_run(old_dir, copy)
     rewritten = torch.load(copy / "checkpoints" / f"step_{STEPS}" / "training_state.pt", weights_only=True)

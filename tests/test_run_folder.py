@@ -198,8 +198,12 @@ def test_torchrun_ranks_share_rank0s_lock(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "exp"
 
     def torchrun() -> list[str]:
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(script), str(run_dir)], capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
 

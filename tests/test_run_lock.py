@@ -47,8 +47,9 @@ TRY_ONCE = textwrap.dedent("""
 
 def start_holder(run_dir: Path, code: str = HOLDER) -> subprocess.Popen:
     """Start a lock-holding process and wait until it holds the lock."""
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     assert line.strip() == "locked", line + proc.stderr.read()
     return proc
@@ -75,8 +76,7 @@ def test_second_process_fails_at_once_while_the_first_holds(tmp_path: Path) -> N
         assert "-c" in holder.command and holder.started_at and len(holder.lock_id) == 32
 
         t0 = time.monotonic()
-        second = subprocess.run([sys.executable, "-c", TRY_ONCE, str(run_dir)], capture_output=True, text=True,
-                                timeout=60, stdin=subprocess.DEVNULL)
+        second = subprocess.run([sys.executable, "-c", TRY_ONCE, str(run_dir)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         elapsed = time.monotonic() - t0
         assert second.returncode == 2
         message = second.stderr.strip()
@@ -168,8 +168,7 @@ def test_unreadable_lock_is_an_error_naming_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_released_at_interpreter_exit(tmp_path: Path) -> None:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from run_lock import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire(); sys.exit(3)")
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from run_lock import RunLock; RunLock({str(tmp_path)!r}).acquire(); sys.exit(3)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert not (tmp_path / LOCK_NAME).exists()
@@ -179,8 +178,12 @@ def test_released_at_interpreter_exit(tmp_path: Path) -> None:
 def test_racing_take_overs_of_one_stale_lock_have_one_winner(tmp_path: Path) -> None:
     me = psutil.Process()
     fake_lock(tmp_path / LOCK_NAME, create_time=me.create_time() - 3600.0, lock_id="4" * 32)
-    procs = [subprocess.Popen([sys.executable, "-c", TRY_ONCE, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TRY_ONCE, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     try:
         # Winners hold the lock until stdin closes, so a loser cannot take it after a winner let go.
         deadline = time.monotonic() + 60

@@ -23,8 +23,15 @@ from micro_batching import OOM_FAULT_ENV
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")]
 
 STEPS = 16
-RUN = TINY_RUN + ["data.batch_size=16", f"training.max_steps={STEPS}", "training.epochs=2", "checkpoint.every_steps=4",
-                  "validation.every_steps=8", "checkpoint.keep_last=2", "model.drop_path_rate=0.0"]
+RUN = TINY_RUN + [
+    "data.batch_size=16",
+    f"training.max_steps={STEPS}",
+    "training.epochs=2",
+    "checkpoint.every_steps=4",
+    "validation.every_steps=8",
+    "checkpoint.keep_last=2",
+    "model.drop_path_rate=0.0",
+]
 FAULT = {OOM_FAULT_ENV: "4"}  # a micro-batch above 4 images "runs out of memory"
 
 
@@ -36,8 +43,14 @@ def train_args(data: Path, name: str, extra: list[str] = ()) -> list[str]:
 
 
 def start(work: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -64,8 +77,7 @@ def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +141,7 @@ def test_second_process_on_one_experiment_stops_at_once(work: Path, demo_data: P
     assert len(lines) == 1 and "is in use by another training process" in lines[0] and f"pid {first.pid}" in lines[0]
     assert elapsed < 30, elapsed  # interpreter and torch import on 2 busy cores; no data scan, no model
     assert sorted(step_losses(run_dir)) == list(range(1, STEPS + 1))
-    assert [e["kind"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("kind") in ("micro_batches", "end")] \
-        == ["micro_batches", "end"]
+    assert [e["kind"] for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("kind") in ("micro_batches", "end")] == ["micro_batches", "end"]
     assert not (run_dir / "run.lock").exists()
 
 

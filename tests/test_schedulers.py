@@ -44,8 +44,7 @@ def run_steps(opt: torch.optim.Optimizer, sched: LinearWarmupCosineLR, n: int) -
 
 
 @pytest.mark.parametrize(
-    "warmup,total,min_r,start_r",
-    [(10, 100, 0.0, 0.0), (10, 100, 0.1, 0.01), (0, 50, 0.05, 0.0), (7, 7, 0.2, 0.5), (1, 3, 0.0, 0.0)],
+    "warmup,total,min_r,start_r", [(10, 100, 0.0, 0.0), (10, 100, 0.1, 0.01), (0, 50, 0.05, 0.0), (7, 7, 0.2, 0.5), (1, 3, 0.0, 0.0)]
 )
 def test_factor_matches_reference_everywhere(warmup: int, total: int, min_r: float, start_r: float) -> None:
     """warmup_cosine_factor equals the written-out schedule at every step and past the end."""
@@ -58,9 +57,7 @@ def test_key_points_of_the_schedule() -> None:
     """Step 0, end of warm-up, middle of the decay, last step, and after the last step."""
     warmup, total, min_r, start_r = 10, 110, 0.1, 0.02
     opt = make_opt()
-    sched = LinearWarmupCosineLR(
-        opt, warmup_steps=warmup, total_steps=total, min_lr_ratio=min_r, warmup_start_ratio=start_r
-    )
+    sched = LinearWarmupCosineLR(opt, warmup_steps=warmup, total_steps=total, min_lr_ratio=min_r, warmup_start_ratio=start_r)
     used = run_steps(opt, sched, total + 5)
     lr = [u[0] for u in used]
     assert lr[0] == pytest.approx(start_r * BASE_LR, rel=1e-12)
@@ -180,13 +177,7 @@ def test_invalid_arguments_raise_value_error_naming_value(kwargs: dict, needle: 
     with pytest.raises(ValueError, match=needle):
         LinearWarmupCosineLR(make_opt(), **kwargs)
     with pytest.raises(ValueError, match=needle):
-        warmup_cosine_factor(
-            0,
-            kwargs["warmup_steps"],
-            kwargs["total_steps"],
-            kwargs.get("min_lr_ratio", 0.0),
-            kwargs.get("warmup_start_ratio", 0.0),
-        )
+        warmup_cosine_factor(0, kwargs["warmup_steps"], kwargs["total_steps"], kwargs.get("min_lr_ratio", 0.0), kwargs.get("warmup_start_ratio", 0.0))
 
 
 def test_factor_rejects_negative_step() -> None:
@@ -215,19 +206,18 @@ def test_state_dict_is_plain_types() -> None:
 
 def test_restarts_schedule_points() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = CosineAnnealingWarmupRestarts(opt, first_cycle_steps=10, warmup_steps=2, cycle_mult=2.0,
-                                          gamma=0.5, min_lr_ratio=0.1)
+    sched = CosineAnnealingWarmupRestarts(opt, first_cycle_steps=10, warmup_steps=2, cycle_mult=2.0, gamma=0.5, min_lr_ratio=0.1)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.0)                 # warm-up starts at 0
-    assert lrs[2] == pytest.approx(1.0)                 # end of warm-up: the peak
-    assert lrs[9] > 0.1 and lrs[9] < 0.2                # end of the first cycle: near the floor
-    assert lrs[10] == pytest.approx(0.0)                # restart: warm-up again
-    assert lrs[12] == pytest.approx(0.5)                # second peak decayed by gamma
-    assert lrs[30] == pytest.approx(0.0)                # third cycle starts after 10 + 20 steps
+    assert lrs[0] == pytest.approx(0.0)  # warm-up starts at 0
+    assert lrs[2] == pytest.approx(1.0)  # end of warm-up: the peak
+    assert lrs[9] > 0.1 and lrs[9] < 0.2  # end of the first cycle: near the floor
+    assert lrs[10] == pytest.approx(0.0)  # restart: warm-up again
+    assert lrs[12] == pytest.approx(0.5)  # second peak decayed by gamma
+    assert lrs[30] == pytest.approx(0.0)  # third cycle starts after 10 + 20 steps
     assert lrs[32] == pytest.approx(0.25)
     # resume from a state dict mid-cycle continues identically
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -21,6 +21,7 @@ from wd_format import RATING_NAMES, LabelTable, TagDecision
 
 # ---------------------------------------------------------------------------------------------- units
 
+
 def test_format_tag_keeps_kaomoji_and_short_tags() -> None:
     options = CaptionOptions(remove_underscore=True, escape_parentheses=True)
     assert format_tag("long_hair", options) == "long hair"
@@ -31,11 +32,11 @@ def test_format_tag_keeps_kaomoji_and_short_tags() -> None:
 
 
 def test_caption_tags_order_rating_and_undesired() -> None:
-    decision = TagDecision({"general": 0.1, "sensitive": 0.7, "questionable": 0.1, "explicit": 0.1},
-                           [("smile", 0.9), ("long_hair", 0.5)], [("hero_(x)", 0.95)])
+    decision = TagDecision(
+        {"general": 0.1, "sensitive": 0.7, "questionable": 0.1, "explicit": 0.1}, [("smile", 0.9), ("long_hair", 0.5)], [("hero_(x)", 0.95)]
+    )
     assert caption_tags(decision, CaptionOptions()) == ["smile", "long_hair", "hero_(x)"]
-    assert caption_tags(decision, CaptionOptions(character_first=True, rating=True)) == \
-        ["sensitive", "hero_(x)", "smile", "long_hair"]
+    assert caption_tags(decision, CaptionOptions(character_first=True, rating=True)) == ["sensitive", "hero_(x)", "smile", "long_hair"]
     options = CaptionOptions(remove_underscore=True, undesired=frozenset({"long hair", "sensitive"}), rating=True)
     assert caption_tags(decision, options) == ["smile", "hero (x)"]
 
@@ -48,12 +49,12 @@ def test_merge_caption_appends_only_new_tags() -> None:
 def test_load_thresholds_reads_export_and_validation_loop_files(tmp_path: Path) -> None:
     table = LabelTable(RATING_NAMES, ("a", "b"), ("c",))
     ours = tmp_path / "export.json"
-    ours.write_text(json.dumps({"per_tag": {"a": 0.4, "b": None, "c": 0.9, "gone": 0.1},
-                                "per_category": {"general": 0.3, "character": 0.8}}), encoding="utf-8")
+    ours.write_text(
+        json.dumps({"per_tag": {"a": 0.4, "b": None, "c": 0.9, "gone": 0.1}, "per_category": {"general": 0.3, "character": 0.8}}), encoding="utf-8"
+    )
     assert load_thresholds(ours, table, 0.35, 0.85) == ({"a": 0.4, "c": 0.9}, 0.3, 0.8)
     theirs = tmp_path / "validation.json"
-    theirs.write_text(json.dumps({"global_threshold": 0.7, "default_threshold": 0.5, "per_tag": {"b": 0.6}}),
-                      encoding="utf-8")
+    theirs.write_text(json.dumps({"global_threshold": 0.7, "default_threshold": 0.5, "per_tag": {"b": 0.6}}), encoding="utf-8")
     assert load_thresholds(theirs, table, 0.35, 0.85) == ({"b": 0.6}, 0.7, 0.7)
     theirs.write_text(json.dumps({"per_tag": {"b": 1.5}}), encoding="utf-8")
     with pytest.raises(ValueError, match="1.5"):
@@ -72,6 +73,7 @@ def test_progress_off_a_terminal_prints_whole_lines() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
 
 @dataclass
 class Setup:
@@ -97,8 +99,7 @@ def setup(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _tag(setup: Setup, folder: Path, *extra: str, model: Path | None = None) -> tuple[int, str]:
-    proc = run_cli([str(ROOT / "tag_images.py"), "--model", str(model or setup.export), "--input", str(folder),
-                    *extra], cwd=setup.base, timeout=300)
+    proc = run_cli([str(ROOT / "tag_images.py"), "--model", str(model or setup.export), "--input", str(folder), *extra], cwd=setup.base, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -120,8 +121,7 @@ def test_bad_files_are_named_and_existing_captions_kept(setup: Setup, tmp_path: 
     existing = folder / (setup.images[0].stem + ".txt")
     existing.write_text("keep me, hand written", encoding="utf-8")
 
-    code, out = _tag(setup, folder, "--num-workers", "2", "--worker-start-method", "spawn", "--json",
-                     str(tmp_path / "probs.json"))
+    code, out = _tag(setup, folder, "--num-workers", "2", "--worker-start-method", "spawn", "--json", str(tmp_path / "probs.json"))
     assert code == 0, out
     for name in ("broken.png", "truncated.jpg", "huge.png"):
         line = next(line for line in out.splitlines() if line.strip().startswith(str(folder / name)))
@@ -164,8 +164,11 @@ def test_batch_size_and_backend_do_not_change_probabilities(setup: Setup, tmp_pa
         shutil.copy(path, folder)
     everything = ["--general-threshold", "0", "--character-threshold", "0", "--overwrite", "--num-workers", "0"]
     runs = {}
-    for name, extra, model in (("b1", ["--batch-size", "1"], None), ("b7", ["--batch-size", "7"], None),
-                               ("torch", ["--batch-size", "5", "--device", "cpu"], setup.checkpoint)):
+    for name, extra, model in (
+        ("b1", ["--batch-size", "1"], None),
+        ("b7", ["--batch-size", "7"], None),
+        ("torch", ["--batch-size", "5", "--device", "cpu"], setup.checkpoint),
+    ):
         code, out = _tag(setup, folder, *everything, *extra, "--json", str(tmp_path / f"{name}.json"), model=model)
         assert code == 0, out
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8"))["images"]

@@ -17,14 +17,7 @@ from model_architecture import SimplifiedTagger
 from tagger_init import extend_vocabulary, init_from_released, read_released_tagger
 from validation_loop import LoadedCheckpoint
 from vocabulary import TagVocabulary
-from wd_export_helpers import (
-    CHARACTER_TAGS,
-    characterised_checkpoint,
-    export,
-    load,
-    onnx_probabilities,
-    validation_images,
-)
+from wd_export_helpers import CHARACTER_TAGS, characterised_checkpoint, export, load, onnx_probabilities, validation_images
 
 NUM_TRAIN = 200  # the new run's training samples, for the frequency prior of new tags
 
@@ -58,8 +51,7 @@ def _new_vocab(ck: LoadedCheckpoint) -> tuple[TagVocabulary, list[str], list[str
 
 def _model_for(ck: LoadedCheckpoint, vocab: TagVocabulary, **changes: object) -> SimplifiedTagger:
     """A fresh model of the checkpoint's shape for vocab, tag biases at the frequency prior (as train_direct builds it)."""
-    cfg = dataclasses.replace(ck.model.cfg, num_tags=len(vocab),
-                              tag_bias_init=[f / NUM_TRAIN for f in vocab.frequencies_array()], **changes)
+    cfg = dataclasses.replace(ck.model.cfg, num_tags=len(vocab), tag_bias_init=[f / NUM_TRAIN for f in vocab.frequencies_array()], **changes)
     return SimplifiedTagger(cfg).eval()
 
 
@@ -68,17 +60,16 @@ def test_shared_tags_start_with_the_exports_probabilities(release: Release) -> N
     released = read_released_tagger(release.folder)
     vocab, dropped, new = _new_vocab(release.ck)
     model = _model_for(release.ck, vocab)
-    new_rows = {t: (model.tag_head.weight[vocab.tag_to_index[t]].detach().clone(),
-                    float(model.tag_head.bias[vocab.tag_to_index[t]].detach()))
-                for t in new}
+    new_rows = {
+        t: (model.tag_head.weight[vocab.tag_to_index[t]].detach().clone(), float(model.tag_head.bias[vocab.tag_to_index[t]].detach())) for t in new
+    }
     report = init_from_released(model, vocab, released)
     assert report.counts() == {"kept": len(vocab) - 2, "new": 2, "dropped": 3}
     assert sorted(report.dropped) == sorted(dropped) and report.new == new
     for tag, (weight, bias) in new_rows.items():  # new tags keep their initial row and frequency prior
         index = vocab.tag_to_index[tag]
         assert torch.equal(model.tag_head.weight[index], weight)
-        assert bias == pytest.approx(math.log((vocab.tag_frequencies[tag] / NUM_TRAIN) /
-                                              (1 - vocab.tag_frequencies[tag] / NUM_TRAIN)), abs=1e-5)
+        assert bias == pytest.approx(math.log((vocab.tag_frequencies[tag] / NUM_TRAIN) / (1 - vocab.tag_frequencies[tag] / NUM_TRAIN)), abs=1e-5)
     names = released.labels.names
     expected = onnx_probabilities(release.folder, release.images)  # (N, 4 + T) the export's outputs
     batch = torch.from_numpy(release.images).permute(0, 3, 1, 2)
@@ -102,8 +93,7 @@ def test_remove_calibration_gives_back_the_checkpoint_biases(release: Release) -
 @pytest.mark.e2e
 def test_extend_vocabulary_keeps_every_release_tag_first(release: Release) -> None:
     released = read_released_tagger(release.folder)
-    data = TagVocabulary(["zz_new", "red", "circle"], {"zz_new": 9, "red": 7, "circle": 3},
-                         {"zz_new": "general", "red": "general", "circle": ""})
+    data = TagVocabulary(["zz_new", "red", "circle"], {"zz_new": 9, "red": 7, "circle": 3}, {"zz_new": "general", "red": "general", "circle": ""})
     extended = extend_vocabulary(released, data)
     release_tags = [*released.labels.general, *released.labels.character]
     assert extended.index_to_tag == release_tags + ["zz_new"]

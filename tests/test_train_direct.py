@@ -81,8 +81,9 @@ def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: 
     best_step = int((run / "checkpoints" / "best").read_text(encoding="utf-8").strip().split("_")[1])
     reported = [e for e in read_jsonl(run / "metrics.jsonl") if e["type"] == "val" and e["step"] == best_step]
     assert reported
-    proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(run / "checkpoints" / "best"),
-                    "--out", str(tmp_path / "eval")], cwd=tmp_path)
+    proc = run_cli(
+        [str(ROOT / "validation_loop.py"), "--checkpoint", str(run / "checkpoints" / "best"), "--out", str(tmp_path / "eval")], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert abs(metrics["mAP"] - reported[-1]["mAP"]) < 1e-4
@@ -91,15 +92,31 @@ def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: 
         assert key in metrics
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("data.bach_size=8", "did you mean 'data.batch_size'"),
-    ("training.epochs=many", "training.epochs must be an integer"),
-    ("data.root=/nonexistent/dataset", "/nonexistent/dataset"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.bach_size=8", "did you mean 'data.batch_size'"),
+        ("training.epochs=many", "training.epochs must be an integer"),
+        ("data.root=/nonexistent/dataset", "/nonexistent/dataset"),
+    ],
+)
 @pytest.mark.e2e
 def test_bad_config_stops_before_work(tmp_path: Path, override: str, fragment: str) -> None:
-    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                    "--set", "data.demo_images=0", "--set", override, "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        [
+            str(ROOT / "train_direct.py"),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            "data.demo_images=0",
+            "--set",
+            override,
+            "--set",
+            "output_root=runs",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
@@ -108,14 +125,25 @@ def test_bad_config_stops_before_work(tmp_path: Path, override: str, fragment: s
 
 @pytest.mark.e2e
 def test_resume_latest_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                    "--resume", "latest", "--set", "output_root=runs"], cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--resume", "latest", "--set", "output_root=runs"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
 
 
 def test_schedule_helpers() -> None:
-    cfg = load_config(None, ["data.batch_size=64", "training.grad_accum_steps=2", "training.reference_batch_size=256",
-                             "training.learning_rate=0.001", "training.lr_scaling=linear"])
+    cfg = load_config(
+        None,
+        [
+            "data.batch_size=64",
+            "training.grad_accum_steps=2",
+            "training.reference_batch_size=256",
+            "training.learning_rate=0.001",
+            "training.lr_scaling=linear",
+        ],
+    )
     assert T.effective_learning_rate(cfg, world_size=2) == pytest.approx(0.001)
     cfg.training.lr_scaling = "sqrt"
     assert T.effective_learning_rate(cfg, world_size=1) == pytest.approx(0.001 * 0.5**0.5)
@@ -132,8 +160,16 @@ def test_schedule_helpers() -> None:
 def test_format_1_run_state_restores_and_hands_its_best_over() -> None:
     from training_utils import BestMetric
 
-    run_state = {"step": 18, "epoch": 0, "batch_in_epoch": 18, "images_seen": 288, "best_metric": 0.4,
-                 "best_step": 12, "last_val_step": 12, "last_ckpt_step": 18}
+    run_state = {
+        "step": 18,
+        "epoch": 0,
+        "batch_in_epoch": 18,
+        "images_seen": 288,
+        "best_metric": 0.4,
+        "best_step": 12,
+        "last_val_step": 12,
+        "last_ckpt_step": 18,
+    }
     state = T.with_best_entry({"format_version": 1, "run_state": run_state})
     restored = T.RunState()
     restored.load_state_dict(state["run_state"])
@@ -144,8 +180,7 @@ def test_format_1_run_state_restores_and_hands_its_best_over() -> None:
     newer = {"metric": "mAP", "value": 0.5, "step": 30}
     assert T.with_best_entry({"run_state": run_state, "best": newer})["best"] == newer
     with pytest.raises(ValueError, match="run_state lacks epoch"):
-        T.RunState().load_state_dict({"step": 1, "batch_in_epoch": 0, "images_seen": 0, "last_val_step": None,
-                                      "last_ckpt_step": None})
+        T.RunState().load_state_dict({"step": 1, "batch_in_epoch": 0, "images_seen": 0, "last_val_step": None, "last_ckpt_step": None})
 
 
 def test_sampler_position_saves_the_loop_position() -> None:
@@ -170,8 +205,17 @@ def test_tensorboard_has_training_validation_and_pictures(trained_run: TrainedRu
     acc = EventAccumulator(str(trained_run.run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    for name in ("train/loss", "train/loss/tags", "train/loss/rating", "train/grad_norm", "train/lr", "val/mAP",
-                 "val/f1_micro", "val/rating_accuracy", "perf/images_per_s"):
+    for name in (
+        "train/loss",
+        "train/loss/tags",
+        "train/loss/rating",
+        "train/grad_norm",
+        "train/lr",
+        "val/mAP",
+        "val/f1_micro",
+        "val/rating_accuracy",
+        "perf/images_per_s",
+    ):
         assert name in tags["scalars"], (name, tags["scalars"])
     assert "val/examples" in tags["images"]
     assert any(t.startswith("val/pr") for t in tags["tensors"]), tags["tensors"]
@@ -220,17 +264,24 @@ class _NaNLoss(torch.nn.Module):
 
 
 @pytest.mark.e2e
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import training_setup
     from conftest import TINY_RUN
 
-    real_build_loss = T.build_loss
-    monkeypatch.setattr(T, "build_loss", lambda *a, **k: _NaNLoss(real_build_loss(*a, **k)))
+    real_build_loss = training_setup.build_loss
+    monkeypatch.setattr(training_setup, "build_loss", lambda *a, **k: _NaNLoss(real_build_loss(*a, **k)))
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={demo_data}", "data.num_workers=0", "experiment_name=nan",
-                         "training.max_consecutive_skips=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]:
+    for o in TINY_RUN + [
+        f"data.root={demo_data}",
+        "data.num_workers=0",
+        "experiment_name=nan",
+        "training.max_consecutive_skips=4",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=5",
+    ]:
         args += ["--set", o]
     assert T.main(args) == 3
     err = capsys.readouterr().err
@@ -247,15 +298,21 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(demo_data: Path, t
 
 
 @pytest.mark.e2e
-def test_accumulation_with_a_partial_window_at_epoch_end(demo_data: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accumulation_with_a_partial_window_at_epoch_end(demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import TINY_RUN
 
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={demo_data}", "data.num_workers=0", "experiment_name=accum",
-                         "training.grad_accum_steps=4", "training.epochs=2", "validation.every_steps=0",
-                         "checkpoint.every_steps=0", "training.scheduler=cosine_restarts"]:
+    for o in TINY_RUN + [
+        f"data.root={demo_data}",
+        "data.num_workers=0",
+        "experiment_name=accum",
+        "training.grad_accum_steps=4",
+        "training.epochs=2",
+        "validation.every_steps=0",
+        "checkpoint.every_steps=0",
+        "training.scheduler=cosine_restarts",
+    ]:
         args += ["--set", o]
     assert T.main(args) == 0
     run = tmp_path / "runs" / "accum"
@@ -277,8 +334,7 @@ def test_spawned_workers_give_the_same_run(trained_run: TrainedRun) -> None:
     from conftest import TINY_RUN
 
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={trained_run.data}", "output_root=runs", "experiment_name=e2e_spawn",
-                         "data.worker_start_method=spawn"]:
+    for o in TINY_RUN + [f"data.root={trained_run.data}", "output_root=runs", "experiment_name=e2e_spawn", "data.worker_start_method=spawn"]:
         args += ["--set", o]
     proc = run_cli(args, cwd=trained_run.workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -301,8 +357,7 @@ def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
     before = sorted(p.name for p in trained_run.data.rglob("*"))
     cache = trained_run.workdir / "cache32"
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={trained_run.data}", "output_root=runs", "experiment_name=e2e_cache",
-                         f"data.cache_dir={cache}"]:
+    for o in TINY_RUN + [f"data.root={trained_run.data}", "output_root=runs", "experiment_name=e2e_cache", f"data.cache_dir={cache}"]:
         args += ["--set", o]
     proc = run_cli(args, cwd=trained_run.workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -310,8 +365,7 @@ def test_prepared_cache_run_matches_decoding(trained_run: TrainedRun) -> None:
     assert (cache / "index.json").is_file() and (cache / "entries.npy").is_file()
     cached = read_jsonl(trained_run.workdir / "runs" / "e2e_cache" / "metrics.jsonl")
     decoded = read_jsonl(trained_run.run_dir / "metrics.jsonl")
-    assert [(e["step"], e["loss"]) for e in cached if e["type"] == "train"] == \
-        [(e["step"], e["loss"]) for e in decoded if e["type"] == "train"]
+    assert [(e["step"], e["loss"]) for e in cached if e["type"] == "train"] == [(e["step"], e["loss"]) for e in decoded if e["type"] == "train"]
     assert sorted(p.name for p in trained_run.data.rglob("*")) == before
 
 
@@ -326,9 +380,17 @@ def test_run_on_a_twenty_percent_broken_dataset(tmp_path: Path) -> None:
     outside = bc.write_image(tmp_path / "outside.jpg")
     corpus = bc.make_broken_corpus(tmp_path / "root", good=47, copies=1, outside_target=outside)
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={corpus.root}", "output_root=runs", "experiment_name=broken",
-                         "data.verify=header", "data.max_bad_fraction=0.25", "data.batch_size=8",
-                         "data.val_fraction=0.1", "training.epochs=3", "augment.flip_prob=0"]:
+    for o in TINY_RUN + [
+        f"data.root={corpus.root}",
+        "output_root=runs",
+        "experiment_name=broken",
+        "data.verify=header",
+        "data.max_bad_fraction=0.25",
+        "data.batch_size=8",
+        "data.val_fraction=0.1",
+        "training.epochs=3",
+        "augment.flip_prob=0",
+    ]:
         args += ["--set", o]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -354,11 +416,17 @@ def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedR
 
     records = scan_dataset(trained_run.data).records
     manifest = trained_run.workdir / "index.jsonl"
-    manifest.write_text("".join(json.dumps({"file": r.sample_id, "tags": list(r.tags), "rating": r.rating}) + "\n"
-                                for r in records), encoding="utf-8")
+    manifest.write_text(
+        "".join(json.dumps({"file": r.sample_id, "tags": list(r.tags), "rating": r.rating}) + "\n" for r in records), encoding="utf-8"
+    )
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
-    for o in TINY_RUN + [f"data.root={trained_run.data}", f"data.manifest={manifest}", "output_root=runs",
-                         "experiment_name=e2e_manifest", "training.max_steps=10"]:
+    for o in TINY_RUN + [
+        f"data.root={trained_run.data}",
+        f"data.manifest={manifest}",
+        "output_root=runs",
+        "experiment_name=e2e_manifest",
+        "training.max_steps=10",
+    ]:
         args += ["--set", o]
     proc = run_cli(args, cwd=trained_run.workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -372,8 +440,22 @@ def test_training_from_a_manifest_matches_the_sidecar_scan(trained_run: TrainedR
 
 @pytest.mark.e2e
 def test_batch_larger_than_the_training_split_is_a_clear_error(demo_data: Path, tmp_path: Path) -> None:
-    proc = run_cli([str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                    "--set", f"data.root={demo_data}", "--set", "data.batch_size=4096", "--set", "output_root=runs",
-                    "--set", "data.image_size=32"], cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        [
+            str(ROOT / "train_direct.py"),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--set",
+            f"data.root={demo_data}",
+            "--set",
+            "data.batch_size=4096",
+            "--set",
+            "output_root=runs",
+            "--set",
+            "data.image_size=32",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "data.batch_size=4096" in proc.stderr and "no full batch" in proc.stderr

@@ -73,9 +73,9 @@ def test_early_stopping() -> None:
 def test_best_metric_tracks_value_and_step() -> None:
     best = U.BestMetric("mAP")
     assert best.update(10, 0.30) and (best.value, best.step) == (0.30, 10)
-    assert not best.update(20, 0.30)                    # a tie is not a new best
-    assert best.update(30, 0.305)                       # any gain is (early stopping's min_delta is separate)
-    assert not best.update(40, float("nan"))            # NaN never beats a number
+    assert not best.update(20, 0.30)  # a tie is not a new best
+    assert best.update(30, 0.305)  # any gain is (early stopping's min_delta is separate)
+    assert not best.update(40, float("nan"))  # NaN never beats a number
     assert (best.value, best.step) == (0.305, 30)
     restored = U.BestMetric("mAP")
     restored.load_state_dict(best.state_dict())
@@ -173,14 +173,15 @@ def test_train_step_sums_update_and_ema() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loss_fn = MultiTaskLoss(AsymmetricFocalLoss())
-    step = U.TrainStep(model, model, loss_fn, U.GuardedOptimizerStep(opt, torch.device("cpu"), "fp32"), sched,
-                       U.ModelEma(model, 0.5), torch.device("cpu"))
+    step = U.TrainStep(
+        model, model, loss_fn, U.GuardedOptimizerStep(opt, torch.device("cpu"), "fp32"), sched, U.ModelEma(model, 0.5), torch.device("cpu")
+    )
     x, tags, ratings = torch.randn(6, 4), (torch.rand(6, 3) < 0.5).float(), torch.tensor([0, 1, 2, 3, -1, 0])
     with torch.no_grad():
-        expected = [float(loss_fn(model(x[i:i + 3]), tags[i:i + 3], ratings[i:i + 3])[0]) for i in (0, 3)]
+        expected = [float(loss_fn(model(x[i : i + 3]), tags[i : i + 3], ratings[i : i + 3])[0]) for i in (0, 3)]
     before = model.tags.weight.detach().clone()
     for i in (0, 3):
-        step.forward_backward(x[i:i + 3], tags[i:i + 3], ratings[i:i + 3], window=2, sync=i == 3)
+        step.forward_backward(x[i : i + 3], tags[i : i + 3], ratings[i : i + 3], window=2, sync=i == 3)
     step.optimizer_step(0)
     values = step.read_and_reset_sums()
     assert values["loss"] == pytest.approx(sum(expected) / 2)
@@ -196,13 +197,23 @@ def _vit_step(adaptive: bool, fault_limit: int | None = None, seed: int = 0) -> 
     from model_architecture import SimplifiedTagger, VisionTransformerConfig
 
     torch.manual_seed(seed)
-    model = SimplifiedTagger(VisionTransformerConfig(image_size=32, patch_size=8, num_tags=20, embed_dim=48, depth=2,
-                                                     num_heads=3, drop_path_rate=0.0)).train()
+    model = SimplifiedTagger(
+        VisionTransformerConfig(image_size=32, patch_size=8, num_tags=20, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0)
+    ).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     loss = MultiTaskLoss(AsymmetricFocalLoss(), rating_weight=0.7)
-    return U.TrainStep(model, model, loss, U.GuardedOptimizerStep(opt, torch.device("cpu"), "fp32", grad_clip=1.0),
-                       sched, None, torch.device("cpu"), adaptive=adaptive, fault_limit=fault_limit)
+    return U.TrainStep(
+        model,
+        model,
+        loss,
+        U.GuardedOptimizerStep(opt, torch.device("cpu"), "fp32", grad_clip=1.0),
+        sched,
+        None,
+        torch.device("cpu"),
+        adaptive=adaptive,
+        fault_limit=fault_limit,
+    )
 
 
 def _batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -12,8 +12,9 @@ from conftest import ROOT, TrainedRun, run_cli
 
 
 def evaluate_cli(run: TrainedRun, out: Path, *extra: str) -> dict:
-    proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(run.run_dir / "checkpoints" / "last"),
-                    "--out", str(out), *extra], cwd=out.parent)
+    proc = run_cli(
+        [str(ROOT / "validation_loop.py"), "--checkpoint", str(run.run_dir / "checkpoints" / "last"), "--out", str(out), *extra], cwd=out.parent
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "eval step_" in proc.stdout
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -50,8 +51,20 @@ def test_tags_mode_and_unknown_tag(trained_run: TrainedRun, tmp_path: Path) -> N
     metrics = evaluate_cli(trained_run, tmp_path / "tags", "--mode", "tags", "--tags", ",".join(chosen))
     assert list(metrics["tags"]) == chosen
     assert all(0.0 <= metrics["tags"][t]["ap"] <= 1.0 for t in chosen)
-    proc = run_cli([str(ROOT / "validation_loop.py"), "--checkpoint", str(trained_run.run_dir / "checkpoints" / "last"),
-                    "--mode", "tags", "--tags", "no_such_tag", "--out", str(tmp_path / "bad")], cwd=tmp_path)
+    proc = run_cli(
+        [
+            str(ROOT / "validation_loop.py"),
+            "--checkpoint",
+            str(trained_run.run_dir / "checkpoints" / "last"),
+            "--mode",
+            "tags",
+            "--tags",
+            "no_such_tag",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "no_such_tag" in proc.stderr
 
 
@@ -69,10 +82,7 @@ def test_other_dataset_folder(trained_run: TrainedRun, tmp_path: Path) -> None:
     assert metrics["data"] == str(other)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--checkpoint", "/nonexistent/step_1"], "checkpoint not found"),
-    (["--ema"], "ema.safetensors"),
-])
+@pytest.mark.parametrize("args, fragment", [(["--checkpoint", "/nonexistent/step_1"], "checkpoint not found"), (["--ema"], "ema.safetensors")])
 def test_clear_errors(trained_run: TrainedRun, tmp_path: Path, args: list[str], fragment: str) -> None:
     base = ["--checkpoint", str(trained_run.run_dir / "checkpoints" / "last")]
     if args[0] == "--checkpoint":

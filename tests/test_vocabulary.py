@@ -13,14 +13,7 @@ import torch
 import tag_text
 import vocabulary
 from demo_dataset import describe_sample, generate_demo_dataset
-from vocabulary import (
-    DEFAULT_IGNORE_PATH,
-    TagVocabulary,
-    build_vocabulary,
-    create_vocabulary_from_datasets,
-    load_ignore_list,
-    normalize_tag,
-)
+from vocabulary import DEFAULT_IGNORE_PATH, TagVocabulary, build_vocabulary, create_vocabulary_from_datasets, load_ignore_list, normalize_tag
 
 
 @dataclass(frozen=True)
@@ -55,12 +48,7 @@ def test_normalize_tag(raw: str, expected: str) -> None:
 
 
 def test_build_orders_by_frequency_then_name_and_counts_once_per_sample() -> None:
-    samples = [
-        ["b", "a", "a", "c"],
-        ["a", "B ", "d"],
-        ["c", "a"],
-        ["e"],
-    ]
+    samples = [["b", "a", "a", "c"], ["a", "B ", "d"], ["c", "a"], ["e"]]
     vocab = create_vocabulary_from_datasets(samples)
     reference = _reference_counts(samples)
     expected_order = sorted(reference, key=lambda t: (-reference[t], t))

@@ -20,15 +20,7 @@ from PIL import Image
 
 from conftest import ROOT, TrainedRun, run_cli
 from wd_export_helpers import CHARACTER_TAGS, characterised_checkpoint, export, load, validation_images
-from wd_format import (
-    CATEGORY_CHARACTER,
-    CATEGORY_GENERAL,
-    CATEGORY_RATING,
-    RATING_NAMES,
-    LabelTable,
-    rgb_to_wd_input,
-    select_tags,
-)
+from wd_format import CATEGORY_CHARACTER, CATEGORY_GENERAL, CATEGORY_RATING, RATING_NAMES, LabelTable, rgb_to_wd_input, select_tags
 
 TRICKY = ("a,b", 'say "hi"', "café_au_lait", "^_^", " spaced ", "semi;colon")
 
@@ -43,12 +35,15 @@ def test_csv_round_trip_with_commas_quotes_and_unicode() -> None:
     assert LabelTable.from_csv_text(text) == table
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("id,name,category,count\n0,general,9,0\n", "header"),
-    ("tag_id,name,category,count\n0,general,9,0\n1,x,3,5\n", "category 3"),
-    ("tag_id,name,category,count\n0,x,4,1\n1,y,0,1\n", "comes after"),
-    ("tag_id,name,category,count\n0,x,zero,1\n", "not an integer"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("id,name,category,count\n0,general,9,0\n", "header"),
+        ("tag_id,name,category,count\n0,general,9,0\n1,x,3,5\n", "category 3"),
+        ("tag_id,name,category,count\n0,x,4,1\n1,y,0,1\n", "comes after"),
+        ("tag_id,name,category,count\n0,x,zero,1\n", "not an integer"),
+    ],
+)
 def test_csv_reader_refuses_what_consumers_would_misread(text: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         LabelTable.from_csv_text(text)
@@ -80,8 +75,9 @@ def test_select_tags_reads_blocks_by_position() -> None:
         select_tags([0.1, 0.2, 0.3], table)
 
 
-def kohya_captions(model_dir: Path, paths: list[Path], general_threshold: float = 0.35,
-                   character_threshold: float = 0.85, batch_size: int = 4) -> dict[Path, str]:
+def kohya_captions(
+    model_dir: Path, paths: list[Path], general_threshold: float = 0.35, character_threshold: float = 0.85, batch_size: int = 4
+) -> dict[Path, str]:
     """Captions of `paths` computed the way kohya's tag_images_by_wd14_tagger.py computes them."""
     with open(model_dir / "selected_tags.csv", "r", encoding="utf-8") as f:
         line = [row for row in csv.reader(f)]
@@ -102,15 +98,14 @@ def kohya_captions(model_dir: Path, paths: list[Path], general_threshold: float 
         pad_y = size - image.shape[0]
         pad_l = pad_x // 2
         pad_t = pad_y // 2
-        image = np.pad(image, ((pad_t, pad_y - pad_t), (pad_l, pad_x - pad_l), (0, 0)), mode="constant",
-                       constant_values=255)
+        image = np.pad(image, ((pad_t, pad_y - pad_t), (pad_l, pad_x - pad_l), (0, 0)), mode="constant", constant_values=255)
         # kohya resizes with cv2 (INTER_AREA down, LANCZOS4 up); these images already have the input size.
         assert size == image_size, "the test feeds images of the model's size, where cv2.resize is the identity"
         return image.astype(np.float32)
 
     captions: dict[Path, str] = {}
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+        chunk = paths[start : start + batch_size]
         imgs = np.array([preprocess_image(Image.open(p).convert("RGB")) for p in chunk])
         probs = session.run(None, {input_name: imgs})[0]
         for path, prob in zip(chunk, probs):
@@ -130,8 +125,7 @@ def test_kohya_reading_of_the_export_gives_tag_images_captions(trained_run: Trai
     checkpoint = characterised_checkpoint(trained_run, tmp_path / "run")
     out = tmp_path / "wd"
     export(checkpoint, out)
-    codes = {int(row[2]) for row in csv.reader(io.StringIO((out / "selected_tags.csv").read_text(encoding="utf-8")))
-             if row[2].isdigit()}
+    codes = {int(row[2]) for row in csv.reader(io.StringIO((out / "selected_tags.csv").read_text(encoding="utf-8"))) if row[2].isdigit()}
     assert codes == {CATEGORY_RATING, CATEGORY_GENERAL, CATEGORY_CHARACTER}
     folder = tmp_path / "images"
     folder.mkdir()
@@ -140,8 +134,7 @@ def test_kohya_reading_of_the_export_gives_tag_images_captions(trained_run: Trai
         shutil.copy(path, folder / Path(path).name)
     images = sorted(folder.iterdir())
     expected = kohya_captions(out, images)
-    proc = run_cli([str(ROOT / "tag_images.py"), "--model", str(out), "--input", str(folder), "--num-workers", "0"],
-                   cwd=tmp_path)
+    proc = run_cli([str(ROOT / "tag_images.py"), "--model", str(out), "--input", str(folder), "--num-workers", "0"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = {p: p.with_suffix(".txt").read_text(encoding="utf-8") for p in images}
     assert got == expected

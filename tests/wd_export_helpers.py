@@ -43,8 +43,7 @@ def characterised_checkpoint(run: TrainedRun, dest: Path) -> Path:
 
 def export(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """Run export_model.py as a user would; asserts it succeeded."""
-    proc = run_cli([str(ROOT / "export_model.py"), "--checkpoint", str(checkpoint), "--out", str(out),
-                    "--num-workers", "0", *extra], cwd=out.parent)
+    proc = run_cli([str(ROOT / "export_model.py"), "--checkpoint", str(checkpoint), "--out", str(out), "--num-workers", "0", *extra], cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -60,9 +59,9 @@ class Validation:
     """The checkpoint's validation images at the export size, with labels."""
 
     paths: list[str]
-    images: np.ndarray        # (N, S, S, 3) uint8 RGB, letterboxed as in training
+    images: np.ndarray  # (N, S, S, 3) uint8 RGB, letterboxed as in training
     tags: list[tuple[str, ...]]
-    ratings: np.ndarray       # (N,) int, -1 unknown
+    ratings: np.ndarray  # (N,) int, -1 unknown
 
 
 def validation_images(ck: LoadedCheckpoint) -> Validation:
@@ -70,8 +69,7 @@ def validation_images(ck: LoadedCheckpoint) -> Validation:
     data = prepare_eval_data(ck.cfg, ck.vocab, ck.preprocess, log=None)
     records = data.val_records
     images = np.stack([load_image(r.image_path, ck.preprocess) for r in records])
-    return Validation([r.image_path for r in records], images, [tuple(r.tags) for r in records],
-                      np.asarray([r.rating for r in records]))
+    return Validation([r.image_path for r in records], images, [tuple(r.tags) for r in records], np.asarray([r.rating for r in records]))
 
 
 def load(checkpoint: Path) -> LoadedCheckpoint:
@@ -81,8 +79,7 @@ def load(checkpoint: Path) -> LoadedCheckpoint:
     return ck
 
 
-def reference_logits(ck: LoadedCheckpoint, names: list[str], shifts: dict[str, float],
-                     images: np.ndarray) -> np.ndarray:
+def reference_logits(ck: LoadedCheckpoint, names: list[str], shifts: dict[str, float], images: np.ndarray) -> np.ndarray:
     """(N, 4 + T) logits in `names` order (4 ratings first): the checkpoint's heads, tags shifted by name."""
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, S, S) uint8
     with torch.no_grad():
@@ -104,5 +101,5 @@ def onnx_probabilities(folder: Path, images_rgb: np.ndarray, batch_size: int = 6
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     bgr = images_rgb[..., ::-1].astype(np.float32)
-    rows = [session.run(None, {name: bgr[i:i + batch_size]})[0] for i in range(0, len(bgr), batch_size)]
+    rows = [session.run(None, {name: bgr[i : i + batch_size]})[0] for i in range(0, len(bgr), batch_size)]
     return np.concatenate(rows)
