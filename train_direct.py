@@ -9,6 +9,7 @@ script runs unchanged under `torchrun --nproc-per-node N` (DDP; rank 0 writes fi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -719,6 +720,11 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
         run.monitor.log_event(run.state.step, "end", outcome=outcome)
         run.monitor.close()
         if run.dist.world_size > 1:
+            if outcome != "failed":
+                # After a normal end every rank leaves together: a rank tearing gloo down while another
+                # still finished its last writes aborted at exit now and then ("terminate called without
+                # an active exception"). Not after an error: a rank that failed must not wait for the others.
+                tdist.barrier()
             tdist.destroy_process_group()
     if run.dist.is_main:
         record_worker_failures(run)
@@ -765,5 +771,16 @@ def _flat_hparams(cfg: RootConfig) -> dict[str, Any]:
     return out
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. Under torchrun, skip the interpreter's teardown once main() has closed everything:
+    torch's gloo objects then aborted a finished rank now and then ("terminate called without an active
+    exception", SIGABRT), failing a run that had ended well."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
