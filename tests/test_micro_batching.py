@@ -211,6 +211,7 @@ def test_plan_round_trip_and_helpers() -> None:
 
 
 DDP_RANKS = """
+import os
 import sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
@@ -234,7 +235,8 @@ for micro in (8, 2):
     results[micro] = grads(raw)
 worst = max(relative(results[2][n], g) for n, g in results[8].items())
 plan = agree_across_ranks(MicroBatchPlan(8, 4 if rank == 0 else 2), torch.device("cpu"))
-print(f"rank {{rank}} worst {{worst:.3g}} agreed {{plan.micro_batch}}", flush=True)
+# one write per line: the ranks share the pipe, and print's separate newline write interleaves
+os.write(1, (f"rank {{rank}} worst {{worst:.3g}} agreed {{plan.micro_batch}}" + chr(10)).encode())
 tdist.destroy_process_group()
 """
 
