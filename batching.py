@@ -4,7 +4,8 @@ This module owns the torch.utils.data side of the data pipeline: the map-style
 ``SidecarJsonDataset`` (keyed by (index, epoch), records packed into arrays so spawned workers
 start fast, failing files replaced deterministically), ``collate_samples``,
 ``targets_from_indices``, the ``FailureTracker`` that stops a run when too many loads fail, the
-resumable sharded ``ResumableSampler``, ``build_dataloader`` (picklable worker init, for
+resumable sharded ``ResumableSampler`` (on ``ShardedEpochSampler``, which other samplers such as
+``repeat_factor.RepeatFactorSampler`` share), ``build_dataloader`` (picklable worker init, for
 Windows' spawned workers) and the ``ImagePreFetcher`` that moves uint8 batches to the device and
 jitters and normalises them there. ``FailureTracker`` and ``ResumableSampler`` keep their
 checkpoint state through ``state_dict()`` / ``load_state_dict()``.
@@ -41,6 +42,7 @@ __all__ = [
     "targets_from_indices",
     "FailureTracker",
     "ResumableSampler",
+    "ShardedEpochSampler",
     "build_dataloader",
     "ImagePreFetcher",
 ]
@@ -370,13 +372,20 @@ class FailureTracker:
 # --------------------------------------------------------------------------------------------
 
 
-class ResumableSampler(Sampler):
-    """Sharded per-epoch permutation yielding (index, epoch) keys, resumable inside an epoch."""
+class ShardedEpochSampler(Sampler):
+    """Base of the training samplers: one epoch's index sequence over all ranks, padded and sharded like
+    DistributedSampler, yielding (index, epoch) keys, resumable at a batch inside the epoch.
+
+    A subclass gives the epoch's sequence (`_epoch_sequence`) and its fixed length; the sharding, the
+    resume position and the checkpoint state live here once."""
+
+    # State keys that must match on resume; a subclass adds its own.
+    STATE_KEYS: tuple[str, ...] = ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last")
 
     def __init__(
-        self, num_samples: int, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True
+        self, num_samples: int, epoch_length: int, *, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool
     ) -> None:
-        """Same arguments as DistributedSampler plus batch_size, so resume positions are batches."""
+        """num_samples: dataset size; epoch_length: indices in one epoch over all ranks (before drop_last)."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if batch_size <= 0:
@@ -392,14 +401,15 @@ class ResumableSampler(Sampler):
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start_batch = 0
-        if self.drop_last and self.num_samples < self.world_size:
-            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks with drop_last")
-        if self.drop_last:
-            self.per_rank = self.num_samples // self.world_size
-        else:
-            self.per_rank = math.ceil(self.num_samples / self.world_size)
+        if self.drop_last and epoch_length < self.world_size:
+            raise ValueError(f"{epoch_length} samples per epoch cannot be shared by {world_size} ranks with drop_last")
+        self.per_rank = epoch_length // self.world_size if self.drop_last else math.ceil(epoch_length / self.world_size)
         if self.drop_last and self.per_rank < self.batch_size:
             raise ValueError(f"{self.per_rank} samples per rank make no full batch of {batch_size}")
+
+    def _epoch_sequence(self, epoch: int) -> list[int]:
+        """All ranks' indices for `epoch`, before padding and sharding (a subclass defines it)."""
+        raise NotImplementedError
 
     def batches_per_epoch(self) -> int:
         """Batches each rank runs in one epoch."""
@@ -422,20 +432,10 @@ class ResumableSampler(Sampler):
 
     def _epoch_order(self) -> list[int]:
         """This rank's full index list for the current epoch."""
-        if self.shuffle:
-            g = torch.Generator()
-            # 63-bit seed hashed from (seed, epoch): (0, 1) and (1, 0) must not give the same order
-            digest = hashlib.blake2b(f"{self.seed}:{self.epoch}".encode("utf-8"), digest_size=8).digest()
-            g.manual_seed(int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+        order = self._epoch_sequence(self.epoch)
         total = self.per_rank * self.world_size
         if total > len(order):  # pad by repeating from the start, as DistributedSampler does
-            reps = math.ceil(total / len(order))
-            order = (order * reps)[:total]
-        else:
-            order = order[:total]
+            order = order * math.ceil(total / len(order))
         return order[self.rank : total : self.world_size][: self._samples_per_epoch()]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -451,20 +451,12 @@ class ResumableSampler(Sampler):
 
     def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
         """Plain-typed position: pass the batches the loop has consumed in this epoch."""
-        return {
-            "epoch": self.epoch,
-            "start_batch": self.start_batch if batches_done is None else int(batches_done),
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
-        }
+        position = {"epoch": self.epoch, "start_batch": self.start_batch if batches_done is None else int(batches_done)}
+        return {**position, **{key: getattr(self, key) for key in self.STATE_KEYS}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from state_dict(); ValueError if the data or layout changed since."""
-        for key in ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last"):
+        for key in self.STATE_KEYS:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; cannot resume inside the epoch")
         start = int(state.get("start_batch", 0))
@@ -472,6 +464,28 @@ class ResumableSampler(Sampler):
         if start >= self.batches_per_epoch():  # the stored epoch was finished
             epoch, start = epoch + 1, 0
         self.set_epoch(epoch, start)
+
+
+class ResumableSampler(ShardedEpochSampler):
+    """Sharded per-epoch permutation yielding (index, epoch) keys, resumable inside an epoch."""
+
+    def __init__(
+        self, num_samples: int, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True
+    ) -> None:
+        """Same arguments as DistributedSampler plus batch_size, so resume positions are batches."""
+        super().__init__(
+            num_samples, num_samples, batch_size=batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+
+    def _epoch_sequence(self, epoch: int) -> list[int]:
+        """A permutation of every sample, seeded by (seed, epoch); the identity without shuffle."""
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        g = torch.Generator()
+        # 63-bit seed hashed from (seed, epoch): (0, 1) and (1, 0) must not give the same order
+        digest = hashlib.blake2b(f"{self.seed}:{epoch}".encode("utf-8"), digest_size=8).digest()
+        g.manual_seed(int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF)
+        return torch.randperm(self.num_samples, generator=g).tolist()
 
 
 def _worker_init(worker_id: int) -> None:

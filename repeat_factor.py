@@ -17,17 +17,19 @@ mirrors. Counts use integer fixed-point arithmetic (2**-24 steps of r), so an in
 repeated exactly r times and rounding error never yields a count outside {floor(r), ceil(r)}.
 
 Everything random comes from (seed, epoch) alone: the same seed gives the same epochs on every
-machine and rank, and a resumed epoch is the same epoch. It imports no project module.
+machine and rank, and a resumed epoch is the same epoch. Sharding, the resume position and the
+checkpoint state are batching.ShardedEpochSampler's, shared with ResumableSampler.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+
+from batching import ShardedEpochSampler
 
 __all__ = ["FIXED_POINT_BITS", "repeat_factors", "tag_image_frequencies", "RepeatFactorSampler"]
 
@@ -80,7 +82,7 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "big") & 0x7FFFFFFFFFFFFFFF))
 
 
-class RepeatFactorSampler(Sampler):
+class RepeatFactorSampler(ShardedEpochSampler):
     """Sharded per-epoch expansion (image i floor(r_i) or ceil(r_i) times), shuffled, yielding (index, epoch)."""
 
     def __init__(
@@ -100,54 +102,26 @@ class RepeatFactorSampler(Sampler):
             raise ValueError("factors is empty: need one repeat factor per training image")
         if not np.isfinite(r).all() or (r < 1.0).any():
             raise ValueError(f"repeat factors must be finite and >= 1, got min {r.min()!r}, max {r.max()!r}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self._fixed = np.rint(r * _ONE).astype(np.int64)  # (N,) r in units of 2**-24
         if int(self._fixed.sum(dtype=np.float64)) >= _MAX_FIXED_SUM:
             raise ValueError(f"sum of repeat factors {r.sum():.3g} is too large for the fixed-point expansion")
-        self.num_samples = int(r.size)
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.drop_last = bool(drop_last)
-        self.epoch = 0
-        self.start_batch = 0
         # The digest ties a checkpoint's position to these exact factors (data or threshold changes).
         self.factors_digest = hashlib.blake2b(self._fixed.tobytes(), digest_size=16).hexdigest()
-        total = self.effective_epoch_length
-        if self.drop_last and total < self.world_size:
-            raise ValueError(f"{total} samples per epoch cannot be shared by {world_size} ranks with drop_last")
-        self.per_rank = total // self.world_size if self.drop_last else math.ceil(total / self.world_size)
-        if self.drop_last and self.per_rank < self.batch_size:
-            raise ValueError(f"{self.per_rank} samples per rank make no full batch of {batch_size}")
+        super().__init__(
+            int(r.size),
+            self.effective_epoch_length,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
 
     @property
     def effective_epoch_length(self) -> int:
         """Samples in one expanded epoch over all ranks, floor(sum of r), before drop_last trims it."""
         return int(self._fixed.sum() >> FIXED_POINT_BITS)
-
-    def batches_per_epoch(self) -> int:
-        """Batches each rank runs in one epoch (the same for every epoch)."""
-        if self.drop_last:
-            return self.per_rank // self.batch_size
-        return math.ceil(self.per_rank / self.batch_size)
-
-    def _samples_per_epoch(self) -> int:
-        """Samples this rank yields in a full epoch."""
-        return self.batches_per_epoch() * self.batch_size if self.drop_last else self.per_rank
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch; skip this rank's first `start_batch` batches of it (resume)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_batch <= self.batches_per_epoch():
-            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch()}]")
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
 
     def _expansion(self, epoch: int) -> np.ndarray:
         """All ranks' index sequence for `epoch` before sharding, (floor(S) or ceil(S),) int64."""
@@ -166,52 +140,12 @@ class RepeatFactorSampler(Sampler):
             expanded = np.sort(expanded, kind="stable")
         return expanded
 
+    STATE_KEYS = (*ShardedEpochSampler.STATE_KEYS, "effective_epoch_length", "factors_digest")
+
+    def _epoch_sequence(self, epoch: int) -> list[int]:
+        """The epoch's expansion over all ranks (ShardedEpochSampler pads and shards it)."""
+        return self._expansion(epoch).tolist()
+
     def repeat_counts(self, epoch: int) -> np.ndarray:
         """How often each image appears in `epoch`'s expansion over all ranks (before drop_last), (N,) int64."""
         return np.bincount(self._expansion(epoch), minlength=self.num_samples)
-
-    def _epoch_order(self) -> np.ndarray:
-        """This rank's full index list for the current epoch."""
-        order = self._expansion(self.epoch)
-        total = self.per_rank * self.world_size
-        if total > order.size:  # pad by repeating from the start, as DistributedSampler does
-            order = np.tile(order, math.ceil(total / order.size))
-        order = order[:total]
-        return order[self.rank : total : self.world_size][: self._samples_per_epoch()]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """Yield (index, epoch) for this rank, from start_batch on."""
-        order = self._epoch_order()
-        epoch = self.epoch
-        for index in order[self.start_batch * self.batch_size :].tolist():
-            yield (index, epoch)
-
-    def __len__(self) -> int:
-        """Keys left to yield in the current epoch (after the resume skip)."""
-        return max(0, self._samples_per_epoch() - self.start_batch * self.batch_size)
-
-    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
-        """Plain-typed position: pass the batches the loop has consumed in this epoch."""
-        return {
-            "epoch": self.epoch,
-            "start_batch": self.start_batch if batches_done is None else int(batches_done),
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
-            "effective_epoch_length": self.effective_epoch_length,
-            "factors_digest": self.factors_digest,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from state_dict(); ValueError if the data, factors or layout changed since."""
-        for key in ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last", "effective_epoch_length", "factors_digest"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; cannot resume inside the epoch")
-        start = int(state.get("start_batch", 0))
-        epoch = int(state.get("epoch", 0))
-        if start >= self.batches_per_epoch():  # the stored epoch was finished
-            epoch, start = epoch + 1, 0
-        self.set_epoch(epoch, start)
