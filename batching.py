@@ -277,7 +277,7 @@ class FailureTracker:
         """Raise once failures / attempted loads > max_bad_fraction after min_samples loads.
 
         With `report` and `report_path` (the run's data report, main process only),
-        write_report() puts the failures into it under "failed_in_workers"."""
+        write_report() puts the failures into it under "replaced_during_training"."""
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = float(max_bad_fraction)
@@ -300,7 +300,7 @@ class FailureTracker:
         """Store the failures seen so far in the run's data_report.json (no-op without one)."""
         if self.report is None or self.report_path is None:
             return
-        self.report["failed_in_workers"] = self.to_dict()
+        self.report["replaced_during_training"] = self.to_dict()
         write_data_report(self.report_path, self.report)
 
     @property

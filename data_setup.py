@@ -192,14 +192,10 @@ def earlier_failures(run_dir: Path) -> dict[str, str]:
         report = read_json(str(path))
     except ValueError as exc:
         raise DataQualityError(f"{path}: unreadable data report ({exc}); move it away to start over") from exc
-    found: dict[str, str] = {}
-    # "failed_in_workers": FailureTracker.write_report(); "replaced_during_training": the end-of-run summary
-    for key in ("replaced_during_training", "failed_in_workers"):
-        section = report.get(key) if isinstance(report, dict) else None
-        samples = section.get("samples") if isinstance(section, dict) else None
-        if isinstance(samples, dict):
-            found.update((str(k), str(v)) for k, v in samples.items())
-    return found
+    # FailureTracker.write_report() keeps them under "replaced_during_training" (each epoch end and at the end)
+    section = report.get("replaced_during_training") if isinstance(report, dict) else None
+    samples = section.get("samples") if isinstance(section, dict) else None
+    return {str(k): str(v) for k, v in samples.items()} if isinstance(samples, dict) else {}
 
 
 def _wait_for_rank0(world_size: int) -> None:
@@ -360,7 +356,7 @@ def prepare_data(
     if build_report is not None:
         report["vocabulary"] = build_report
     if known_bad:
-        report["failed_in_workers"] = {"samples": dict(sorted(known_bad.items()))}
+        report["replaced_during_training"] = {"samples": dict(sorted(known_bad.items()))}
     if cfg.augment.flip_prob > 0:
         handler = OrientationHandler.from_file(resolve_resource(cfg.augment.orientation_map), cfg.augment.orientation_safety)
         report["flip_audit"] = flip_audit(train, vocab, handler).to_dict()

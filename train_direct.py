@@ -573,8 +573,8 @@ def prepare_run(
             return 2
         print(f"init: {line}")
         data.report["init_from"] = record
-        if dist.is_main:
-            write_data_report(run_dir / "data_report.json", data.report)
+        if data.report_path is not None:  # the main process's copy of the report
+            write_data_report(data.report_path, data.report)
     try:
         train_sampler = ResumableSampler(
             len(data.train_dataset),
@@ -734,8 +734,7 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
 
 def record_worker_failures(run: TrainingRun) -> None:
     """Add the samples that failed inside workers (and were replaced) to data_report.json."""
-    run.data.report["replaced_during_training"] = run.failures.to_dict()
-    write_data_report(run.cfg.run_dir / "data_report.json", run.data.report)
+    run.failures.write_report()
     if run.failures.failed:
         print(
             f"data: {run.failures.failed} samples failed in workers and were replaced "

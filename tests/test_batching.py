@@ -433,8 +433,8 @@ def test_failure_tracker_writes_the_report(tmp_path: Path) -> None:
         tracker.observe({"indices": torch.arange(4), "failures": [("x.png", "image_undecodable")]})
     tracker.write_report()
     written = json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))
-    assert written["failed_in_workers"]["samples"] == {"x.png": "image_undecodable"}
-    assert written["failed_in_workers"]["failed"] == 2
+    assert written["replaced_during_training"]["samples"] == {"x.png": "image_undecodable"}
+    assert written["replaced_during_training"]["failed"] == 2
 
 
 def test_failure_tracker_records_validation_skips_without_counting_loads() -> None:

@@ -187,7 +187,7 @@ def test_resume_never_decodes_earlier_failures_again(tmp_path: Path) -> None:
     assert not {r.sample_id for r in resumed.val_records} & set(failed)
     # each failed sample was in the first attempt's validation or is in training now
     assert set(failed) <= {r.sample_id for r in resumed.train_records} | {r.sample_id for r in first.val_records}
-    assert resumed.report["failed_in_workers"]["samples"] == failed
+    assert resumed.report["replaced_during_training"]["samples"] == failed
     for i in range(len(resumed.train_dataset)):
         if resumed.train_dataset.sample_id(i) in failed:
             assert resumed.train_dataset[(i, 0)]["failure"] == (resumed.train_dataset.sample_id(i), "image_undecodable")
