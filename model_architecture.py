@@ -545,8 +545,12 @@ def load_pretrained_backbone(model: SimplifiedTagger, path: Union[str, Path]) ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    theirs = _read_state_dict(path)
-    report = LoadReport(path=str(path))
+    return load_backbone_state(model, _read_state_dict(path), str(path))
+
+
+def load_backbone_state(model: SimplifiedTagger, theirs: Mapping[str, torch.Tensor], origin: str) -> LoadReport:
+    """Fill model's backbone from a timm-layout ViT state dict (named `origin` in messages); heads stay fresh."""
+    report = LoadReport(path=origin)
     ours = model.state_dict()
     used: set = set()
     updates: Dict[str, torch.Tensor] = {}
@@ -574,7 +578,7 @@ def load_pretrained_backbone(model: SimplifiedTagger, path: Union[str, Path]) ->
     report.unused = sorted(k for k in theirs if k not in used)
     if not updates:
         raise ValueError(
-            f"no usable ViT backbone weights in {path}: {len(theirs)} tensors, none matching our timm-layout "
+            f"no usable ViT backbone weights in {origin}: {len(theirs)} tensors, none matching our timm-layout "
             f"names and shapes (mismatched: {[k for k, _, _ in report.mismatched][:5]}, "
             f"their keys e.g. {sorted(theirs)[:5]})"
         )

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_store import is_checkpoint_reference, load_model_state, resolve_checkpoint
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_pretrained_backbone, resample_pos_embed
+from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_backbone_state, load_pretrained_backbone
 from timm_layout import TIMM_CONFIG_FILE, read_timm_folder
 from vocabulary import TagVocabulary
 from wd_format import CATEGORY_CHARACTER, LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
@@ -144,24 +144,16 @@ class InitReport:
 
 
 def _copy_backbone(model: SimplifiedTagger, released: ReleasedTagger, notes: list[str]) -> None:
-    """Copy every backbone tensor (position embedding resampled to the model's grid); ValueError on a mismatch."""
-    ours = model.backbone_state_dict()
-    missing = sorted(set(ours) - set(released.backbone))
+    """Copy every backbone tensor as the timm-layout importer does (position embedding resampled to the
+    model's grid); ValueError when a tensor is missing from the release or has another shape."""
+    missing = sorted(set(model.backbone_state_dict()) - set(released.backbone))
     if missing:
         raise ValueError(f"{released.folder}: backbone tensors missing from the release: {missing[:5]}")
-    updates: dict[str, torch.Tensor] = {}
-    for key, target in ours.items():
-        source = released.backbone[key]
-        if key == "pos_embed" and tuple(source.shape) != tuple(target.shape):
-            source = resample_pos_embed(source, model.cfg.grid_size, released.cfg.grid_size)
-            notes.append(f"position embedding resampled from {released.cfg.image_size} px to {model.cfg.image_size} px")
-        if tuple(source.shape) != tuple(target.shape):
-            raise ValueError(f"{released.folder}: {key} has shape {tuple(source.shape)}, the model {tuple(target.shape)}")
-        updates[key] = source
-    with torch.no_grad():
-        state = model.state_dict()
-        for key, source in updates.items():
-            state[key].copy_(source.to(dtype=state[key].dtype))
+    report = load_backbone_state(model, released.backbone, str(released.folder))
+    if report.mismatched:  # the architecture check before makes this a damaged folder, not a user choice
+        key, ours, theirs = report.mismatched[0]
+        raise ValueError(f"{released.folder}: {key} has shape {theirs}, the model {ours}")
+    notes.extend(report.notes)
 
 
 def init_from_released(model: SimplifiedTagger, vocab: TagVocabulary, released: ReleasedTagger) -> InitReport:
