@@ -57,3 +57,8 @@ def any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_from_rank0(box: list) -> None:
+    """Replace `box`'s items on every rank with rank 0's (picklable objects; a collective call under DDP)."""
+    tdist.broadcast_object_list(box, src=0)

@@ -44,7 +44,7 @@ from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan,
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
 from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
-from process_group import Distributed, any_rank, init_distributed
+from process_group import Distributed, any_rank, broadcast_from_rank0, init_distributed
 from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
 from tagger_init import init_model_weights
@@ -479,10 +479,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _broadcast_from_rank0(box: list) -> None:
-    tdist.broadcast_object_list(box, src=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Wire the phases: config, run folder, data, fit to the machine, model, resume, loop, report."""
     args = parse_args(argv)
@@ -509,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=resume_dir is not None,
             new_folder=args.new_run_folder,
             rank=dist.rank,
-            share=_broadcast_from_rank0 if dist.world_size > 1 else None,
+            share=broadcast_from_rank0 if dist.world_size > 1 else None,
             log=print if dist.is_main else None,
         )
     except RunLockError as exc:
@@ -559,7 +555,7 @@ def prepare_run(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if dist.world_size > 1:
-        _broadcast_from_rank0(box)
+        broadcast_from_rank0(box)
     if box[0] is not None:
         print(f"error: {box[0]}", file=sys.stderr)
         return 2
