@@ -716,11 +716,6 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
         run.monitor.log_event(run.state.step, "end", outcome=outcome)
         run.monitor.close()
         if run.dist.world_size > 1:
-            if outcome != "failed":
-                # After a normal end every rank leaves together: a rank tearing gloo down while another
-                # still finished its last writes aborted at exit now and then ("terminate called without
-                # an active exception"). Not after an error: a rank that failed must not wait for the others.
-                tdist.barrier()
             tdist.destroy_process_group()
     if run.dist.is_main:
         record_worker_failures(run)
