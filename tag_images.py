@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset_scan import IMAGE_EXTENSIONS
 from file_io import atomic_write_text
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
+from monitor_progress import format_duration
 from validation_loop import load_checkpoint_for_eval
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
@@ -329,11 +330,7 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         share = self.done / self.total if self.total else 1.0
         bar = "#" * int(share * 24)
-        eta = "--:--:--"
-        if math.isfinite(left):
-            seconds = int(left)
-            eta = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        line = f"tagging [{bar:<24}] {self.done}/{self.total} {rate:.1f} img/s ETA {eta}"
+        line = f"tagging [{bar:<24}] {self.done}/{self.total} {rate:.1f} img/s ETA {format_duration(left)}"
         self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
         self.stream.flush()
 
