@@ -7,6 +7,7 @@ each process reads its rank from the environment torchrun sets and joins the gro
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +63,14 @@ def any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
 def broadcast_from_rank0(box: list) -> None:
     """Replace `box`'s items on every rank with rank 0's (picklable objects; a collective call under DDP)."""
     tdist.broadcast_object_list(box, src=0)
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. Under torchrun, skip the interpreter's teardown once the process group is closed:
+    torch's gloo objects then aborted a finished rank now and then ("terminate called without an active
+    exception", SIGABRT), failing a job that had ended well."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -9,7 +9,6 @@ script runs unchanged under `torchrun --nproc-per-node N` (DDP; rank 0 writes fi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -44,7 +43,7 @@ from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan,
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
 from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
-from process_group import Distributed, any_rank, broadcast_from_rank0, init_distributed
+from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
 from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
 from tagger_init import init_model_weights
@@ -759,17 +758,6 @@ def _flat_hparams(cfg: RootConfig) -> dict[str, Any]:
         for k, v in getattr(cfg, section).__dict__.items():
             out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-def exit_process(code: int) -> None:
-    """Exit with `code`. Under torchrun, skip the interpreter's teardown once main() has closed everything:
-    torch's gloo objects then aborted a finished rank now and then ("terminate called without an active
-    exception", SIGABRT), failing a run that had ended well."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

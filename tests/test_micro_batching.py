@@ -218,6 +218,7 @@ sys.path.insert(0, {tests!r})
 import torch
 import torch.distributed as tdist
 from micro_batching import MicroBatchPlan, agree_across_ranks, forward_backward_split
+from process_group import exit_process
 from test_micro_batching import batch, grads, guard, project_loss, relative, tiny_vit
 
 tdist.init_process_group("gloo")
@@ -238,6 +239,7 @@ plan = agree_across_ranks(MicroBatchPlan(8, 4 if rank == 0 else 2), torch.device
 # one write per line: the ranks share the pipe, and print's separate newline write interleaves
 os.write(1, (f"rank {{rank}} worst {{worst:.3g}} agreed {{plan.micro_batch}}" + chr(10)).encode())
 tdist.destroy_process_group()
+exit_process(0)
 """
 
 

@@ -173,6 +173,7 @@ RANKS = textwrap.dedent("""
     import torch.distributed as tdist
     from run_folder import claim_run_folder
     from run_lock import RunLockError
+    from process_group import exit_process
     tdist.init_process_group("gloo")
     rank = tdist.get_rank()
 
@@ -188,6 +189,7 @@ RANKS = textwrap.dedent("""
     except RunLockError as exc:
         say(f"rank {{rank}} error {{type(exc).__name__}}")
     tdist.destroy_process_group()
+    exit_process(0)
 """).format(root=str(ROOT))
 
 
