@@ -80,6 +80,12 @@ class DataConfig:
         "",
         "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.",
     )
+    scan_index: bool = _opt(
+        True,
+        "Keep the start-up scan's result (the sample table and the skip report) in data.scan_index_dir and reuse it on a resume or the next run over the same data: only files whose size or mtime changed, and new ones, are read again; deleted ones are dropped.",
+    )
+    scan_index_dir: str = _opt("", "Folder for the scan index ('' = output_root/scan_index); one file per dataset root and scan setting.")
+    rescan: bool = _opt(False, "Ignore a saved scan index and scan every file again (the index is rewritten).")
     max_tags_per_sample: int = _opt(
         2048, "A sidecar (or manifest record) with more tags than this is skipped as 'too_many_tags' (no real booru post comes close).", ge=1
     )
