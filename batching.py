@@ -34,6 +34,7 @@ from dataset_scan import DataQualityError, SampleRecord, write_data_report
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, classify_failure, load_letterboxed, normalize_images
 from orientation_handler import OrientationHandler
 from prepared_cache import PreparedCache
+from sample_table import as_table
 from scan_limits import printable
 
 __all__ = [
@@ -48,27 +49,12 @@ __all__ = [
 ]
 
 
-def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate UTF-8 strings into one byte array plus offsets (cheap to pickle)."""
-    # surrogatepass: a name that is not UTF-8 must round-trip here rather than crash a worker
-    encoded = [v.encode("utf-8", "surrogatepass") for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    if encoded:
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-    return blob, offsets
-
-
-def _unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
-    """The i-th string of a packed array."""
-    return blob[offsets[i] : offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
-
-
 class SidecarJsonDataset(Dataset):
     """Map-style dataset over SampleRecords, keyed by (index, epoch); a failing sample is replaced
     (training) or skipped and reported (evaluation, `substitute=False`).
 
-    Records are held as packed arrays (paths, ids, tag indices) so spawned workers unpickle it fast.
+    Records are held as a SampleTable keyed to the vocabulary (flat arrays): spawned workers unpickle
+    it fast and forked ones never grow by touching per-sample objects.
     """
 
     def __init__(
@@ -110,20 +96,18 @@ class SidecarJsonDataset(Dataset):
         self.index_to_tag = [""] * num
         for tag, idx in self.tag_to_index.items():
             self.index_to_tag[idx] = tag
-        self._ids, self._id_off = _pack_strings([r.sample_id for r in records])
-        self._paths, self._path_off = _pack_strings([r.image_path for r in records])
-        encoded = [[self.tag_to_index[t] for t in r.tags if t in self.tag_to_index] for r in records]
-        self._tag_off = np.zeros(len(records) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._tag_off[1:])
-        self._tags = np.fromiter((i for e in encoded for i in e), dtype=np.int32, count=int(self._tag_off[-1]))
-        self._ratings = np.asarray([r.rating for r in records], dtype=np.int8)
+        table = as_table(records)
+        if table.tag_names != self.index_to_tag:
+            table = table.rekeyed(self.tag_to_index)
+        self._table = table  # shared with the caller's table when it is already keyed to the vocabulary
+        self._ratings = table.ratings
         self.cache = cache
-        self._cache_rows = cache.rows_for([r.sample_id for r in records]) if cache is not None else None
+        self._cache_rows = cache.rows_for(table.sample_ids()) if cache is not None else None
         self.cache_hits = 0  # per process; for benchmarks and tests
         self.substitute = bool(substitute)
         bad = dict(known_bad or {})
         # index -> (sample id, reason); grows in each worker as it meets failing files
-        self._known_bad: dict[int, tuple[str, str]] = {i: (r.sample_id, bad[r.sample_id]) for i, r in enumerate(records) if r.sample_id in bad}
+        self._known_bad: dict[int, tuple[str, str]] = {i: (sid, bad[sid]) for i, sid in enumerate(table.sample_ids()) if sid in bad} if bad else {}
 
     def __len__(self) -> int:
         """Number of records."""
@@ -131,15 +115,15 @@ class SidecarJsonDataset(Dataset):
 
     def sample_id(self, index: int) -> str:
         """The sample_id of record `index`."""
-        return _unpack_string(self._ids, self._id_off, index)
+        return self._table.sample_id(index)
 
     def image_path(self, index: int) -> str:
         """The absolute image path of record `index`."""
-        return _unpack_string(self._paths, self._path_off, index)
+        return self._table.image_path(index)
 
     def tag_indices(self, index: int) -> np.ndarray:
         """Known tag indices of record `index` (unaugmented), int32 (k,)."""
-        return self._tags[self._tag_off[index] : self._tag_off[index + 1]]
+        return self._table.tag_ids_of(index)
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
         """Load and augment one record; exceptions propagate to the retry loop."""

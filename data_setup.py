@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -47,6 +48,7 @@ from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
+from sample_table import as_table
 from scan_limits import ScanLimits, printable
 from tagger_init import extend_vocabulary, is_released_tagger, read_released_tagger
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
@@ -72,8 +74,8 @@ __all__ = [
 class DataBundle:
     """The data side of a run: records, split, vocabulary, preprocessing and datasets."""
 
-    train_records: list[SampleRecord]
-    val_records: list[SampleRecord]
+    train_records: Sequence[SampleRecord]  # SampleTables keyed to the vocabulary
+    val_records: Sequence[SampleRecord]
     vocab: TagVocabulary
     vocab_path: Path
     preprocess: PreprocessParams
@@ -173,14 +175,14 @@ def exclude_failed(scan: DatasetScan, failed: dict[str, str], source: str) -> No
     its reason; `source` says where the failure was seen (for the examples)."""
     if not failed:
         return
-    kept = []
-    for record in scan.records:
-        reason = failed.get(record.sample_id)
-        if reason is None:
-            kept.append(record)
-        else:
-            scan.add_skipped(reason, 1, [printable(f"{record.sample_id}: failed to decode ({source})")])
-    scan.records = kept
+    table = as_table(scan.records)
+    keep = np.ones(len(table), dtype=bool)
+    for row, sid in enumerate(table.sample_ids()):
+        reason = failed.get(sid)
+        if reason is not None:
+            keep[row] = False
+            scan.add_skipped(reason, 1, [printable(f"{sid}: failed to decode ({source})")])
+    scan.records = table.select(keep)
 
 
 def earlier_failures(run_dir: Path) -> dict[str, str]:
@@ -214,8 +216,8 @@ def flip_audit(records: Sequence[SampleRecord], vocab: TagVocabulary, handler: O
 
 def _datasets(
     cfg: RootConfig,
-    train: list[SampleRecord] | None,
-    val: list[SampleRecord],
+    train: Sequence[SampleRecord] | None,
+    val: Sequence[SampleRecord],
     vocab: TagVocabulary,
     preprocess: PreprocessParams,
     cache: PreparedCache | None = None,

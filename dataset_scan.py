@@ -32,6 +32,7 @@ from PIL import Image
 
 from file_io import atomic_write_text
 from image_preprocess import IMAGE_ERRORS
+from sample_table import SampleRecord, SampleTable, SampleTableBuilder
 from scan_limits import LinkPolicy, ScanLimits, TagFilter, TooManyTagsError, WarningLog, is_utf8, printable
 from sidecar_format import TAG_CATEGORIES, SidecarFormatError, parse_rating, parse_sidecar, split_tag_string
 
@@ -104,22 +105,11 @@ class _OutsideRootError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class SampleRecord:
-    """One usable sample: image location, normalised tags with categories, and rating."""
-
-    sample_id: str
-    image_path: str
-    tags: tuple[str, ...]
-    categories: tuple[str, ...]
-    rating: int
-
-
 @dataclass
 class DatasetScan:
     """Result of scanning a folder or manifest: the records kept and what was skipped and why."""
 
-    records: list[SampleRecord]
+    records: SampleTable | list[SampleRecord]
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     unknown_rating: int = 0
@@ -387,7 +377,7 @@ def _build_scan(
     candidates: list[_Candidate], results: list[tuple[str | None, str]], collector: _Collector, *, root: str, source: str, verify: str, started: float
 ) -> DatasetScan:
     """Records from candidates whose verification passed; the rest counted by reason."""
-    records: list[SampleRecord] = []
+    table = SampleTableBuilder(root)
     unknown_rating = 0
     for cand, (reason, detail) in zip(candidates, results):
         if reason is not None:
@@ -395,9 +385,9 @@ def _build_scan(
             continue
         if cand.rating < 0:
             unknown_rating += 1
-        records.append(SampleRecord(cand.sample_id, cand.image_path, cand.tags, cand.categories, cand.rating))
+        table.add(cand.sample_id, cand.image_path, cand.tags, cand.categories, cand.rating)
     return DatasetScan(
-        records=records,
+        records=table.build(),
         skipped=dict(collector.counts),
         examples={k: list(v) for k, v in collector.examples.items()},
         unknown_rating=unknown_rating,
@@ -727,10 +717,21 @@ class DatasetScanner:
 # --------------------------------------------------------------------------------------------
 
 
-def filter_known_tags(records: Sequence[SampleRecord], vocab: Any) -> tuple[list[SampleRecord], int]:
-    """Keep records with at least one tag in `vocab` (a TagVocabulary or tag->index mapping)."""
+def filter_known_tags(records: Sequence[SampleRecord], vocab: Any) -> tuple[Sequence[SampleRecord], int]:
+    """(the records with at least one tag in `vocab` (a TagVocabulary or tag->index mapping), with
+    only their known tags; how many had none). Nothing after this point reads the other tags.
+
+    A SampleTable comes back as a table re-keyed to the vocabulary's indices, so the dataset uses
+    its tag arrays as they are."""
     known = getattr(vocab, "tag_to_index", vocab)
-    kept = [r for r in records if any(t in known for t in r.tags)]
+    if isinstance(records, SampleTable):
+        return records.keep_known(known)
+    kept = []
+    for r in records:
+        keep = [i for i, t in enumerate(r.tags) if t in known]
+        if keep:
+            cats = tuple(r.categories[i] if i < len(r.categories) else "" for i in keep)
+            kept.append(SampleRecord(r.sample_id, r.image_path, tuple(r.tags[i] for i in keep), cats, r.rating))
     return kept, len(records) - len(kept)
 
 

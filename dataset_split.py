@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from dataset_scan import SampleRecord, read_json, write_data_report
+from sample_table import SampleTable
 
 __all__ = ["SplitResult", "split_records", "save_split", "load_split"]
 
@@ -24,9 +27,9 @@ __all__ = ["SplitResult", "split_records", "save_split", "load_split"]
 class SplitResult:
     """Train/validation/excluded records and the parameters that produced them."""
 
-    train: list[SampleRecord]
-    val: list[SampleRecord]
-    excluded: list[SampleRecord]
+    train: Sequence[SampleRecord]  # a SampleTable when the split was made from one
+    val: Sequence[SampleRecord]
+    excluded: Sequence[SampleRecord]
     seed: int
     val_fraction: float
     max_val: int = 0
@@ -63,28 +66,47 @@ def _check_split_args(val_fraction: float, max_val: int) -> None:
         raise ValueError(f"max_val must be >= 0, got {max_val}")
 
 
+def _ids(records: Sequence[SampleRecord]) -> list[str]:
+    """The sample ids of `records`, in order (straight from the id blob for a SampleTable)."""
+    return records.sample_ids() if isinstance(records, SampleTable) else [r.sample_id for r in records]
+
+
+def _take(records: Sequence[SampleRecord], rows: list[int]) -> Sequence[SampleRecord]:
+    """Rows `rows` of `records`: a sub-table of a SampleTable, else a list."""
+    if isinstance(records, SampleTable):
+        return records.select(np.asarray(rows, dtype=np.int64))
+    return [records[i] for i in rows]
+
+
 def split_records(records: Sequence[SampleRecord], *, val_fraction: float, seed: int, max_val: int = 0) -> SplitResult:
     """Split by a hash of (seed, sample_id); `max_val` > 0 keeps the lowest-hash val samples and
     excludes the rest (they are not moved to training)."""
     _check_split_args(val_fraction, max_val)
-    ids = [r.sample_id for r in records]
+    ids = _ids(records)
     if len(set(ids)) != len(ids):
         raise ValueError("split_records: duplicate sample_id values in records")
-    train: list[SampleRecord] = []
-    val: list[tuple[float, SampleRecord]] = []
-    for rec in records:
-        h = _split_hash(seed, rec.sample_id)
+    train: list[int] = []
+    val: list[tuple[float, str, int]] = []
+    for row, sid in enumerate(ids):
+        h = _split_hash(seed, sid)
         if h < val_fraction:
-            val.append((h, rec))
+            val.append((h, sid, row))
         else:
-            train.append(rec)
-    excluded: list[SampleRecord] = []
+            train.append(row)
+    excluded: list[int] = []
     if max_val and len(val) > max_val:
-        ranked = sorted(val, key=lambda hr: (hr[0], hr[1].sample_id))
-        keep = {id(r) for _, r in ranked[:max_val]}
-        excluded = [r for _, r in val if id(r) not in keep]
-        val = [(h, r) for h, r in val if id(r) in keep]
-    return SplitResult(train=train, val=[r for _, r in val], excluded=excluded, seed=seed, val_fraction=val_fraction, max_val=max_val)
+        ranked = sorted(val)
+        keep = {row for _, _, row in ranked[:max_val]}
+        excluded = [row for _, _, row in val if row not in keep]
+        val = [v for v in val if v[2] in keep]
+    return SplitResult(
+        train=_take(records, train),
+        val=_take(records, [row for _, _, row in val]),
+        excluded=_take(records, excluded),
+        seed=seed,
+        val_fraction=val_fraction,
+        max_val=max_val,
+    )
 
 
 def save_split(path: str | Path, split: SplitResult) -> None:
@@ -96,9 +118,9 @@ def save_split(path: str | Path, split: SplitResult) -> None:
             "seed": split.seed,
             "val_fraction": split.val_fraction,
             "max_val": split.max_val,
-            "train": [r.sample_id for r in split.train],
-            "val": [r.sample_id for r in split.val],
-            "excluded": [r.sample_id for r in split.excluded],
+            "train": _ids(split.train),
+            "val": _ids(split.val),
+            "excluded": _ids(split.excluded),
         },
     )
 
@@ -118,33 +140,34 @@ def load_split(path: str | Path, records: Sequence[SampleRecord]) -> SplitResult
     seed = int(data["seed"])
     fraction = float(data["val_fraction"])
     max_val = int(data.get("max_val", 0))
-    by_id = {r.sample_id: r for r in records}
-    lists: dict[str, list[SampleRecord]] = {"train": [], "val": [], "excluded": []}
+    ids = _ids(records)
+    by_id = {sid: row for row, sid in enumerate(ids)}
+    lists: dict[str, list[int]] = {"train": [], "val": [], "excluded": []}
     vanished: list[str] = []
     assigned: set[str] = set()
     for side in lists:
         for sid in data.get(side, []):
-            rec = by_id.get(sid)
-            if rec is None:
+            row = by_id.get(sid)
+            if row is None:
                 vanished.append(sid)
             elif sid not in assigned:
-                lists[side].append(rec)
+                lists[side].append(row)
                 assigned.add(sid)
     added = 0
-    for rec in records:
-        if rec.sample_id in assigned:
+    for row, sid in enumerate(ids):
+        if sid in assigned:
             continue
         added += 1
-        if _split_hash(seed, rec.sample_id) < fraction:
+        if _split_hash(seed, sid) < fraction:
             # a capped validation set stays fixed so metrics remain comparable across resumes
             full = max_val and len(lists["val"]) >= max_val
-            lists["excluded" if full else "val"].append(rec)
+            lists["excluded" if full else "val"].append(row)
         else:
-            lists["train"].append(rec)
+            lists["train"].append(row)
     return SplitResult(
-        train=lists["train"],
-        val=lists["val"],
-        excluded=lists["excluded"],
+        train=_take(records, lists["train"]),
+        val=_take(records, lists["val"]),
+        excluded=_take(records, lists["excluded"]),
         seed=seed,
         val_fraction=fraction,
         max_val=max_val,

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dataset_scan import format_scan_summary, scan_dataset
 from file_io import atomic_write_text, load_json_file
+from sample_table import SampleTable
 from scan_limits import is_utf8
 from tag_text import normalize_tag
 
@@ -326,6 +328,30 @@ def _sample_tags_and_categories(sample: Any) -> tuple[Sequence[str], Sequence[st
     return tags, categories
 
 
+def _count_table(table: SampleTable, counts: Counter[str], category_votes: dict[str, Counter[str]], report: VocabularyBuildReport) -> bool:
+    """Count tags and category votes from a SampleTable's arrays (what the per-sample loop would
+    count: a scan's table holds each normalised tag once a sample). False, counting nothing, when a
+    tag name is not already normalised (the loop must then normalise and de-duplicate per sample)."""
+    names = table.tag_names
+    if any(normalize_tag(name) != name for name in names):
+        return False
+    per_tag, votes = table.tag_counts()  # (T,), (T, C)
+    report.num_samples += len(table)
+    categories = table.category_names
+    for tid in np.flatnonzero(per_tag).tolist():
+        tag, n = names[tid], int(per_tag[tid])
+        if not tag:
+            continue
+        if not is_utf8(tag):
+            report.dropped_not_utf8 += n
+            continue
+        counts[tag] += n
+        for cid in np.flatnonzero(votes[tid]).tolist():
+            if categories[cid]:
+                category_votes.setdefault(tag, Counter())[categories[cid]] += int(votes[tid, cid])
+    return True
+
+
 def build_vocabulary(
     samples: Iterable[Any], *, min_frequency: int = 1, top_k: int = 0, ignore_tags: Iterable[str] = ()
 ) -> tuple[TagVocabulary, VocabularyBuildReport]:
@@ -338,6 +364,8 @@ def build_vocabulary(
     counts: Counter[str] = Counter()
     category_votes: dict[str, Counter[str]] = {}
     report = VocabularyBuildReport()
+    if isinstance(samples, SampleTable) and _count_table(samples, counts, category_votes, report):
+        samples = ()  # counted from the table's arrays
     for sample in samples:
         tags, categories = _sample_tags_and_categories(sample)
         report.num_samples += 1

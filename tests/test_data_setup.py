@@ -142,7 +142,7 @@ def test_cache_build_failures_are_left_out_and_reported(tmp_path: Path) -> None:
     for name in ("a", "b"):
         cfg = load_config(None, SMALL + sets + [f"experiment_name={name}"])
         bundle = prepare_data(cfg, cfg.run_dir, log=None)
-        ids = {r.sample_id for r in bundle.train_records + bundle.val_records}
+        ids = {r.sample_id for r in [*bundle.train_records, *bundle.val_records]}
         assert not ids & set(hostile.decode_only_ids)
         assert bundle.report["skipped"] == hostile.expected_skips(decoded=True)
         assert bundle.report["dropped_tags"] == hostile.dropped_tags

@@ -254,8 +254,16 @@ def test_filter_known_tags(corpus: bc.BrokenCorpus) -> None:
     scan = scan_dataset(corpus.root, verify="none")
     vocab = create_vocabulary_from_datasets(scan.records, min_frequency=3)
     kept, dropped = filter_known_tags(scan.records, vocab)
-    reference = [r for r in scan.records if any(t in vocab.tag_to_index for t in r.tags)]
-    assert kept == reference and dropped == len(scan.records) - len(reference)
+    known = vocab.tag_to_index
+    reference = [
+        (r.sample_id, r.image_path, tuple(t for t in r.tags if t in known), tuple(c for t, c in zip(r.tags, r.categories) if t in known), r.rating)
+        for r in scan.records
+        if any(t in known for t in r.tags)
+    ]
+    as_tuples = [(r.sample_id, r.image_path, r.tags, r.categories, r.rating) for r in kept]
+    assert as_tuples == reference and dropped == len(scan.records) - len(reference)
+    listed, listed_dropped = filter_known_tags(list(scan.records), vocab)  # a plain list: the same rows
+    assert [(r.sample_id, r.image_path, r.tags, r.categories, r.rating) for r in listed] == reference and listed_dropped == dropped
     kept2, dropped2 = filter_known_tags(scan.records, {"tag_0": 0})
     assert {r.sample_id for r in kept2} == {r.sample_id for r in scan.records if "tag_0" in r.tags}
     assert dropped2 == len(scan.records) - len(kept2) > 0
