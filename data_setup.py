@@ -49,6 +49,7 @@ from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
 from sample_table import as_table
+from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
 from tagger_init import extend_vocabulary, is_released_tagger, read_released_tagger
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
@@ -136,6 +137,10 @@ def check_output_locations(cfg: RootConfig) -> None:
         )
     if cfg.data.cache_dir and is_inside(cfg.data.cache_dir, data):
         raise ConfigError(f"data.cache_dir: {cfg.data.cache_dir} is inside the dataset folder {data} (data.root); choose a folder outside it")
+    if cfg.data.scan_index and is_inside(scan_index_dir(cfg), data):
+        raise ConfigError(
+            f"data.scan_index_dir: the scan index folder {scan_index_dir(cfg)} is inside the dataset folder {data} (data.root); choose a folder outside it"
+        )
 
 
 def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None] | None) -> Path:
@@ -162,9 +167,28 @@ def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None]
     return root
 
 
-def scan_from_config(cfg: RootConfig, root: Path, verify: str | None = None) -> DatasetScan:
-    """Scan the dataset folder, or read the manifest, as the config says."""
+def scan_index_dir(cfg: RootConfig) -> Path:
+    """Where the scan index lives: data.scan_index_dir, else output_root/scan_index."""
+    return Path(cfg.data.scan_index_dir) if cfg.data.scan_index_dir else Path(cfg.output_root) / "scan_index"
+
+
+def scan_from_config(
+    cfg: RootConfig, root: Path, verify: str | None = None, *, write_index: bool = True, log: Callable[[str], None] | None = None
+) -> DatasetScan:
+    """Scan the dataset folder, or read the manifest, as the config says (through the scan index
+    when data.scan_index is on; `write_index`: this process may rewrite it)."""
     verify = verify or cfg.data.verify
+    if cfg.data.scan_index:
+        return scan_with_index(
+            root,
+            manifest=cfg.data.manifest or None,
+            verify=verify,
+            limits=limits_from_config(cfg),
+            index_dir=scan_index_dir(cfg),
+            rescan=cfg.data.rescan,
+            write=write_index,
+            log=log,
+        )
     if cfg.data.manifest:
         return load_manifest(cfg.data.manifest, root, verify=verify, limits=limits_from_config(cfg))
     return scan_dataset(root, verify=verify, limits=limits_from_config(cfg))
@@ -248,13 +272,19 @@ def _datasets(
 def _build_cache(cfg: RootConfig, records: list[SampleRecord], root: Path, preprocess: PreprocessParams, log: Callable[[str], None] | None) -> None:
     """Build or refresh the prepared cache over every scanned record (main process only)."""
     started = time.perf_counter()
-    cache_report = prepare_cache(records, cfg.data.cache_dir, preprocess, num_workers=max(0, cfg.data.num_workers), data_root=root)
+    d = cfg.data
+    cache_report = prepare_cache(
+        records, d.cache_dir, preprocess, num_workers=max(0, d.num_workers), data_root=root, cache_format=d.cache_format, quality=d.cache_quality
+    )
     if log:
         failed = sum(cache_report.get("failed", {}).values())
+        old = cache_report.get("rebuilt_from")
+        codec = f"jpeg q{d.cache_quality}" if d.cache_format == "jpeg" else "raw"
         log(
-            f"cache: {cfg.data.cache_dir} ready in {time.perf_counter() - started:.1f}s "
+            f"cache: {d.cache_dir} ({codec}, {cache_report.get('bytes_per_image', 0) / 1024:.0f} KB an image) ready in {time.perf_counter() - started:.1f}s "
             f"({cache_report.get('decoded', 0)} images decoded, {cache_report.get('reused', 0)} reused"
             + (f", {failed} failed to decode: left out" if failed else "")
+            + (f"; rebuilt, it held {old['format']}" + (f" q{old['quality']}" if "quality" in old else "") if old else "")
             + ")"
         )
 
@@ -308,15 +338,16 @@ def prepare_data(
     run_dir = Path(run_dir)
     if is_main:
         root = ensure_dataset(cfg, is_main=True, log=log)  # may generate the demo
+        scan = scan_from_config(cfg, root, log=log)  # first, so that the other ranks find its scan index
     _wait_for_rank0(world_size)
     if not is_main:
         root = ensure_dataset(cfg, is_main=False, log=None)
-    scan = scan_from_config(cfg, root)
+        scan = scan_from_config(cfg, root, write_index=False)
     preprocess = preprocess_from_config(cfg)
     if cfg.data.cache_dir and is_main:
         _build_cache(cfg, scan.records, root, preprocess, log)
     _wait_for_rank0(world_size)
-    cache = PreparedCache(cfg.data.cache_dir, preprocess) if cfg.data.cache_dir else None
+    cache = PreparedCache(cfg.data.cache_dir, preprocess, decode_on_device=cfg.data.decode_on_device) if cfg.data.cache_dir else None
     if cache is not None:
         exclude_failed(scan, cache.failures, "cache build")
     # samples found undecodable in workers by an earlier attempt of this run stay in the training

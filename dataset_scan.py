@@ -121,6 +121,7 @@ class DatasetScan:
     dropped_tags: dict[str, int] = field(default_factory=dict)
     dropped_tag_examples: list[str] = field(default_factory=list)
     decoder_warnings: dict[str, int] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)  # scan_index's status: reused or rescanned, and why
 
     @property
     def num_skipped(self) -> int:
@@ -153,7 +154,7 @@ class DatasetScan:
             "dropped_tag_examples": list(self.dropped_tag_examples),
             "decoder_warnings": dict(self.decoder_warnings),
             "scan_seconds": round(self.seconds, 3),
-        }
+        } | ({"scan_index": dict(self.index)} if self.index else {})
 
 
 class _Collector:
@@ -346,13 +347,20 @@ def _finish_scan(
     num_threads: int,
     started: float,
     listed: bool = False,
+    trusted: frozenset[str] = frozenset(),
 ) -> DatasetScan:
     """Verify candidate images on a thread pool and build the DatasetScan.
 
     `listed`: the images came from a directory listing, so verify="none" needs no stat call.
+    `trusted`: image paths that passed this check before and are unchanged since (the scan index
+    says so); they are not opened again.
     """
     if verify == "none" and listed:
         results: list[tuple[str | None, str]] = [(None, "")] * len(candidates)
+    elif trusted:
+        todo = [c for c in candidates if c.image_path not in trusted]
+        checked = iter(_verify_all(todo, verify, num_threads, collector))
+        results = [(None, "") if c.image_path in trusted else next(checked) for c in candidates]
     else:
         results = _verify_all(candidates, verify, num_threads, collector)
     return _build_scan(candidates, results, collector, root=root, source=source, verify=verify, started=started)
@@ -409,9 +417,16 @@ def _check_verify(verify: str) -> None:
 
 
 def scan_dataset(
-    root: str | Path, *, verify: str = "header", num_threads: int = 8, max_examples: int = 5, limits: ScanLimits = DEFAULT_LIMITS
+    root: str | Path,
+    *,
+    verify: str = "header",
+    num_threads: int = 8,
+    max_examples: int = 5,
+    limits: ScanLimits = DEFAULT_LIMITS,
+    trusted: frozenset[str] = frozenset(),
 ) -> DatasetScan:
-    """Find every image with a sidecar under `root`, check them, and count what was skipped."""
+    """Find every image with a sidecar under `root`, check them, and count what was skipped
+    (`trusted`: unchanged image paths that passed the check before, not opened again)."""
     started = time.perf_counter()
     _check_verify(verify)
     root_path = Path(root)
@@ -549,7 +564,9 @@ def scan_dataset(
             continue
         tags, cats, rating = parsed_tags
         candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, side))
-    return _finish_scan(candidates, collector, root=root_abs, source="folder", verify=verify, num_threads=num_threads, started=started, listed=True)
+    return _finish_scan(
+        candidates, collector, root=root_abs, source="folder", verify=verify, num_threads=num_threads, started=started, listed=True, trusted=trusted
+    )
 
 
 def _parse_limited(
@@ -617,6 +634,7 @@ def load_manifest(
     num_threads: int = 8,
     max_examples: int = 5,
     limits: ScanLimits = DEFAULT_LIMITS,
+    trusted: frozenset[str] = frozenset(),
 ) -> DatasetScan:
     """Records from a JSON Lines manifest of {"file", "tags", "rating"} objects, checked like a scan.
 
@@ -676,7 +694,9 @@ def load_manifest(
                 collector.add(link_reason, f"line {lineno}: {target}: a link the data.symlinks policy refuses")
                 continue
             candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, f"line {lineno}"))
-    return _finish_scan(candidates, collector, root=root_abs, source=f"manifest:{manifest}", verify=verify, num_threads=num_threads, started=started)
+    return _finish_scan(
+        candidates, collector, root=root_abs, source=f"manifest:{manifest}", verify=verify, num_threads=num_threads, started=started, trusted=trusted
+    )
 
 
 class DatasetScanner:
@@ -773,4 +793,6 @@ def format_scan_summary(scan: DatasetScan) -> str:
         line += "; tags dropped: " + ", ".join(f"{k}: {v}" for k, v in sorted(scan.dropped_tags.items()))
     if scan.decoder_warnings:
         line += f"; {sum(scan.decoder_warnings.values())} decoder warnings (in data_report.json)"
+    if scan.index.get("reused"):
+        line += f"; from the scan index in {scan.seconds:.1f}s (no file changed; data.rescan=true scans again)"
     return line

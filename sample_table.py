@@ -245,52 +245,59 @@ class SampleTable(Sequence):
             builder.add(r.sample_id, r.image_path, r.tags, getattr(r, "categories", ()) or (), r.rating)
         return builder.build()
 
-    def save(self, path: str | Path) -> None:
-        """Write the table to `path` (.npz, no pickles); the caller makes the write atomic."""
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The table as named arrays (for an .npz file: no pickles)."""
         names_blob, names_offsets = _pack(self.tag_names)
         cats_blob, cats_offsets = _pack(self.category_names)
-        root_blob, _ = _pack([self.root])
+        return {
+            "version": np.asarray([_FORMAT_VERSION]),
+            "root": _pack([self.root])[0],
+            "id_blob": self.id_blob,
+            "id_offsets": self.id_offsets,
+            "path_blob": self.path_blob,
+            "path_offsets": self.path_offsets,
+            "tag_names": names_blob,
+            "tag_name_offsets": names_offsets,
+            "tag_ids": self.tag_ids,
+            "tag_offsets": self.tag_offsets,
+            "tag_categories": self.tag_categories,
+            "category_names": cats_blob,
+            "category_offsets": cats_offsets,
+            "ratings": self.ratings,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "SampleTable":
+        """A table from `to_arrays`' output; KeyError/ValueError when arrays are missing or disagree."""
+        if int(arrays["version"][0]) != _FORMAT_VERSION:
+            raise ValueError(f"sample table format {int(arrays['version'][0])}, expected {_FORMAT_VERSION}")
+
+        def strings(blob: str, offsets: str) -> list[str]:
+            data, offs = arrays[blob], arrays[offsets]
+            return [data[offs[i] : offs[i + 1]].tobytes().decode("utf-8", _ERRORS) for i in range(len(offs) - 1)]
+
+        return cls(
+            arrays["root"].tobytes().decode("utf-8", _ERRORS),
+            (arrays["id_blob"], arrays["id_offsets"]),
+            (arrays["path_blob"], arrays["path_offsets"]),
+            strings("tag_names", "tag_name_offsets"),
+            (arrays["tag_ids"], arrays["tag_offsets"]),
+            arrays["tag_categories"],
+            strings("category_names", "category_offsets"),
+            arrays["ratings"],
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the table to `path` (.npz, no pickles); the caller makes the write atomic."""
         with open(path, "wb") as handle:
-            np.savez(
-                handle,
-                version=np.asarray([_FORMAT_VERSION]),
-                root=root_blob,
-                id_blob=self.id_blob,
-                id_offsets=self.id_offsets,
-                path_blob=self.path_blob,
-                path_offsets=self.path_offsets,
-                tag_names=names_blob,
-                tag_name_offsets=names_offsets,
-                tag_ids=self.tag_ids,
-                tag_offsets=self.tag_offsets,
-                tag_categories=self.tag_categories,
-                category_names=cats_blob,
-                category_offsets=cats_offsets,
-                ratings=self.ratings,
-            )
+            np.savez(handle, **self.to_arrays())
 
     @classmethod
     def load(cls, path: str | Path) -> "SampleTable":
         """Read a table written by `save`; ValueError naming the file when it is not one."""
         try:
             with np.load(path, allow_pickle=False) as f:
-                if int(f["version"][0]) != _FORMAT_VERSION:
-                    raise KeyError(f"format {int(f['version'][0])}, expected {_FORMAT_VERSION}")
-
-                def strings(blob: str, offsets: str) -> list[str]:
-                    data, offs = f[blob], f[offsets]
-                    return [data[offs[i] : offs[i + 1]].tobytes().decode("utf-8", _ERRORS) for i in range(len(offs) - 1)]
-
-                return cls(
-                    f["root"].tobytes().decode("utf-8", _ERRORS),
-                    (f["id_blob"], f["id_offsets"]),
-                    (f["path_blob"], f["path_offsets"]),
-                    strings("tag_names", "tag_name_offsets"),
-                    (f["tag_ids"], f["tag_offsets"]),
-                    f["tag_categories"],
-                    strings("category_names", "category_offsets"),
-                    f["ratings"],
-                )
+                return cls.from_arrays({k: f[k] for k in f.files})
         except (OSError, KeyError, EOFError, IndexError, ValueError) as exc:  # ValueError: not an .npz, or a pickle in it
             raise ValueError(f"{path}: not a readable sample table ({type(exc).__name__}: {exc})") from exc
 

@@ -1,0 +1,268 @@
+"""The persisted scan index: a dataset's scan result kept on disk and reused while the files are unchanged.
+
+Scanning millions of sidecars and image headers takes minutes; a resume, or the next run over the
+same folder, should not pay it again. ``scan_with_index`` keeps one ``.npz`` file per (dataset
+root, manifest, verify mode, scan limits) in the index folder holding
+
+* the scan's ``SampleTable`` and its report (skips by reason with examples, dropped tags, ...),
+* the folder's fingerprint: every image and sidecar file the scan could see, with its size and
+  mtime (and the manifest's, for a manifest).
+
+On the next start it fingerprints the folder again (a directory walk and one ``stat`` a file, no
+file is opened): an equal fingerprint means the saved scan is the scan, reused as it is. Any
+difference (a file added, deleted, renamed or rewritten) means a new scan in which images that
+passed the check before and are unchanged are not opened again; the index is then rewritten.
+``data.rescan`` ignores the index. A missing, unreadable or foreign index file is a new scan,
+never an error; a failure to write one is reported and the run goes on (it only costs time).
+
+It imports ``dataset_scan`` (the scan itself) and ``sample_table``; ``data_setup`` calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dataset_scan import IMAGE_EXTENSIONS, DatasetScan, load_manifest, scan_dataset
+from sample_table import SampleTable
+from scan_limits import ScanLimits
+
+__all__ = ["INDEX_VERSION", "Fingerprint", "fingerprint_folder", "index_file", "scan_with_index"]
+
+INDEX_VERSION = 1
+_SEEN_EXTENSIONS = IMAGE_EXTENSIONS | {".json"}
+# the DatasetScan fields kept next to the table (records are the table; seconds is the new load time)
+_SCAN_FIELDS = (
+    "skipped",
+    "examples",
+    "unknown_rating",
+    "root",
+    "source",
+    "verify",
+    "max_examples",
+    "dropped_tags",
+    "dropped_tag_examples",
+    "decoder_warnings",
+)
+
+
+@dataclass
+class Fingerprint:
+    """Every file a scan could read, as root-relative POSIX paths with their size and mtime."""
+
+    paths: list[str]
+    sizes: np.ndarray  # (F,) int64; -1 for a file that could not be stat'ed
+    mtimes: np.ndarray  # (F,) int64 nanoseconds
+    extra: str = ""  # the manifest's path, size and mtime for a manifest source
+
+    def __eq__(self, other: object) -> bool:
+        """Same files with the same sizes and mtimes."""
+        if not isinstance(other, Fingerprint):
+            return NotImplemented
+        return (
+            self.extra == other.extra
+            and self.paths == other.paths
+            and np.array_equal(self.sizes, other.sizes)
+            and np.array_equal(self.mtimes, other.mtimes)
+        )
+
+    def unchanged(self, earlier: "Fingerprint") -> set[str]:
+        """Paths present in both with equal size and mtime."""
+        before = {p: (int(s), int(m)) for p, s, m in zip(earlier.paths, earlier.sizes.tolist(), earlier.mtimes.tolist())}
+        return {p for p, s, m in zip(self.paths, self.sizes.tolist(), self.mtimes.tolist()) if before.get(p) == (s, m)}
+
+    def changes(self, earlier: "Fingerprint") -> dict[str, int]:
+        """How many files were added, deleted and changed since `earlier`."""
+        now, before = set(self.paths), set(earlier.paths)
+        same = len(self.unchanged(earlier))
+        return {"added": len(now - before), "deleted": len(before - now), "changed": len(now & before) - same}
+
+
+def _pack_paths(paths: list[str]) -> np.ndarray:
+    """NUL-separated UTF-8 (no file name holds a NUL) as uint8."""
+    return np.frombuffer("\0".join(paths).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+
+
+def _unpack_paths(blob: np.ndarray) -> list[str]:
+    """The inverse of _pack_paths."""
+    text = blob.tobytes().decode("utf-8", "surrogatepass")
+    return text.split("\0") if text else []
+
+
+def fingerprint_folder(root: str | Path, *, follow_links: bool = False, manifest: str | Path | None = None) -> Fingerprint:
+    """The fingerprint of every image and sidecar file below `root`: linked folders are followed
+    once, those outside `root` only with `follow_links` (as the scan's link policy does)."""
+    root_abs = os.path.abspath(root)
+    root_real = os.path.join(os.path.realpath(root_abs), "")
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    seen_real = {os.path.realpath(root_abs)}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(root_abs, rel) if rel else root_abs) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            paths.append(rel + "/")  # an unreadable folder: the scan reports it; the fingerprint notes it
+            sizes.append(-1)
+            mtimes.append(-1)
+            continue
+        subdirs = []
+        for entry in entries:
+            shown = posixpath.join(rel, entry.name) if rel else entry.name
+            try:
+                if entry.is_dir():
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path)
+                        if real in seen_real or not (follow_links or real.startswith(root_real)):
+                            continue
+                        seen_real.add(real)
+                    subdirs.append(shown)
+                    continue
+            except OSError:
+                pass
+            if os.path.splitext(entry.name)[1].lower() not in _SEEN_EXTENSIONS:
+                continue
+            try:
+                st = entry.stat()
+                size, mtime = int(st.st_size), int(st.st_mtime_ns)
+            except OSError:  # a broken link or a file gone since the listing
+                size, mtime = -1, -1
+            paths.append(shown)
+            sizes.append(size)
+            mtimes.append(mtime)
+        stack.extend(reversed(subdirs))
+    extra = ""
+    if manifest is not None:
+        st = os.stat(manifest)
+        extra = json.dumps([os.path.abspath(manifest), int(st.st_size), int(st.st_mtime_ns)])
+    return Fingerprint(paths, np.asarray(sizes, dtype=np.int64), np.asarray(mtimes, dtype=np.int64), extra)
+
+
+def index_file(index_dir: str | Path, root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits) -> Path:
+    """The index file for this dataset and these scan settings (a hash of them names it)."""
+    key = {
+        "version": INDEX_VERSION,
+        "root": os.path.abspath(root),
+        "manifest": os.path.abspath(manifest) if manifest else "",
+        "verify": verify,
+        "limits": dataclasses.asdict(limits),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    return Path(index_dir) / f"scan-{digest}.npz"
+
+
+def _save(path: Path, fp: Fingerprint, scan: DatasetScan) -> None:
+    """Write the index atomically (a temporary file in the same folder, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: getattr(scan, k) for k in _SCAN_FIELDS}
+    meta["scan_seconds"] = scan.seconds
+    meta["fingerprint_extra"] = fp.extra
+    arrays = {f"table_{k}": v for k, v in scan.records.to_arrays().items()}
+    arrays.update(
+        version=np.asarray([INDEX_VERSION]),
+        meta=np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8),
+        fp_paths=_pack_paths(fp.paths),
+        fp_sizes=fp.sizes,
+        fp_mtimes=fp.mtimes,
+    )
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> tuple[Fingerprint, DatasetScan, float]:
+    """(fingerprint, scan, seconds the original scan took) from an index file; ValueError when unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if int(f["version"][0]) != INDEX_VERSION:
+                raise ValueError(f"index format {int(f['version'][0])}, expected {INDEX_VERSION}")
+            meta = json.loads(f["meta"].tobytes().decode("utf-8", "surrogatepass"))
+            table = SampleTable.from_arrays({k[len("table_") :]: f[k] for k in f.files if k.startswith("table_")})
+            fp = Fingerprint(_unpack_paths(f["fp_paths"]), f["fp_sizes"], f["fp_mtimes"], str(meta["fingerprint_extra"]))
+            scan = DatasetScan(records=table, **{k: meta[k] for k in _SCAN_FIELDS})
+            return fp, scan, float(meta["scan_seconds"])
+    except (OSError, KeyError, EOFError, IndexError, TypeError, ValueError) as exc:  # ValueError covers JSON and .npz errors
+        raise ValueError(f"{path}: unreadable scan index ({type(exc).__name__}: {exc})") from exc
+
+
+def _trusted_images(scan: DatasetScan, unchanged: set[str]) -> frozenset[str]:
+    """Image paths of the saved scan's samples whose file is unchanged (they passed the check)."""
+    table = scan.records
+    prefix = os.path.join(table.root, "")
+    out = set()
+    for i in range(len(table)):
+        path = table.image_path(i)
+        if path.startswith(prefix) and path[len(prefix) :].replace(os.sep, "/") in unchanged:
+            out.add(path)
+    return frozenset(out)
+
+
+def scan_with_index(
+    root: str | Path,
+    *,
+    manifest: str | Path | None,
+    verify: str,
+    limits: ScanLimits,
+    index_dir: str | Path,
+    rescan: bool = False,
+    write: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> DatasetScan:
+    """The scan of `root` (or of `manifest`): reused from the index when no file changed, else
+    scanned (unchanged, already checked images not reopened) and the index rewritten when `write`."""
+    started = time.perf_counter()
+    path = index_file(index_dir, root, manifest=manifest, verify=verify, limits=limits)
+    fp = fingerprint_folder(root, follow_links=limits.symlinks == "follow", manifest=manifest)
+    saved: tuple[Fingerprint, DatasetScan, float] | None = None
+    status: dict[str, Any] = {"file": str(path)}
+    if not rescan and path.is_file():
+        try:
+            saved = _load(path)
+        except ValueError as exc:
+            status["unreadable"] = str(exc)
+            if log:
+                log(f"scan index: {exc}; scanning again")
+    if saved is not None and saved[0] == fp:
+        scan = saved[1]
+        scan.seconds = time.perf_counter() - started
+        scan.index = {**status, "reused": True, "files": len(fp.paths), "first_scan_seconds": round(saved[2], 3)}
+        return scan
+    trusted: frozenset[str] = frozenset()
+    if saved is not None:
+        status["changes"] = fp.changes(saved[0])
+        trusted = _trusted_images(saved[1], fp.unchanged(saved[0]))
+        if log:
+            c = status["changes"]
+            log(f"scan index: {c['added']} files added, {c['deleted']} deleted, {c['changed']} changed since the last scan; scanning again")
+    if manifest:
+        scan = load_manifest(manifest, root, verify=verify, limits=limits, trusted=trusted)
+    else:
+        scan = scan_dataset(root, verify=verify, limits=limits, trusted=trusted)
+    status.update(reused=False, files=len(fp.paths), images_not_reopened=len(trusted), rescan=bool(rescan))
+    if write:
+        try:
+            _save(path, fp, scan)
+        except OSError as exc:
+            status["not_written"] = str(exc)
+            if log:
+                log(f"scan index: could not write {path} ({exc}); the next start scans again")
+    scan.index = status
+    return scan
