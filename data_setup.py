@@ -48,7 +48,7 @@ from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
-from sample_table import as_table
+from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
 from tagger_init import extend_vocabulary, is_released_tagger, read_released_tagger
@@ -232,9 +232,29 @@ def _wait_for_rank0(world_size: int) -> None:
 def flip_audit(records: Sequence[SampleRecord], vocab: TagVocabulary, handler: OrientationHandler) -> FlipStats:
     """Which training samples a flip would be allowed for, and the tags that veto the others
     (decided on vocabulary tags, as the dataset does)."""
+    if isinstance(records, SampleTable):
+        return _flip_audit_table(records, vocab, handler)
     stats = FlipStats()
     for record in records:
         stats.record(handler.decide([t for t in record.tags if t in vocab.tag_to_index]))
+    return stats
+
+
+def _flip_audit_table(table: SampleTable, vocab: TagVocabulary, handler: OrientationHandler) -> FlipStats:
+    """flip_audit over a table's arrays: a sample is vetoed when one of its vocabulary tags vetoes
+    alone (OrientationHandler.veto_kind), which is what decide() does tag by tag."""
+    known = np.asarray([vocab.tag_to_index.get(name, -1) >= 0 for name in table.tag_names] + [False])
+    kinds = [handler.veto_kind(name) if known[i] else None for i, name in enumerate(table.tag_names)]
+    forbid = np.asarray([k == "forbid" for k in kinds] + [False])
+    unmapped = np.asarray([k == "unmapped" for k in kinds] + [False])
+    vetoing = forbid[table.tag_ids] | unmapped[table.tag_ids]  # (tag occurrences,)
+    row_of = np.repeat(np.arange(len(table)), np.diff(table.tag_offsets))
+    vetoed = int(np.count_nonzero(np.bincount(row_of[vetoing], minlength=len(table))))
+    stats = FlipStats(flipped=len(table) - vetoed, vetoed=vetoed)
+    for mask, counter in ((forbid, stats.forbid_counts), (unmapped, stats.unmapped_counts)):
+        hits = table.tag_ids[mask[table.tag_ids]]
+        counts = np.bincount(hits, minlength=len(table.tag_names))
+        counter.update({table.tag_names[t]: int(counts[t]) for t in np.flatnonzero(counts).tolist()})
     return stats
 
 

@@ -230,6 +230,13 @@ class OrientationHandler:
         """Whether `tag` vetoes flipping in every mode."""
         return self._classify(tag)[0] == _FORBID
 
+    def veto_kind(self, tag: str) -> str | None:
+        """Why `tag` alone vetoes a flip: "forbid", "unmapped" (conservative mode only), or None."""
+        kind = self._classify(tag)[0]
+        if kind == _FORBID or (kind == _UNMAPPED and self.safety_mode == "conservative"):
+            return kind
+        return None
+
     def decide(self, tags: Sequence[str]) -> FlipDecision:
         """Decide whether a sample with `tags` may be flipped, and its tags after the flip."""
         original = tuple(tags)

@@ -4,6 +4,7 @@ writes the run folder's data files, and a resumed run reuses them."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from dataset_split import split_records
 from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import OrientationHandler
+from sample_table import SampleRecord, SampleTable
 from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list
 
 SMALL = ["data.image_size=32", "data.val_fraction=0.25", "data.num_workers=0", "data.demo_images=60"]
@@ -191,3 +193,18 @@ def test_resume_never_decodes_earlier_failures_again(tmp_path: Path) -> None:
     for i in range(len(resumed.train_dataset)):
         if resumed.train_dataset.sample_id(i) in failed:
             assert resumed.train_dataset[(i, 0)]["failure"] == (resumed.train_dataset.sample_id(i), "image_undecodable")
+
+
+@pytest.mark.parametrize("safety", ["conservative", "permissive"])
+def test_flip_audit_of_a_table_equals_the_record_by_record_audit(safety: str) -> None:
+    """The array audit of a SampleTable counts what decide() on each record counts."""
+    rng = random.Random(3)
+    pool = ["text", "looking_to_the_side", "hand_on_left_hip", "left_eye_closed", "1girl", "smile", "solo", "holding_sword", "english_text", "weird_left"]
+    records = [
+        SampleRecord(f"s{i}", f"/d/s{i}.png", tuple(dict.fromkeys(rng.choice(pool) for _ in range(rng.randint(0, 5)))), (), 0) for i in range(400)
+    ]
+    handler = OrientationHandler.from_file(resolve_resource("configs/orientation_map.json"), safety)
+    vocab = TagVocabulary(pool[:-1])  # "weird_left" is not in the vocabulary: it never vetoes
+    by_table = flip_audit(SampleTable.from_records(records), vocab, handler).to_dict()
+    by_record = flip_audit(records, vocab, handler).to_dict()
+    assert by_table == by_record and by_table["vetoed"] > 0
