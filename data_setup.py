@@ -17,6 +17,7 @@ data_report.json, and is left out of validation and of later runs; validation ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ class DataBundle:
     val_dataset: SidecarJsonDataset
     report: dict[str, Any]
     report_path: Path | None = None
+
+    def train_fingerprint(self) -> str:
+        """A hash of the training samples' ids in order: a checkpoint resumes exactly only on the same ones."""
+        table = as_table(self.train_records)
+        digest = hashlib.sha256(table.id_offsets.tobytes())
+        digest.update(table.id_blob.tobytes())
+        return digest.hexdigest()[:32]
 
     def failure_tracker(self, max_bad_fraction: float) -> FailureTracker:
         """A FailureTracker that writes worker failures into this run's data_report.json

@@ -310,6 +310,7 @@ def training_state_dict(run: TrainingRun) -> dict[str, Any]:
         "schedule": schedule_signature(run.cfg, run.dist.world_size),
         "micro_batches": run.step_fn.plan.to_dict(),  # not part of the schedule: a resume may re-plan
         "vocabulary_fingerprint": run.data.vocab.fingerprint(),
+        "train_data_fingerprint": run.data.train_fingerprint(),
     }
 
 
@@ -343,14 +344,23 @@ def with_best_entry(state: Mapping[str, Any]) -> dict[str, Any]:
     return {**state, "best": {"metric": None, "value": saved.get("best_metric"), "step": saved.get("best_step")}}
 
 
-def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any], accept_schedule_change: bool) -> None:
+def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any], args: argparse.Namespace) -> None:
     """Restore weights, EMA and every component of `state` (the folder's training state)."""
     if state["vocabulary_fingerprint"] != run.data.vocab.fingerprint():
         raise ConfigError(
             f"{folder}: the checkpoint's vocabulary differs from this run's ({run.data.vocab_path}); "
             "resume with the run's own vocabulary.json (data.vocabulary)"
         )
-    changes = check_resume_compatible(state["schedule"], schedule_signature(run.cfg, run.dist.world_size), accept_schedule_change)
+    data_changed = state.get("train_data_fingerprint", run.data.train_fingerprint()) != run.data.train_fingerprint()
+    if data_changed and not args.accept_data_change:
+        split = run.data.report.get("split", {})
+        raise ConfigError(
+            f"{folder}: the training samples changed since this checkpoint ({split.get('vanished', 0)} vanished, "
+            f"{split.get('added', 0)} added; data_report.json 'split'), so the saved position in the epoch no longer "
+            "points at the same samples. Put the files back for an exact resume, or pass --accept-data-change to "
+            "continue from this checkpoint with the interrupted epoch started over on the current files"
+        )
+    changes = check_resume_compatible(state["schedule"], schedule_signature(run.cfg, run.dist.world_size), args.accept_schedule_change)
     run.raw_model.load_state_dict(load_model_state(folder))
     if run.ema is not None:
         if has_ema(folder):
@@ -358,9 +368,9 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
         else:
             run.step_fn.ema = ModelEma(run.raw_model, run.ema.decay, run.ema.warmup_steps)  # start from the loaded weights
     skip = set()
-    if changes:
-        # A changed schedule keeps the weights and the optimizer moments but restarts the data
-        # order at the epoch boundary: the saved position counts batches of the old layout.
+    if changes or data_changed:
+        # A changed schedule or data set keeps the weights and the optimizer moments but restarts the
+        # data order at the epoch boundary: the saved position counts batches of the old layout.
         skip.add("sampler")
     if state["schedule"].get("world_size") != run.dist.world_size:
         skip.add("rng")  # another number of ranks: each rank keeps its freshly seeded streams
@@ -371,9 +381,12 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
         if name not in state:
             raise ValueError(f"{folder}: training_state.pt has no '{name}' entry")
         component.load_state_dict(state[name])
-    if changes:
+    if changes or data_changed:
         run.state.batch_in_epoch = 0
+    if changes:
         run.monitor.log_event(run.state.step, "schedule_changed", changes=changes)
+    if data_changed:
+        run.monitor.log_event(run.state.step, "data_changed", split=run.data.report.get("split", {}))
     run.monitor.log_event(run.state.step, "resumed", checkpoint=str(folder))
 
 
@@ -469,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start from these weights (model.init_from): a released WD tagger folder (head matched by tag name), a checkpoint folder or timm-layout ViT weights",
     )
     p.add_argument("--accept-schedule-change", action="store_true", help="resume even if batch size, epochs or learning rate changed")
+    p.add_argument(
+        "--accept-data-change", action="store_true", help="resume even if training samples were added or removed (the interrupted epoch starts over)"
+    )
     p.add_argument(
         NEW_FOLDER_FLAG,
         dest="new_run_folder",
@@ -606,7 +622,7 @@ def prepare_run(
     )
     if resume_dir is not None:
         try:
-            restore_checkpoint(run, resume_dir, resume_state, args.accept_schedule_change)
+            restore_checkpoint(run, resume_dir, resume_state, args)
         except (ConfigError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

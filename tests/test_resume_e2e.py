@@ -125,6 +125,31 @@ def test_resume_with_changed_batch_size_is_refused(reference: tuple[Path, Path],
     assert "data.batch_size: 16 -> 8" in proc.stderr and "--accept-schedule-change" in proc.stderr
 
 
+def test_resume_after_training_files_changed_is_refused_or_restarts_the_epoch(reference: tuple[Path, Path], demo_data: Path, tmp_path: Path) -> None:
+    """A training sample deleted between stop and resume: refused with a message naming the change
+    and the flag; with --accept-data-change the run goes on from the checkpoint, the epoch started over."""
+    import json
+    import shutil
+
+    work, _ = reference
+    data = tmp_path / "demo"
+    shutil.copytree(demo_data, data)
+    name = "data_changed"
+    run_dir = work / "runs" / name
+    proc = start_and_interrupt(work, train_args(data, name), run_dir, after_step=12, how="term")
+    proc.communicate(timeout=120)
+    sample_id = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))["train"][0]
+    (data / sample_id).unlink()  # a folder scan's sample id is the image's path below the root
+    refused = run_cli(train_args(data, name) + ["--resume", "latest"], cwd=work)
+    assert refused.returncode == 2
+    assert "training samples changed" in refused.stderr and "1 vanished" in refused.stderr and "--accept-data-change" in refused.stderr
+    accepted = run_cli(train_args(data, name) + ["--resume", "latest", "--accept-data-change"], cwd=work)
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("kind") == "data_changed"]
+    assert len(events) == 1 and events[0]["split"]["vanished"] == 1
+    assert (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip() == f"step_{STEPS}"
+
+
 def test_incomplete_newest_checkpoint_is_skipped(reference: tuple[Path, Path], demo_data: Path, tmp_path: Path) -> None:
     import shutil
 

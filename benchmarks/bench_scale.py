@@ -1,0 +1,262 @@
+"""Benchmark start-up at Danbooru scale: scan, sample table, vocabulary, split, restart, workers.
+
+Generates N sidecar pairs cheaply (one small JPEG hard-linked N times, 1,000 files a folder,
+20,000 tags with Zipf-like frequencies, 10-40 tags a sample, both sidecar conventions: half
+``X.json`` with a tag string, half ``X.jpg.json`` with a tag list and categories), once per N under
+``--work`` (reused by later runs), then measures and prints one JSON object:
+
+* ``in_process``: the scan (cold: no scan index; warm: the index saved by the cold one, data
+  unchanged), split and vocabulary times, the sample table's bytes per sample (its arrays) and
+  the main process's RSS growth over the whole setup, per sample;
+* ``workers``: RSS growth of a fork and a spawn child that reads every sample's metadata (id, path,
+  tags) once, as a DataLoader worker does over an epoch (it must not grow with the samples touched);
+* ``train``: wall time of ``train_direct.py`` from launch to its first optimizer step, cold (no
+  run folder, no scan index) and on ``--resume latest`` with unchanged data (a tiny model, so the
+  figures are the data start-up).
+
+Example: python benchmarks/bench_scale.py --samples 1000000 --json-out /tmp/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+NUM_TAGS = 20_000
+PER_FOLDER = 1_000
+_LINKS_PER_FILE = 50_000
+_CATEGORIES = ("general", "character", "copyright", "artist")
+
+
+def tag_names(n: int) -> list[str]:
+    """n distinct booru-like tag names."""
+    stems = ("hair", "eyes", "dress", "smile", "sky", "ribbon", "sword", "cat", "flower", "school")
+    return [f"{stems[i % len(stems)]}_{i:05d}" for i in range(n)]
+
+
+def generate(root: Path, samples: int, seed: int = 0) -> float:
+    """Write `samples` image+sidecar pairs under root (skipped when already complete); seconds spent."""
+    marker = root / f".complete-{samples}"
+    if marker.is_file():
+        return 0.0
+    started = time.perf_counter()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    from PIL import Image
+
+    bases = root.parent / "bases"
+    bases.mkdir(exist_ok=True)
+    names = tag_names(NUM_TAGS)
+    rng = np.random.default_rng(seed)
+    # Zipf-like: tag k drawn with weight 1/(k+1)^1.1 (a few tags on most images, a long tail)
+    weights = 1.0 / np.arange(1, NUM_TAGS + 1) ** 1.1
+    weights /= weights.sum()
+    counts = rng.integers(10, 41, size=samples)
+    drawn = rng.choice(NUM_TAGS, size=int(counts.sum()), p=weights)
+    ratings = "gsqe"
+    at = 0
+    for i in range(samples):
+        folder = root / f"{i // PER_FOLDER:05d}"
+        if i % PER_FOLDER == 0:
+            folder.mkdir()
+        if i % _LINKS_PER_FILE == 0:  # file systems cap hard links per file (ext4: 65,000)
+            base = bases / f"base-{i // _LINKS_PER_FILE}.jpg"
+            Image.new("RGB", (48, 40), (200, 120, 40)).save(base, quality=90)
+        tags = sorted({names[t] for t in drawn[at : at + counts[i]]})
+        at += counts[i]
+        stem = f"post_{i:08d}"
+        os.link(base, folder / f"{stem}.jpg")
+        if i % 2:
+            doc = {"tags": " ".join(tags), "rating": ratings[i % 4]}
+            (folder / f"{stem}.json").write_text(json.dumps(doc), encoding="utf-8")
+        else:
+            doc = {"tags": tags, "rating": ratings[i % 4], "categories": [_CATEGORIES[hash(t) % 4] for t in tags]}
+            (folder / f"{stem}.jpg.json").write_text(json.dumps(doc), encoding="utf-8")
+    marker.write_text("ok", encoding="utf-8")
+    return time.perf_counter() - started
+
+
+def rss() -> int:
+    """This process's resident set size in bytes."""
+    return psutil.Process().memory_info().rss
+
+
+def _touch_all(dataset: Any, queue: Any) -> None:
+    """In a child: read every sample's metadata once; report the RSS growth (bytes)."""
+    gc.collect()
+    before = psutil.Process().memory_info()
+    total = 0
+    for i in range(len(dataset)):
+        total += len(dataset.sample_id(i)) + len(dataset.image_path(i)) + int(dataset.tag_indices(i).size)
+    after = psutil.Process().memory_info()
+    queue.put({"rss_growth_bytes": after.rss - before.rss, "rss_bytes": after.rss, "touched": len(dataset), "checksum": total})
+
+
+def worker_growth(dataset: Any, method: str) -> dict[str, Any]:
+    """RSS growth of a `method` child process that touches every sample of `dataset`."""
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    started = time.perf_counter()
+    proc = ctx.Process(target=_touch_all, args=(dataset, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join()
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _config(work: Path, root: Path) -> Any:
+    """The benchmark's run configuration: a tiny model, the generated data, one step."""
+    from Configuration_System import load_config
+
+    return load_config(None, overrides=_overrides(work, root))
+
+
+def _overrides(work: Path, root: Path) -> list[str]:
+    """--set overrides of the tiny one-step run over the generated data."""
+    return [
+        f"data.root={root}",
+        f"output_root={work / 'runs'}",
+        f"data.scan_index_dir={work / 'scan_index'}",
+        "experiment_name=scale",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "data.max_val_samples=64",
+        "data.val_fraction=0.01",
+        "model.preset=tiny",
+        "model.patch_size=8",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "training.max_steps=100000",
+        "training.memory_check=false",
+        "monitor.log_every_steps=1",
+        "monitor.tensorboard=false",
+        "validation.every_steps=0",
+    ]
+
+
+def in_process(work: Path, root: Path) -> dict[str, Any]:
+    """Setup phases in this process: cold and warm scan, split, vocabulary, table size, RSS."""
+    import data_setup
+    from dataset_split import split_records
+    from vocabulary import build_vocabulary
+
+    cfg = _config(work, root)
+    shutil.rmtree(work / "scan_index", ignore_errors=True)
+    gc.collect()
+    rss0 = rss()
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    scan = data_setup.scan_from_config(cfg, root)
+    out["scan_cold_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    scan = data_setup.scan_from_config(cfg, root)
+    out["scan_warm_s"] = round(time.perf_counter() - t, 2)
+    records = scan.records
+    out["samples"] = len(records)
+    t = time.perf_counter()
+    split = split_records(records, val_fraction=0.01, seed=0, max_val=64)
+    out["split_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    vocab, _ = build_vocabulary(split.train, min_frequency=2)
+    out["vocabulary_s"] = round(time.perf_counter() - t, 2)
+    out["vocabulary_tags"] = len(vocab)
+    table_bytes = getattr(records, "nbytes", None)
+    if table_bytes is not None:
+        out["table_bytes_per_sample"] = round(table_bytes / max(1, len(records)), 1)
+    del split
+    gc.collect()
+    out["rss_growth_bytes_per_sample"] = round((rss() - rss0) / max(1, len(records)), 1)
+    return out
+
+
+def _train_records(metrics: Path) -> int:
+    """Training-step records in metrics.jsonl so far."""
+    return metrics.read_text(encoding="utf-8").count('"type": "train"') if metrics.is_file() else 0
+
+
+def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> dict[str, Any]:
+    """Launch train_direct.py; seconds until metrics.jsonl shows its first training step. The run
+    is then stopped with a STOP file (a checkpoint is written), so that the next call can resume it."""
+    run_dir = work / "runs" / "scale"
+    metrics = run_dir / "metrics.jsonl"
+    cmd = [sys.executable, str(REPO_ROOT / "train_direct.py")] + [a for o in _overrides(work, root) for a in ("--set", o)]
+    if resume:
+        cmd += ["--resume", "latest"]
+    seen = _train_records(metrics)
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = None
+    while proc.poll() is None and time.perf_counter() - started < timeout:
+        if _train_records(metrics) > seen:
+            first = time.perf_counter() - started
+            (run_dir / "STOP").write_text("", encoding="utf-8")
+            break
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=timeout)
+    (run_dir / "STOP").unlink(missing_ok=True)
+    result: dict[str, Any] = {"first_step_s": None if first is None else round(first, 2), "exit_code": proc.returncode}
+    result["lines"] = [line for line in output.splitlines() if line.startswith(("data:", "split:", "scan index"))]
+    if first is None or proc.returncode != 0:
+        result["output_tail"] = output[-2000:]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate the data (once), measure, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/oppai_bench_scale"))
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: in_process,workers,train")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    work = args.work / str(args.samples)
+    root = work / "data"
+    result: dict[str, Any] = {"samples": args.samples, "cpus": os.cpu_count()}
+    result["generate_s"] = round(generate(root, args.samples), 1)
+    if "in_process" not in skip:
+        result["in_process"] = in_process(work, root)
+    if "workers" not in skip:
+        import data_setup
+
+        cfg = _config(work, root)
+        bundle = data_setup.prepare_data(cfg, work / "runs" / "workers", log=None)
+        result["workers"] = {m: worker_growth(bundle.train_dataset, m) for m in ("fork", "spawn")}
+        del bundle
+    if "train" not in skip:
+        shutil.rmtree(work / "runs" / "scale", ignore_errors=True)
+        shutil.rmtree(work / "scan_index", ignore_errors=True)
+        result["train"] = {
+            "cold": time_to_first_step(work, root, resume=False, timeout=args.timeout),
+            "resume": time_to_first_step(work, root, resume=True, timeout=args.timeout),
+        }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
