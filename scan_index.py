@@ -25,7 +25,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import posixpath
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -103,51 +102,61 @@ def _unpack_paths(blob: np.ndarray) -> list[str]:
     return text.split("\0") if text else []
 
 
-def fingerprint_folder(root: str | Path, *, follow_links: bool = False, manifest: str | Path | None = None) -> Fingerprint:
-    """The fingerprint of every image and sidecar file below `root`: linked folders are followed
-    once, those outside `root` only with `follow_links` (as the scan's link policy does)."""
-    root_abs = os.path.abspath(root)
-    root_real = os.path.join(os.path.realpath(root_abs), "")
-    paths: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    seen_real = {os.path.realpath(root_abs)}
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            with os.scandir(os.path.join(root_abs, rel) if rel else root_abs) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            paths.append(rel + "/")  # an unreadable folder: the scan reports it; the fingerprint notes it
-            sizes.append(-1)
-            mtimes.append(-1)
-            continue
-        subdirs = []
-        for entry in entries:
-            shown = posixpath.join(rel, entry.name) if rel else entry.name
+def _list_folder(path: str, follow_links: bool, root_real: str, seen_real: set[str]) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(sorted (name, size, mtime) of the folder's images and sidecars, sorted sub-folder names to visit)."""
+    files: list[tuple[str, int, int]] = []
+    folders: list[str] = []
+    with os.scandir(path) as it:
+        for entry in it:
+            name = entry.name
             try:
-                if entry.is_dir():
-                    if entry.is_symlink():
-                        real = os.path.realpath(entry.path)
-                        if real in seen_real or not (follow_links or real.startswith(root_real)):
-                            continue
-                        seen_real.add(real)
-                    subdirs.append(shown)
-                    continue
+                is_dir = entry.is_dir()
             except OSError:
-                pass
-            if os.path.splitext(entry.name)[1].lower() not in _SEEN_EXTENSIONS:
+                is_dir = False
+            if is_dir:
+                if entry.is_symlink():  # linked folders once, and outside the root only with follow_links
+                    real = os.path.realpath(entry.path)
+                    if real in seen_real or not (follow_links or real.startswith(root_real)):
+                        continue
+                    seen_real.add(real)
+                folders.append(name)
+                continue
+            dot = name.rfind(".")
+            if dot < 0 or name[dot:].lower() not in _SEEN_EXTENSIONS:
                 continue
             try:
                 st = entry.stat()
-                size, mtime = int(st.st_size), int(st.st_mtime_ns)
+                files.append((name, int(st.st_size), int(st.st_mtime_ns)))
             except OSError:  # a broken link or a file gone since the listing
-                size, mtime = -1, -1
-            paths.append(shown)
+                files.append((name, -1, -1))
+    files.sort()
+    folders.sort()
+    return files, folders
+
+
+def fingerprint_folder(root: str | Path, *, follow_links: bool = False, manifest: str | Path | None = None) -> Fingerprint:
+    """The fingerprint of every image and sidecar file below `root`, folder by folder in sorted
+    order: linked folders are followed once, those outside `root` only with `follow_links` (as the
+    scan's link policy does). No file is opened: one directory listing a folder, one stat a file."""
+    root_abs = os.path.abspath(root)
+    root_real = os.path.join(os.path.realpath(root_abs), "")
+    seen_real = {os.path.realpath(root_abs)}
+    paths: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        prefix = rel + "/" if rel else ""
+        try:
+            files, folders = _list_folder(os.path.join(root_abs, rel) if rel else root_abs, follow_links, root_real, seen_real)
+        except OSError:
+            files, folders = [("", -1, -1)], []  # an unreadable folder: the scan reports it; the fingerprint notes it
+        for name, size, mtime in files:
+            paths.append(prefix + name)
             sizes.append(size)
             mtimes.append(mtime)
-        stack.extend(reversed(subdirs))
+        stack.extend(prefix + name for name in reversed(folders))
     extra = ""
     if manifest is not None:
         st = os.stat(manifest)
