@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AsymmetricFocalLoss", "MultiTaskLoss", "tag_weights_from_frequencies", "WEIGHT_SCHEMES"]
+__all__ = ["AsymmetricFocalLoss", "MultiTaskLoss", "known_ratings", "tag_weights_from_frequencies", "WEIGHT_SCHEMES"]
 
 WEIGHT_SCHEMES = ("none", "inverse_sqrt", "effective_number")
 
@@ -151,6 +151,13 @@ def tag_weights_from_frequencies(
     return (weights / weights.mean()).to(torch.float32)
 
 
+def known_ratings(rating_targets: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which rows carry a rating; hard targets (B,) use -1, soft ones (B, R) an all-zero row."""
+    if rating_targets.ndim == 2:
+        return rating_targets.sum(dim=1) > 0
+    return rating_targets != -1
+
+
 class MultiTaskLoss(nn.Module):
     """Weighted sum of a tag loss and a rating cross-entropy that ignores unknown ratings (-1)."""
 
@@ -181,13 +188,13 @@ class MultiTaskLoss(nn.Module):
         targets = rating_targets.long()
         summed = F.cross_entropy(rating_logits.float(), targets, ignore_index=-1, reduction="sum", label_smoothing=self.rating_label_smoothing)
         # Dividing by max(known, 1) as a tensor avoids both 0/0 = NaN and a host sync (.item()).
-        known = (targets != -1).sum().clamp(min=1).to(summed.dtype)
+        known = known_ratings(targets).sum().clamp(min=1).to(summed.dtype)
         return summed / known
 
     def _soft_rating_loss(self, rating_logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against soft targets (B, R), averaged over rows that are not all zero."""
         targets = soft_targets.float()  # (B, R)
-        known = (targets.sum(dim=1) > 0).to(torch.float32)  # (B,)
+        known = known_ratings(targets).to(torch.float32)  # (B,)
         if self.rating_label_smoothing > 0.0:
             # Same smoothing as F.cross_entropy's: (1 - s) * target + s / R, only on known rows.
             smoothed = targets * (1.0 - self.rating_label_smoothing) + self.rating_label_smoothing / targets.shape[1]

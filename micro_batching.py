@@ -33,6 +33,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as tdist
 
+from loss_functions import known_ratings
+
 __all__ = [
     "OOM_FAULT_ENV",
     "InjectedOutOfMemoryError",
@@ -135,7 +137,7 @@ def forward_backward_split(
             total, parts = loss_fn(outputs, tag_targets, ratings)
             amp.backward(total, window)
         return total.detach(), {k: v.detach() for k, v in parts.items()}
-    known_total = (ratings != -1).sum().clamp(min=1).float()  # a device tensor: no host sync
+    known_total = known_ratings(ratings).sum().clamp(min=1).float()  # a device tensor: no host sync
     sums = {"total": 0.0, "tags": 0.0, "rating": 0.0}
     count = batch // micro_batch
     for i in range(count):
@@ -146,7 +148,7 @@ def forward_backward_split(
                 outputs = model(images[part])  # (b, T) and (b, R)
             tags = loss_fn.tag_loss(outputs["tag_logits"], tag_targets[part])  # mean over the b images
             rating = loss_fn.rating_loss(outputs["rating_logits"], ratings[part])  # mean over known_i
-            known = (ratings[part] != -1).sum().float()
+            known = known_ratings(ratings[part]).sum().float()
             tags_share = tags * (micro_batch / batch)
             rating_share = rating * (known / known_total)  # this part's sum of rating losses / known_total
             total = loss_fn.tag_weight * tags_share + loss_fn.rating_weight * rating_share

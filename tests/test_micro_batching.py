@@ -23,6 +23,7 @@ from micro_batching import (
     micro_batch_candidates,
     plan_micro_batches,
 )
+from mixup import MixParams, mix_batch
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from training_utils import GuardedOptimizerStep
 
@@ -78,8 +79,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("micro_batch", [4, 2, 1])
-def test_split_equals_unsplit_loss_and_gradient(micro_batch: int) -> None:
+@pytest.mark.parametrize("soft", [False, True], ids=["hard_ratings", "mixup_soft_ratings"])
+def test_split_equals_unsplit_loss_and_gradient(micro_batch: int, soft: bool) -> None:
     images, targets, ratings = batch()
+    if soft:  # MixUp's (B, R) targets: all-zero rows are unknown, as -1 is for hard ones
+        mixed = mix_batch(images, targets, ratings, MixParams(mixup_alpha=0.4), torch.Generator().manual_seed(1))
+        assert mixed.mode == "mixup" and 0 < int(mixed.rating_mask.sum()) < len(ratings)
+        images, targets, ratings = mixed.images, mixed.tag_targets, mixed.rating_targets
     loss_fn = project_loss()
     reference_model = tiny_vit()
     # Reference: the unsplit batch through the model and loss directly, window 2 as in accumulation.
