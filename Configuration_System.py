@@ -80,6 +80,16 @@ class DataConfig:
         "",
         "Prepared cache: every image letterboxed once into memory-mapped shards here (built on first use, refreshed for changed files; must be outside data.root); '' = decode every time.",
     )
+    cache_format: str = _opt(
+        "raw",
+        "How data.cache_dir stores the letterboxed pixels: raw (3 bytes a pixel, 602 KB an image at 448 px, read without decoding, exact) or jpeg (the same pixels JPEG-encoded once at data.cache_quality: 33-54 KB an image at 448 px, decoded again at 1,200-1,400 images/s per worker, mean error 2-3 grey levels). Changing it (or the quality) rebuilds the cache in place.",
+        choices=("raw", "jpeg"),
+    )
+    cache_quality: int = _opt(90, "JPEG quality of a data.cache_format=jpeg cache (4:2:0 chroma); see BENCHMARKS.md 'Cache formats'.", ge=50, le=100)
+    decode_on_device: bool = _opt(
+        False,
+        "With data.cache_format=jpeg: workers hand over the compressed bytes and the batch is decoded on the training device (torchvision.io.decode_jpeg; for CUDA, where nvJPEG frees the CPU workers); flips are applied after decoding. Ignored for raw caches.",
+    )
     scan_index: bool = _opt(
         True,
         "Keep the start-up scan's result (the sample table and the skip report) in data.scan_index_dir and reuse it on a resume or the next run over the same data: only files whose size or mtime changed, and new ones, are read again; deleted ones are dropped.",
@@ -137,6 +147,16 @@ class AugmentConfig:
     brightness: float = _opt(0.1, "Colour jitter: maximum relative brightness change.", ge=0.0, le=1.0)
     contrast: float = _opt(0.1, "Colour jitter: maximum relative contrast change.", ge=0.0, le=1.0)
     saturation: float = _opt(0.1, "Colour jitter: maximum relative saturation change.", ge=0.0, le=1.0)
+    mixup_alpha: float = _opt(
+        0.0,
+        "MixUp: blend each training batch with a shuffled copy of itself, weight ~ Beta(alpha, alpha); tag and rating targets are blended alike (WD v3 uses 0.8). 0 = off (BENCHMARKS.md: it did not help at our lengths).",
+        ge=0.0,
+    )
+    cutmix_alpha: float = _opt(
+        0.0, "CutMix: paste a box of a shuffled partner, box area ~ Beta(alpha, alpha); targets mixed by area. 0 = off.", ge=0.0
+    )
+    mix_prob: float = _opt(1.0, "Share of training batches that MixUp/CutMix touch (when an alpha is > 0).", ge=0.0, le=1.0)
+    mix_switch_prob: float = _opt(0.5, "With both alphas > 0: the share of mixed batches that use CutMix instead of MixUp.", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -190,6 +210,12 @@ class TrainingConfig:
     )
     reference_batch_size: int = _opt(256, "Effective batch size at which learning_rate applies unscaled.", ge=1)
     weight_decay: float = _opt(0.05, "AdamW weight decay (not applied to biases, norms, position embedding, class token).", ge=0.0)
+    layer_decay: float = _opt(
+        1.0,
+        "Layer-wise learning-rate decay for fine-tuning (BEiT/timm): block i of L trains at lr * layer_decay ** (L + 1 - layer), the heads at lr. 1 = off; 0.65-0.85 is usual with model.init_from.",
+        gt=0.0,
+        le=1.0,
+    )
     beta1: float = _opt(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
     beta2: float = _opt(0.999, "AdamW beta2.", ge=0.0, lt=1.0)
     scheduler: str = _opt(

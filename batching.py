@@ -126,16 +126,30 @@ class SidecarJsonDataset(Dataset):
         return self._table.tag_ids_of(index)
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
-        """Load and augment one record; exceptions propagate to the retry loop."""
+        """Load and augment one record; exceptions propagate to the retry loop.
+
+        The sample holds "image" (3, S, S) uint8, or, from a jpeg cache with decode_on_device,
+        "encoded" (the JPEG bytes, (n,) uint8) whose flip (flip == 1) the device applies after
+        decoding (ImagePreFetcher)."""
         path = self.image_path(index)
         cached = None
+        encoded: torch.Tensor | None = None
+        image: torch.Tensor | None = None
         if self.cache is not None and self._cache_rows is not None and self._cache_rows[index] >= 0:
-            cached = self.cache.get(int(self._cache_rows[index]), path)
+            row = int(self._cache_rows[index])
+            if self.cache.decode_on_device:
+                found = self.cache.get_encoded(row, path)
+                if found is not None:
+                    encoded, box = found
+                    self.cache_hits += 1
+            else:
+                cached = self.cache.get_chw(row, path)
         if cached is not None:
-            image, box = cached
+            image, box = cached  # (3, S, S), maybe a strided view
             self.cache_hits += 1
-        else:
-            image, box = load_letterboxed(path, self.params)
+        elif encoded is None:
+            array, box = load_letterboxed(path, self.params)
+            image = torch.from_numpy(array).permute(2, 0, 1)  # (3, S, S) view; collate's stack makes the one copy
         tags = self.tag_indices(index).astype(np.int64)
         flip = 0
         jitter = (1.0, 1.0, 1.0)
@@ -148,7 +162,8 @@ class SidecarJsonDataset(Dataset):
             if u_flip < aug.flip_prob and self.orientation is not None:
                 decision = self.orientation.decide([self.index_to_tag[i] for i in tags])
                 if decision.allowed:
-                    image = image[:, ::-1]
+                    if image is not None:  # encoded images are flipped on the device, after decoding
+                        image = image.flip(-1)  # (3, S, S), mirrored along the width
                     tags = np.asarray([self.tag_to_index[t] for t in decision.flipped_tags if t in self.tag_to_index], dtype=np.int64)
                     width = self.params.image_size
                     box = (width - box[2], box[1], width - box[0], box[3])
@@ -157,10 +172,9 @@ class SidecarJsonDataset(Dataset):
                     flip = 2
             # colour jitter is applied on the device (apply_color_jitter); here only its factors
             jitter = (1.0 + aug.brightness * float(factors[0]), 1.0 + aug.contrast * float(factors[1]), 1.0 + aug.saturation * float(factors[2]))
-        # a (3, H, W) view: collate_samples' stack makes the one contiguous copy
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        pixels: dict[str, Any] = {"image": image} if image is not None else {"encoded": encoded, "image_size": self.params.image_size}
         return {
-            "image": tensor,
+            **pixels,
             "tag_indices": torch.from_numpy(tags),
             "rating": int(self._ratings[index]),
             "index": index,
@@ -206,16 +220,29 @@ class SidecarJsonDataset(Dataset):
 def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack samples: images (B,3,H,W) uint8, tag_indices (B,L) padded with -1, ratings, indices.
 
-    Samples marked skipped (evaluation) are left out and listed under "skipped"; B may be 0."""
+    Samples marked skipped (evaluation) are left out and listed under "skipped"; B may be 0.
+    When some samples carry JPEG bytes instead of pixels (a jpeg cache with decode_on_device),
+    "images" holds only the others' pixels (P, 3, H, W) at rows "image_rows" (P,) of the batch,
+    and "encoded" the K byte tensors for rows "encoded_rows" (K,): ImagePreFetcher decodes and
+    merges them on the device."""
     if not batch:
         raise ValueError("collate_samples got an empty batch")
     skipped = [tuple(s["failure"]) for s in batch if s.get("skipped")]
-    size = int(batch[0].get("image_size", 0))
+    size = int(next((s["image_size"] for s in batch if "image_size" in s), 0))
     batch = [s for s in batch if not s.get("skipped")]
-    if batch:
-        images = torch.stack([s["image"] for s in batch])  # (B, 3, H, W)
+    pixel_rows = [row for row, s in enumerate(batch) if "encoded" not in s]
+    if pixel_rows:
+        images = torch.stack([batch[row]["image"] for row in pixel_rows])  # (P, 3, H, W)
     else:
         images = torch.zeros((0, 3, size, size), dtype=torch.uint8)  # (0, 3, S, S)
+    encoded: dict[str, Any] = {}
+    if len(pixel_rows) < len(batch):
+        encoded_rows = [row for row, s in enumerate(batch) if "encoded" in s]
+        encoded = {
+            "encoded": [batch[row]["encoded"] for row in encoded_rows],  # K x (n_k,) uint8
+            "encoded_rows": torch.tensor(encoded_rows, dtype=torch.long),  # (K,)
+            "image_rows": torch.tensor(pixel_rows, dtype=torch.long),  # (P,)
+        }
     longest = max((int(s["tag_indices"].numel()) for s in batch), default=0)
     tag_indices = torch.full((len(batch), longest), -1, dtype=torch.long)  # (B, L)
     for row, s in enumerate(batch):
@@ -237,6 +264,7 @@ def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "box": torch.tensor([s["box"] for s in batch], dtype=torch.long).reshape(-1, 4),  # (B, 4)
         "failures": failures + skipped,
         "skipped": skipped,
+        **encoded,
     }
 
 
@@ -539,9 +567,34 @@ class ImagePreFetcher:
         """Length of the wrapped loader."""
         return len(self.loader)  # type: ignore[arg-type]
 
+    def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The batch's uint8 images on the device, (B, 3, H, W): JPEG bytes (a jpeg cache with
+        decode_on_device) are decoded there, flipped where the worker decided a flip, and merged
+        with the pixels the workers decoded (samples the cache did not hold)."""
+        pixels = batch["images"].to(self.device, non_blocking=True)  # (P, 3, H, W) uint8
+        encoded = batch.get("encoded")
+        if not encoded:
+            return pixels
+        try:
+            decoded = PreparedCache.decode_batch(encoded, self.device)  # (K, 3, H, W) uint8
+        except RuntimeError as exc:
+            indices = batch["indices"][batch["encoded_rows"]].tolist()
+            raise RuntimeError(f"decoding the prepared cache's JPEGs of dataset samples {indices[:8]} on {self.device} failed: {exc}") from exc
+        rows = batch["encoded_rows"]  # (K,) on the host
+        flips = batch["flip"][rows] == 1  # (K,) the worker flipped the tags and box, not the pixels
+        if bool(flips.any()):
+            mirrored = flips.nonzero().flatten().to(self.device, non_blocking=True)  # (F,) rows to mirror
+            decoded[mirrored] = decoded[mirrored].flip(-1)  # (F, 3, H, W) mirrored along the width
+        if pixels.shape[0] == 0:
+            return decoded
+        images = torch.empty((len(rows) + pixels.shape[0], *decoded.shape[1:]), dtype=torch.uint8, device=self.device)  # (B, 3, H, W)
+        images[rows.to(self.device, non_blocking=True)] = decoded
+        images[batch["image_rows"].to(self.device, non_blocking=True)] = pixels
+        return images
+
     def _convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Copy tensors to the device (non-blocking) and build normalised images and targets."""
-        images = batch["images"].to(self.device, non_blocking=True)  # (B, 3, H, W) uint8
+        images = self._images(batch)  # (B, 3, H, W) uint8
         tag_indices = batch["tag_indices"].to(self.device, non_blocking=True)  # (B, L)
         ratings = batch["ratings"].to(self.device, non_blocking=True)  # (B,)
         jitter = batch.get("jitter")  # (B, 3) on the host: checking it costs no device sync
