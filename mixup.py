@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MixParams", "MixedBatch", "cutmix_box", "mix_batch", "soft_rating_cross_entropy"]
+__all__ = ["MixParams", "MixedBatch", "batch_generator", "cutmix_box", "mix_batch", "soft_rating_cross_entropy"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,13 @@ class MixedBatch:
     mode: str  # "none", "mixup" or "cutmix"
     perm: torch.Tensor  # (B,) long partner of each row (on the batch's device)
     box: tuple[int, int, int, int] | None  # CutMix (y1, y2, x1, x2), else None
+
+
+def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch.Generator:
+    """A CPU generator for one training batch's draws, a function of its place only: a resumed run
+    (or another worker count) mixes every batch exactly as the uninterrupted run."""
+    key = np.random.SeedSequence([int(seed), int(rank), int(epoch), int(batch_index), 0x6D6978])  # 0x6D6978: "mix"
+    return torch.Generator().manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[tuple[int, int, int, int], float]:

@@ -41,6 +41,7 @@ from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
+from mixup import MixParams, batch_generator, mix_batch
 from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
@@ -401,6 +402,19 @@ def epoch_batches(run: TrainingRun, epoch: int, start_batch: int) -> Iterator[di
     return iter(ImagePreFetcher(run.train_loader, run.device, run.data.preprocess, len(run.data.vocab)))
 
 
+def mix_for_step(run: TrainingRun, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's images (B, 3, H, W), tag targets (B, T) and ratings, MixUp/CutMix-ed when
+    augment says so (ratings then (B, R) soft). The draw depends only on (seed, rank, epoch,
+    batch), so a resumed run mixes exactly as the uninterrupted one."""
+    a = run.cfg.augment
+    params = MixParams(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob, switch_prob=a.mix_switch_prob)
+    if not params.enabled:
+        return batch["images"], batch["tag_targets"], batch["ratings"]
+    generator = batch_generator(run.cfg.training.seed, run.dist.rank, run.state.epoch, run.state.batch_in_epoch)
+    mixed = mix_batch(batch["images"], batch["tag_targets"], batch["ratings"], params, generator)
+    return mixed.images, mixed.tag_targets, mixed.rating_targets
+
+
 def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     """Run the loop until done, stopped or early-stopped; returns why it ended."""
     cfg, st = run.cfg, run.state
@@ -418,7 +432,8 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
                 wait_since += time.perf_counter() - t0
                 run.failures.observe(batch)
                 count_flips(run, batch["flip"])
-                run.step_fn.forward_backward(batch["images"], batch["tag_targets"], batch["ratings"], window, sync=(i == window - 1))
+                images, tag_targets, ratings = mix_for_step(run, batch)
+                run.step_fn.forward_backward(images, tag_targets, ratings, window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * run.dist.world_size
                 st.batch_in_epoch += 1
             run.step_fn.optimizer_step(st.step)

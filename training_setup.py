@@ -15,6 +15,7 @@ import torch
 
 from Configuration_System import ConfigError, RootConfig
 from data_setup import DataBundle
+from layer_decay import param_groups_layer_decay
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from micro_batching import injected_oom_limit
 from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay
@@ -35,7 +36,10 @@ SCHEDULE_KEYS = (
     "training.warmup_ratio",
     "training.min_lr_ratio",
     "training.seed",
+    "training.layer_decay",  # the optimizer's parameter groups
 )
+# Schedule keys newer than the first checkpoints, with the value those checkpoints were trained with.
+SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {"training.layer_decay": 1.0}
 
 
 def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:
@@ -123,6 +127,7 @@ def schedule_signature(cfg: RootConfig, world_size: int) -> dict[str, Any]:
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], accept: bool) -> list[str]:
     """Refuse (or, with accept, list) schedule changes between a checkpoint and this run."""
+    saved = {**SCHEDULE_KEYS_ADDED_LATER, **saved}  # a checkpoint older than a key ran with its then-only value
     changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
     if changes and not accept:
         raise ConfigError(
@@ -142,12 +147,12 @@ def build_step(
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.model.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(
-        param_groups_for_weight_decay(raw_model, cfg.training.weight_decay),
-        lr=effective_learning_rate(cfg, dist.world_size),
-        betas=(cfg.training.beta1, cfg.training.beta2),
-        fused=True,
-    )
+    lr = effective_learning_rate(cfg, dist.world_size)
+    if cfg.training.layer_decay < 1.0:  # group 0 is the heads at the full rate: the logged lr stays the schedule's
+        groups = param_groups_layer_decay(raw_model, cfg.training.weight_decay, cfg.training.layer_decay, base_lr=lr)
+    else:
+        groups = param_groups_for_weight_decay(raw_model, cfg.training.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
     return TrainStep(
         model,
         raw_model,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
-from mixup import MixParams, cutmix_box, mix_batch, soft_rating_cross_entropy
+from mixup import MixParams, batch_generator, cutmix_box, mix_batch, soft_rating_cross_entropy
 
 B, T, R, H, W = 6, 9, 4, 16, 12
 
@@ -151,3 +151,14 @@ def test_bad_settings_raise() -> None:
         MixParams(mixup_alpha=-1.0)
     with pytest.raises(ValueError, match="prob"):
         MixParams(prob=1.5)
+
+
+def test_batch_generator_depends_only_on_the_batch_place() -> None:
+    """Same (seed, rank, epoch, batch): the same draws (a resumed run mixes alike); any other: new ones."""
+
+    def draw(*key: int) -> torch.Tensor:
+        return torch.rand(4, generator=batch_generator(*key))
+
+    assert torch.equal(draw(0, 0, 1, 5), draw(0, 0, 1, 5))
+    for other in ((1, 0, 1, 5), (0, 1, 1, 5), (0, 0, 2, 5), (0, 0, 1, 6)):
+        assert not torch.equal(draw(0, 0, 1, 5), draw(*other))
