@@ -199,7 +199,18 @@ def test_resume_never_decodes_earlier_failures_again(tmp_path: Path) -> None:
 def test_flip_audit_of_a_table_equals_the_record_by_record_audit(safety: str) -> None:
     """The array audit of a SampleTable counts what decide() on each record counts."""
     rng = random.Random(3)
-    pool = ["text", "looking_to_the_side", "hand_on_left_hip", "left_eye_closed", "1girl", "smile", "solo", "holding_sword", "english_text", "weird_left"]
+    pool = [
+        "text",
+        "looking_to_the_side",
+        "hand_on_left_hip",
+        "left_eye_closed",
+        "1girl",
+        "smile",
+        "solo",
+        "holding_sword",
+        "english_text",
+        "weird_left",
+    ]
     records = [
         SampleRecord(f"s{i}", f"/d/s{i}.png", tuple(dict.fromkeys(rng.choice(pool) for _ in range(rng.randint(0, 5)))), (), 0) for i in range(400)
     ]
