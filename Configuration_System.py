@@ -96,6 +96,12 @@ class DataConfig:
     )
     scan_index_dir: str = _opt("", "Folder for the scan index ('' = output_root/scan_index); one file per dataset root and scan setting.")
     rescan: bool = _opt(False, "Ignore a saved scan index and scan every file again (the index is rewritten).")
+    repeat_factor_threshold: float = _opt(
+        0.0,
+        "Repeat-factor sampling (LVIS): an image whose rarest tag is on a share f of the training images appears max(1, sqrt(t / f)) times an epoch (copies augmented apart); t is this threshold, e.g. 0.001. 0 = off (BENCHMARKS.md: no gain at our lengths).",
+        ge=0.0,
+        lt=1.0,
+    )
     max_tags_per_sample: int = _opt(
         2048, "A sidecar (or manifest record) with more tags than this is skipped as 'too_many_tags' (no real booru post comes close).", ge=1
     )
@@ -184,11 +190,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Asymmetric focal loss for tags plus cross-entropy for the rating."""
+    """Tag loss (binary cross-entropy by default, asymmetric focal loss when gamma/clip are set) plus cross-entropy for the rating."""
 
-    gamma_neg: float = _opt(4.0, "Focusing exponent for negative tags.", ge=0.0)
+    gamma_neg: float = _opt(
+        0.0,
+        "Focusing exponent for negative tags (asymmetric focal loss; 0 with clip 0 = plain BCE, the default: on the long-tail benchmark BCE beat gamma_neg 4 / clip 0.05 on mAP, macro-F1 and rare-tag AP, see BENCHMARKS.md).",
+        ge=0.0,
+    )
     gamma_pos: float = _opt(0.0, "Focusing exponent for positive tags.", ge=0.0)
-    clip: float = _opt(0.05, "Probability margin shifting negatives down (0 = none).", ge=0.0, lt=1.0)
+    clip: float = _opt(0.0, "Probability margin shifting negatives down (0 = none; ASL uses 0.05).", ge=0.0, lt=1.0)
     eps: float = _opt(1e-8, "Numerical floor inside the logarithms.", gt=0.0, lt=1e-2)
     tag_weighting: str = _opt("none", "Per-tag weights from training frequencies.", choices=("none", "inverse_sqrt", "effective_number"))
     tag_weight: float = _opt(1.0, "Weight of the tag loss in the total.", ge=0.0)

@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 
+def _copy_words(copy: int) -> tuple[int, ...]:
+    """Extra RNG key words for a repeated copy (none for the first, so its draws are unchanged)."""
+    return (0, 0, copy) if copy else ()
+
+
 class SidecarJsonDataset(Dataset):
     """Map-style dataset over SampleRecords, keyed by (index, epoch); a failing sample is replaced
     (training) or skipped and reported (evaluation, `substitute=False`).
@@ -125,8 +130,9 @@ class SidecarJsonDataset(Dataset):
         """Known tag indices of record `index` (unaugmented), int32 (k,)."""
         return self._table.tag_ids_of(index)
 
-    def _load(self, index: int, epoch: int) -> dict[str, Any]:
-        """Load and augment one record; exceptions propagate to the retry loop.
+    def _load(self, index: int, epoch: int, copy: int = 0) -> dict[str, Any]:
+        """Load and augment one record (`copy`: which repeat of it in the epoch); exceptions propagate
+        to the retry loop.
 
         The sample holds "image" (3, S, S) uint8, or, from a jpeg cache with decode_on_device,
         "encoded" (the JPEG bytes, (n,) uint8) whose flip (flip == 1) the device applies after
@@ -154,7 +160,7 @@ class SidecarJsonDataset(Dataset):
         flip = 0
         jitter = (1.0, 1.0, 1.0)
         if self.augment is not None:
-            rng = sample_rng(self.seed, epoch, index)
+            rng = sample_rng(self.seed, epoch, index, *_copy_words(copy))
             # always draw the same numbers so one setting never shifts the others' randomness
             u_flip = rng.random()
             factors = rng.uniform(-1.0, 1.0, size=3)
@@ -183,10 +189,14 @@ class SidecarJsonDataset(Dataset):
             "box": tuple(int(v) for v in box),
         }
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """Sample for key (index, epoch) or index; a failing file is replaced deterministically."""
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
+        """Sample for key (index, epoch), (index, epoch, copy) or index; a failing file is replaced
+        deterministically. `copy` > 0 is a repeat of the image in the same epoch (repeat-factor
+        sampling): its own augmentation draws, so copies are not identical."""
+        copy = 0
         if isinstance(key, tuple):
             index, epoch = int(key[0]), int(key[1])
+            copy = int(key[2]) if len(key) > 2 else 0
         else:
             index, epoch = int(key), 0
         if not 0 <= index < len(self):
@@ -197,7 +207,7 @@ class SidecarJsonDataset(Dataset):
             known = self._known_bad.get(current)
             if known is None:
                 try:
-                    sample = self._load(current, epoch)
+                    sample = self._load(current, epoch, copy)
                 except IMAGE_ERRORS as exc:
                     known = (self.sample_id(current), classify_failure(exc))
                     self._known_bad[current] = known
@@ -206,7 +216,7 @@ class SidecarJsonDataset(Dataset):
                 if not self.substitute:  # evaluation: never another sample in this one's place
                     return {"skipped": True, "index": index, "failure": known, "more_failures": [], "image_size": self.params.image_size}
                 # replacement from (seed, epoch, index, attempt): same on every run and worker count
-                current = int(sample_rng(self.seed, epoch, index, attempt + 1, 1).integers(len(self)))
+                current = int(sample_rng(self.seed, epoch, index, attempt + 1, 1, *_copy_words(copy)).integers(len(self)))
                 continue
             sample["failure"] = failures[0] if failures else None
             sample["more_failures"] = failures[1:]
@@ -450,12 +460,16 @@ class ShardedEpochSampler(Sampler):
             order = order * math.ceil(total / len(order))
         return order[self.rank : total : self.world_size][: self._samples_per_epoch()]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """Yield (index, epoch) for this rank, from start_batch on."""
+    def _key(self, item: int, epoch: int) -> tuple[int, ...]:
+        """The dataset key of one item of the epoch's sequence: (index, epoch)."""
+        return (item, epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        """Yield dataset keys (index, epoch[, copy]) for this rank, from start_batch on."""
         order = self._epoch_order()
         epoch = self.epoch
-        for index in order[self.start_batch * self.batch_size :]:
-            yield (index, epoch)
+        for item in order[self.start_batch * self.batch_size :]:
+            yield self._key(item, epoch)
 
     def __len__(self) -> int:
         """Keys left to yield in the current epoch (after the resume skip)."""

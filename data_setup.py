@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from augmentation import AugmentParams
-from batching import FailureTracker, SidecarJsonDataset, build_dataloader
+from batching import FailureTracker, ResumableSampler, ShardedEpochSampler, SidecarJsonDataset, build_dataloader
 from Configuration_System import ConfigError, RootConfig
 from dataset_scan import (
     DataQualityError,
@@ -49,6 +49,7 @@ from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
+from repeat_factor import RepeatFactorSampler, repeat_factors
 from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
@@ -264,6 +265,26 @@ def _flip_audit_table(table: SampleTable, vocab: TagVocabulary, handler: Orienta
         counts = np.bincount(hits, minlength=len(table.tag_names))
         counter.update({table.tag_names[t]: int(counts[t]) for t in np.flatnonzero(counts).tolist()})
     return stats
+
+
+def build_train_sampler(
+    cfg: RootConfig, data: DataBundle, *, rank: int, world_size: int, log: Callable[[str], None] | None = None
+) -> ShardedEpochSampler:
+    """The training sampler: shuffled epochs, or repeat-factor epochs when data.repeat_factor_threshold > 0
+    (their length logged); ValueError when the batch does not fit the data."""
+    common = dict(batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.training.seed, rank=rank, world_size=world_size, drop_last=True)
+    threshold = cfg.data.repeat_factor_threshold
+    if threshold <= 0:
+        return ResumableSampler(len(data.train_dataset), **common)
+    dataset = data.train_dataset
+    factors = repeat_factors([dataset.tag_indices(i) for i in range(len(dataset))], len(data.vocab), threshold)  # (N,)
+    sampler = RepeatFactorSampler(factors, **common)
+    if log:
+        log(
+            f"repeat-factor sampling: {sampler.effective_epoch_length} samples an epoch from {len(factors)} images "
+            f"(threshold {threshold}; {int((factors > 1).sum())} images repeated, at most {factors.max():.2f}x)"
+        )
+    return sampler
 
 
 def _datasets(

@@ -134,11 +134,14 @@ class RepeatFactorSampler(ShardedEpochSampler):
         cumulative = np.cumsum(self._fixed[visit]) + offset  # (N,)
         counts = np.diff(cumulative >> FIXED_POINT_BITS, prepend=offset >> FIXED_POINT_BITS)  # (N,)
         expanded = np.repeat(visit, counts)
+        # the k-th copy of an image is item index + k * N: its key carries k (own augmentation draws)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        items = expanded + (np.arange(expanded.size) - first) * self.num_samples
         if self.shuffle:
-            expanded = expanded[rng.permutation(expanded.size)]  # spread an image's copies over the epoch
+            items = items[rng.permutation(items.size)]  # spread an image's copies over the epoch
         else:
-            expanded = np.sort(expanded, kind="stable")
-        return expanded
+            items = items[np.argsort(items % self.num_samples, kind="stable")]
+        return items
 
     STATE_KEYS = (*ShardedEpochSampler.STATE_KEYS, "effective_epoch_length", "factors_digest")
 
@@ -146,6 +149,11 @@ class RepeatFactorSampler(ShardedEpochSampler):
         """The epoch's expansion over all ranks (ShardedEpochSampler pads and shards it)."""
         return self._expansion(epoch).tolist()
 
+    def _key(self, item: int, epoch: int) -> tuple[int, ...]:
+        """(index, epoch) for an image's first copy, (index, epoch, k) for its k-th repeat."""
+        copy, index = divmod(item, self.num_samples)
+        return (index, epoch, copy) if copy else (index, epoch)
+
     def repeat_counts(self, epoch: int) -> np.ndarray:
         """How often each image appears in `epoch`'s expansion over all ranks (before drop_last), (N,) int64."""
-        return np.bincount(self._expansion(epoch), minlength=self.num_samples)
+        return np.bincount(self._expansion(epoch) % self.num_samples, minlength=self.num_samples)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from batching import FailureTracker, ImagePreFetcher, ResumableSampler, build_dataloader
+from batching import FailureTracker, ImagePreFetcher, ShardedEpochSampler, build_dataloader
 from checkpoint_store import (
     BEST_POINTER,
     CHECKPOINT_FORMAT_VERSION,
@@ -36,7 +36,7 @@ from checkpoint_store import (
     snapshot_state,
 )
 from Configuration_System import ConfigError, RootConfig, dump_config, load_config
-from data_setup import DataBundle, build_eval_loader, check_output_locations, prepare_data
+from data_setup import DataBundle, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
@@ -108,7 +108,7 @@ class RunState:
 class SamplerPosition:
     """The sampler's place in the data order, with the loop's own count of consumed micro-batches."""
 
-    def __init__(self, sampler: ResumableSampler, position: RunState) -> None:
+    def __init__(self, sampler: ShardedEpochSampler, position: RunState) -> None:
         """Checkpoint `sampler` at the epoch and micro-batch `position` has reached."""
         self.sampler = sampler
         self.position = position
@@ -132,7 +132,7 @@ class TrainingRun:
     data: DataBundle
     step_fn: TrainStep  # forward, loss, backward, update, schedule, EMA
     optimizer: torch.optim.Optimizer
-    sampler: ResumableSampler
+    sampler: ShardedEpochSampler
     failures: FailureTracker
     best: BestMetric  # the selection metric's best value and step
     early_stopping: EarlyStopping
@@ -602,15 +602,7 @@ def prepare_run(
         if data.report_path is not None:  # the main process's copy of the report
             write_data_report(data.report_path, data.report)
     try:
-        train_sampler = ResumableSampler(
-            len(data.train_dataset),
-            batch_size=cfg.data.batch_size,
-            shuffle=True,
-            seed=cfg.training.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            drop_last=True,
-        )
+        train_sampler = build_train_sampler(cfg, data, rank=dist.rank, world_size=dist.world_size, log=print if dist.is_main else None)
     except ValueError as exc:  # e.g. a batch larger than the training split
         print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
@@ -671,7 +663,7 @@ def build_session(
     device: torch.device,
     data: DataBundle,
     step_fn: TrainStep,
-    train_sampler: ResumableSampler,
+    train_sampler: ShardedEpochSampler,
     total_steps: int,
     per_epoch: int,
     claim: RunClaim,

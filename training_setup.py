@@ -37,9 +37,10 @@ SCHEDULE_KEYS = (
     "training.min_lr_ratio",
     "training.seed",
     "training.layer_decay",  # the optimizer's parameter groups
+    "data.repeat_factor_threshold",  # the epoch's length and order
 )
 # Schedule keys newer than the first checkpoints, with the value those checkpoints were trained with.
-SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {"training.layer_decay": 1.0}
+SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {"training.layer_decay": 1.0, "data.repeat_factor_threshold": 0.0}
 
 
 def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:

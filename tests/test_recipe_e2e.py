@@ -1,5 +1,5 @@
-"""The long-tail recipe in the training loop: MixUp/CutMix and layer-wise LR decay train, and a run
-stopped and resumed with them on ends bit-identical to the uninterrupted one."""
+"""The long-tail recipe in the training loop: MixUp/CutMix, layer-wise LR decay and repeat-factor
+sampling train, and a run stopped and resumed with them on ends bit-identical to the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from test_resume_e2e import final_weights, start_and_interrupt, step_losses, tra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")]
 
-RECIPE = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.9", "training.layer_decay=0.75"]
+RECIPE = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.9", "training.layer_decay=0.75", "data.repeat_factor_threshold=0.3"]
 
 
-def test_mixup_cutmix_and_layer_decay_resume_bit_identical(demo_data: Path, tmp_path: Path) -> None:
+def test_recipe_runs_and_resumes_bit_identical(demo_data: Path, tmp_path: Path) -> None:
     whole = run_cli(train_args(demo_data, "whole", RECIPE), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    line = next(x for x in whole.stdout.splitlines() if x.startswith("repeat-factor sampling:"))
+    train_images = int(next(x for x in whole.stdout.splitlines() if x.startswith("split:")).split()[1])
+    assert int(line.split()[2]) > train_images  # rare-tag images repeated: a longer epoch
     run_dir = tmp_path / "runs" / "stopped"
     proc = start_and_interrupt(tmp_path, train_args(demo_data, "stopped", RECIPE), run_dir, after_step=18, how="term")
     _, err = proc.communicate(timeout=120)

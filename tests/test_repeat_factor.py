@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from batching import ResumableSampler
+from augmentation import sample_rng
+from batching import ResumableSampler, _copy_words
 from repeat_factor import RepeatFactorSampler, repeat_factors, tag_image_frequencies
 
 
@@ -52,7 +53,7 @@ def test_integer_factors_repeat_exactly() -> None:
     for epoch in range(5):
         np.testing.assert_array_equal(sampler.repeat_counts(epoch), factors.astype(np.int64))
         sampler.set_epoch(epoch)
-        got = np.bincount([i for i, _ in sampler], minlength=8)  # 16 = 4 batches: nothing dropped
+        got = np.bincount([key[0] for key in sampler], minlength=8)  # 16 = 4 batches: nothing dropped
         np.testing.assert_array_equal(got, factors.astype(np.int64))
 
 
@@ -86,7 +87,7 @@ def test_same_seed_same_order_and_epochs_differ() -> None:
     assert keys(7, 2) == keys(7, 2)
     assert keys(7, 2) != keys(7, 3)
     assert keys(7, 2) != keys(8, 2)
-    assert all(epoch == 2 for _, epoch in keys(7, 2))
+    assert all(key[1] == 2 for key in keys(7, 2))
 
 
 def test_ranks_partition_the_epoch() -> None:
@@ -96,14 +97,25 @@ def test_ranks_partition_the_epoch() -> None:
     samplers = [RepeatFactorSampler(factors, batch_size=batch, seed=9, rank=r, world_size=world) for r in range(world)]
     for s in samplers:
         s.set_epoch(4)
-    per_rank = [[i for i, _ in s] for s in samplers]
+    per_rank = [[key[0] for key in s] for s in samplers]
     lengths = {len(p) for p in per_rank}
     assert lengths == {samplers[0].batches_per_epoch() * batch} and len(samplers[0]) == lengths.pop()
     expansion = samplers[0]._expansion(4)
     used = samplers[0].batches_per_epoch() * batch * world
     interleaved = [per_rank[k % world][k // world] for k in range(used)]
-    assert interleaved == expansion[:used].tolist()
+    assert interleaved == (expansion[:used] % 150).tolist()
     assert used <= samplers[0].effective_epoch_length < used + world * batch
+
+
+def test_repeated_copies_get_their_own_keys_and_augmentation() -> None:
+    """An image repeated k times in an epoch comes as (i, e), (i, e, 1), ... (i, e, k-1): the dataset
+    draws each copy's flip and jitter apart, and the first copy's draws are those of a plain epoch."""
+    factors = np.asarray([3.0, 1.0, 2.0, 1.0])
+    sampler = RepeatFactorSampler(factors, batch_size=1, seed=5, shuffle=False)
+    sampler.set_epoch(2)
+    assert list(sampler) == [(0, 2), (0, 2, 1), (0, 2, 2), (1, 2), (2, 2), (2, 2, 1), (3, 2)]
+    assert sample_rng(0, 2, 0).random() != sample_rng(0, 2, 0, *_copy_words(1)).random() != sample_rng(0, 2, 0, *_copy_words(2)).random()
+    assert _copy_words(0) == ()
 
 
 def test_resume_mid_epoch_yields_exactly_the_rest() -> None:
