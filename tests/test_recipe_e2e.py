@@ -14,7 +14,13 @@ from test_resume_e2e import final_weights, start_and_interrupt, step_losses, tra
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")]
 
-RECIPE = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.9", "training.layer_decay=0.75", "data.repeat_factor_threshold=0.3"]
+RECIPE = [
+    "augment.mixup_alpha=0.8",
+    "augment.cutmix_alpha=1.0",
+    "augment.mix_prob=0.9",
+    "training.layer_decay=0.75",
+    "data.repeat_factor_threshold=0.3",
+]
 
 
 def test_recipe_runs_and_resumes_bit_identical(demo_data: Path, tmp_path: Path) -> None:
