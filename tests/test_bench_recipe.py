@@ -16,7 +16,7 @@ VARIANTS = (
     "baseline",
     "repeat_factor",
     "mixup_cutmix",
-    "bce",
+    "asl_focal",
     "weight_inverse_sqrt",
     "weight_effective_number",
     "progressive_resolution",
