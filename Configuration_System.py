@@ -96,6 +96,14 @@ class DataConfig:
     )
     scan_index_dir: str = _opt("", "Folder for the scan index ('' = output_root/scan_index); one file per dataset root and scan setting.")
     rescan: bool = _opt(False, "Ignore a saved scan index and scan every file again (the index is rewritten).")
+    progressive_image_size: int = _opt(
+        0,
+        "Progressive resolution: train the epochs that start within the first data.progressive_share of the optimizer steps at this smaller size (each batch resized on the device from data.image_size, position embeddings resampled), then at data.image_size; validation always at data.image_size. 0 = off; a multiple of model.patch_size.",
+        ge=0,
+    )
+    progressive_share: float = _opt(
+        0.7, "Share of the optimizer steps trained at data.progressive_image_size (the switch waits for the next epoch boundary).", gt=0.0, lt=1.0
+    )
     repeat_factor_threshold: float = _opt(
         0.0,
         "Repeat-factor sampling (LVIS): an image whose rarest tag is on a share f of the training images appears max(1, sqrt(t / f)) times an epoch (copies augmented apart); t is this threshold, e.g. 0.001. 0 = off (BENCHMARKS.md: no gain at our lengths).",
@@ -445,6 +453,11 @@ def validate_config(cfg: RootConfig) -> RootConfig:
     _check_lists(cfg)
     if cfg.data.image_size % cfg.model.patch_size:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be divisible by model.patch_size ({cfg.model.patch_size})")
+    small = cfg.data.progressive_image_size
+    if small and (small % cfg.model.patch_size or small >= cfg.data.image_size):
+        raise ConfigError(
+            f"data.progressive_image_size ({small}) must be a multiple of model.patch_size ({cfg.model.patch_size}) below data.image_size ({cfg.data.image_size})"
+        )
     m = cfg.model
     if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGE_ERRORS", "classify_failure", "PreprocessParams", "load_letterboxed", "load_image", "normalize_images"]
+__all__ = ["IMAGE_ERRORS", "classify_failure", "PreprocessParams", "load_letterboxed", "load_image", "normalize_images", "resize_images"]
 
 # Errors that mean "this image file cannot be used"; Pillow raises several non-OSError types on
 # corrupt data (SyntaxError from the PNG parser, struct.error on short headers, zlib.error).
@@ -244,3 +244,11 @@ def normalize_images(images_uint8: torch.Tensor, mean: Sequence[float], std: Seq
     scale = (1.0 / (255.0 * std64)).to(dtype).view(1, -1, 1, 1).to(images_uint8.device)  # (1, 3, 1, 1)
     shift = (mean64 / std64).to(dtype).view(1, -1, 1, 1).to(images_uint8.device)  # (1, 3, 1, 1)
     return images_uint8.to(dtype).mul_(scale).sub_(shift)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, size, size), antialiased bilinear, on the tensor's device
+    (progressive resolution: batches prepared at full size, trained smaller)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

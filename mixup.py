@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MixParams", "MixedBatch", "batch_generator", "cutmix_box", "mix_batch", "soft_rating_cross_entropy"]
+__all__ = ["MixParams", "MixedBatch", "batch_generator", "cutmix_box", "mix_training_batch", "mix_batch", "soft_rating_cross_entropy"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,17 @@ def batch_generator(seed: int, rank: int, epoch: int, batch_index: int) -> torch
     (or another worker count) mixes every batch exactly as the uninterrupted run."""
     key = np.random.SeedSequence([int(seed), int(rank), int(epoch), int(batch_index), 0x6D6978])  # 0x6D6978: "mix"
     return torch.Generator().manual_seed(int(key.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+def mix_training_batch(
+    images: torch.Tensor, tag_targets: torch.Tensor, ratings: torch.Tensor, params: MixParams, place: tuple[int, int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, tag targets, rating targets) of a training batch, mixed with draws keyed by its
+    place (seed, rank, epoch, batch index); unchanged when `params` mixes nothing."""
+    if not params.enabled:
+        return images, tag_targets, ratings
+    mixed = mix_batch(images, tag_targets, ratings, params, batch_generator(*place))
+    return mixed.images, mixed.tag_targets, mixed.rating_targets
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[tuple[int, int, int, int], float]:

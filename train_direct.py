@@ -39,9 +39,10 @@ from Configuration_System import ConfigError, RootConfig, dump_config, load_conf
 from data_setup import DataBundle, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text
+from image_preprocess import resize_images
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
-from mixup import MixParams, batch_generator, mix_batch
+from mixup import MixParams, mix_training_batch
 from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
@@ -56,6 +57,7 @@ from training_setup import (
     schedule_signature,
     steps_per_epoch,
     total_optimizer_steps,
+    train_image_size,
 )
 from training_utils import (
     BestMetric,
@@ -402,17 +404,24 @@ def epoch_batches(run: TrainingRun, epoch: int, start_batch: int) -> Iterator[di
     return iter(ImagePreFetcher(run.train_loader, run.device, run.data.preprocess, len(run.data.vocab)))
 
 
-def mix_for_step(run: TrainingRun, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch's images (B, 3, H, W), tag targets (B, T) and ratings, MixUp/CutMix-ed when
-    augment says so (ratings then (B, R) soft). The draw depends only on (seed, rank, epoch,
-    batch), so a resumed run mixes exactly as the uninterrupted one."""
+def step_inputs(run: TrainingRun, batch: Mapping[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's images (B, 3, size, size), tag targets (B, T) and ratings: resized to the epoch's
+    resolution, then MixUp/CutMix-ed when augment says so (ratings then (B, R) soft). The draw
+    depends only on (seed, rank, epoch, batch), so a resumed run mixes as the uninterrupted one."""
     a = run.cfg.augment
     params = MixParams(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob, switch_prob=a.mix_switch_prob)
-    if not params.enabled:
-        return batch["images"], batch["tag_targets"], batch["ratings"]
-    generator = batch_generator(run.cfg.training.seed, run.dist.rank, run.state.epoch, run.state.batch_in_epoch)
-    mixed = mix_batch(batch["images"], batch["tag_targets"], batch["ratings"], params, generator)
-    return mixed.images, mixed.tag_targets, mixed.rating_targets
+    place = (run.cfg.training.seed, run.dist.rank, run.state.epoch, run.state.batch_in_epoch)
+    return mix_training_batch(resize_images(batch["images"], size), batch["tag_targets"], batch["ratings"], params, place)
+
+
+def epoch_resolution(run: TrainingRun, previous: int | None) -> int:
+    """This epoch's training image size; a change (progressive resolution) is logged."""
+    size = train_image_size(run.cfg, run.state.epoch, run.steps_per_epoch, run.total_steps)
+    if size != previous:
+        run.monitor.log_event(run.state.step, "resolution", image_size=size, epoch=run.state.epoch)
+        if run.dist.is_main and run.cfg.data.progressive_image_size:
+            print(f"resolution: {size} px from epoch {run.state.epoch + 1}")
+    return size
 
 
 def train(run: TrainingRun, stopper: GracefulStopper) -> str:
@@ -422,7 +431,9 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     per_epoch_batches = run.sampler.batches_per_epoch()
     # Throughput counts training time only: validation and checkpoint pauses are subtracted.
     t_log, images_since, wait_since, paused = time.perf_counter(), 0, 0.0, 0.0
+    size = None
     while st.epoch < cfg.training.epochs and st.step < run.total_steps:
+        size = epoch_resolution(run, size)
         batches = epoch_batches(run, st.epoch, st.batch_in_epoch)
         while st.batch_in_epoch < per_epoch_batches and st.step < run.total_steps:
             window = min(accum, per_epoch_batches - st.batch_in_epoch)
@@ -432,7 +443,7 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
                 wait_since += time.perf_counter() - t0
                 run.failures.observe(batch)
                 count_flips(run, batch["flip"])
-                images, tag_targets, ratings = mix_for_step(run, batch)
+                images, tag_targets, ratings = step_inputs(run, batch, size)
                 run.step_fn.forward_backward(images, tag_targets, ratings, window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * run.dist.world_size
                 st.batch_in_epoch += 1

@@ -38,9 +38,26 @@ SCHEDULE_KEYS = (
     "training.seed",
     "training.layer_decay",  # the optimizer's parameter groups
     "data.repeat_factor_threshold",  # the epoch's length and order
+    "data.progressive_image_size",
+    "data.progressive_share",
 )
 # Schedule keys newer than the first checkpoints, with the value those checkpoints were trained with.
-SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {"training.layer_decay": 1.0, "data.repeat_factor_threshold": 0.0}
+SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {
+    "training.layer_decay": 1.0,
+    "data.repeat_factor_threshold": 0.0,
+    "data.progressive_image_size": 0,
+    "data.progressive_share": 0.7,
+}
+
+
+def train_image_size(cfg: RootConfig, epoch: int, steps_per_epoch: int, total_steps: int) -> int:
+    """The training resolution of `epoch`: data.progressive_image_size for the epochs that start
+    before progressive_share of the run's optimizer steps, then data.image_size. A function of the
+    epoch and the schedule only, so a resumed run switches where the uninterrupted one did."""
+    small = cfg.data.progressive_image_size
+    if small and epoch * steps_per_epoch < cfg.data.progressive_share * total_steps:
+        return small
+    return cfg.data.image_size
 
 
 def effective_learning_rate(cfg: RootConfig, world_size: int) -> float:

@@ -1,5 +1,6 @@
-"""The long-tail recipe in the training loop: MixUp/CutMix, layer-wise LR decay and repeat-factor
-sampling train, and a run stopped and resumed with them on ends bit-identical to the uninterrupted one."""
+"""The long-tail recipe in the training loop: MixUp/CutMix, layer-wise LR decay, repeat-factor
+sampling and progressive resolution train, and a run stopped before the resolution switch and
+resumed with them on ends bit-identical to the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ RECIPE = [
     "augment.mix_prob=0.9",
     "training.layer_decay=0.75",
     "data.repeat_factor_threshold=0.3",
+    "data.progressive_image_size=16",
+    "data.progressive_share=0.5",
+    "data.batch_size=32",  # about 19 steps an epoch: the 36-step run switches resolution at its second epoch
 ]
 
 
@@ -30,15 +34,21 @@ def test_recipe_runs_and_resumes_bit_identical(demo_data: Path, tmp_path: Path) 
     train_images = int(next(x for x in whole.stdout.splitlines() if x.startswith("split:")).split()[1])
     assert int(line.split()[2]) > train_images  # rare-tag images repeated: a longer epoch
     run_dir = tmp_path / "runs" / "stopped"
-    proc = start_and_interrupt(tmp_path, train_args(demo_data, "stopped", RECIPE), run_dir, after_step=18, how="term")
+    proc = start_and_interrupt(tmp_path, train_args(demo_data, "stopped", RECIPE), run_dir, after_step=12, how="term")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     resumed = run_cli(train_args(demo_data, "stopped", RECIPE) + ["--resume", "latest"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = step_losses(tmp_path / "runs" / "whole"), step_losses(run_dir)
-    assert a == b and len(a) > 18
+    assert a == b and len(a) > 12
     wa, wb = final_weights(tmp_path / "runs" / "whole"), final_weights(run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # progressive resolution: 16 px first, 32 px from the first epoch boundary after half the steps,
+    # which the resumed run crossed (it stopped after its step-12 checkpoint)
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    resumed_at = next(e["step"] for e in events if e.get("kind") == "resumed")
+    switches = [(e["step"], e["image_size"]) for e in events if e.get("kind") == "resolution"]
+    assert switches[0] == (0, 16) and switches[-1][1] == 32 and switches[-1][0] > resumed_at >= 12, switches
     # layer decay is on: the saved optimizer groups keep lr = schedule lr * 0.75 ** (depth from the heads)
     last = (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip()
     groups = torch.load(run_dir / "checkpoints" / last / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]

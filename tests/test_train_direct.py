@@ -459,3 +459,35 @@ def test_batch_larger_than_the_training_split_is_a_clear_error(demo_data: Path, 
     )
     assert proc.returncode == 2
     assert "data.batch_size=4096" in proc.stderr and "no full batch" in proc.stderr
+
+
+def test_progressive_resolution_schedule_and_checks() -> None:
+    """Small images for the epochs that start before the share of the steps, then full size; the
+    size must be a multiple of the patch below data.image_size; a resize is antialiased bilinear."""
+    from image_preprocess import resize_images
+    from training_setup import check_resume_compatible, schedule_signature, train_image_size
+
+    cfg = load_config(
+        None, ["data.image_size=64", "model.patch_size=16", "data.progressive_image_size=32", "data.progressive_share=0.5", "training.epochs=4"]
+    )
+    # 10 steps an epoch, 40 in all: epochs starting at steps 0 and 10 are small, 20 and 30 full
+    assert [train_image_size(cfg, e, 10, 40) for e in range(4)] == [32, 32, 64, 64]
+    assert [train_image_size(cfg, e, 10, 25) for e in range(3)] == [32, 32, 64]  # max_steps 25: the switch at 12.5 waits for step 20
+    off = load_config(None, ["data.image_size=64", "model.patch_size=16"])
+    assert {train_image_size(off, e, 10, 40) for e in range(4)} == {64}
+    for bad in ("24", "64", "80"):
+        with pytest.raises(ConfigError, match="progressive_image_size"):
+            load_config(None, ["data.image_size=64", "model.patch_size=16", f"data.progressive_image_size={bad}"])
+    images = torch.rand(2, 3, 64, 64)
+    small = resize_images(images, 32)
+    reference = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert small.shape == (2, 3, 32, 32) and torch.equal(small, reference) and resize_images(images, 64) is images
+    # a checkpoint from before the recipe keys resumes under the defaults without a schedule change
+    old = {
+        k: v
+        for k, v in schedule_signature(off, 1).items()
+        if k not in ("data.progressive_image_size", "data.progressive_share", "training.layer_decay", "data.repeat_factor_threshold")
+    }
+    assert check_resume_compatible(old, schedule_signature(off, 1), accept=False) == []
+    with pytest.raises(ConfigError, match="data.progressive_image_size"):
+        check_resume_compatible(old, schedule_signature(cfg, 1), accept=False)
