@@ -1,17 +1,17 @@
 """Dataset discovery and checking: image folders with sidecar JSON, or a JSON Lines manifest.
 
-This module owns everything from a user's image folder to a list of usable ``SampleRecord``s:
-pairing images with sidecars (``X.json`` / ``X.ext.json`` / a ``filename`` field), resolving
-referenced paths inside the dataset root, the folder walk (names that are not UTF-8 and links
-the ``data.symlinks`` policy refuses are set aside and counted once), image verification (decoder
-warnings collected for the report), ``scan_dataset``, ``load_manifest`` and the
+This module owns everything from a user's image folder to a table of usable samples
+(``sample_table.SampleTable``): pairing images with sidecars (``X.json`` / ``X.ext.json`` / a
+``filename`` field), resolving referenced paths inside the dataset root, the folder walk (names
+that are not UTF-8 and links the ``data.symlinks`` policy refuses are set aside and counted once),
+``scan_dataset``, ``load_manifest`` and the
 ``DatasetScanner`` that picks between them, with every skipped file counted by reason
 (``DatasetScan``); and the reports on a scan (``check_scan_quality``, ``write_data_report``,
 ``format_scan_summary``, ``filter_known_tags``). Nothing here ever writes into the user's
 dataset folder.
 
-It imports ``file_io`` (atomic write), ``image_preprocess`` (which exceptions mean an image is
-unusable), ``sidecar_format`` (tags and ratings of one sidecar, re-exported here) and
+It imports ``file_io`` (atomic write), ``image_audit`` (the image check), ``sample_table``,
+``sidecar_format`` (tags and ratings of one sidecar, re-exported here) and
 ``scan_limits`` (limits, link policy and name checks for untrusted input); not the vocabulary,
 so that ``vocabulary``'s build command can import this module.
 """
@@ -22,16 +22,12 @@ import json
 import os
 import posixpath
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Mapping, Sequence
 
-from PIL import Image
-
 from file_io import atomic_write_text
-from image_preprocess import IMAGE_ERRORS
+from image_audit import map_threads, verify_images
 from sample_table import SampleRecord, SampleTable, SampleTableBuilder
 from scan_limits import LinkPolicy, ScanLimits, TagFilter, TooManyTagsError, WarningLog, is_utf8, printable
 from sidecar_format import TAG_CATEGORIES, SidecarFormatError, parse_rating, parse_sidecar, split_tag_string
@@ -271,28 +267,6 @@ def _walk(root_abs: str, collector: _Collector, policy: LinkPolicy) -> _Listing:
     return listing
 
 
-def _run_chunk(args: tuple[Any, list[Any], tuple[Any, ...]]) -> list[Any]:
-    """Apply fn(item, *extra) to one chunk of items (a module-level helper for the thread pool)."""
-    fn, items, extra = args
-    return [fn(item, *extra) for item in items]
-
-
-def _map_threads(fn: Any, items: Sequence[Any], num_threads: int, *extra: Any, chunk: int = 256) -> list[Any]:
-    """fn(item, *extra) for every item, in order, on a thread pool in chunks.
-
-    Chunks keep the number of futures small: one future per file would cost ~1 KB each on a
-    million-file dataset.
-    """
-    if num_threads <= 1 or len(items) <= chunk:
-        return [fn(item, *extra) for item in items]
-    jobs = [(fn, list(items[i : i + chunk]), extra) for i in range(0, len(items), chunk)]
-    out: list[Any] = []
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        for part in pool.map(_run_chunk, jobs):
-            out.extend(part)
-    return out
-
-
 def read_json(path: str) -> Any:
     """Parse one JSON file (UTF-8, a BOM tolerated)."""
     with open(path, "r", encoding="utf-8-sig") as handle:
@@ -309,32 +283,6 @@ class _Candidate:
     categories: tuple[str, ...]
     rating: int
     origin: str  # sidecar path or manifest line, for examples
-
-
-def _verify_image(path: str, mode: str) -> tuple[str | None, str]:
-    """(skip reason or None, detail) for one image under verify mode none|header|decode."""
-    if mode == "none":
-        return (None, "") if os.path.isfile(path) else ("image_missing", "file not found")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            limit = Image.MAX_IMAGE_PIXELS
-            # Pillow only warns between 1x and 2x the limit; we treat the warning band as a bomb too
-            if limit is not None and width * height > limit:
-                return "decompression_bomb", f"{width}x{height} exceeds {limit} pixels"
-            if width <= 0 or height <= 0:
-                return "image_undecodable", f"empty size {width}x{height}"
-            if mode == "decode":
-                if img.format == "JPEG":  # DCT-scaled decode still reads every byte: truncation shows
-                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                img.load()
-    except FileNotFoundError:
-        return "image_missing", "file not found"
-    except Image.DecompressionBombError as exc:
-        return "decompression_bomb", str(exc)
-    except IMAGE_ERRORS as exc:
-        return "image_undecodable", f"{type(exc).__name__}: {exc}"
-    return None, ""
 
 
 def _finish_scan(
@@ -359,26 +307,11 @@ def _finish_scan(
         results: list[tuple[str | None, str]] = [(None, "")] * len(candidates)
     elif trusted:
         todo = [c for c in candidates if c.image_path not in trusted]
-        checked = iter(_verify_all(todo, verify, num_threads, collector))
+        checked = iter(verify_images([c.image_path for c in todo], verify, num_threads, collector.warnings))
         results = [(None, "") if c.image_path in trusted else next(checked) for c in candidates]
     else:
-        results = _verify_all(candidates, verify, num_threads, collector)
+        results = verify_images([c.image_path for c in candidates], verify, num_threads, collector.warnings)
     return _build_scan(candidates, results, collector, root=root, source=source, verify=verify, started=started)
-
-
-def _verify_all(candidates: list[_Candidate], verify: str, num_threads: int, collector: _Collector) -> list[tuple[str | None, str]]:
-    """_verify_image over all candidates on a thread pool; decoder warnings go to the report.
-
-    catch_warnings swaps the process-wide filters, so warnings from the pool's threads are
-    recorded too (nothing else runs while the scan does)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # _verify_image checks the pixel count itself
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        # small chunks: verification is slow per item and should spread over all threads
-        results = _map_threads(_verify_image, [c.image_path for c in candidates], num_threads, verify, chunk=32)
-    collector.warnings.add_all(caught)
-    return results
 
 
 def _build_scan(
@@ -455,7 +388,7 @@ def scan_dataset(
 
     # refused links and undecodable names are never opened: their reason stands in for the content
     abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel if rel_join(rel, n) not in rejected]
-    readable = iter(_map_threads(_read_sidecar_safe, abs_paths, num_threads, limits.max_sidecar_bytes))
+    readable = iter(map_threads(_read_sidecar_safe, abs_paths, num_threads, limits.max_sidecar_bytes))
     parsed = [
         (rejected[rel_join(rel, n)], _REFUSED[rejected[rel_join(rel, n)]]) if rel_join(rel, n) in rejected else next(readable)
         for rel, n in sidecar_rel

@@ -142,8 +142,12 @@ class WarningLog:
 
     def add_all(self, caught: Iterable[warnings.WarningMessage]) -> None:
         """Count recorded warnings (from warnings.catch_warnings(record=True))."""
-        for item in caught:
-            key = printable(f"{item.category.__name__}: {str(item.message)[:160]}")
+        self.add_messages((item.category.__name__, str(item.message)) for item in caught)
+
+    def add_messages(self, messages: Iterable[tuple[str, str]]) -> None:
+        """Count warnings given as (category name, message) pairs (from another process)."""
+        for category, message in messages:
+            key = printable(f"{category}: {message[:160]}")
             if key not in self.counts and len(self.counts) >= self.max_kinds:
                 key = "other"
             self.counts[key] = self.counts.get(key, 0) + 1

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import dataset_scan
+import image_audit
 from dataset_scan import scan_dataset
 from scan_index import fingerprint_folder, index_file, scan_with_index
 from scan_limits import ScanLimits
@@ -94,13 +95,13 @@ def test_unchanged_images_are_not_reopened_after_a_change(tmp_path: Path, monkey
     Image.new("RGB", (9, 9)).save(root / "part1" / "new.png")
     (root / "part1" / "new.json").write_text('{"tags": "tag_new"}', encoding="utf-8")
     opened: list[str] = []
-    real = dataset_scan._verify_image
+    real = image_audit.verify_image
 
     def counting(path: str, mode: str) -> tuple[str | None, str]:
         opened.append(os.path.basename(path))
         return real(path, mode)
 
-    monkeypatch.setattr(dataset_scan, "_verify_image", counting)
+    monkeypatch.setattr(image_audit, "verify_image", counting)
     updated = run(root, index)
     assert sorted(opened) == ["broken.png", "new.png"]  # the failed one is checked again: it may be fixed
     assert updated.index["images_not_reopened"] == 6
@@ -148,3 +149,28 @@ def test_fingerprint_lists_images_and_sidecars_with_sizes(tmp_path: Path) -> Non
     assert fp.paths == sorted(fp.paths)
     i = fp.paths.index("part0/img0.json")
     assert fp.sizes[i] == (tmp_path / "part0" / "img0.json").stat().st_size and np.all(fp.mtimes > 0)
+
+
+@pytest.mark.e2e  # starts worker processes
+def test_image_check_in_processes_equals_the_threaded_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan large enough for the process pool (threshold lowered here) finds exactly what the
+    in-process check finds, in the same order, with the same decoder-warning counts."""
+    root = tmp_path / "data"
+    make_folder(root, 12)
+    Image.new("RGB", (6, 6)).save(root / "part1" / "extra.jpg")
+    (root / "part1" / "extra.json").write_text('{"tags": "tag_a"}', encoding="utf-8")
+    threaded = scan_dataset(root)
+    pools: list[int] = []
+
+    class CountingPool(image_audit.ProcessPoolExecutor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pools.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(image_audit, "PARALLEL_VERIFY_MIN", 2)
+    monkeypatch.setattr(image_audit, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(image_audit, "ProcessPoolExecutor", CountingPool)
+    in_processes = scan_dataset(root)
+    assert pools == [1]
+    same_scan(in_processes, threaded)
+    assert threaded.skipped.get("image_undecodable") == 1 and len(threaded.records) == 13
