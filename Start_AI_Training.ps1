@@ -12,6 +12,7 @@
     .\Start_AI_Training.ps1
     .\Start_AI_Training.ps1 -Config configs\my_run.yaml -Set "data.root=D:\booru","data.num_workers=12" -CudaTorch
     .\Start_AI_Training.ps1 -Config configs\my_run.yaml -Resume latest
+    .\Start_AI_Training.ps1 -Config configs\my_run.yaml -Resume latest -ExtraArgs "--accept-data-change"
     .\Start_AI_Training.ps1 -Config configs\my_run.yaml -NProcPerNode 2
 #>
 [CmdletBinding()]
@@ -22,6 +23,8 @@ param(
     [string]$Resume = "",
     # Config overrides, each "section.key=value".
     [string[]]$Set = @(),
+    # Further train_direct.py arguments, e.g. "--accept-data-change" or "--accept-schedule-change".
+    [string[]]$ExtraArgs = @(),
     # Install the CUDA build of torch from the PyTorch wheel index before the requirements.
     [switch]$CudaTorch,
     [string]$TorchIndexUrl = "https://download.pytorch.org/whl/cu128",
@@ -74,6 +77,7 @@ $venvPython = Get-VenvPython $VenvDir
 $trainArgs = @("train_direct.py", "--config", $Config)
 foreach ($override in $Set) { $trainArgs += @("--set", $override) }
 if ($Resume) { $trainArgs += @("--resume", $Resume) }
+$trainArgs += $ExtraArgs
 if ($NProcPerNode -gt 1) {
     $trainArgs = @("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "$NProcPerNode") + $trainArgs
 }

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Start_AI_Training.ps1"
 EXAMPLE_ENV = ROOT / "payton_env.example.ps1"
-PARAMETERS = {"Config", "Resume", "Set", "CudaTorch", "TorchIndexUrl", "VenvDir", "EnvFile", "Python", "NProcPerNode", "SkipInstall", "DryRun"}
+PARAMETERS = {"Config", "Resume", "Set", "ExtraArgs", "CudaTorch", "TorchIndexUrl", "VenvDir", "EnvFile", "Python", "NProcPerNode", "SkipInstall", "DryRun"}
 
 
 def parse(path: Path):  # -> tree_sitter.Tree
@@ -70,6 +70,7 @@ def test_command_it_builds_and_exit_code() -> None:
     assert '$trainArgs = @("train_direct.py", "--config", $Config)' in text
     assert 'foreach ($override in $Set) { $trainArgs += @("--set", $override) }' in text
     assert 'if ($Resume) { $trainArgs += @("--resume", $Resume) }' in text
+    assert "$trainArgs += $ExtraArgs" in text  # --accept-data-change and the like pass through
     assert '"-m", "torch.distributed.run", "--standalone", "--nproc-per-node"' in text
     assert re.search(r"& \$venvPython @trainArgs\s+exit \$LASTEXITCODE\s*$", text)
     # thin: no training logic in the launcher
