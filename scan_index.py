@@ -40,7 +40,7 @@ from scan_limits import ScanLimits
 
 __all__ = ["INDEX_VERSION", "Fingerprint", "fingerprint_folder", "index_file", "scan_with_index"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 1  # bump when what a scan keeps or skips changes: older indexes are then scanned again
 _SEEN_EXTENSIONS = IMAGE_EXTENSIONS | {".json"}
 # folders with at least this many images and sidecars are scanned in a child process (see _scan_in_child)
 CHILD_PROCESS_FILES = 20_000
