@@ -23,7 +23,7 @@ from process_group import Distributed
 from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
 from training_utils import GuardedOptimizerStep, ModelEma, TrainStep
 
-# Config keys whose change alters the schedule or the data order of a resumed run.
+# Config keys whose change alters the schedule, the data order or the loss of a resumed run.
 SCHEDULE_KEYS = (
     "data.batch_size",
     "training.grad_accum_steps",
@@ -40,6 +40,9 @@ SCHEDULE_KEYS = (
     "data.repeat_factor_threshold",  # the epoch's length and order
     "data.progressive_image_size",
     "data.progressive_share",
+    "loss.gamma_neg",  # the tag loss itself: a resumed run must not switch losses silently
+    "loss.gamma_pos",
+    "loss.clip",
 )
 # Schedule keys newer than the first checkpoints, with the value those checkpoints were trained with.
 SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {
@@ -47,6 +50,10 @@ SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {
     "data.repeat_factor_threshold": 0.0,
     "data.progressive_image_size": 0,
     "data.progressive_share": 0.7,
+    # the asymmetric focal loss was the default until plain BCE replaced it
+    "loss.gamma_neg": 4.0,
+    "loss.gamma_pos": 0.0,
+    "loss.clip": 0.05,
 }
 
 

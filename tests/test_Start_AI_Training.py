@@ -15,7 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "Start_AI_Training.ps1"
 EXAMPLE_ENV = ROOT / "payton_env.example.ps1"
-PARAMETERS = {"Config", "Resume", "Set", "ExtraArgs", "CudaTorch", "TorchIndexUrl", "VenvDir", "EnvFile", "Python", "NProcPerNode", "SkipInstall", "DryRun"}
+PARAMETERS = {
+    "Config",
+    "Resume",
+    "Set",
+    "ExtraArgs",
+    "CudaTorch",
+    "TorchIndexUrl",
+    "VenvDir",
+    "EnvFile",
+    "Python",
+    "NProcPerNode",
+    "SkipInstall",
+    "DryRun",
+}
 
 
 def parse(path: Path):  # -> tree_sitter.Tree

@@ -74,7 +74,7 @@ def test_two_processes_match_one_at_the_same_global_batch(demo_data: Path, tmp_p
         assert x["num_samples"] == y["num_samples"]  # sharded validation counts every sample once
         assert abs(x["mAP"] - y["mAP"]) < 0.01
     # rank 0 alone writes: one metrics file, one set of checkpoints, no per-rank leftovers
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one", "scan_index", "two"]  # the runs and the shared scan index
 
 
 def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path) -> None:

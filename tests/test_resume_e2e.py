@@ -29,6 +29,9 @@ RESUME_RUN = TINY_RUN + [
     "training.ema_decay=0.9",
     "checkpoint.keep_last=10",
     "data.num_workers=2",
+    # the loss of the code these tests compare with (FORMAT_1_COMMIT), the default until plain BCE
+    "loss.gamma_neg=4",
+    "loss.clip=0.05",
 ]
 
 
@@ -231,7 +234,7 @@ def test_checkpoint_of_the_previous_code_resumes_to_the_same_run(reference: tupl
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_run(old_dir, copy)
     rewritten = torch.load(copy / "checkpoints" / f"step_{STEPS}" / "training_state.pt", weights_only=True)
-    assert set(rewritten) == set(saved) | {"best", "monitor", "micro_batches"}  # the other entries keep their keys
+    assert set(rewritten) == set(saved) | {"best", "monitor", "micro_batches", "train_data_fingerprint"}  # the other entries keep their keys
     assert set(rewritten["run_state"]) == set(saved["run_state"]) - {"best_metric", "best_step"}
     old_final = torch.load(old_dir / "checkpoints" / f"step_{STEPS}" / "training_state.pt", weights_only=True)
     assert rewritten["best"]["metric"] == "mAP" and rewritten["best"]["step"] == old_final["run_state"]["best_step"]

@@ -65,7 +65,9 @@ def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) ->
     losses = [e["loss"] for e in events if e["type"] == "train"]
     assert len(losses) >= 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.9 * first, (first, last)
+    # plain BCE with the tag-bias init starts near the tag-frequency prior's loss, so the fall is
+    # a smaller share of the total than the focal loss's was; the mAP check below is the real test
+    assert last < 0.95 * first, (first, last)
     vals = [e for e in events if e["type"] == "val"]
     assert vals, "no validation event"
     baseline = frequency_baseline_map(trained_run.run_dir)
@@ -482,12 +484,13 @@ def test_progressive_resolution_schedule_and_checks() -> None:
     small = resize_images(images, 32)
     reference = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
     assert small.shape == (2, 3, 32, 32) and torch.equal(small, reference) and resize_images(images, 64) is images
-    # a checkpoint from before the recipe keys resumes under the defaults without a schedule change
-    old = {
-        k: v
-        for k, v in schedule_signature(off, 1).items()
-        if k not in ("data.progressive_image_size", "data.progressive_share", "training.layer_decay", "data.repeat_factor_threshold")
-    }
-    assert check_resume_compatible(old, schedule_signature(off, 1), accept=False) == []
+    # a checkpoint from before the recipe keys (trained with the asymmetric focal loss, then the
+    # default) resumes under the old loss without a change, and is refused under the new default
+    added = ("data.progressive_image_size", "data.progressive_share", "training.layer_decay", "data.repeat_factor_threshold")
+    focal = load_config(None, ["data.image_size=64", "model.patch_size=16", "loss.gamma_neg=4", "loss.clip=0.05"])
+    old = {k: v for k, v in schedule_signature(focal, 1).items() if k not in added and not k.startswith("loss.")}
+    assert check_resume_compatible(old, schedule_signature(focal, 1), accept=False) == []
+    with pytest.raises(ConfigError, match=r"loss.gamma_neg: 4.0 -> 0.0; loss.clip: 0.05 -> 0.0"):
+        check_resume_compatible(old, schedule_signature(off, 1), accept=False)
     with pytest.raises(ConfigError, match="data.progressive_image_size"):
         check_resume_compatible(old, schedule_signature(cfg, 1), accept=False)
