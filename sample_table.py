@@ -105,6 +105,14 @@ class SampleTable(Sequence):
             )
         if len(self.tag_ids) and (int(self.tag_ids.min()) < 0 or int(self.tag_ids.max()) >= len(self.tag_names)):
             raise ValueError(f"sample table: tag ids outside 0..{len(self.tag_names) - 1}")
+        if len(self.tag_categories) and int(self.tag_categories.max()) >= len(self.category_names):
+            raise ValueError(f"sample table: category ids outside 0..{len(self.category_names) - 1}")
+        # a table read from disk is untrusted: offsets must rise from 0 to the end of their blob
+        for name, offsets, size in (("id", self.id_offsets, len(self.id_blob)), ("path", self.path_offsets, len(self.path_blob))):
+            if offsets[0] != 0 or offsets[-1] != size or (n and np.any(np.diff(offsets) < 0)):
+                raise ValueError(f"sample table: {name} offsets do not cover their {size} bytes in order")
+        if self.tag_offsets[0] != 0 or (n and np.any(np.diff(self.tag_offsets) < 0)):
+            raise ValueError("sample table: tag offsets do not rise from 0")
 
     # ------------------------------------------------------------------ rows
 

@@ -116,3 +116,13 @@ def test_table_is_compact() -> None:
         builder.add(f"{i // 1000:04d}/{i:08d}", f"/data/danbooru/{i // 1000:04d}/{i:08d}.jpg", tags, ["general"] * 25, 0)
     table = builder.build()
     assert table.nbytes / len(table) < 200
+
+
+def test_a_damaged_table_is_refused_with_a_reason() -> None:
+    """Arrays read from disk are checked: offsets out of order, ids out of range."""
+    arrays = SampleTable.from_records(random_records(20, seed=7), root="/data").to_arrays()
+    for key, damage in (("id_offsets", lambda a: a[::-1].copy()), ("tag_ids", lambda a: a + 10_000), ("tag_categories", lambda a: a + 200)):
+        broken = dict(arrays)
+        broken[key] = damage(arrays[key])
+        with pytest.raises(ValueError, match="sample table"):
+            SampleTable.from_arrays(broken)
