@@ -174,3 +174,27 @@ def test_image_check_in_processes_equals_the_threaded_one(tmp_path: Path, monkey
     assert pools == [1]
     same_scan(in_processes, threaded)
     assert threaded.skipped.get("image_undecodable") == 1 and len(threaded.records) == 13
+
+
+@pytest.mark.e2e  # starts a process
+def test_big_scan_in_a_spawned_child_equals_the_scan_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder over the child-process threshold (lowered here) is scanned in a spawned process;
+    the table and report that come back equal an in-process scan, and errors come back too."""
+    import scan_index
+
+    root, index = tmp_path / "data", tmp_path / "index"
+    make_folder(root, 6)
+    children: list[int] = []
+    real = scan_index._scan_in_child
+
+    def counting(job: tuple) -> dataset_scan.DatasetScan:
+        children.append(1)
+        return real(job)
+
+    monkeypatch.setattr(scan_index, "CHILD_PROCESS_FILES", 1)
+    monkeypatch.setattr(scan_index, "_scan_in_child", counting)
+    in_child = run(root, index)
+    assert children == [1]
+    same_scan(in_child, scan_dataset(root))
+    with pytest.raises(FileNotFoundError, match="m.jsonl"):
+        scan_index._scan_in_child((str(root), str(tmp_path / "m.jsonl"), "header", LIMITS, frozenset()))
