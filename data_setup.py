@@ -472,7 +472,8 @@ def prepare_eval_data(
         records = scan.records
     else:
         root = ensure_dataset(cfg, is_main=False, log=None)
-        scan = scan_from_config(cfg, root)
+        # reads a training run's scan index but never writes one: evaluation leaves no files behind
+        scan = scan_from_config(cfg, root, write_index=False)
         records = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed, max_val=cfg.data.max_val_samples).val
     if log:
         log(format_scan_summary(scan))

@@ -97,6 +97,18 @@ def test_prepare_eval_data_takes_every_sample_of_a_folder(demo_root: Path) -> No
         prepare_eval_data(cfg, vocab, PreprocessParams(32), data_root=demo_root / "no_such", log=None)
 
 
+def test_prepare_eval_data_reads_a_scan_index_but_writes_none(demo_root: Path, tmp_path: Path) -> None:
+    """The run's validation split through the scan index a training run left; evaluation alone
+    leaves no index behind (it may run from any folder, even inside the dataset's parent)."""
+    cfg = load_config(None, SMALL + [f"data.root={demo_root}", f"output_root={tmp_path / 'runs'}"])
+    vocab = create_vocabulary_from_datasets(scan_dataset(demo_root).records)
+    bundle = prepare_eval_data(cfg, vocab, PreprocessParams(32), log=None)
+    assert not (tmp_path / "runs").exists() and bundle.report["scan_index"]["reused"] is False
+    prepare_data(cfg, tmp_path / "runs" / "exp", log=None)  # a training run writes the index
+    again = prepare_eval_data(cfg, vocab, PreprocessParams(32), log=None)
+    assert again.report["scan_index"]["reused"] is True and again.val_records == bundle.val_records
+
+
 # --------------------------------------------------------------------------------------------
 # Hostile data (issue 12)
 # --------------------------------------------------------------------------------------------
