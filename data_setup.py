@@ -17,6 +17,7 @@ data_report.json, and is left out of validation and of later runs; validation ne
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -38,9 +39,9 @@ from dataset_scan import (
     check_scan_quality,
     filter_known_tags,
     format_scan_summary,
-    load_manifest,
     read_json,
     scan_dataset,
+    scan_source,
     write_data_report,
 )
 from dataset_split import load_split, save_split, split_records
@@ -87,8 +88,10 @@ class DataBundle:
     report: dict[str, Any]
     report_path: Path | None = None
 
+    @functools.cached_property
     def train_fingerprint(self) -> str:
-        """A hash of the training samples' ids in order: a checkpoint resumes exactly only on the same ones."""
+        """A hash of the training samples' ids in order: a checkpoint resumes exactly only on the same
+        ones (computed once: every checkpoint stores it)."""
         table = as_table(self.train_records)
         digest = hashlib.sha256(table.id_offsets.tobytes())
         digest.update(table.id_blob.tobytes())
@@ -198,9 +201,7 @@ def scan_from_config(
             write=write_index,
             log=log,
         )
-    if cfg.data.manifest:
-        return load_manifest(cfg.data.manifest, root, verify=verify, limits=limits_from_config(cfg))
-    return scan_dataset(root, verify=verify, limits=limits_from_config(cfg))
+    return scan_source(root, manifest=cfg.data.manifest or None, verify=verify, limits=limits_from_config(cfg))
 
 
 def exclude_failed(scan: DatasetScan, failed: dict[str, str], source: str) -> None:

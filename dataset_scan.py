@@ -44,6 +44,7 @@ __all__ = [
     "parse_sidecar",
     "read_json",
     "scan_dataset",
+    "scan_source",
     "load_manifest",
     "DatasetScanner",
     "filter_known_tags",
@@ -630,6 +631,15 @@ def load_manifest(
     return _finish_scan(
         candidates, collector, root=root_abs, source=f"manifest:{manifest}", verify=verify, num_threads=num_threads, started=started, trusted=trusted
     )
+
+
+def scan_source(
+    root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits, trusted: frozenset[str] = frozenset()
+) -> DatasetScan:
+    """The folder scan of `root`, or the records of `manifest` with their files resolved against `root`."""
+    if manifest:
+        return load_manifest(manifest, root, verify=verify, limits=limits, trusted=trusted)
+    return scan_dataset(root, verify=verify, limits=limits, trusted=trusted)
 
 
 class DatasetScanner:

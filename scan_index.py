@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dataset_scan import IMAGE_EXTENSIONS, DatasetScan, load_manifest, scan_dataset
+from dataset_scan import IMAGE_EXTENSIONS, DatasetScan, scan_source
 from sample_table import SampleTable
 from scan_limits import ScanLimits
 
@@ -84,11 +84,10 @@ class Fingerprint:
         before = {p: (int(s), int(m)) for p, s, m in zip(earlier.paths, earlier.sizes.tolist(), earlier.mtimes.tolist())}
         return {p for p, s, m in zip(self.paths, self.sizes.tolist(), self.mtimes.tolist()) if before.get(p) == (s, m)}
 
-    def changes(self, earlier: "Fingerprint") -> dict[str, int]:
-        """How many files were added, deleted and changed since `earlier`."""
+    def changes(self, earlier: "Fingerprint", unchanged: set[str]) -> dict[str, int]:
+        """How many files were added, deleted and changed since `earlier` (`unchanged`: self.unchanged(earlier))."""
         now, before = set(self.paths), set(earlier.paths)
-        same = len(self.unchanged(earlier))
-        return {"added": len(now - before), "deleted": len(before - now), "changed": len(now & before) - same}
+        return {"added": len(now - before), "deleted": len(before - now), "changed": len(now & before) - len(unchanged)}
 
 
 def _pack_paths(paths: list[str]) -> np.ndarray:
@@ -260,8 +259,9 @@ def scan_with_index(
         return scan
     trusted: frozenset[str] = frozenset()
     if saved is not None:
-        status["changes"] = fp.changes(saved[0])
-        trusted = _trusted_images(saved[1], fp.unchanged(saved[0]))
+        unchanged = fp.unchanged(saved[0])
+        status["changes"] = fp.changes(saved[0], unchanged)
+        trusted = _trusted_images(saved[1], unchanged)
         if log:
             c = status["changes"]
             log(f"scan index: {c['added']} files added, {c['deleted']} deleted, {c['changed']} changed since the last scan; scanning again")
@@ -283,11 +283,9 @@ def scan_with_index(
 
 
 def _scan(job: tuple[str, str | None, str, ScanLimits, frozenset[str]]) -> DatasetScan:
-    """The scan itself: a folder or a manifest (a module-level function: it runs in a spawned child)."""
+    """The scan itself (a module-level function: it runs in a spawned child)."""
     root, manifest, verify, limits, trusted = job
-    if manifest:
-        return load_manifest(manifest, root, verify=verify, limits=limits, trusted=trusted)
-    return scan_dataset(root, verify=verify, limits=limits, trusted=trusted)
+    return scan_source(root, manifest=manifest, verify=verify, limits=limits, trusted=trusted)
 
 
 def _scan_in_child(job: tuple[str, str | None, str, ScanLimits, frozenset[str]]) -> DatasetScan:

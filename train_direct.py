@@ -313,7 +313,7 @@ def training_state_dict(run: TrainingRun) -> dict[str, Any]:
         "schedule": schedule_signature(run.cfg, run.dist.world_size),
         "micro_batches": run.step_fn.plan.to_dict(),  # not part of the schedule: a resume may re-plan
         "vocabulary_fingerprint": run.data.vocab.fingerprint(),
-        "train_data_fingerprint": run.data.train_fingerprint(),
+        "train_data_fingerprint": run.data.train_fingerprint,
     }
 
 
@@ -354,7 +354,7 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
             f"{folder}: the checkpoint's vocabulary differs from this run's ({run.data.vocab_path}); "
             "resume with the run's own vocabulary.json (data.vocabulary)"
         )
-    data_changed = state.get("train_data_fingerprint", run.data.train_fingerprint()) != run.data.train_fingerprint()
+    data_changed = state.get("train_data_fingerprint", run.data.train_fingerprint) != run.data.train_fingerprint
     if data_changed and not args.accept_data_change:
         split = run.data.report.get("split", {})
         raise ConfigError(
@@ -404,22 +404,21 @@ def epoch_batches(run: TrainingRun, epoch: int, start_batch: int) -> Iterator[di
     return iter(ImagePreFetcher(run.train_loader, run.device, run.data.preprocess, len(run.data.vocab)))
 
 
-def step_inputs(run: TrainingRun, batch: Mapping[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_inputs(run: TrainingRun, batch: Mapping[str, Any], size: int, mix: MixParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch's images (B, 3, size, size), tag targets (B, T) and ratings: resized to the epoch's
-    resolution, then MixUp/CutMix-ed when augment says so (ratings then (B, R) soft). The draw
-    depends only on (seed, rank, epoch, batch), so a resumed run mixes as the uninterrupted one."""
-    a = run.cfg.augment
-    params = MixParams(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob, switch_prob=a.mix_switch_prob)
+    resolution, then MixUp/CutMix-ed by `mix` (ratings then (B, R) soft). The draw depends only on
+    (seed, rank, epoch, batch), so a resumed run mixes as the uninterrupted one."""
     place = (run.cfg.training.seed, run.dist.rank, run.state.epoch, run.state.batch_in_epoch)
-    return mix_training_batch(resize_images(batch["images"], size), batch["tag_targets"], batch["ratings"], params, place)
+    return mix_training_batch(resize_images(batch["images"], size), batch["tag_targets"], batch["ratings"], mix, place)
 
 
 def epoch_resolution(run: TrainingRun, previous: int | None) -> int:
-    """This epoch's training image size; a change (progressive resolution) is logged."""
+    """This epoch's training image size; with progressive resolution its first epoch and every
+    switch are logged."""
     size = train_image_size(run.cfg, run.state.epoch, run.steps_per_epoch, run.total_steps)
-    if size != previous:
+    if size != previous and run.cfg.data.progressive_image_size:
         run.monitor.log_event(run.state.step, "resolution", image_size=size, epoch=run.state.epoch)
-        if run.dist.is_main and run.cfg.data.progressive_image_size:
+        if run.dist.is_main:
             print(f"resolution: {size} px from epoch {run.state.epoch + 1}")
     return size
 
@@ -431,6 +430,8 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     per_epoch_batches = run.sampler.batches_per_epoch()
     # Throughput counts training time only: validation and checkpoint pauses are subtracted.
     t_log, images_since, wait_since, paused = time.perf_counter(), 0, 0.0, 0.0
+    a = cfg.augment
+    mix = MixParams(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob, switch_prob=a.mix_switch_prob)
     size = None
     while st.epoch < cfg.training.epochs and st.step < run.total_steps:
         size = epoch_resolution(run, size)
@@ -443,7 +444,7 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
                 wait_since += time.perf_counter() - t0
                 run.failures.observe(batch)
                 count_flips(run, batch["flip"])
-                images, tag_targets, ratings = step_inputs(run, batch, size)
+                images, tag_targets, ratings = step_inputs(run, batch, size, mix)
                 run.step_fn.forward_backward(images, tag_targets, ratings, window, sync=(i == window - 1))
                 images_since += batch["images"].shape[0] * run.dist.world_size
                 st.batch_in_epoch += 1

@@ -55,7 +55,7 @@ def test_unchanged_folder_reuses_the_index_without_opening_a_file(tmp_path: Path
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a reused index must not scan")
 
-    monkeypatch.setattr("scan_index.scan_dataset", no_reading)
+    monkeypatch.setattr("scan_index.scan_source", no_reading)
     second = run(root, index)
     assert second.index["reused"] is True
     same_scan(second, first)
