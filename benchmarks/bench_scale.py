@@ -12,7 +12,11 @@ Generates N sidecar pairs cheaply (one small JPEG hard-linked N times, 1,000 fil
   tags) once, as a DataLoader worker does over an epoch (it must not grow with the samples touched);
 * ``train``: wall time of ``train_direct.py`` from launch to its first optimizer step, cold (no
   run folder, no scan index) and on ``--resume latest`` with unchanged data (a tiny model, so the
-  figures are the data start-up).
+  figures are the data start-up);
+* ``kernels``: what the design choices rest on, old way against new: the RSS a scan run in the
+  measuring process leaves behind once it is deleted (why big scans run in a child), the image
+  check on threads against one process a core, and the flip audit and vocabulary count per record
+  against the table's arrays (best of 2 alternating rounds each).
 
 Example: python benchmarks/bench_scale.py --samples 1000000 --json-out /tmp/scale.json
 """
@@ -221,12 +225,74 @@ def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> 
     return result
 
 
+def _scan_then_free(root: str, queue: Any) -> None:
+    """In a fresh child: scan here, delete the result, report RSS before, with and after (bytes)."""
+    from dataset_scan import scan_dataset
+
+    gc.collect()
+    before = rss()
+    scan = scan_dataset(root)
+    samples, with_scan = len(scan.records), rss()
+    del scan
+    gc.collect()
+    queue.put({"samples": samples, "rss_with_scan": with_scan - before, "rss_after_del": rss() - before})
+
+
+def _best_of(rounds: int, variants: dict[str, Any]) -> dict[str, float]:
+    """Seconds of each callable, best of `rounds` alternating rounds."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+    return {k: round(v, 3) for k, v in best.items()}
+
+
+def kernels(root: Path) -> dict[str, Any]:
+    """Old way against new for the pieces the start-up design rests on (see the module docstring)."""
+    import image_audit
+    from data_setup import flip_audit
+    from dataset_scan import scan_dataset
+    from file_io import resolve_resource
+    from orientation_handler import OrientationHandler
+    from scan_limits import WarningLog
+    from vocabulary import build_vocabulary
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_scan_then_free, args=(str(root), queue))
+    proc.start()
+    heap = queue.get(timeout=3600)
+    proc.join()
+    n = heap["samples"]
+    out: dict[str, Any] = {"heap_kept_after_an_in_process_scan_bytes_per_sample": round(heap["rss_after_del"] / n, 1), **heap}
+
+    table = scan_dataset(root, verify="none").records
+    records = list(table)
+    paths = [table.image_path(i) for i in range(len(table))]
+
+    def check(threshold: int) -> None:
+        image_audit.PARALLEL_VERIFY_MIN = threshold
+        image_audit.verify_images(paths, "header", 8, WarningLog())
+
+    out["image_check_s"] = _best_of(2, {"threads": lambda: check(len(paths) + 1), "processes": lambda: check(0)})
+    image_audit.PARALLEL_VERIFY_MIN = 20_000
+    vocab, _ = build_vocabulary(table, min_frequency=2)
+    handler = OrientationHandler.from_file(resolve_resource("configs/orientation_map.json"))
+    out["flip_audit_s"] = _best_of(2, {"per_record": lambda: flip_audit(records, vocab, handler), "table": lambda: flip_audit(table, vocab, handler)})
+    out["vocabulary_s"] = _best_of(
+        2, {"per_record": lambda: build_vocabulary(records, min_frequency=2), "table": lambda: build_vocabulary(table, min_frequency=2)}
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate the data (once), measure, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/oppai_bench_scale"))
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: in_process,workers,train")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: in_process,workers,train,kernels")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -251,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             "cold": time_to_first_step(work, root, resume=False, timeout=args.timeout),
             "resume": time_to_first_step(work, root, resume=True, timeout=args.timeout),
         }
+    if "kernels" not in skip:
+        result["kernels"] = kernels(root)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
