@@ -107,12 +107,13 @@ class SidecarJsonDataset(Dataset):
         self._table = table  # shared with the caller's table when it is already keyed to the vocabulary
         self._ratings = table.ratings
         self.cache = cache
-        self._cache_rows = cache.rows_for(table.sample_ids()) if cache is not None else None
+        bad = dict(known_bad or {})
+        ids = table.sample_ids() if cache is not None or bad else []  # decoded once, only when needed
+        self._cache_rows = cache.rows_for(ids) if cache is not None else None
         self.cache_hits = 0  # per process; for benchmarks and tests
         self.substitute = bool(substitute)
-        bad = dict(known_bad or {})
         # index -> (sample id, reason); grows in each worker as it meets failing files
-        self._known_bad: dict[int, tuple[str, str]] = {i: (sid, bad[sid]) for i, sid in enumerate(table.sample_ids()) if sid in bad} if bad else {}
+        self._known_bad: dict[int, tuple[str, str]] = {i: (sid, bad[sid]) for i, sid in enumerate(ids) if sid in bad}
 
     def __len__(self) -> int:
         """Number of records."""

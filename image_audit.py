@@ -6,7 +6,7 @@ counted instead of printed). Opening headers is Python work under the GIL, so a 
 ``PARALLEL_VERIFY_MIN`` images or more spreads it over spawned processes (one a core), keeping
 file order; smaller ones use a thread pool. ``map_threads`` is the chunked thread map the scan
 also reads sidecars with. It imports ``image_preprocess`` (which exceptions mean an image is
-unusable) and ``scan_limits`` (the warning log); ``dataset_scan`` calls it.
+unusable), ``process_group`` (the usable cores) and ``scan_limits`` (the warning log); ``dataset_scan`` calls it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from image_preprocess import IMAGE_ERRORS
+from process_group import usable_cpu_count
 from scan_limits import WarningLog
 
 __all__ = ["PARALLEL_VERIFY_MIN", "map_threads", "verify_image", "verify_images"]
@@ -90,15 +91,10 @@ def _verify_chunk(paths: list[str], verify: str, num_threads: int) -> tuple[list
     return results, [(item.category.__name__, str(item.message)) for item in caught]
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def verify_images(paths: list[str], verify: str, num_threads: int, warning_log: WarningLog) -> list[tuple[str | None, str]]:
     """(skip reason or None, detail) for every path, in order; decoder warnings counted in `warning_log`.
     A large scan spreads the work over processes (one a core, spawned: Windows has no fork)."""
-    processes = min(_usable_cores(), 8)
+    processes = min(usable_cpu_count(), 8)
     if processes < 2 or len(paths) < PARALLEL_VERIFY_MIN:
         results, caught = _verify_chunk(paths, verify, num_threads)
         warning_log.add_messages(caught)

@@ -54,6 +54,7 @@ from Configuration_System import RootConfig
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
 from micro_batching import MicroBatchPlan, agree_across_ranks, injected_oom_limit, make_step_probe, micro_batch_candidates, plan_micro_batches
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
+from process_group import usable_cpu_count
 from training_utils import GuardedOptimizerStep, TrainStep, autocast_context, resolve_precision
 
 __all__ = [
@@ -89,13 +90,6 @@ BATCH_KEY = "data.batch_size"
 # --------------------------------------------------------------------------------------------
 # DataLoader workers
 # --------------------------------------------------------------------------------------------
-
-
-def usable_cpu_count() -> int:
-    """CPUs this process may run on: the count DataLoader checks num_workers against."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def local_process_count(environ: dict[str, str] | None = None) -> int:

@@ -30,6 +30,14 @@ class Distributed:
         return self.rank == 0
 
 
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (its affinity where the OS has one): the count DataLoader checks
+    num_workers against, and the processes a parallel start-up check may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def init_distributed(device_pref: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun process group when launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

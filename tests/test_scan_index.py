@@ -168,7 +168,7 @@ def test_image_check_in_processes_equals_the_threaded_one(tmp_path: Path, monkey
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(image_audit, "PARALLEL_VERIFY_MIN", 2)
-    monkeypatch.setattr(image_audit, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(image_audit, "usable_cpu_count", lambda: 2)
     monkeypatch.setattr(image_audit, "ProcessPoolExecutor", CountingPool)
     in_processes = scan_dataset(root)
     assert pools == [1]
