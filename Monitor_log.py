@@ -352,12 +352,16 @@ class TrainingMonitor:
         self._sinks.scalars(metric_values, step)
         self._sinks.record("event", step, {"kind": "hparams", "hparams": flat, "metrics": metric_values})
 
-    def log_event(self, step: int, kind: str, **fields: Any) -> None:
-        """Record a discrete event (checkpoint saved, skipped step, resumed, ...) in metrics.jsonl and the console."""
+    def log_event(self, step: int, kind: str, *, say: str | None = None, **fields: Any) -> None:
+        """Record a discrete event (checkpoint saved, skipped step, resumed, ...) in metrics.jsonl and the console.
+
+        The console gets one line an event: `say` where the caller has a sentence for people (the
+        event is then not printed a second time by the caller), else the fields as key=value.
+        """
         if not self._active():
             return
         self._sinks.record("event", int(step), {"kind": str(kind), **fields})
-        self._console.event(int(step), str(kind), fields)
+        self._console.event(int(step), str(kind), fields, say)
 
     # ---- system statistics -----------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from dataset_scan import (
 )
 from dataset_split import load_split, save_split, split_records
 from demo_dataset import generate_demo_dataset
-from file_io import resolve_resource
+from file_io import display_path, resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import FlipStats, OrientationHandler
 from prepared_cache import PreparedCache, prepare_cache
@@ -173,7 +173,7 @@ def ensure_dataset(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None]
         started = time.perf_counter()
         generate_demo_dataset(root, num_images=cfg.data.demo_images, seed=0, image_size=cfg.data.image_size)
         if log:
-            log(f"demo: generated {cfg.data.demo_images} images in {root} ({time.perf_counter() - started:.1f}s)")
+            log(f"demo: generated {cfg.data.demo_images} images in {display_path(root)} ({time.perf_counter() - started:.1f}s)")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: dataset folder not found: {root}")
     return root

@@ -2,7 +2,8 @@
 
 Owns atomic writes (temp file in the same folder, fsync, `os.replace`), the `os.replace` retry
 that Windows needs while a reader holds the target open, strict JSON reading with errors that
-name the file, and finding a shipped resource from any working directory. Bottom module: it
+name the file, finding a shipped resource from any working directory, and the way a path or the
+interpreter is shown to people (relative to where they ran the command). Bottom module: it
 imports nothing from the project, so any module may use it.
 """
 
@@ -10,13 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROJECT_DIR", "atomic_write_bytes", "atomic_write_text", "load_json_file", "replace_with_retry", "resolve_resource"]
+__all__ = [
+    "PROJECT_DIR",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "display_path",
+    "load_json_file",
+    "python_command",
+    "replace_with_retry",
+    "resolve_resource",
+]
 
 PROJECT_DIR = Path(__file__).resolve().parent
 
@@ -78,3 +90,34 @@ def resolve_resource(path: str | Path) -> Path:
         return p
     candidate = PROJECT_DIR / p
     return candidate if candidate.exists() else p
+
+
+def display_path(path: str | Path, cwd: str | Path | None = None) -> str:
+    """`path` as a reader should see it: relative to the working directory when inside it, else as given."""
+    p = Path(path)
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        pass
+    try:
+        # The same place reached another way (a resolved link, a case-folded Windows drive).
+        return str(p.resolve().relative_to(base.resolve()))
+    except (ValueError, OSError):
+        return str(p)
+
+
+def python_command(executable: str | None = None) -> str:
+    """How to start this interpreter in a printed command: `python` when that name on PATH is this
+    interpreter (an activated virtual environment), else its path shown by display_path."""
+    exe = executable or sys.executable
+    found = shutil.which("python")
+    if found is not None:
+        try:
+            if os.path.samefile(found, exe):
+                return "python"
+        except OSError:
+            pass
+    return display_path(exe)

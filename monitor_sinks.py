@@ -161,8 +161,11 @@ class ConsoleSink:
         """Print the one-line validation summary."""
         self.write(validation_line(step, scalars, best))
 
-    def event(self, step: int, kind: str, fields: Mapping[str, Any]) -> None:
-        """Print '[kind] step N key=value ...'."""
+    def event(self, step: int, kind: str, fields: Mapping[str, Any], say: str | None = None) -> None:
+        """Print `say`, the event's own sentence, or else '[kind] step N key=value ...': one line an event."""
+        if say is not None:
+            self.write(say)
+            return
         detail = " ".join(f"{k}={plain_json(v)}" for k, v in fields.items())
         self.write(f"[{kind}] step {step}" + (f" {detail}" if detail else ""))
 

@@ -38,7 +38,7 @@ from checkpoint_store import (
 from Configuration_System import ConfigError, RootConfig, dump_config, load_config
 from data_setup import DataBundle, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
-from file_io import atomic_write_text
+from file_io import atomic_write_text, display_path, python_command
 from image_preprocess import resize_images
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
@@ -417,9 +417,9 @@ def epoch_resolution(run: TrainingRun, previous: int | None) -> int:
     switch are logged."""
     size = train_image_size(run.cfg, run.state.epoch, run.steps_per_epoch, run.total_steps)
     if size != previous and run.cfg.data.progressive_image_size:
-        run.monitor.log_event(run.state.step, "resolution", image_size=size, epoch=run.state.epoch)
-        if run.dist.is_main:
-            print(f"resolution: {size} px from epoch {run.state.epoch + 1}")
+        run.monitor.log_event(
+            run.state.step, "resolution", image_size=size, epoch=run.state.epoch, say=f"resolution: {size} px from epoch {run.state.epoch + 1}"
+        )
     return size
 
 
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg.experiment_name = claim.run_dir.name  # NAME-2 with --new-run-folder
     if dist.is_main:
-        print(f"run: {claim.run_dir} (run id {claim.run_id}); {workers}")
+        print(f"run: {display_path(claim.run_dir)} (run id {claim.run_id}); {workers}")
         if claim.note:
             print(claim.note)
     try:
@@ -646,7 +646,6 @@ def prepare_run(
             print(f"error: {exc}", file=sys.stderr)
             return 2
     step_fn.on_replan = partial(note_replan, run)
-    run.monitor.log_event(run.state.step, "micro_batches", **step_fn.plan.to_dict(), how=how)
     if dist.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         n_params = sum(p.numel() for p in raw_model.parameters())
@@ -655,7 +654,10 @@ def prepare_run(
             f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
             f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}"
         )
-        print(f"micro-batches: {describe_plan(step_fn.plan)} ({how})")
+    run.monitor.log_event(
+        run.state.step, "micro_batches", **step_fn.plan.to_dict(), how=how, say=f"micro-batches: {describe_plan(step_fn.plan)} ({how})"
+    )
+    if dist.is_main:
         run.monitor.log_hparams(_flat_hparams(cfg), {})
     return run
 
@@ -663,9 +665,14 @@ def prepare_run(
 def note_replan(run: TrainingRun, plan: MicroBatchPlan, reason: str) -> None:
     """After an out-of-memory error the step split further: log it and record it in config.yaml."""
     run.cfg.training.micro_batch_size = plan.micro_batch
-    run.monitor.log_event(run.state.step, "micro_batches", **plan.to_dict(), how=f"re-planned after: {reason}")
+    run.monitor.log_event(
+        run.state.step,
+        "micro_batches",
+        **plan.to_dict(),
+        how=f"re-planned after: {reason}",
+        say=f"micro-batches: out of memory ({reason}); now {describe_plan(plan)}",
+    )
     if run.dist.is_main:
-        print(f"micro-batches: out of memory ({reason}); now {describe_plan(plan)}")
         atomic_write_text(run.cfg.run_dir / "config.yaml", dump_config(run.cfg))
 
 
@@ -747,7 +754,7 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
     finally:
         stopper.uninstall()
         run.writer.wait()
-        run.monitor.log_event(run.state.step, "end", outcome=outcome)
+        run.monitor.log_event(run.state.step, "end", outcome=outcome, say=end_line(run, outcome))
         run.monitor.close()
         if run.dist.world_size > 1:
             tdist.destroy_process_group()
@@ -767,15 +774,19 @@ def record_worker_failures(run: TrainingRun) -> None:
         )
 
 
-def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None:
-    """The closing lines: what happened, the best checkpoint, how to resume or evaluate."""
-    run_dir = run.cfg.run_dir
+def end_line(run: TrainingRun, outcome: str) -> str:
+    """The console sentence of the run's end event: what happened and the best checkpoint's score."""
     best_value = run.best.value if run.best.value is not None else float("nan")
-    print(f"done: {outcome} at step {run.state.step}/{run.total_steps}; best {run.best.name} {best_value:.4f} at step {run.best.step}")
+    return f"done: {outcome} at step {run.state.step}/{run.total_steps}; best {run.best.name} {best_value:.4f} at step {run.best.step}"
+
+
+def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None:
+    """The closing lines after the end event: how to resume or evaluate."""
+    run_dir = run.cfg.run_dir
     if outcome.startswith("stopped"):
         named = [f"--set experiment_name={run.cfg.experiment_name}"] if args.new_run_folder else []  # NAME-2
         cmd = " ".join(
-            [sys.executable, "train_direct.py"]
+            [python_command(), "train_direct.py"]
             + (["--config", str(args.config)] if args.config else [])
             + [f"--set {s}" for s in args.set]
             + named
@@ -784,7 +795,7 @@ def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None
         print(f"resume with: {cmd}")
     best = checkpoints_dir(run_dir) / BEST_POINTER
     if best.is_file():
-        print(f"evaluate with: {sys.executable} validation_loop.py --checkpoint {best} --out {run_dir / 'eval'}")
+        print(f"evaluate with: {python_command()} validation_loop.py --checkpoint {display_path(best)} --out {display_path(run_dir / 'eval')}")
 
 
 def _flat_hparams(cfg: RootConfig) -> dict[str, Any]:

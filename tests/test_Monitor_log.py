@@ -380,6 +380,18 @@ def test_metrics_jsonl_contents_and_flush_per_line(tmp_path: Path) -> None:
     assert "[checkpoint_saved] step 4" in stream.getvalue()
 
 
+def test_event_with_a_sentence_prints_it_once(tmp_path: Path) -> None:
+    """log_event(say=...) prints the sentence instead of the key=value line, once; the record keeps the fields."""
+    stream = io.StringIO()
+    mon = TrainingMonitor(tmp_path, total_steps=10, stream=stream, tensorboard=False, system_stats_interval_s=0)
+    mon.log_event(0, "micro_batches", batch_size=8, micro_batch=8, say="micro-batches: batches of 8 in one pass")
+    mon.close()
+    lines = stream.getvalue().splitlines()
+    assert [line for line in lines if "micro" in line] == ["micro-batches: batches of 8 in one pass"]
+    rec = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["type"] == "event"]
+    assert rec[0]["kind"] == "micro_batches" and rec[0]["batch_size"] == 8 and "say" not in rec[0]
+
+
 def test_system_thread_writes_records_and_stops_on_close(tmp_path: Path) -> None:
     """The sampler writes system records at the current step and is joined by close()."""
     run = tmp_path / "run"

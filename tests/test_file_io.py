@@ -80,3 +80,25 @@ def test_resolve_resource_falls_back_to_project(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text("x: 1\n", encoding="utf-8")
     assert F.resolve_resource("configs/demo.yaml") == Path("configs/demo.yaml")
+
+
+def test_display_path_is_relative_inside_the_working_directory(tmp_path: Path) -> None:
+    inside = tmp_path / "runs" / "demo"
+    assert F.display_path(inside, cwd=tmp_path) == str(Path("runs") / "demo")
+    assert F.display_path(Path("data") / "demo", cwd=tmp_path) == str(Path("data") / "demo")
+    elsewhere = tmp_path.parent / "other-place"
+    assert F.display_path(elsewhere, cwd=tmp_path) == str(elsewhere)
+
+
+def test_python_command_names_python_only_when_it_is_this_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exe = tmp_path / "bin" / "python"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n", encoding="utf-8")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(exe.parent))
+    monkeypatch.chdir(tmp_path)
+    assert F.python_command(str(exe)) == "python"
+    other = tmp_path / "venv" / "python3"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n", encoding="utf-8")
+    assert F.python_command(str(other)) == str(Path("venv") / "python3")

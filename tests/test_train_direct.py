@@ -78,6 +78,24 @@ def test_loss_falls_and_map_beats_frequency_baseline(trained_run: TrainedRun) ->
 
 
 @pytest.mark.e2e
+def test_console_says_each_event_once(trained_run: TrainedRun) -> None:
+    """An event with a sentence of its own (the micro-batch plan, the end) reaches the console once,
+    not also as a '[kind] ...' line; no other console line repeats; paths are shown relative to
+    where the command ran."""
+    lines = trained_run.proc.stdout.splitlines()
+    events = {e["kind"] for e in read_jsonl(trained_run.run_dir / "metrics.jsonl") if e["type"] == "event"}
+    assert {"micro_batches", "end"} <= events
+    for kind, sentence in (("micro_batches", "micro-batches: "), ("end", "done: ")):
+        assert sum(line.startswith(sentence) for line in lines) == 1, (kind, lines)
+        assert not any(line.startswith(f"[{kind}]") for line in lines), (kind, lines)
+    once = [line for line in lines if not line.startswith(("ep ", "val step"))]
+    assert len(once) == len(set(once)), once
+    evaluate = [line for line in lines if line.startswith("evaluate with: ")]
+    assert len(evaluate) == 1 and evaluate[0].endswith(" validation_loop.py --checkpoint runs/e2e/checkpoints/best --out runs/e2e/eval"), evaluate
+    assert str(trained_run.workdir) not in trained_run.proc.stdout
+
+
+@pytest.mark.e2e
 def test_validation_loop_reproduces_best_map(trained_run: TrainedRun, tmp_path: Path) -> None:
     run = trained_run.run_dir
     best_step = int((run / "checkpoints" / "best").read_text(encoding="utf-8").strip().split("_")[1])
