@@ -11,7 +11,8 @@ the names that existing code and instructions use from ``dataset_loader``:
 * ``augmentation``: ``AugmentParams``, ``apply_color_jitter``;
 * ``prepared_cache``: ``prepare_cache``, ``PreparedCache``;
 * ``batching``: ``SidecarJsonDataset``, ``collate_samples``, ``targets_from_indices``,
-  ``FailureTracker``, ``ResumableSampler``, ``build_dataloader``, ``ImagePreFetcher``;
+  ``FailureTracker``, ``ResumableSampler``, ``build_dataloader`` (also under the seed's name
+  ``DataLoader``), ``ImagePreFetcher``;
 * ``data_setup``: ``DataBundle``, ``prepare_data``, ``prepare_eval_data``, ``build_eval_loader``
   and the other run-level wiring.
 
@@ -57,8 +58,11 @@ from dataset_split import SplitResult, load_split, save_split, split_records
 from image_preprocess import PreprocessParams, load_image, normalize_images
 from prepared_cache import CACHE_FORMAT_VERSION, PreparedCache, main, prepare_cache
 
-# The scanner's established public name: code and instructions written before the split use it.
+# The established public names: code and instructions written before the split use them.
 DatasetLoader = DatasetScanner
+# The seed's loader wrapper: build_dataloader handles the worker edge cases (spawned workers, a
+# picklable worker_init_fn, the private worker-seed generator, no prefetch settings without workers).
+DataLoader = build_dataloader
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -92,6 +96,7 @@ __all__ = [
     "FailureTracker",
     "ResumableSampler",
     "build_dataloader",
+    "DataLoader",
     "ImagePreFetcher",
     "prepare_cache",
     "PreparedCache",

@@ -9,7 +9,17 @@ splitting further and running the accumulation window again from its first batch
 Every piece with state that an exact resume needs has `state_dict()` / `load_state_dict()`
 returning and accepting tensors and plain types only, so `training_state.pt` loads with
 `weights_only=True`. Writing and reading checkpoint folders is `checkpoint_store`'s job.
-It imports only micro_batching from the project.
+
+The seed's names resolve here (OppaiOracle's documented layout; one implementation each, owned
+where it says):
+
+* ``CheckpointManager``, ``AsyncCheckpointWriter``: ``checkpoint_store`` (the folder layout,
+  pointers, pruning; the background writer);
+* ``MixedPrecisionTrainer``: ``GuardedOptimizerStep`` below (autocast, loss scaling, accumulation,
+  the non-finite skip);
+* ``CosineAnnealingWarmupRestarts``: ``schedulers``.
+
+It imports micro_batching, and checkpoint_store and schedulers for those names only.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from checkpoint_store import AsyncCheckpointWriter, CheckpointManager
 from micro_batching import MicroBatchPlan, MicroBatchPlanError, forward_backward_split, is_out_of_memory, micro_batch_candidates
+from schedulers import CosineAnnealingWarmupRestarts
 
 
 class Stateful(Protocol):
@@ -556,3 +568,27 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+# The seed's name for the mixed-precision optimizer step (see the module docstring).
+MixedPrecisionTrainer = GuardedOptimizerStep
+
+__all__ = [
+    "AsyncCheckpointWriter",
+    "BestMetric",
+    "CheckpointManager",
+    "CosineAnnealingWarmupRestarts",
+    "EarlyStopping",
+    "GracefulStopper",
+    "GuardedOptimizerStep",
+    "MixedPrecisionTrainer",
+    "ModelEma",
+    "RankRngStates",
+    "Stateful",
+    "TrainStep",
+    "autocast_context",
+    "capture_rng_state",
+    "resolve_precision",
+    "restore_rng_state",
+    "seed_everything",
+]

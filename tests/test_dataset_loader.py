@@ -77,8 +77,8 @@ def test_established_names_are_the_owners_objects(owner: ModuleType) -> None:
 
 
 def test_all_lists_every_established_name() -> None:
-    """dataset_loader.__all__ is exactly the established names plus DatasetLoader."""
-    expected = {name for names in ESTABLISHED_NAMES.values() for name in names} | {"DatasetLoader"}
+    """dataset_loader.__all__ is exactly the established names plus the seed's DatasetLoader and DataLoader."""
+    expected = {name for names in ESTABLISHED_NAMES.values() for name in names} | {"DatasetLoader", "DataLoader"}
     assert sorted(dl.__all__) == sorted(expected)
 
 
