@@ -22,7 +22,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -295,12 +295,20 @@ class FailureTracker:
     data_report.json and the next run's exclusion), and stops the run when too many are bad."""
 
     def __init__(
-        self, max_bad_fraction: float, min_samples: int = 1000, *, report: dict[str, Any] | None = None, report_path: str | Path | None = None
+        self,
+        max_bad_fraction: float,
+        min_samples: int = 1000,
+        *,
+        report: dict[str, Any] | None = None,
+        report_path: str | Path | None = None,
+        skip_list: Callable[[Mapping[str, tuple[str, str]]], None] | None = None,
     ) -> None:
         """Raise once failures / attempted loads > max_bad_fraction after min_samples loads.
 
         With `report` and `report_path` (the run's data report, main process only),
-        write_report() puts the failures into it under "replaced_during_training"."""
+        write_report() puts the failures into it under "replaced_during_training", and hands
+        every failed sample (id -> (reason, "training" or "validation")) to `skip_list`, which
+        writes the run's complete list (skip_list.py)."""
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = float(max_bad_fraction)
@@ -310,21 +318,27 @@ class FailureTracker:
         self.by_reason: dict[str, int] = {}
         self.examples: list[str] = []
         self.samples: dict[str, str] = {}  # sample id -> reason, each failing sample once
+        self.stages: dict[str, str] = {}  # sample id -> where it failed first: "training" or "validation"
         self.report = report
         self.report_path = Path(report_path) if report_path is not None else None
+        self.skip_list = skip_list
 
-    def record(self, samples: Mapping[str, str]) -> None:
+    def record(self, samples: Mapping[str, str], where: str = "validation") -> None:
         """Remember samples that failed outside training (e.g. validation's skipped ones, id ->
         reason) for the report and the next attempt, without counting them as training loads."""
         for sample_id, reason in samples.items():
-            self.samples.setdefault(str(sample_id), str(reason))
+            if str(sample_id) not in self.samples:
+                self.samples[str(sample_id)] = str(reason)
+                self.stages[str(sample_id)] = where
 
     def write_report(self) -> None:
-        """Store the failures seen so far in the run's data_report.json (no-op without one)."""
+        """Store the failures seen so far in the run's data_report.json and its complete skip list (no-op without them)."""
         if self.report is None or self.report_path is None:
             return
         self.report["replaced_during_training"] = self.to_dict()
         write_data_report(self.report_path, self.report)
+        if self.skip_list is not None:
+            self.skip_list({sid: (reason, self.stages.get(sid, "training")) for sid, reason in self.samples.items()})
 
     @property
     def bad_fraction(self) -> float:
@@ -341,6 +355,7 @@ class FailureTracker:
             self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
             if sample_id not in self.samples:
                 self.samples[sample_id] = reason
+                self.stages[sample_id] = "training"
                 if len(self.examples) < 10:
                     self.examples.append(printable(f"{sample_id}: {reason}"))
         attempted = self.delivered + self.failed
@@ -360,6 +375,8 @@ class FailureTracker:
             "by_reason": dict(self.by_reason),
             "examples": list(self.examples),
             "samples": {printable(k): v for k, v in sorted(self.samples.items())},
+            # only the samples found outside training (absent: all found in training)
+            "validation_samples": sorted(printable(k) for k, where in self.stages.items() if where == "validation"),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -388,6 +405,11 @@ class FailureTracker:
         if not isinstance(samples, Mapping):
             raise ValueError(f"failure tracker state has samples={type(samples).__name__}; expected a mapping")
         self.samples = {str(k): str(v) for k, v in samples.items()}
+        in_validation = state.get("validation_samples", [])
+        if not isinstance(in_validation, list):
+            raise ValueError(f"failure tracker state has validation_samples={type(in_validation).__name__}; expected a list")
+        validation = {str(k) for k in in_validation}
+        self.stages = {k: ("validation" if k in validation else "training") for k in self.samples}
 
 
 # --------------------------------------------------------------------------------------------

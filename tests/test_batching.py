@@ -179,6 +179,7 @@ def test_failure_tracker_state_round_trip() -> None:
         "by_reason": {"image_undecodable": 1, "image_missing": 1},
         "examples": ["a.jpg: image_undecodable", "b.png: image_missing"],
         "samples": {"a.jpg": "image_undecodable", "b.png": "image_missing"},
+        "validation_samples": [],
     }
     restored = FailureTracker(0.25, min_samples=1)
     restored.load_state_dict(json.loads(json.dumps(state)))
@@ -196,6 +197,24 @@ def test_failure_tracker_state_round_trip() -> None:
         older.load_state_dict([("failed", 3)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="by_reason"):
         older.load_state_dict({"by_reason": ["image_missing"]})
+
+
+def test_failure_tracker_hands_every_failure_with_its_stage_to_the_skip_list(tmp_path: Path) -> None:
+    """write_report() gives the skip list every failed sample once, with where it was found first,
+    and a checkpoint round trip keeps the stages."""
+    handed: list[dict[str, tuple[str, str]]] = []
+    report_path = tmp_path / "data_report.json"
+    tracker = FailureTracker(0.9, min_samples=1, report={}, report_path=report_path, skip_list=handed.append)
+    failures = [(f"t{i}.png", "image_undecodable") for i in range(12)]  # more than the 10 examples kept
+    tracker.observe({"indices": torch.arange(20), "failures": failures})
+    tracker.record({"v.png": "load_failed", "t0.png": "load_failed"})  # t0 was found in training first
+    tracker.write_report()
+    expected = {sid: ("image_undecodable", "training") for sid, _ in failures} | {"v.png": ("load_failed", "validation")}
+    assert handed == [expected]
+    restored = FailureTracker(0.9, min_samples=1, report={}, report_path=report_path, skip_list=handed.append)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    restored.write_report()
+    assert handed[-1] == expected
 
 
 # ------------------------------------------------------------------------------------------
