@@ -30,6 +30,10 @@ __all__ = [
     "TransformerBlock",
     "PatchEmbed",
     "SimplifiedTagger",
+    "HEAD_PREFIXES",
+    "as_frequency_tuple",
+    "check_tag_bias_init",
+    "set_bias_from_frequencies",
     "resample_pos_embed",
     "param_groups_for_weight_decay",
     "LoadReport",
@@ -47,6 +51,39 @@ TAG_BIAS_PROB_FLOOR = 1e-6
 LAYER_NORM_EPS = 1e-6
 
 NUM_PREFIX_TOKENS = 1  # the class token
+
+# Parameter-name prefixes of the two heads; everything else is the body (frozen by set_body_frozen).
+HEAD_PREFIXES: Tuple[str, ...] = ("tag_head.", "rating_head.")
+
+
+def as_frequency_tuple(values: Optional[Sequence[float]]) -> Optional[Tuple[float, ...]]:
+    """A tag_bias_init value (sequence or tensor of per-tag frequencies) as a tuple of floats, None kept."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return tuple(float(v) for v in values.detach().cpu().reshape(-1).tolist())
+    return tuple(float(v) for v in values)
+
+
+def check_tag_bias_init(values: Optional[Sequence[float]], num_tags: int, owner: str) -> None:
+    """ValueError (naming `owner`) unless values is None or num_tags frequencies in [0, 1]."""
+    if values is None:
+        return
+    if len(values) != num_tags:
+        raise ValueError(f"{owner}.tag_bias_init has {len(values)} values, expected num_tags={num_tags}")
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise ValueError(f"{owner}.tag_bias_init must hold per-tag frequencies in [0, 1] (positive count / number of images), got e.g. {bad[0]!r}")
+
+
+@torch.no_grad()
+def set_bias_from_frequencies(head: nn.Linear, frequencies: Sequence[float]) -> None:
+    """Set a tag head's bias to logit(p) of per-tag frequencies p (clamped), so sigmoid(bias) = p at start."""
+    probs = torch.as_tensor(list(frequencies), dtype=torch.float64)
+    if probs.shape != (head.out_features,):
+        raise ValueError(f"tag frequencies have shape {tuple(probs.shape)}, expected ({head.out_features},)")
+    probs = probs.clamp(TAG_BIAS_PROB_FLOOR, 1.0 - TAG_BIAS_PROB_FLOOR)
+    head.bias.copy_(torch.log(probs / (1.0 - probs)).to(head.bias.dtype))
 
 
 @dataclass
@@ -70,11 +107,7 @@ class VisionTransformerConfig:
 
     def __post_init__(self) -> None:
         """Normalise field types and validate; raises ValueError naming the bad field and value."""
-        if self.tag_bias_init is not None:
-            if isinstance(self.tag_bias_init, torch.Tensor):
-                self.tag_bias_init = tuple(float(v) for v in self.tag_bias_init.detach().cpu().reshape(-1).tolist())
-            else:
-                self.tag_bias_init = tuple(float(v) for v in self.tag_bias_init)
+        self.tag_bias_init = as_frequency_tuple(self.tag_bias_init)
         self.validate()
 
     def validate(self) -> None:
@@ -97,15 +130,11 @@ class VisionTransformerConfig:
             raise ValueError(f"VisionTransformerConfig.pooling must be 'cls' or 'avg', got {self.pooling!r}")
         if isinstance(self.grad_checkpoint_every, bool) or not isinstance(self.grad_checkpoint_every, int) or self.grad_checkpoint_every < 0:
             raise ValueError(f"VisionTransformerConfig.grad_checkpoint_every must be an int >= 0, got {self.grad_checkpoint_every!r}")
-        if self.tag_bias_init is not None:
-            if len(self.tag_bias_init) != self.num_tags:
-                raise ValueError(f"VisionTransformerConfig.tag_bias_init has {len(self.tag_bias_init)} values, expected num_tags={self.num_tags}")
-            bad = [v for v in self.tag_bias_init if not (math.isfinite(v) and 0.0 <= v <= 1.0)]
-            if bad:
-                raise ValueError(
-                    "VisionTransformerConfig.tag_bias_init must hold per-tag frequencies in [0, 1] "
-                    f"(positive count / number of images), got e.g. {bad[0]!r}"
-                )
+        check_tag_bias_init(self.tag_bias_init, self.num_tags, "VisionTransformerConfig")
+
+    def describe(self) -> str:
+        """One line for the training log: our ViT's width x depth at its patch size."""
+        return f"vit {self.embed_dim}x{self.depth}/{self.patch_size}"
 
     @property
     def grid_size(self) -> Tuple[int, int]:
@@ -325,6 +354,7 @@ class SimplifiedTagger(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.tag_head = nn.Linear(dim, cfg.num_tags)
         self.rating_head = nn.Linear(dim, cfg.num_ratings)
+        self._body_frozen = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -343,16 +373,30 @@ class SimplifiedTagger(nn.Module):
                 nn.init.constant_(module.gamma, float(self.cfg.layer_scale_init))
         self.init_tag_bias(self.cfg.tag_bias_init)
 
-    @torch.no_grad()
     def init_tag_bias(self, frequencies: Optional[Sequence[float]]) -> None:
         """Set the tag-head bias to logit(p) of per-tag frequencies p (clamped), so sigmoid(bias) = p at start."""
-        if frequencies is None:
-            return
-        probs = torch.as_tensor(list(frequencies), dtype=torch.float64)
-        if probs.shape != (self.cfg.num_tags,):
-            raise ValueError(f"tag frequencies have shape {tuple(probs.shape)}, expected ({self.cfg.num_tags},)")
-        probs = probs.clamp(TAG_BIAS_PROB_FLOOR, 1.0 - TAG_BIAS_PROB_FLOOR)
-        self.tag_head.bias.copy_(torch.log(probs / (1.0 - probs)).to(self.tag_head.bias.dtype))
+        if frequencies is not None:
+            set_bias_from_frequencies(self.tag_head, frequencies)
+
+    @property
+    def body_frozen(self) -> bool:
+        """Whether only the heads train (set_body_frozen)."""
+        return self._body_frozen
+
+    def set_body_frozen(self, frozen: bool) -> None:
+        """Freeze everything but the heads: the body runs in eval mode and without autograd, so its
+        parameters get no gradient (AdamW then neither updates, decays nor keeps state for them)."""
+        self._body_frozen = bool(frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SimplifiedTagger":
+        """nn.Module.train, keeping a frozen body in eval mode (no stochastic depth drawn for it)."""
+        super().train(mode)
+        if mode and self._body_frozen:
+            for name, child in self.named_children():
+                if name not in ("tag_head", "rating_head"):
+                    child.train(False)
+        return self
 
     def set_grad_checkpointing(self, every: int) -> None:
         """Checkpoint block i when i % every == 0 during training (0 = off, 1 = all blocks, 2 = every other)."""
@@ -408,12 +452,16 @@ class SimplifiedTagger(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Normalised images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
-        pooled = self.forward_pooled(images)  # (B, C)
+        if self._body_frozen and torch.is_grad_enabled():
+            with torch.no_grad():  # a frozen body keeps no activations for backward
+                pooled = self.forward_pooled(images)  # (B, C)
+        else:
+            pooled = self.forward_pooled(images)  # (B, C)
         return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
 
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
         """State dict without the heads, in timm's ViT key layout."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("tag_head.", "rating_head."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
 
 
 def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
