@@ -13,9 +13,9 @@ writes into --out:
     README.md           model card: data, tags, validation metrics, preprocessing, calibration
     export_report.json  every number of the card, machine-readable
 
-Steps: load the checkpoint (validation_loop.load_checkpoint_for_eval), fix the input size (the
+Steps: load the checkpoint (checkpoint_eval.load_checkpoint_for_eval), fix the input size (the
 position embedding is resampled once when --image-size differs from training), evaluate the raw
-model on the run's validation split (validation_loop.evaluate, or every sample of --data), fit the
+model on the run's validation split (checkpoint_eval.evaluate, or every sample of --data), fit the
 calibration (export_calibration), trace the calibrated graph to ONNX, then run the validation
 split again: metrics of the exported model, and onnxruntime against PyTorch on the first
 --verify-images images (max abs diff printed; above --max-diff the export fails with exit 1).
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from batching import targets_from_indices
+from checkpoint_eval import LoadedCheckpoint, evaluate, load_checkpoint_for_eval
 from Configuration_System import ConfigError
 from data_setup import build_eval_loader, prepare_eval_data
 from dataset_scan import DataQualityError
@@ -48,7 +49,6 @@ from export_calibration import Calibration, ExportMetrics, fit_calibration
 from export_card import model_card
 from file_io import atomic_write_text, replace_with_retry
 from timm_layout import timm_config, timm_state_dict, write_timm_folder
-from validation_loop import LoadedCheckpoint, evaluate, load_checkpoint_for_eval
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
     DEFAULT_GENERAL_THRESHOLD,

@@ -38,11 +38,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from checkpoint_eval import load_checkpoint_for_eval
 from dataset_scan import IMAGE_EXTENSIONS
 from file_io import atomic_write_text
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
 from monitor_progress import format_duration
-from validation_loop import load_checkpoint_for_eval
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
     DEFAULT_GENERAL_THRESHOLD,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from batching import FailureTracker, ImagePreFetcher, ShardedEpochSampler, build_dataloader
+from checkpoint_eval import EvalResult, evaluate
 from checkpoint_store import (
     BEST_POINTER,
     CHECKPOINT_FORMAT_VERSION,
@@ -70,7 +71,6 @@ from training_utils import (
     TrainStep,
     seed_everything,
 )
-from validation_loop import EvalResult, evaluate
 
 # --------------------------------------------------------------------------------------------
 # Setup helpers

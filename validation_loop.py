@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: the standalone CLI, and the `evaluate` function inline validation shares.
+"""Evaluate a checkpoint from the command line, and write its reports.
 
     python validation_loop.py --checkpoint runs/demo/checkpoints/best [--data DIR]
         [--mode full|fast|tags|hierarchical] [--out DIR] [--ema]
@@ -8,150 +8,37 @@ config (for the dataset and its split) are read from it. Without `--data` it eva
 validation split (recomputed from the seed and the sample ids, so it is the same split); with
 `--data DIR` every usable sample of DIR. It writes `metrics.json`, `per_tag.csv`,
 `thresholds.json` and `report.md` to `--out`.
+
+Loading the checkpoint and evaluating it are checkpoint_eval's (shared with training's inline
+validation, the export and the tagger); this module owns the CLI and the report files
+(`per_tag_rows`, `thresholds_dict`, `report_markdown`, `write_reports`, `select_tags`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import io
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from batching import ImagePreFetcher
-from checkpoint_store import read_checkpoint, read_run_config, resolve_checkpoint, run_dir_of
-from Configuration_System import ConfigError, RootConfig
+from checkpoint_eval import EvalResult, evaluate, load_checkpoint_for_eval
+from checkpoint_store import run_dir_of
+from Configuration_System import ConfigError
 from data_setup import build_eval_loader, is_inside, prepare_eval_data
 from dataset_scan import DataQualityError
-from evaluation_metrics import MetricComputer, json_safe
+from evaluation_metrics import json_safe
 from file_io import atomic_write_text
-from image_preprocess import PreprocessParams
-from model_architecture import SimplifiedTagger
 from scan_limits import printable
 from training_utils import autocast_context, resolve_precision
 from vocabulary import TagVocabulary
-
-RATING_NAMES = ("general", "sensitive", "questionable", "explicit")
-
-
-@dataclass
-class EvalExamples:
-    """The first few validation images with their scores, for a picture in TensorBoard."""
-
-    images: torch.Tensor  # (N, 3, H, W) uint8, as the model saw them
-    probs: torch.Tensor  # (N, T) float
-    targets: torch.Tensor  # (N, T) float in {0, 1}
-
-
-@dataclass
-class EvalResult:
-    """Headline metrics and the metric state they came from (for per-tag reports)."""
-
-    metrics: dict[str, Any]
-    computer: MetricComputer
-    examples: EvalExamples | None = None
-    skipped: dict[str, str] = field(default_factory=dict)  # sample id -> why it could not be evaluated
-
-
-def _denormalize(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Tensor:
-    """Normalised float (N, 3, H, W) back to uint8 for display."""
-    mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
-
-
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[dict[str, Any]],
-    device: torch.device,
-    vocab: TagVocabulary,
-    preprocess: PreprocessParams,
-    *,
-    threshold: float,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    world_size: int = 1,
-    max_batches: int = 0,
-    num_examples: int = 0,
-) -> EvalResult:
-    """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP).
-
-    With num_examples > 0 the first images of the first batch are kept with their scores.
-    A sample that fails to load is skipped, never replaced: metrics["num_skipped"] counts them
-    (this rank's) and result.skipped names them.
-    """
-    was_training = model.training
-    model.eval()
-    computer = MetricComputer(
-        len(vocab),
-        threshold=threshold,
-        device=device,
-        tag_names=vocab.index_to_tag,
-        tag_categories=[vocab.tag_categories.get(t, "") for t in vocab.index_to_tag],
-        tag_frequencies=vocab.frequencies_array(),
-    )
-    examples: EvalExamples | None = None
-    skipped: dict[str, str] = {}
-    try:
-        with torch.inference_mode():
-            for i, batch in enumerate(ImagePreFetcher(loader, device, preprocess, len(vocab))):
-                if max_batches and i >= max_batches:
-                    break
-                skipped.update((sid, reason) for sid, reason in batch.get("skipped", []))
-                if batch["images"].shape[0] == 0:  # every sample of this batch failed to load
-                    continue
-                with autocast():
-                    outputs = model(batch["images"])
-                probs = torch.sigmoid(outputs["tag_logits"].float())  # (B, T)
-                computer.update(probs, batch["tag_targets"])
-                computer.update_rating(outputs["rating_logits"].float(), batch["ratings"])  # (B, 4)
-                if num_examples and examples is None:
-                    n = min(num_examples, probs.shape[0])
-                    examples = EvalExamples(_denormalize(batch["images"][:n], preprocess), probs[:n].cpu(), batch["tag_targets"][:n].cpu())
-        if world_size > 1:
-            computer.all_reduce_()
-    finally:
-        model.train(was_training)
-    metrics = computer.compute()
-    metrics["num_skipped"] = len(skipped)
-    return EvalResult(metrics=metrics, computer=computer, examples=examples, skipped=skipped)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a checkpoint folder
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedCheckpoint:
-    """What a checkpoint folder describes, ready to evaluate."""
-
-    folder: Path
-    cfg: RootConfig
-    model: SimplifiedTagger
-    vocab: TagVocabulary
-    preprocess: PreprocessParams
-    step: int
-
-
-def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool = False) -> LoadedCheckpoint:
-    """Model (or its EMA), vocabulary, preprocessing and config from a step folder or pointer file."""
-    folder = resolve_checkpoint(path)
-    cfg = read_run_config(folder)
-    contents = read_checkpoint(folder, ema=ema)
-    model = SimplifiedTagger(contents.model_config)
-    model.load_state_dict(contents.state_dict)
-    step = contents.step if contents.step is not None else -1
-    return LoadedCheckpoint(folder, cfg, model.to(device), contents.vocab, contents.preprocess, step)
-
+from wd_format import RATING_NAMES
 
 # --------------------------------------------------------------------------------------------
 # Reports

@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 
+from checkpoint_eval import LoadedCheckpoint
 from conftest import ROOT, TrainedRun, run_cli
 from evaluation_metrics import MetricComputer
 from export_calibration import ExportMetrics, fit_calibration
@@ -25,7 +26,6 @@ from export_model import export_onnx
 from image_preprocess import load_image, normalize_images
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from timm_layout import read_timm_folder, timm_config, timm_state_dict, write_timm_folder
-from validation_loop import LoadedCheckpoint
 from vocabulary import TagVocabulary
 from wd_export_helpers import (
     CHARACTER_TAGS,

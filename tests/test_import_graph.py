@@ -8,12 +8,19 @@ The project modules are the ``*.py`` files at the repository root. Two views of 
 * by running Python: each module is imported first in a fresh interpreter, then all the others
   after it. A cycle of ``from X import name`` imports fails there for whichever of its modules is
   imported first; a module that only works when another was imported before it fails too.
+
+And the top of the graph: the entry points are the modules ARCHITECTURE.md's "Entry points" table
+names. No project module imports one of them, each has a ``__main__`` block, and every module with a
+``__main__`` block that no project module imports is in that table (a new tool cannot slip past the
+rule by not being listed; a library's small command, like ``vocabulary.py build``, is a module
+other modules import).
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +155,83 @@ def test_each_module_imports_first_in_a_fresh_interpreter() -> None:
         errors = dict(zip(MODULES, pool.map(_import_first, MODULES)))
     failed = {name: error for name, error in errors.items() if error}
     assert not failed, "\n\n".join(f"importing {name} first:\n{error}" for name, error in failed.items())
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _has_main_block(tree: ast.Module) -> bool:
+    """Whether the module has a top-level `if __name__ == "__main__":` block."""
+    for stmt in tree.body:
+        if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Compare):
+            sides = [stmt.test.left, *stmt.test.comparators]
+            if any(isinstance(n, ast.Name) and n.id == "__name__" for n in sides) and any(
+                isinstance(n, ast.Constant) and n.value == "__main__" for n in sides
+            ):
+                return True
+    return False
+
+
+def declared_entry_points(architecture: str) -> set[str]:
+    """Module names in the first column of the "Entry points" table of ARCHITECTURE.md."""
+    match = re.search(r"^\*\*Entry points[^\n]*\*\*\n(.*?)(?:\n\n|\Z)", architecture, re.M | re.S)
+    if match is None:
+        raise AssertionError('ARCHITECTURE.md has no "**Entry points ...**" table')
+    names: set[str] = set()
+    for line in match.group(1).splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and not set(cells[1].strip()) <= set("-: "):
+            names |= set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\.py`", cells[1]))
+    return names
+
+
+def entry_point_violations(graph: dict[str, set[str]], mains: set[str], declared: set[str]) -> list[str]:
+    """What breaks the entry-point rule, one sentence each (empty when it holds)."""
+    problems = [f"{name} is listed as an entry point but is not a module with a __main__ block" for name in sorted(declared - mains)]
+    imported = set().union(*graph.values()) if graph else set()
+    problems += [
+        f"{name} has a __main__ block and no module imports it, so it is an entry point: list it in ARCHITECTURE.md's table"
+        for name in sorted(mains - declared - imported)
+    ]
+    problems += [f"{name} imports the entry point {target}" for name in sorted(graph) for target in sorted(graph[name] & declared)]
+    return problems
+
+
+def test_entry_point_rule_catches_what_it_should(tmp_path: Path) -> None:
+    """The rule's checks can fail: an entry point importing another, an unlisted tool, a listed library."""
+    table = "**Entry points (top)**\n\n| module | owns |\n|---|---|\n| `tool_a.py` | a |\n| `tool_b.py` (+ `lib.py`) | b |\n"
+    assert declared_entry_points("# x\n\n" + table + "\nmore\n") == {"tool_a", "tool_b", "lib"}
+    sources = {
+        "lib": "X = 1\n",
+        "cli_lib": "from lib import X\nif __name__ == '__main__':\n    print(X)\n",
+        "tool_a": "import lib\nif __name__ == '__main__':\n    pass\n",
+        "tool_b": "from tool_a import f\nimport cli_lib\nif '__main__' == __name__:\n    pass\n",
+        "tool_c": "import lib\nif __name__ == '__main__':\n    pass\n",
+    }
+    for name, text in sources.items():
+        (tmp_path / f"{name}.py").write_text(text, encoding="utf-8")
+    graph = _project_graph(sorted(sources), tmp_path)
+    mains = {n for n in sources if _has_main_block(ast.parse(sources[n]))}
+    assert mains == {"cli_lib", "tool_a", "tool_b", "tool_c"}
+    assert entry_point_violations(graph, mains, {"tool_a", "tool_b"}) == [
+        "tool_c has a __main__ block and no module imports it, so it is an entry point: list it in ARCHITECTURE.md's table",
+        "tool_b imports the entry point tool_a",
+    ]
+    assert entry_point_violations(graph, mains, {"tool_a", "tool_c", "ghost"}) == [
+        "ghost is listed as an entry point but is not a module with a __main__ block",
+        "tool_b has a __main__ block and no module imports it, so it is an entry point: list it in ARCHITECTURE.md's table",
+        "tool_b imports the entry point tool_a",
+    ]
+    # A library with a small command stays a library while modules import it.
+    assert (
+        entry_point_violations({"lib": set(), "tool_a": {"lib"}, "cli_lib": {"lib"}, "tool_c": {"cli_lib"}}, mains - {"tool_b"}, {"tool_a", "tool_c"})
+        == []
+    )
+
+
+def test_no_module_imports_an_entry_point() -> None:
+    """Entry points wire library modules and are the top of the graph: nothing imports them."""
+    declared = declared_entry_points((ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8"))
+    assert {"train_direct", "validation_loop", "export_model", "tag_images"} <= declared
+    mains = {name for name in MODULES if _has_main_block(ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8")))}
+    assert entry_point_violations(_project_graph(MODULES, ROOT), mains, declared) == []

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint_eval import LoadedCheckpoint
 from conftest import TrainedRun
 from image_preprocess import normalize_images
 from model_architecture import SimplifiedTagger
 from tagger_init import extend_vocabulary, init_from_released, read_released_tagger
-from validation_loop import LoadedCheckpoint
 from vocabulary import TagVocabulary
 from wd_export_helpers import CHARACTER_TAGS, characterised_checkpoint, export, load, onnx_probabilities, validation_images
 

@@ -18,10 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from checkpoint_eval import LoadedCheckpoint, load_checkpoint_for_eval
 from conftest import ROOT, TrainedRun, run_cli
 from data_setup import prepare_eval_data
 from image_preprocess import load_image, normalize_images
-from validation_loop import LoadedCheckpoint, load_checkpoint_for_eval
 
 # Tags of the demo vocabulary re-labelled as characters, so the character block is exercised.
 CHARACTER_TAGS = ("red", "blue", "green")
