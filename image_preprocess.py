@@ -2,7 +2,8 @@
 
 This module owns the one image -> array transform of the project: ``PreprocessParams`` (stored in
 every checkpoint), ``load_image`` (EXIF rotation, alpha over the pad colour, JPEG draft decode,
-high-quality downscale, centred letterbox to (S, S, 3) uint8 RGB), ``load_letterboxed`` (the
+high-quality downscale, centred letterbox to (S, S, 3) uint8 RGB; or, layout "pad_then_resize",
+the WD v3 reference recipe: pad to a square at full resolution, then Pillow's resize), ``load_letterboxed`` (the
 same plus the content box that augmentation needs), ``normalize_images`` (uint8 batch -> model
 input, on the device), and the errors that mark an image file as unusable (``IMAGE_ERRORS``,
 ``classify_failure``). It imports numpy, Pillow and torch (tensors only, not torch.utils.data)
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGE_ERRORS", "classify_failure", "PreprocessParams", "load_letterboxed", "load_image", "normalize_images", "resize_images"]
+__all__ = ["IMAGE_ERRORS", "LAYOUTS", "classify_failure", "PreprocessParams", "load_letterboxed", "load_image", "normalize_images", "resize_images"]
 
 # Errors that mean "this image file cannot be used"; Pillow raises several non-OSError types on
 # corrupt data (SyntaxError from the PNG parser, struct.error on short headers, zlib.error).
@@ -49,6 +50,12 @@ def classify_failure(exc: BaseException) -> str:
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+# letterbox: the image resized to fit S (long side), then padded to S x S (fast: JPEG draft decode, torch's
+# resampler). pad_then_resize: the WD v3 reference recipe (wdv3-timm, ComfyUI-WD-Timm-Tagger): padded to a
+# square at its own resolution, then that square resized to S with Pillow; the reference's pixels exactly,
+# except that we turn EXIF-rotated images upright (the reference does not) and box-reduce images above
+# HUGE_IMAGE_PIXELS first (memory), and composite "LA" images on the pad colour (the reference drops their alpha).
+LAYOUTS = ("letterbox", "pad_then_resize")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class PreprocessParams:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"
+    layout: str = "letterbox"  # one of LAYOUTS
 
     def __post_init__(self) -> None:
         """Validate values and coerce sequences to tuples (so instances hash and compare)."""
@@ -74,6 +82,8 @@ class PreprocessParams:
             raise ValueError(f"mean/std must be 3 floats with std > 0, got {self.mean!r}/{self.std!r}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         object.__setattr__(self, "pad_color", pad)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
@@ -86,12 +96,13 @@ class PreprocessParams:
             "mean": list(self.mean),
             "std": list(self.std),
             "resample": self.resample,
+            "layout": self.layout,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessParams":
         """Inverse of to_dict; missing optional keys take their defaults, unknown keys are errors."""
-        unknown = set(data) - {"image_size", "pad_color", "mean", "std", "resample"}
+        unknown = set(data) - {"image_size", "pad_color", "mean", "std", "resample", "layout"}
         if unknown:
             raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
         if "image_size" not in data:
@@ -126,14 +137,15 @@ def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
 
 
 def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Letterboxed (S, S, 3) uint8 array and the content box (x0, y0, x1, y1)."""
+    """Letterboxed (S, S, 3) uint8 array and the content box (x0, y0, x1, y1), in params.layout."""
     size = params.image_size
+    exact = params.layout == "pad_then_resize"
     with Image.open(path) as img:
         width, height = img.size
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and width * height > limit:
             raise Image.DecompressionBombError(f"{path}: {width}x{height} exceeds {limit} pixels")
-        if img.format == "JPEG":
+        if img.format == "JPEG" and not exact:  # a draft decode's DCT scaling is not the reference's pixels
             scale = size / max(width, height)
             if scale < 1.0:
                 # libjpeg DCT scaling: decode at >= the final size, far cheaper than full size
@@ -145,6 +157,8 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
         oriented = _transpose(reduced, orientation) if orientation != 1 else reduced
         rgb = _to_rgb(oriented, params.pad_color)
         del reduced, oriented
+    if exact:
+        return _pad_then_resize(rgb, params)
     width, height = rgb.size
     scale = size / max(width, height)
     new_w = max(1, min(size, round(width * scale)))
@@ -168,6 +182,25 @@ def load_letterboxed(path: str | Path, params: PreprocessParams) -> tuple[np.nda
     canvas[y0 : y0 + new_h, x0 + new_w :] = pad
     canvas[y0 : y0 + new_h, x0 : x0 + new_w] = content
     return canvas, (x0, y0, x0 + new_w, y0 + new_h)
+
+
+def _pad_then_resize(rgb: Image.Image, params: PreprocessParams) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The WD v3 reference: pad to a square (pad colour, image centred as (side - w) // 2) at full
+    resolution, then resize the square to S with Pillow's filter (what timm's eval transform does to
+    a PIL image at crop_pct 1). Returns (S, S, 3) uint8 and the content box, rounded to pixels."""
+    size = params.image_size
+    width, height = rgb.size
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    square = rgb
+    if width != height:
+        square = Image.new("RGB", (side, side), params.pad_color)
+        square.paste(rgb, (left, top))
+    if side != size:
+        square = square.resize((size, size), _RESAMPLE[params.resample])
+    scale = size / side
+    box = (round(left * scale), round(top * scale), round((left + width) * scale), round((top + height) * scale))
+    return np.array(square, dtype=np.uint8), box  # a writable copy, as the letterbox path returns
 
 
 # Images above this many pixels (but under Pillow's bomb limit) are shrunk by an integer factor

@@ -58,7 +58,10 @@ _RAW_COLUMNS, _JPEG_COLUMNS = 8, 9
 
 def _cache_key(params: PreprocessParams) -> dict[str, Any]:
     """The parameters that decide the cached pixels (mean/std are applied later, on the device)."""
-    return {"image_size": params.image_size, "pad_color": list(params.pad_color), "resample": params.resample}
+    key = {"image_size": params.image_size, "pad_color": list(params.pad_color), "resample": params.resample}
+    if params.layout != "letterbox":  # only then: the caches of every letterbox run stay valid
+        key["layout"] = params.layout
+    return key
 
 
 def cache_codec_key(cache_format: str = "raw", quality: int = 90) -> dict[str, Any]:
