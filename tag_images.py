@@ -3,9 +3,11 @@
     python tag_images.py --model exports/X --input DIR            # a WD-tagger folder, onnxruntime
     python tag_images.py --model runs/X/checkpoints/best --input DIR   # a checkpoint, PyTorch
 
-Each image `a.png` gets `a.txt` (UTF-8, tags joined by ", "): general tags at or above
---general-threshold, character tags at or above --character-threshold (or per-tag thresholds
-from --thresholds thresholds.json), in selected_tags.csv order. kohya's options work the same:
+--model is anything tagging.open_model opens: an export folder (onnxruntime), a timm-layout folder,
+a run folder, a checkpoint. Each image `a.png` gets `a.txt` (UTF-8, tags joined by ", "): general
+tags at or above --general-threshold, character tags at or above --character-threshold (or
+per-tag thresholds from --thresholds thresholds.json; or, with --general-mcut / --character-mcut,
+each image's own maximum cut), in selected_tags.csv order. kohya's options work the same:
 --remove-underscore (short tags and kaomoji like ^_^ keep theirs), --escape-parentheses,
 --character-first, --rating, --undesired-tags, --caption-extension. Existing captions are left
 alone and counted unless --append (merge, no duplicates) or --overwrite. --json OUT writes every
@@ -16,7 +18,9 @@ on white, CMYK and 16-bit converted, the pixel limit enforced) in DataLoader wor
 cannot be read is skipped and named, with its reason, in the summary at the end. Progress goes to
 stderr. Any WD-format folder works (SmilingWolf's releases too): the input size comes from the
 ONNX input shape. A checkpoint's probabilities are not calibrated: give it the thresholds.json
-that validation_loop.py wrote, or export it first.
+that validation_loop.py wrote, or export it first. Opening the model, decoding, thresholds and
+caption text are the tagging library's (shared with tag_app.py, the page); this module owns the
+folder walk, the caption files, progress and the CLI.
 """
 
 from __future__ import annotations
@@ -24,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,229 +37,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoint_eval import load_checkpoint_for_eval
-from dataset_scan import IMAGE_EXTENSIONS
 from file_io import atomic_write_text
-from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
+from image_preprocess import PreprocessParams
 from monitor_progress import format_duration
-from wd_format import (
-    DEFAULT_CHARACTER_THRESHOLD,
-    DEFAULT_GENERAL_THRESHOLD,
-    LABELS_FILE,
-    ONNX_FILE,
-    LabelTable,
-    TagDecision,
-    onnx_session,
-    rgb_to_wd_input,
-    select_tags,
-)
-from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger
+from tagging import CaptionOptions, Thresholds, caption_tags, find_images, merge_caption, open_model, read_image, thresholds_for
+from wd_format import DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, ONNX_FILE, LabelTable
 
-__all__ = [
-    "KAOMOJIS",
-    "CaptionOptions",
-    "OnnxBackend",
-    "TorchBackend",
-    "caption_tags",
-    "find_images",
-    "format_tag",
-    "load_thresholds",
-    "main",
-    "merge_caption",
-    "open_backend",
-]
-
-# Tags made of punctuation and underscores that must keep their underscores (the wd-tagger app's list).
-KAOMOJIS = frozenset(
-    {
-        "0_0",
-        "(o)_(o)",
-        "+_+",
-        "+_-",
-        "._.",
-        "<o>_<o>",
-        "<|>_<|>",
-        "=_=",
-        ">_<",
-        "3_3",
-        "6_9",
-        ">_o",
-        "@_@",
-        "^_^",
-        "o_o",
-        "u_u",
-        "x_x",
-        "|_|",
-        "||_||",
-    }
-)
-WHITE = (255, 255, 255)
-
-
-# --------------------------------------------------------------------------------------------
-# Captions
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CaptionOptions:
-    """How chosen tags become caption text."""
-
-    remove_underscore: bool = False
-    escape_parentheses: bool = False
-    character_first: bool = False
-    rating: bool = False
-    undesired: frozenset[str] = frozenset()
-    separator: str = ", "
-
-
-def format_tag(name: str, options: CaptionOptions) -> str:
-    """One tag as caption text: underscores to spaces (not in kaomoji or tags of 3 characters or fewer), \\( \\)."""
-    text = name
-    if options.remove_underscore and len(name) > 3 and name not in KAOMOJIS:
-        text = text.replace("_", " ")
-    if options.escape_parentheses:
-        text = text.replace("(", "\\(").replace(")", "\\)")
-    return text
-
-
-def caption_tags(decision: TagDecision, options: CaptionOptions) -> list[str]:
-    """Caption tags of one image: [rating], general and character tags (characters first on request), formatted."""
-
-    def wanted(name: str) -> bool:
-        return name not in options.undesired and format_tag(name, options) not in options.undesired
-
-    general = [format_tag(n, options) for n, _ in decision.general if wanted(n)]
-    character = [format_tag(n, options) for n, _ in decision.character if wanted(n)]
-    tags = character + general if options.character_first else general + character
-    if options.rating and wanted(decision.rating):
-        tags.insert(0, format_tag(decision.rating, options))
-    return tags
-
-
-def merge_caption(existing: str, new_tags: Sequence[str], separator: str) -> str:
-    """Existing caption text followed by the new tags it does not already hold (compared stripped)."""
-    old = [t.strip() for t in existing.replace("\n", ",").split(",") if t.strip()]
-    seen = set(old)
-    merged = list(old)
-    for tag in new_tags:
-        if tag not in seen:
-            merged.append(tag)
-            seen.add(tag)
-    return separator.join(merged)
-
-
-def load_thresholds(path: str | Path, labels: LabelTable, general: float, character: float) -> tuple[dict[str, float], float, float]:
-    """(per-tag thresholds, general, character) from export_model's or validation_loop's thresholds.json.
-
-    Tags without a per-tag value (null) use the file's per-category value, else its global
-    threshold, else the command-line thresholds. Unknown tags in the file are ignored.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--thresholds: {path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--thresholds: {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("per_tag"), dict):
-        raise ValueError(f"--thresholds: {path} has no 'per_tag' object")
-    fallback = data.get("global_threshold")
-    per_category = data.get("per_category") if isinstance(data.get("per_category"), dict) else {}
-    general = _threshold(per_category.get("general", fallback), general, path)
-    character = _threshold(per_category.get("character", fallback), character, path)
-    known = set(labels.general) | set(labels.character)
-    per_tag = {name: _threshold(value, math.nan, path) for name, value in data["per_tag"].items() if name in known and value is not None}
-    return per_tag, general, character
-
-
-def _threshold(value: Any, default: float, path: Path) -> float:
-    """A threshold from the file, or `default` when absent; ValueError outside [0, 1]."""
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"--thresholds: {path} holds {value!r}, not a threshold in [0, 1]")
-    return float(value)
-
-
-# --------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------
-
-
-class OnnxBackend:
-    """A WD-tagger folder (model.onnx + selected_tags.csv) run by onnxruntime."""
-
-    def __init__(self, folder: Path, device: str) -> None:
-        """Open the session, read the labels, take the input size from the ONNX input shape."""
-        self.labels = LabelTable.read(folder / LABELS_FILE)
-        self.session = onnx_session(folder / ONNX_FILE, "cuda" if device.startswith("cuda") else "cpu")
-        node = self.session.get_inputs()[0]
-        shape = node.shape  # [N, S, S, 3]
-        if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
-            raise ValueError(f"{folder / ONNX_FILE}: input shape {shape} is not [N, S, S, 3] with a fixed S")
-        self.input_name = node.name
-        self.one_at_a_time = shape[0] == 1  # some releases fix the batch size at 1
-        self.image_size = int(shape[1])
-        self.preprocess = PreprocessParams(image_size=self.image_size, pad_color=WHITE)
-        outputs = self.session.get_outputs()[0].shape
-        if isinstance(outputs[-1], int) and outputs[-1] != 4 + self.labels.num_tags:
-            raise ValueError(f"{folder}: the model has {outputs[-1]} outputs but {LABELS_FILE} describes {4 + self.labels.num_tags}")
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """RGB uint8 (B, S, S, 3) -> probabilities (B, 4 + T)."""
-        batch = rgb_to_wd_input(images)  # (B, S, S, 3) float32 BGR
-        if self.one_at_a_time:
-            return np.concatenate([self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(batch.shape[0])])
-        return self.session.run(None, {self.input_name: batch})[0]
-
-
-class TorchBackend:
-    """A training checkpoint run by PyTorch behind the same contract (raw, uncalibrated probabilities)."""
-
-    def __init__(self, checkpoint: Path, device: str, ema: bool) -> None:
-        """Load the checkpoint; outputs in selected_tags.csv order (all categories, as export_model's default)."""
-        self.device = torch.device(device)
-        ck = load_checkpoint_for_eval(checkpoint, self.device, ema=ema)
-        plan = plan_outputs(ck.vocab)
-        self.labels = plan.labels
-        self.image_size = ck.preprocess.image_size
-        self.preprocess = ck.preprocess
-        model = resized_tagger(ck.model, self.image_size)
-        self.model = WDTagger(model, fused_head(model, plan), ck.preprocess.mean, ck.preprocess.std).eval()
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """RGB uint8 (B, S, S, 3) -> probabilities (B, 4 + T)."""
-        batch = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
-        with torch.inference_mode():
-            return WDTagger.probabilities(self.model.logits_from_rgb(batch)).float().cpu().numpy()
-
-
-def open_backend(model: str | Path, device: str, ema: bool = False) -> OnnxBackend | TorchBackend:
-    """An export folder (model.onnx inside) -> OnnxBackend; a checkpoint folder or last/best pointer -> TorchBackend."""
-    path = Path(model)
-    if path.is_dir() and (path / ONNX_FILE).is_file():
-        return OnnxBackend(path, device)
-    if path.exists():
-        return TorchBackend(path, device, ema)
-    raise FileNotFoundError(f"--model: {path} not found (an export folder with {ONNX_FILE}, or a checkpoint)")
+__all__ = ["Progress", "RunSummary", "main", "parse_args", "run", "thresholds_from_args"]
 
 
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
-
-
-def find_images(root: Path, recursive: bool) -> list[Path]:
-    """Image files under root (sorted; subfolders only when recursive)."""
-    if recursive:
-        found = [Path(d) / f for d, _, files in os.walk(root) for f in files]
-    else:
-        found = [p for p in root.iterdir() if p.is_file()]
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 class ImageFileDataset(Dataset):
@@ -274,14 +67,8 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """{"index", "image": (S, S, 3) uint8 or None, "error": reason or None}."""
-        try:
-            with warnings.catch_warnings():
-                # load_image raises past the pixel limit itself; the warning below it is noise.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = load_image(self.paths[index], self.params)
-        except IMAGE_ERRORS as exc:
-            return {"index": index, "image": None, "error": f"{type(exc).__name__}: {exc}"}
-        return {"index": index, "image": image, "error": None}
+        image, error = read_image(self.paths[index], self.params)
+        return {"index": index, "image": image, "error": error}
 
 
 def collate_images(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -390,6 +177,11 @@ def _write_caption(image: Path, tags: list[str], args: argparse.Namespace, summa
         summary.skipped[str(image)] = f"caption {caption.name} not written ({type(exc).__name__}: {exc})"
 
 
+def thresholds_from_args(args: argparse.Namespace, labels: LabelTable) -> Thresholds:
+    """The thresholds the command line asks for: category values, a thresholds.json, MCut per category."""
+    return thresholds_for(labels, args.general_threshold, args.character_threshold, args.thresholds, args.general_mcut, args.character_mcut)
+
+
 def run(args: argparse.Namespace) -> RunSummary:
     """Tag every image under args.input; errors about the arguments raise ValueError / FileNotFoundError."""
     root = Path(args.input)
@@ -400,11 +192,13 @@ def run(args: argparse.Namespace) -> RunSummary:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available() and not (Path(args.model) / ONNX_FILE).is_file():
         raise ValueError("--device cuda: this PyTorch sees no CUDA device")
-    backend = open_backend(args.model, device, ema=args.ema)
-    general, character = args.general_threshold, args.character_threshold
-    per_tag: dict[str, float] = {}
-    if args.thresholds:
-        per_tag, general, character = load_thresholds(args.thresholds, backend.labels, general, character)
+    try:
+        backend = open_model(args.model, device, ema=args.ema)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--model: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    thresholds = thresholds_from_args(args, backend.labels)
     options = CaptionOptions(
         args.remove_underscore,
         args.escape_parentheses,
@@ -427,7 +221,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         if batch["images"] is not None:
             probs = backend(batch["images"])  # (k, 4 + T)
             for row, index in zip(probs, batch["indices"]):
-                decision = select_tags(row, backend.labels, general_threshold=general, character_threshold=character, per_tag_thresholds=per_tag)
+                decision = thresholds.decide(row, backend.labels)
                 _write_caption(images[index], caption_tags(decision, options), args, summary)
                 if args.json:
                     key = images[index].relative_to(root).as_posix()
@@ -450,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--general-threshold", "--general_threshold", type=float, default=DEFAULT_GENERAL_THRESHOLD)
     p.add_argument("--character-threshold", "--character_threshold", type=float, default=DEFAULT_CHARACTER_THRESHOLD)
     p.add_argument("--thresholds", default="", help="thresholds.json: per-tag thresholds (export_model or validation_loop)")
+    p.add_argument("--general-mcut", action="store_true", help="general tags by MCut: each image cut at the largest gap of its sorted general scores")
+    p.add_argument("--character-mcut", action="store_true", help="character tags by MCut (never below 0.15, as SmilingWolf's page)")
     p.add_argument("--remove-underscore", "--remove_underscore", action="store_true", help="underscores to spaces (not in kaomoji / short tags)")
     p.add_argument("--escape-parentheses", action="store_true", help="write ( ) as \\( \\)")
     p.add_argument("--character-first", "--character_tags_first", action="store_true", help="character tags before general tags")

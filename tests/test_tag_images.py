@@ -15,7 +15,8 @@ from PIL import Image
 
 from broken_corpus import write_image, write_png_header_only, write_text_as_image, write_truncated_jpeg
 from conftest import ROOT, TrainedRun, run_cli
-from tag_images import CaptionOptions, Progress, caption_tags, format_tag, load_thresholds, merge_caption
+from tag_images import Progress
+from tagging import CaptionOptions, caption_tags, format_tag, load_thresholds, merge_caption
 from wd_export_helpers import characterised_checkpoint, export, load, validation_images
 from wd_format import RATING_NAMES, LabelTable, TagDecision
 
