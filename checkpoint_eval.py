@@ -18,7 +18,7 @@ evaluation_metrics, image_preprocess, model_architecture and vocabulary.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,11 @@ from image_preprocess import PreprocessParams
 from model_architecture import SimplifiedTagger
 from vocabulary import TagVocabulary
 
-__all__ = ["EvalExamples", "EvalResult", "LoadedCheckpoint", "evaluate", "load_checkpoint_for_eval", "model_from_checkpoint"]
+# Called with each evaluated batch (as ImagePreFetcher yields it: normalised images, "tag_targets",
+# "ratings") and the model's outputs for it.
+BatchObserver = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], None]
+
+__all__ = ["BatchObserver", "EvalExamples", "EvalResult", "LoadedCheckpoint", "evaluate", "load_checkpoint_for_eval", "model_from_checkpoint"]
 
 
 @dataclass
@@ -74,12 +78,14 @@ def evaluate(
     world_size: int = 1,
     max_batches: int = 0,
     num_examples: int = 0,
+    observe: BatchObserver | None = None,
 ) -> EvalResult:
     """Run the model over a loader and compute tagging and rating metrics (all-reduced under DDP).
 
     With num_examples > 0 the first images of the first batch are kept with their scores.
     A sample that fails to load is skipped, never replaced: metrics["num_skipped"] counts them
-    (this rank's) and result.skipped names them.
+    (this rank's) and result.skipped names them. `observe`, when given, sees every evaluated
+    batch with the model's outputs (the export spills what its later steps need).
     """
     was_training = model.training
     model.eval()
@@ -106,6 +112,8 @@ def evaluate(
                 probs = torch.sigmoid(outputs["tag_logits"].float())  # (B, T)
                 computer.update(probs, batch["tag_targets"])
                 computer.update_rating(outputs["rating_logits"].float(), batch["ratings"])  # (B, 4)
+                if observe is not None:
+                    observe(batch, outputs)
                 if num_examples and examples is None:
                     n = min(num_examples, probs.shape[0])
                     examples = EvalExamples(_denormalize(batch["images"][:n], preprocess), probs[:n].cpu(), batch["tag_targets"][:n].cpu())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_onnx_probabilities_equal_pytorch_on_validation_images(exported: Exporte
     # The export checked itself the same way and printed the figure.
     assert "onnxruntime vs PyTorch: max abs diff" in exported.stdout
     check = exported.report["onnx_vs_pytorch"]
-    assert check["images"] == len(exported.val.paths) and check["max_abs_diff"] <= 1e-4
+    assert check["images"] == min(64, len(exported.val.paths)) and check["max_abs_diff"] <= 1e-4  # --verify-images 64 by default
 
 
 @pytest.mark.e2e
@@ -215,6 +216,18 @@ def test_export_at_another_image_size(exported: Exported, tmp_path: Path) -> Non
     assert np.abs(onnx - reference).max() <= 1e-4
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "resampled from the training size" in card and "None (`--no-calibration`)" in card
+
+
+@pytest.mark.e2e
+def test_export_that_would_not_fit_in_memory_is_refused_naming_the_flag(exported: Exported, tmp_path: Path) -> None:
+    base = [str(ROOT / "export_model.py"), "--checkpoint", str(exported.checkpoint), "--out", str(tmp_path / "x"), "--image-size", "448"]
+    proc = run_cli([*base, "--batch-size", "100000"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    suggested = re.search(r"use --batch-size (\d+) or lower", proc.stderr)
+    assert suggested and 1 <= int(suggested.group(1)) < 100000, proc.stderr
+    proc = run_cli([*base, "--memory-limit", "0.1"], cwd=tmp_path)
+    assert proc.returncode == 2 and "smaller --image-size, or raise --memory-limit" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before anything was written
 
 
 @pytest.mark.e2e
