@@ -143,6 +143,16 @@ class DataConfig:
         choices=("build", "extend"),
     )
     pad_color: list = _opt([255, 255, 255], "RGB colour of the letterbox padding and of composited transparency.")
+    image_layout: str = _opt(
+        "letterbox",
+        "How an image becomes a square: letterbox (resized to fit data.image_size, then padded; JPEG draft decoding, fast) or pad_then_resize (padded to a square at full resolution, then resized with Pillow: the WD v3 reference recipe, pixel for pixel; slower on large images).",
+        choices=("letterbox", "pad_then_resize"),
+    )
+    resample: str = _opt("bicubic", "Resampling filter of the resize (antialiased).", choices=("bicubic", "bilinear", "lanczos"))
+    preprocess_from_init: bool = _opt(
+        True,
+        "With model.family=timm and model.init_from a released tagger folder (or a checkpoint): data.image_size, mean, std, pad_color, image_layout and resample are taken from it (a release: its config.json pretrained_cfg, white padding, pad_then_resize), replacing the values set here; the resolved values are printed and saved in the run's config.yaml. false = use the values set here.",
+    )
     mean: list = _opt([0.5, 0.5, 0.5], "Per-channel mean used to normalise images on the device.")
     std: list = _opt([0.5, 0.5, 0.5], "Per-channel standard deviation used to normalise images on the device.")
 
@@ -175,8 +185,21 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    """The Vision Transformer."""
+    """The network: our Vision Transformer (family vit) or a timm model (family timm)."""
 
+    family: str = _opt(
+        "vit",
+        "Backbone family: vit (our ViT, SimplifiedTagger: the keys preset to pooling below; for training from scratch) or timm (any timm model, e.g. a WD v3 release's ViT, EVA02, SwinV2 or ConvNeXt, named by model.timm_architecture and model.timm_model_args, or by the released tagger folder in model.init_from). Both get the same tag and rating heads.",
+        choices=("vit", "timm"),
+    )
+    timm_architecture: str = _opt(
+        "",
+        "model.family=timm: the timm model name (e.g. vit_base_patch16_224, eva02_large_patch14_448, swinv2_base_window8_256, convnext_base, vit_base_patch16_siglip_224); '' = the architecture of model.init_from (a released tagger folder's config.json, or a timm-family checkpoint). Built with pretrained=False: nothing downloads.",
+    )
+    timm_model_args: dict = _opt(
+        {},
+        "model.family=timm: keyword arguments of timm.create_model for model.timm_architecture (e.g. {img_size: 448, depth: 12}); img_size defaults to data.image_size where the model takes one. Empty when the architecture comes from model.init_from (its own model_args are used).",
+    )
     preset: str = _opt(
         "base", "ViT size: tiny (192x12), small (384x12), base (768x12) or large (1024x24).", choices=("tiny", "small", "base", "large")
     )
@@ -185,13 +208,19 @@ class ModelConfig:
     depth: int = _opt(0, "Override the preset's number of blocks (0 = preset).", ge=0)
     num_heads: int = _opt(0, "Override the preset's attention heads (0 = preset).", ge=0)
     mlp_ratio: float = _opt(4.0, "MLP hidden width as a multiple of the embedding width.", gt=0.0)
-    drop_path_rate: float = _opt(0.1, "Stochastic depth rate at the last block (linearly increasing).", ge=0.0, lt=1.0)
+    drop_path_rate: float = _opt(
+        0.1, "Stochastic depth rate at the last block (linearly increasing); for a timm model, its drop_path_rate argument.", ge=0.0, lt=1.0
+    )
     layer_scale_init: float = _opt(0.0, "LayerScale initial value (0 = no LayerScale).", ge=0.0)
     pooling: str = _opt("cls", "Feature fed to the heads: the class token (cls) or the mean of patch tokens (avg).", choices=("cls", "avg"))
-    grad_checkpoint_every: int = _opt(0, "Recompute activations of every n-th block in backward to save memory (0 = off).", ge=0)
+    grad_checkpoint_every: int = _opt(
+        0,
+        "Recompute activations of every n-th block in backward to save memory (0 = off); a timm model checkpoints every block for any value > 0 (timm's set_grad_checkpointing).",
+        ge=0,
+    )
     init_from: str = _opt(
         "",
-        "Start from these weights: a released WD tagger folder (selected_tags.csv + timm's model.safetensors/config.json; tag-head rows matched by tag name), a checkpoint folder, or ViT weights in timm's layout (.safetensors or .pth, backbone only); '' = random.",
+        "Start from these weights: a released WD tagger folder (config.json + model.safetensors + selected_tags.csv, e.g. SmilingWolf/wd-vit-tagger-v3 or wd-eva02-large-tagger-v3 downloaded by you; with model.family=timm any timm architecture, weights loaded exactly; tag-head rows matched by tag name), a checkpoint folder, or (family vit) ViT weights in timm's layout (.safetensors or .pth, backbone only); '' = random.",
     )
     compile: bool = _opt(False, "Compile the model with torch.compile.")
 
@@ -245,6 +274,17 @@ class TrainingConfig:
     restart_period_steps: int = _opt(0, "cosine_restarts: first cycle length in steps (0 = a quarter of the run).", ge=0)
     restart_period_mult: float = _opt(1.0, "cosine_restarts: each cycle is this many times longer than the last.", ge=1.0)
     restart_decay: float = _opt(1.0, "cosine_restarts: peak learning rate multiplier per restart.", gt=0.0, le=1.0)
+    freeze_body_steps: int = _opt(
+        0,
+        "Fine-tuning: train only the tag and rating heads for the first N optimizer steps (the body frozen: run in eval mode without gradients, so no update, no weight decay, no optimizer state and an unchanged EMA for it), then everything; -1 = the whole run (SmilingWolf's --freeze-model-body); 0 = off.",
+        ge=-1,
+    )
+    body_lr_scale: float = _opt(
+        1.0,
+        "Fine-tuning: the learning rate of everything but the heads as a share of the heads' (combined with layer_decay), e.g. 0.1 to move a released body less than its new head. 1 = off.",
+        gt=0.0,
+        le=1.0,
+    )
     grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
     micro_batch_size: int = _opt(
         0,
@@ -396,6 +436,12 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             return list(value)
         raise bad("a list")
+    if tp is dict or get_origin(tp) is dict:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise bad("a mapping with string keys")
     raise ConfigError(f"{where}{key} has an unsupported type {tp!r}")  # a programming error
 
 
@@ -448,16 +494,28 @@ def _check_lists(cfg: RootConfig) -> None:
         raise ConfigError(f"data.std values must be > 0; got {cfg.data.std!r}")
 
 
+def _check_model_family(cfg: RootConfig) -> None:
+    """The patch-size rules of our ViT, and the timm keys only with family timm (a timm model's own
+    size rules are checked when it is built: they depend on the architecture)."""
+    m = cfg.model
+    if m.family == "vit":
+        if m.timm_architecture or m.timm_model_args:
+            raise ConfigError("model.timm_architecture / model.timm_model_args need model.family=timm")
+        if cfg.data.image_size % m.patch_size:
+            raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be divisible by model.patch_size ({m.patch_size})")
+        small = cfg.data.progressive_image_size
+        if small and (small % m.patch_size or small >= cfg.data.image_size):
+            raise ConfigError(
+                f"data.progressive_image_size ({small}) must be a multiple of model.patch_size ({m.patch_size}) below data.image_size ({cfg.data.image_size})"
+            )
+    elif m.timm_model_args and not m.timm_architecture:
+        raise ConfigError("model.timm_model_args needs model.timm_architecture (a released tagger in model.init_from brings its own model_args)")
+
+
 def validate_config(cfg: RootConfig) -> RootConfig:
     """Cross-field checks that no single field can make; returns cfg."""
     _check_lists(cfg)
-    if cfg.data.image_size % cfg.model.patch_size:
-        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be divisible by model.patch_size ({cfg.model.patch_size})")
-    small = cfg.data.progressive_image_size
-    if small and (small % cfg.model.patch_size or small >= cfg.data.image_size):
-        raise ConfigError(
-            f"data.progressive_image_size ({small}) must be a multiple of model.patch_size ({cfg.model.patch_size}) below data.image_size ({cfg.data.image_size})"
-        )
+    _check_model_family(cfg)
     m = cfg.model
     if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")

@@ -9,7 +9,8 @@ read them through it. The layout (format 1) is:
                                                            and plain types only, read with weights_only=True)
                                   config.yaml              the resolved run config
                                   vocabulary.json          the tag vocabulary
-                                  model_config.json        VisionTransformerConfig (tag_bias_init dropped)
+                                  model_config.json        the model's config (tag_bias_init dropped): VisionTransformerConfig,
+                                                           or TimmTaggerConfig with "family": "timm"
                                   preprocess.json          letterbox and normalisation parameters
                                   COMPLETE                 written last: the folder is whole
     <run>/checkpoints/last, best  text files naming a step folder
@@ -39,8 +40,9 @@ from safetensors.torch import load_file, save_file
 from Configuration_System import ConfigError, RootConfig, config_from_dict, dump_config
 from file_io import atomic_write_text, load_json_file, replace_with_retry
 from image_preprocess import PreprocessParams
-from model_architecture import VisionTransformerConfig
+from timm_tagger import TaggerConfig, tagger_config_from_dict
 from vocabulary import TagVocabulary
+from wd_release import release_layout, release_problem
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -91,7 +93,7 @@ def parse_step(name: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_files(cfg: RootConfig, vocabulary_json: str, model_config: VisionTransformerConfig, preprocess: PreprocessParams) -> dict[str, str]:
+def checkpoint_files(cfg: RootConfig, vocabulary_json: str, model_config: TaggerConfig, preprocess: PreprocessParams) -> dict[str, str]:
     """The text files of a checkpoint folder (name -> content): what evaluation and export read back."""
     return {
         CONFIG_FILE: dump_config(cfg),
@@ -301,6 +303,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = path.parent / target
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not (path / COMPLETE_MARKER).is_file() and release_layout(path) is not None:
+        # a release folder is not a half-written checkpoint: say what it is (and what a bad one lacks)
+        problem = release_problem(path)
+        raise ValueError(
+            problem
+            or f"{path} is a released WD tagger folder (config.json + model.safetensors + selected_tags.csv), not a training checkpoint (step_<N> folder)"
+        )
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): it was not fully written")
     return path
@@ -375,7 +384,7 @@ class CheckpointContents:
 
     folder: Path
     step: int | None  # None when the folder is not named step_<N>
-    model_config: VisionTransformerConfig
+    model_config: TaggerConfig  # VisionTransformerConfig or TimmTaggerConfig: timm_tagger.build_tagger builds either
     vocab: TagVocabulary
     preprocess: PreprocessParams
     state_dict: dict[str, torch.Tensor]  # the model's (or, with ema=True, the EMA's) weights
@@ -385,7 +394,7 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> CheckpointContent
     """Model config, vocabulary, preprocessing and weights of a step folder or last/best pointer."""
     folder = resolve_checkpoint(path)
     vocab = TagVocabulary.load(folder / VOCABULARY_FILE)
-    model_config = VisionTransformerConfig.from_dict(read_checkpoint_json(folder, MODEL_CONFIG_FILE))
+    model_config = tagger_config_from_dict(read_checkpoint_json(folder, MODEL_CONFIG_FILE))
     if model_config.num_tags != len(vocab):
         raise ValueError(f"{folder}: model has {model_config.num_tags} tag outputs but the vocabulary {len(vocab)} tags")
     state_dict = load_model_state(folder, ema=ema)

@@ -54,8 +54,9 @@ from repeat_factor import RepeatFactorSampler, repeat_factors
 from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
-from tagger_init import extend_vocabulary, is_released_tagger, read_released_tagger
+from tagger_init import apply_init_preprocessing, extend_vocabulary
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
+from wd_release import read_release_labels, release_layout, release_problem
 
 __all__ = [
     "DataBundle",
@@ -111,6 +112,8 @@ def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
         pad_color=tuple(int(v) for v in d.pad_color),
         mean=tuple(float(v) for v in d.mean),
         std=tuple(float(v) for v in d.std),
+        resample=d.resample,
+        layout=d.image_layout,
     )
 
 
@@ -347,12 +350,13 @@ def _vocabulary(cfg: RootConfig, train: list[SampleRecord], root: Path) -> tuple
     top_k = min(d.top_k_tags, d.max_vocabulary_tags) if d.top_k_tags else d.max_vocabulary_tags
     vocab, build = build_vocabulary(train, min_frequency=d.min_tag_frequency, top_k=top_k, ignore_tags=ignore)
     if d.vocabulary_mode == "extend":
-        if not is_released_tagger(cfg.model.init_from):
+        if release_layout(cfg.model.init_from) != "wd_v3":
             raise ConfigError(
                 f"data.vocabulary_mode=extend: model.init_from={cfg.model.init_from!r} is not a released "
                 "tagger folder (selected_tags.csv + config.json + model.safetensors)"
+                + (f": {release_problem(cfg.model.init_from)}" if release_problem(cfg.model.init_from) else "")
             )
-        vocab = extend_vocabulary(read_released_tagger(cfg.model.init_from), vocab)
+        vocab = extend_vocabulary(read_release_labels(cfg.model.init_from), vocab)
     if len(vocab) == 0:
         raise DataQualityError(f"no tag reaches data.min_tag_frequency={d.min_tag_frequency} in the training split of {root}")
     return vocab, build.to_dict()
@@ -386,6 +390,7 @@ def prepare_data(
     check_output_locations(cfg)
     is_main = rank == 0
     run_dir = Path(run_dir)
+    apply_init_preprocessing(cfg, log if is_main else None)  # a timm run from a release: its size, mean/std, white pad
     if is_main:
         root = ensure_dataset(cfg, is_main=True, log=log)  # may generate the demo
         scan = scan_from_config(cfg, root, log=log)  # first, so that the other ranks find its scan index

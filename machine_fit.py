@@ -10,7 +10,11 @@
   pools), then measures the peak resident memory of forward+backward passes of the configured
   network (same width, heads, image size, tags, precision, gradient checkpointing) with one and
   two images at one block (one checkpointing period) and two images at two. Memory grows linearly
-  with depth and batch, so the full depth and batch follow by extrapolation. Parameters,
+  with depth and batch, so the full depth and batch follow by extrapolation. Either backbone
+  family: a timm model with a plain stack of blocks (ViT, EVA02: its `depth` argument) is
+  extrapolated the same way; a staged one (SwinV2, ConvNeXt) is measured whole at one and two
+  images. A frozen body (training.freeze_body_steps) is not assumed: the estimate is of the
+  unfrozen step, the larger one. Parameters,
   gradients, AdamW moments, the EMA and the checkpoint snapshot are added from the parameter
   count; DataLoader workers at the measured size of a fresh interpreter each (an upper bound for
   forked workers, which share pages at first), plus the batches they hold. The total is compared
@@ -53,8 +57,8 @@ import torch
 from Configuration_System import RootConfig
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss
 from micro_batching import MicroBatchPlan, agree_across_ranks, injected_oom_limit, make_step_probe, micro_batch_candidates, plan_micro_batches
-from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from process_group import usable_cpu_count
+from timm_tagger import Tagger, TaggerConfig, TimmTaggerConfig, build_tagger, tagger_config_from_dict, uniform_depth
 from training_utils import GuardedOptimizerStep, TrainStep, autocast_context, resolve_precision
 
 __all__ = [
@@ -178,10 +182,29 @@ class PeakRss:
         self.peak = max(0, top - self.start)
 
 
-def _one_pass(model_cfg: VisionTransformerConfig, depth: int, batch: int, precision: str) -> tuple[int, int]:
+def model_depth(model_cfg: TaggerConfig) -> int | None:
+    """Blocks the probe can extrapolate over: our ViT's depth, a timm stack's (ViT, EVA: its depth
+    argument), None for a staged timm model (SwinV2, ConvNeXt: measured whole)."""
+    if isinstance(model_cfg, TimmTaggerConfig):
+        return uniform_depth(model_cfg)
+    return model_cfg.depth
+
+
+def _probe_model(model_cfg: TaggerConfig, depth: int | None) -> Tagger:
+    """The network with `depth` blocks (None: as configured), random weights, in training mode."""
+    if depth is None:
+        cfg: TaggerConfig = replace(model_cfg, tag_bias_init=None)
+    elif isinstance(model_cfg, TimmTaggerConfig):
+        cfg = replace(model_cfg, model_args={**model_cfg.model_args, "depth": depth}, tag_bias_init=None)
+    else:
+        cfg = replace(model_cfg, depth=depth, tag_bias_init=None)
+    return build_tagger(cfg).train()
+
+
+def _one_pass(model_cfg: TaggerConfig, depth: int | None, batch: int, precision: str) -> tuple[int, int]:
     """Peak memory of one forward+backward at `depth` blocks and `batch` images (gradients
     allocated beforehand, as during accumulation); returns (peak bytes, parameter count)."""
-    model = SimplifiedTagger(replace(model_cfg, depth=depth, tag_bias_init=None)).train()
+    model = _probe_model(model_cfg, depth)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -199,12 +222,12 @@ def _one_pass(model_cfg: VisionTransformerConfig, depth: int, batch: int, precis
     return peak.peak, sum(p.numel() for p in params)
 
 
-def _warm_up(model_cfg: VisionTransformerConfig, depth: int, precision: str) -> None:
+def _warm_up(model_cfg: TaggerConfig, depth: int | None, precision: str) -> None:
     """One real training step (TrainStep with fused AdamW, as train_direct builds it) on one image,
     so that what a process gains for good by training (imported code, thread pools, kernel caches)
     is counted in runtime_bytes and not in the measured passes."""
     device = torch.device("cpu")
-    model = SimplifiedTagger(replace(model_cfg, depth=depth, tag_bias_init=None)).train()
+    model = _probe_model(model_cfg, depth)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     step = TrainStep(
@@ -224,7 +247,7 @@ def _constant(step: int) -> float:
 def _probe_child(spec_json: str) -> int:
     """The child's work: measure the passes of `spec["points"]` ([depth, batch] pairs), print one JSON line."""
     spec = json.loads(spec_json)
-    model_cfg = VisionTransformerConfig.from_dict(spec["model"])
+    model_cfg = tagger_config_from_dict(spec["model"])
     points, precision = spec["points"], spec["precision"]
     interpreter = _rss_bytes()
     torch.manual_seed(0)
@@ -254,7 +277,7 @@ def _probe_child(spec_json: str) -> int:
 class StepMemoryProfile:
     """What the child measured, extrapolated to the full network: per image and fixed."""
 
-    depth: int
+    depth: int  # 0: a staged timm model, measured whole
     parameters: int  # of the full network
     activation_per_image: int  # bytes a forward+backward keeps per image (activations, transients)
     step_fixed_bytes: int  # a pass's cost that does not grow with the batch (e.g. weight-gradient buffers)
@@ -265,22 +288,27 @@ class StepMemoryProfile:
     seconds: float  # wall time of the whole measurement, child start-up included
 
 
-def _probe_points(model_cfg: VisionTransformerConfig) -> list[tuple[int, int]]:
+def _probe_points(model_cfg: TaggerConfig, depth: int | None) -> list[tuple[int | None, int]]:
     """(depth, batch) passes: 1 and 2 images at depth d, and 2 images at depth d + one period.
 
     Without gradient checkpointing d is one block and a period one block. With checkpointing every
     k blocks, backward recomputes one checkpointed block at a time, a transient the size of a whole
     block that does not grow with depth: d = 2k, so both depths hold it and the difference is what
-    one more period keeps. The full depth alone when it is shorter than that.
+    one more period keeps (timm checkpoints every block: k = 1). The full depth alone when it is
+    shorter than that, or when the model has no single depth (depth None: a staged timm model).
     """
+    if depth is None:
+        return [(None, 1), (None, 2)]
     every = model_cfg.grad_checkpoint_every
+    if isinstance(model_cfg, TimmTaggerConfig) and every:
+        every = 1
     period, first = (1, 1) if every == 0 else (every, 2 * every)
-    if first + period > model_cfg.depth:
-        return [(model_cfg.depth, 1), (model_cfg.depth, 2)]
+    if first + period > depth:
+        return [(depth, 1), (depth, 2)]
     return [(first, 1), (first, 2), (first + period, 2)]
 
 
-def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp32", timeout_s: float = PROBE_TIMEOUT_S) -> StepMemoryProfile:
+def profile_step_memory(model_cfg: TaggerConfig, precision: str = "fp32", timeout_s: float = PROBE_TIMEOUT_S) -> StepMemoryProfile:
     """Measure a training step's memory per image for this network in a child process.
 
     Peak(depth, batch) = fixed + batch * (stem + depth * block): two batch sizes separate the
@@ -288,7 +316,8 @@ def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: a CPU step runs in fp32 or bf16")
-    points = _probe_points(model_cfg)
+    depth_full = model_depth(model_cfg)
+    points = _probe_points(model_cfg, depth_full)
     spec = {"model": {**model_cfg.to_dict(), "tag_bias_init": None}, "points": points, "precision": precision}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
@@ -306,17 +335,18 @@ def profile_step_memory(model_cfg: VisionTransformerConfig, precision: str = "fp
         raise RuntimeError(f"measuring the training step's memory failed (exit {proc.returncode}): {tail}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     peaks, counts = out["peaks"], out["parameters"]
-    (d1, _), depth_full = points[0], model_cfg.depth
     per_image = peaks[1] - peaks[0]  # one more image at depth d1
-    per_block_image, per_block_params = 0.0, 0.0
+    parameters, activation = float(counts[0]), float(per_image)
     if len(points) == 3:
-        d2 = points[2][0]
+        d1, d2 = points[0][0], points[2][0]
         per_block_image = (peaks[2] - peaks[1]) / (2 * (d2 - d1))
         per_block_params = (counts[2] - counts[0]) / (d2 - d1)
+        parameters += per_block_params * (depth_full - d1)
+        activation += per_block_image * (depth_full - d1)
     return StepMemoryProfile(
-        depth=depth_full,
-        parameters=round(counts[0] + per_block_params * (depth_full - d1)),
-        activation_per_image=math.ceil(per_image + per_block_image * (depth_full - d1)),
+        depth=depth_full or 0,
+        parameters=round(parameters),
+        activation_per_image=math.ceil(activation),
         step_fixed_bytes=max(0, peaks[0] - per_image),
         runtime_bytes=max(0, out["runtime_bytes"]),
         interpreter_bytes=out["interpreter_bytes"],
@@ -498,7 +528,7 @@ def memory_message(
 
 
 def check_cpu_memory(
-    model_cfg: VisionTransformerConfig,
+    model_cfg: TaggerConfig,
     shape: StepShape,
     *,
     micro_batch_key: str | None = None,
@@ -556,7 +586,7 @@ def saved_plan(resume_state: Mapping[str, Any] | None) -> MicroBatchPlan | None:
     return MicroBatchPlan.from_dict(resume_state["micro_batches"])
 
 
-def cpu_memory_message(cfg: RootConfig, device: torch.device, model_cfg: VisionTransformerConfig, saved: MicroBatchPlan | None) -> str | None:
+def cpu_memory_message(cfg: RootConfig, device: torch.device, model_cfg: TaggerConfig, saved: MicroBatchPlan | None) -> str | None:
     """On the CPU (training.memory_check), one line naming data.batch_size when the run cannot fit
     in memory (the OS would kill it without a message); None when it fits. Takes seconds."""
     if device.type != "cpu" or not cfg.training.memory_check:

@@ -133,8 +133,8 @@ class VisionTransformerConfig:
         check_tag_bias_init(self.tag_bias_init, self.num_tags, "VisionTransformerConfig")
 
     def describe(self) -> str:
-        """One line for the training log: our ViT's width x depth at its patch size."""
-        return f"vit {self.embed_dim}x{self.depth}/{self.patch_size}"
+        """Our ViT's width x depth, for the training log (after the preset's name)."""
+        return f"{self.embed_dim}x{self.depth}"
 
     @property
     def grid_size(self) -> Tuple[int, int]:

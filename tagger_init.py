@@ -1,49 +1,61 @@
-"""Start a new model from a released WD tagger: backbone, tag-head rows matched by name, rating rows.
+"""Start a new model from released weights: a WD tagger release, our own export, a checkpoint, timm ViT weights.
 
-A released tagger is a WD-format folder in timm's layout: `model.safetensors` + `config.json`
-(timm) and `selected_tags.csv` (our `export_model.py` output, or a release of the same ViT
-architecture). `read_released_tagger` reads it into our layout; `init_from_released` fills a new
-`SimplifiedTagger` built for a new vocabulary:
+`init_model_weights` is the one entry point of `--init-from` / `model.init_from`; what it does
+depends on the model the run built (training_setup.model_config):
 
-* the backbone is copied as `model_architecture.load_pretrained_backbone` copies a timm ViT (same
-  key names; the position embedding resampled when the new image size differs);
-* each tag-head row is matched by tag name: a tag the release knows keeps its trained weight row
-  and bias; a new tag keeps the row the new model was initialised with (bias at the log-odds of
-  its training frequency, `VisionTransformerConfig.tag_bias_init`); release tags missing from the
-  new vocabulary are dropped;
-* the four rating rows seed the rating head.
+* a `TimmTagger` (model.family=timm) from a released tagger folder (`wd_release`: SmilingWolf's
+  wd-*-tagger-v3 of any family, or our own export): the body is the release's architecture
+  (config.json) and its weights load exactly (strict); a `SimplifiedTagger` (family vit) from a
+  WD folder of our ViT architecture (`timm_layout`: our exports): the backbone is copied as
+  `model_architecture.load_pretrained_backbone` copies a timm ViT (the position embedding
+  resampled when the image size differs);
+* either way each tag-head row is matched by tag name: a tag the release knows keeps its trained
+  row and bias; a new tag keeps the row the new model was initialised with (bias at the log-odds
+  of its training frequency, the configs' `tag_bias_init`); release tags missing from the new
+  vocabulary are dropped; the four rating rows seed the rating head;
+* a checkpoint folder: its weights (the same architecture); timm ViT weights (family vit): the backbone.
 
-`extend_vocabulary` builds the "extend" vocabulary: every tag of the release, then the data's new
-tags. Our own exports carry their calibration shift in the head bias; `remove_calibration=True`
-subtracts it again (export_report.json's `logit_shifts`), giving back the checkpoint's raw biases.
-`init_model_weights` is the one entry point of `--init-from` / `model.init_from` for every source (a
-released tagger folder, a checkpoint, timm ViT weights). It imports checkpoint_store,
-model_architecture, vocabulary, timm_layout and wd_format; train_direct and data_setup's
-`data.vocabulary_mode=extend` use it.
+A folder that looks like a release but cannot give a model (WD v2: ONNX only; no weights) is
+refused with what is missing. `extend_vocabulary` builds the "extend" vocabulary: every tag of
+the release, then the data's new tags. `timm_source` finds a timm run's architecture (the config,
+the release or the checkpoint in init_from) and `apply_init_preprocessing` makes a timm run's
+preprocessing that of its init source (data.preprocess_from_init). Our own exports carry their
+calibration shift in the head bias; `remove_calibration=True` subtracts it again. It imports
+checkpoint_store, model_architecture, timm_tagger, vocabulary, timm_layout, wd_format and
+wd_release; train_direct, training_setup and data_setup use it.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from checkpoint_store import is_checkpoint_reference, load_model_state, resolve_checkpoint
+from checkpoint_store import MODEL_CONFIG_FILE, PREPROCESS_FILE, is_checkpoint_reference, load_model_state, read_checkpoint_json, resolve_checkpoint
+from Configuration_System import ConfigError, RootConfig
+from image_preprocess import PreprocessParams
 from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_backbone_state, load_pretrained_backbone
 from timm_layout import TIMM_CONFIG_FILE, read_timm_folder
+from timm_tagger import Tagger, TimmTagger, TimmTaggerConfig, tagger_config_from_dict
 from vocabulary import TagVocabulary
-from wd_format import CATEGORY_CHARACTER, LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
+from wd_format import LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
+from wd_release import WdRelease, calibration_shifts, label_categories, read_release, read_release_config, release_layout, release_problem
 
 __all__ = [
     "InitReport",
     "ReleasedTagger",
+    "TimmSource",
+    "apply_init_preprocessing",
     "extend_vocabulary",
+    "init_from_release",
     "init_from_released",
     "init_model_weights",
     "is_released_tagger",
     "read_released_tagger",
+    "timm_source",
 ]
 
 # Shape fields that must agree between the release and the new model (image size may differ).
@@ -65,23 +77,17 @@ class ReleasedTagger:
 
     def tag_categories(self) -> dict[str, str]:
         """Our category of each release tag: "character" for the character block, else "general"."""
-        codes = self.labels.tag_category_codes()
-        names = [*self.labels.general, *self.labels.character]
-        return {n: ("character" if c == CATEGORY_CHARACTER else "general") for n, c in zip(names, codes)}
+        return label_categories(self.labels)
 
 
-def _calibration_shifts(folder: Path) -> dict[str, float]:
-    """Per-tag logit shifts an export folded into its head (export_report.json), {} when there is none."""
-    path = folder / REPORT_FILE
-    if not path.is_file():
-        return {}
-    try:
-        shifts = json.loads(path.read_text(encoding="utf-8")).get("logit_shifts", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: unreadable export report ({exc})") from None
-    if not isinstance(shifts, dict) or not all(isinstance(v, (int, float)) for v in shifts.values()):
-        raise ValueError(f"{path}: 'logit_shifts' must map tag names to numbers")
-    return {str(k): float(v) for k, v in shifts.items()}
+class HeadRows(Protocol):
+    """A release's classifier by tag name (ReleasedTagger, wd_release.WdRelease)."""
+
+    folder: Path
+    tag_weight: dict[str, torch.Tensor]
+    tag_bias: dict[str, float]
+    rating_weight: torch.Tensor
+    rating_bias: torch.Tensor
 
 
 def is_released_tagger(path: str | Path) -> bool:
@@ -91,9 +97,13 @@ def is_released_tagger(path: str | Path) -> bool:
 
 
 def read_released_tagger(folder: str | Path, *, remove_calibration: bool = False) -> ReleasedTagger:
-    """Read model.safetensors + config.json + selected_tags.csv; ValueError when they disagree or the model is not ours."""
+    """Read model.safetensors + config.json + selected_tags.csv into our ViT's layout; ValueError when they
+    disagree or the model is not our ViT architecture (then it names model.family=timm)."""
     folder = Path(folder)
-    timm = read_timm_folder(folder)
+    try:
+        timm = read_timm_folder(folder)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. A timm release of another architecture loads with model.family=timm (configs/finetune.yaml)") from None
     labels = LabelTable.read(folder / LABELS_FILE)
     rows = timm.head_weight.shape[0]
     if rows != 4 + labels.num_tags:
@@ -103,7 +113,7 @@ def read_released_tagger(folder: str | Path, *, remove_calibration: bool = False
     names = [*labels.general, *labels.character]
     bias = timm.head_bias[4:].double().clone()  # (T,)
     if remove_calibration:
-        shifts = _calibration_shifts(folder)
+        shifts = calibration_shifts(folder)
         if not shifts:
             raise ValueError(f"{folder}: remove_calibration needs {REPORT_FILE} with 'logit_shifts'")
         bias -= torch.tensor([shifts.get(n, 0.0) for n in names], dtype=torch.float64)
@@ -156,12 +166,50 @@ def _copy_backbone(model: SimplifiedTagger, released: ReleasedTagger, notes: lis
     notes.extend(report.notes)
 
 
-def init_from_released(model: SimplifiedTagger, vocab: TagVocabulary, released: ReleasedTagger) -> InitReport:
-    """Initialise `model` (built for `vocab`) from a released tagger; returns the kept/new/dropped report."""
+def _check_head_shape(model: Tagger, vocab: TagVocabulary) -> None:
+    """ValueError unless the model has one tag output per vocabulary tag and the four WD ratings."""
     if model.cfg.num_tags != len(vocab):
         raise ValueError(f"the model has {model.cfg.num_tags} tag outputs but the vocabulary {len(vocab)} tags")
     if model.cfg.num_ratings != len(RATING_NAMES):
         raise ValueError(f"the model has {model.cfg.num_ratings} rating outputs; a WD release has {len(RATING_NAMES)}")
+
+
+def _copy_head_rows(model: Tagger, vocab: TagVocabulary, source: HeadRows, report: InitReport) -> None:
+    """Tag rows matched by name (kept, or new with the row and prior bias the model was built with),
+    the dropped release tags, and the four rating rows."""
+    with torch.no_grad():
+        for index, tag in enumerate(vocab.index_to_tag):
+            if tag in source.tag_weight:
+                model.tag_head.weight[index].copy_(source.tag_weight[tag])
+                model.tag_head.bias[index] = source.tag_bias[tag]
+                report.kept.append(tag)
+            else:
+                report.new.append(tag)  # keeps its initial row and frequency-prior bias
+        model.rating_head.weight.copy_(source.rating_weight)
+        model.rating_head.bias.copy_(source.rating_bias)
+    report.dropped = [t for t in source.tag_weight if t not in vocab.tag_to_index]
+
+
+def init_from_release(model: TimmTagger, vocab: TagVocabulary, release: WdRelease) -> InitReport:
+    """Initialise a TimmTagger (built for `vocab`) from a release: the body exactly, head rows by tag name."""
+    _check_head_shape(model, vocab)
+    ours, theirs = model.cfg, release.config
+    if (ours.architecture, ours.model_args) != (theirs.architecture, theirs.model_args) or ours.input_channels != "bgr":
+        raise ValueError(
+            f"{release.folder}: the model ({ours.architecture} {ours.model_args}, {ours.input_channels}) is not the release's "
+            f"({theirs.architecture} {theirs.model_args}, bgr); build it from the release (model.timm_architecture '')"
+        )
+    report = InitReport()
+    release.load_body(model)
+    if theirs.dropped_args:
+        report.notes.append(f"config.json training arguments {theirs.dropped_args} not used (the run's config sets them)")
+    _copy_head_rows(model, vocab, release, report)
+    return report
+
+
+def init_from_released(model: SimplifiedTagger, vocab: TagVocabulary, released: ReleasedTagger) -> InitReport:
+    """Initialise `model` (built for `vocab`) from a released tagger; returns the kept/new/dropped report."""
+    _check_head_shape(model, vocab)
     different = [
         f"{name} {getattr(released.cfg, name)!r} vs {getattr(model.cfg, name)!r}"
         for name in _SHAPE_FIELDS
@@ -171,27 +219,17 @@ def init_from_released(model: SimplifiedTagger, vocab: TagVocabulary, released: 
         raise ValueError(f"{released.folder}: the release's architecture differs from the model's (release vs model): {', '.join(different)}")
     report = InitReport()
     _copy_backbone(model, released, report.notes)
-    with torch.no_grad():
-        for index, tag in enumerate(vocab.index_to_tag):
-            if tag in released.tag_weight:
-                model.tag_head.weight[index].copy_(released.tag_weight[tag])
-                model.tag_head.bias[index] = released.tag_bias[tag]
-                report.kept.append(tag)
-            else:
-                report.new.append(tag)  # keeps its initial row and frequency-prior bias
-        model.rating_head.weight.copy_(released.rating_weight)
-        model.rating_head.bias.copy_(released.rating_bias)
-    report.dropped = [t for t in released.tag_weight if t not in vocab.tag_to_index]
+    _copy_head_rows(model, vocab, released, report)
     return report
 
 
-def extend_vocabulary(released: ReleasedTagger, data_vocab: TagVocabulary) -> TagVocabulary:
-    """Every tag of the release (its order), then the data vocabulary's other tags (their order).
+def extend_vocabulary(labels: LabelTable, data_vocab: TagVocabulary) -> TagVocabulary:
+    """Every tag of the release's selected_tags.csv (its order), then the data vocabulary's other tags (their order).
 
     Frequencies come from the data (0 for a release tag the data never shows); categories from the
     data where it has one, else from the release's block.
     """
-    release_categories = released.tag_categories()
+    release_categories = label_categories(labels)
     ordered = list(release_categories)
     ordered += [t for t in data_vocab.index_to_tag if t not in release_categories]
     frequencies = {t: data_vocab.tag_frequencies.get(t, 0) for t in ordered}
@@ -199,11 +237,20 @@ def extend_vocabulary(released: ReleasedTagger, data_vocab: TagVocabulary) -> Ta
     return TagVocabulary(ordered, frequencies, categories)
 
 
-def init_model_weights(model: SimplifiedTagger, vocab: TagVocabulary, path: str | Path) -> tuple[str, dict[str, object]]:
+def init_model_weights(model: Tagger, vocab: TagVocabulary, path: str | Path) -> tuple[str, dict[str, object]]:
     """--init-from / model.init_from: a released tagger folder (head rows matched by tag name), a checkpoint
-    folder (weights only) or timm-layout ViT weights; returns (log line, record for data_report.json)."""
+    folder (weights only) or (family vit) timm-layout ViT weights; returns (log line, record for data_report.json)."""
     p = Path(path)
-    if is_released_tagger(p):
+    problem = release_problem(p)
+    if problem is not None:  # a WD v2 (ONNX only) or incomplete release: say what is missing
+        raise ValueError(problem)
+    if isinstance(model, TimmTagger):
+        if release_layout(p) == "wd_v3":
+            report = init_from_release(model, vocab, read_release(p))
+            return report.summary(), {"source": str(p), "kind": "released_tagger", **report.to_dict()}
+        if not is_checkpoint_reference(p):
+            raise ValueError(f"model.init_from={p}: a timm-family model starts from a released tagger folder or a checkpoint folder")
+    elif is_released_tagger(p):
         report = init_from_released(model, vocab, read_released_tagger(p))
         return report.summary(), {"source": str(p), "kind": "released_tagger", **report.to_dict()}
     if is_checkpoint_reference(p):
@@ -213,3 +260,74 @@ def init_model_weights(model: SimplifiedTagger, vocab: TagVocabulary, path: str 
         return line, {"source": str(folder), "kind": "checkpoint", "missing": len(missing), "unused": len(unexpected)}
     backbone = load_pretrained_backbone(model, p)
     return backbone.summary(), {"source": str(p), "kind": "timm_weights", "summary": backbone.summary()}
+
+
+@dataclass(frozen=True)
+class TimmSource:
+    """Where a timm-family run's architecture comes from, and the preprocessing that source expects."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    input_channels: str
+    origin: str  # "config", "release" or "checkpoint"
+    preprocess: PreprocessParams | None  # the release's or checkpoint's preprocessing (None: from the config)
+
+
+def timm_source(cfg: RootConfig) -> TimmSource:
+    """The timm architecture of a model.family=timm run: model.timm_architecture, else the released tagger
+    folder or timm-family checkpoint in model.init_from. ConfigError when neither names one, or they disagree."""
+    m = cfg.model
+    source = Path(m.init_from) if m.init_from else None
+    found: TimmSource | None = None
+    if source is not None:
+        problem = release_problem(source)
+        if problem is not None:
+            raise ConfigError(f"model.init_from: {problem}")
+        if release_layout(source) == "wd_v3":
+            release = read_release_config(source)
+            found = TimmSource(release.architecture, dict(release.model_args), "bgr", "release", release.preprocess())
+        elif is_checkpoint_reference(source):
+            folder = resolve_checkpoint(source)
+            saved = tagger_config_from_dict(read_checkpoint_json(folder, MODEL_CONFIG_FILE))
+            if isinstance(saved, TimmTaggerConfig):
+                preprocess = PreprocessParams.from_dict(read_checkpoint_json(folder, PREPROCESS_FILE))
+                found = TimmSource(saved.architecture, dict(saved.model_args), saved.input_channels, "checkpoint", preprocess)
+    if not m.timm_architecture:
+        if found is None:
+            raise ConfigError(
+                "model.family=timm: name the model with model.timm_architecture (and model.timm_model_args), "
+                "or give a released tagger folder or a timm-family checkpoint in model.init_from"
+            )
+        return found
+    if found is not None:
+        if (m.timm_architecture, dict(m.timm_model_args)) != (found.architecture, found.model_args):
+            raise ConfigError(
+                f"model.timm_architecture={m.timm_architecture} {m.timm_model_args} differs from model.init_from's "
+                f"{found.architecture} {found.model_args}; leave model.timm_architecture '' to use the init source's"
+            )
+        return found
+    return TimmSource(m.timm_architecture, dict(m.timm_model_args), "rgb", "config", None)
+
+
+def apply_init_preprocessing(cfg: RootConfig, log: Callable[[str], None] | None = None) -> PreprocessParams | None:
+    """data.preprocess_from_init: a timm run initialised from a release or a timm checkpoint takes its
+    preprocessing (size, mean, std, white pad, pad_then_resize) into cfg.data; returns it (None: unchanged)."""
+    if cfg.model.family != "timm" or not cfg.data.preprocess_from_init or not cfg.model.init_from:
+        return None
+    params = timm_source(cfg).preprocess
+    if params is None:
+        return None
+    values: Mapping[str, Any] = {
+        "image_size": params.image_size,
+        "mean": list(params.mean),
+        "std": list(params.std),
+        "pad_color": list(params.pad_color),
+        "image_layout": params.layout,
+        "resample": params.resample,
+    }
+    changed = {k: v for k, v in values.items() if getattr(cfg.data, k) != v}
+    for key, value in values.items():
+        setattr(cfg.data, key, value)
+    if log and changed:
+        log(f"preprocessing from {cfg.model.init_from} (data.preprocess_from_init): " + ", ".join(f"data.{k}={v}" for k, v in changed.items()))
+    return params

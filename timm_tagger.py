@@ -49,7 +49,10 @@ __all__ = [
     "Tagger",
     "TimmTaggerConfig",
     "TimmTagger",
+    "accepts_argument",
     "build_tagger",
+    "fixed_input_size",
+    "input_size_error",
     "tagger_config_from_dict",
     "timm_body",
     "timm_layer_ids",
@@ -164,9 +167,13 @@ class TimmTaggerConfig:
 
     def create_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments of timm.create_model: model_args, no classifier, no pretrained download."""
-        kwargs: Dict[str, Any] = {**copy.deepcopy(self.model_args), "pretrained": False, "num_classes": 0}
-        if self.drop_path_rate > 0:
-            kwargs["drop_path_rate"] = float(self.drop_path_rate)
+        # drop_path_rate always: timm's own defaults differ by family (SwinV2 trains with 0.1 unless told 0)
+        kwargs: Dict[str, Any] = {
+            **copy.deepcopy(self.model_args),
+            "pretrained": False,
+            "num_classes": 0,
+            "drop_path_rate": float(self.drop_path_rate),
+        }
         if self.dynamic_img_size:
             kwargs["dynamic_img_size"] = True
         return kwargs
@@ -220,6 +227,18 @@ def fixed_input_size(body: nn.Module) -> Optional[Tuple[int, int]]:
     if patch_embed is None or size is None or not getattr(patch_embed, "strict_img_size", False):
         return None
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def input_size_error(cfg: TimmTaggerConfig, size: int) -> str | None:
+    """Why the model cannot take (B, 3, size, size) images, None when it can: a forward on the meta
+    device (shapes only, no memory; timm asserts on a size a model cannot take)."""
+    body = timm_body(cfg, device="meta").eval()
+    try:
+        with torch.no_grad():
+            body(torch.empty(1, 3, size, size, device="meta"))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}"
+    return None
 
 
 def accepts_argument(cfg: TimmTaggerConfig, name: str) -> bool:

@@ -44,13 +44,14 @@ from image_preprocess import resize_images
 from machine_fit import choose_micro_batches, cpu_memory_message, describe_plan, resolve_num_workers, saved_plan
 from micro_batching import MicroBatchPlan, MicroBatchPlanError
 from mixup import MixParams, mix_training_batch
-from model_architecture import SimplifiedTagger
 from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
 from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
 from tagger_init import init_model_weights
+from timm_tagger import Tagger, build_tagger
 from training_setup import (
+    body_frozen_at,
     build_step,
     check_resume_compatible,
     effective_learning_rate,
@@ -150,7 +151,7 @@ class TrainingRun:
     run_record: str = ""  # run.json's text (rank 0), copied into every checkpoint: its lineage
 
     @property
-    def raw_model(self) -> SimplifiedTagger:
+    def raw_model(self) -> Tagger:
         """The module whose weights are trained and saved."""
         return self.step_fn.raw_model
 
@@ -289,8 +290,8 @@ def log_validation_pictures(run: TrainingRun, result: EvalResult) -> None:
         run.monitor.log_image_grid(step, ex.images, captions)
 
 
-def _ema_model(run: TrainingRun) -> SimplifiedTagger:
-    shadow = SimplifiedTagger(run.raw_model.cfg).to(run.device)
+def _ema_model(run: TrainingRun) -> Tagger:
+    shadow = build_tagger(run.raw_model.cfg).to(run.device)
     run.ema.copy_to(shadow)
     return shadow
 
@@ -438,6 +439,7 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
         batches = epoch_batches(run, st.epoch, st.batch_in_epoch)
         while st.batch_in_epoch < per_epoch_batches and st.step < run.total_steps:
             window = min(accum, per_epoch_batches - st.batch_in_epoch)
+            run.raw_model.set_body_frozen(body_frozen_at(cfg, st.step))  # a function of the step: exact on resume
             for i in range(window):
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -602,7 +604,7 @@ def prepare_run(
         print(f"error: {box[0]}", file=sys.stderr)
         return 2
 
-    raw_model = SimplifiedTagger(model_cfg).to(device)
+    raw_model = build_tagger(model_cfg).to(device)
     if cfg.model.init_from and resume_dir is None:
         try:
             line, record = init_model_weights(raw_model, data.vocab, cfg.model.init_from)
@@ -650,7 +652,7 @@ def prepare_run(
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(
-            f"model: {cfg.model.preset} {raw_model.cfg.embed_dim}x{raw_model.cfg.depth}, {n_params / 1e6:.2f}M parameters, "
+            f"model: {cfg.model.preset + ' ' if cfg.model.family == 'vit' else ''}{raw_model.cfg.describe()}, {n_params / 1e6:.2f}M parameters, "
             f"{len(data.vocab)} tags; device {device}, precision {run.amp.precision}; "
             f"{run.total_steps} steps ({run.steps_per_epoch}/epoch), lr {effective_learning_rate(cfg, dist.world_size):.3g}"
         )

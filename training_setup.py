@@ -9,18 +9,21 @@ and the training machinery; nothing here reads or writes files.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from Configuration_System import ConfigError, RootConfig
 from data_setup import DataBundle
-from layer_decay import param_groups_layer_decay
+from layer_decay import param_groups
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss, tag_weights_from_frequencies
 from micro_batching import injected_oom_limit
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay
+from model_architecture import VisionTransformerConfig
 from process_group import Distributed
 from schedulers import CosineAnnealingWarmupRestarts, LinearWarmupCosineLR
+from tagger_init import timm_source
+from timm_tagger import Tagger, TaggerConfig, TimmTaggerConfig, accepts_argument, input_size_error, timm_body
 from training_utils import GuardedOptimizerStep, ModelEma, TrainStep
 
 # Config keys whose change alters the schedule, the data order or the loss of a resumed run.
@@ -43,6 +46,8 @@ SCHEDULE_KEYS = (
     "loss.gamma_neg",  # the tag loss itself: a resumed run must not switch losses silently
     "loss.gamma_pos",
     "loss.clip",
+    "training.freeze_body_steps",  # which steps train the body
+    "training.body_lr_scale",  # the optimizer's parameter groups
 )
 # Schedule keys newer than the first checkpoints, with the value those checkpoints were trained with.
 SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {
@@ -54,6 +59,8 @@ SCHEDULE_KEYS_ADDED_LATER: dict[str, Any] = {
     "loss.gamma_neg": 4.0,
     "loss.gamma_pos": 0.0,
     "loss.clip": 0.05,
+    "training.freeze_body_steps": 0,
+    "training.body_lr_scale": 1.0,
 }
 
 
@@ -89,12 +96,64 @@ def total_optimizer_steps(cfg: RootConfig, per_epoch: int) -> int:
     return min(total, cfg.training.max_steps) if cfg.training.max_steps else total
 
 
-def model_config(cfg: RootConfig, data: DataBundle) -> VisionTransformerConfig:
-    """The tagger's shape, its tag-head biases at the log-odds of each tag's training frequency."""
+def body_frozen_at(cfg: RootConfig, step: int) -> bool:
+    """Whether optimizer step `step` (0-based) trains the heads alone (training.freeze_body_steps; -1: every step)."""
+    n = cfg.training.freeze_body_steps
+    return n == -1 or step < n
+
+
+def timm_model_config(cfg: RootConfig, num_tags: int, tag_bias_init: list[float] | None) -> TimmTaggerConfig:
+    """A timm-family run's model: the architecture of timm_source (config, release or checkpoint); img_size
+    from data.image_size where the model takes one and model_args leave it out; dynamic_img_size where
+    progressive resolution needs another input size. ValueError naming the key when the model cannot take
+    data.image_size or data.progressive_image_size (checked by a forward on the meta device)."""
+    m, d = cfg.model, cfg.data
+    source = timm_source(cfg)
+    args = dict(source.model_args)
+    probe = TimmTaggerConfig(source.architecture, args, num_tags=1, image_size=d.image_size)
+    if source.origin == "config" and "img_size" not in args and accepts_argument(probe, "img_size"):
+        args["img_size"] = d.image_size
+        probe = replace(probe, model_args=args)
+    error = input_size_error(probe, d.image_size)
+    if error:
+        raise ValueError(f"data.image_size={d.image_size}: timm model {source.architecture} {args} cannot take it ({error})")
+    dynamic = False
+    small = d.progressive_image_size
+    if small:
+        patch = getattr(getattr(timm_body(probe, device="meta"), "patch_embed", None), "patch_size", (1, 1))
+        step = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+        if small >= d.image_size or small % step:
+            raise ValueError(
+                f"data.progressive_image_size ({small}) must be a multiple of {source.architecture}'s patch size {step} below data.image_size ({d.image_size})"
+            )
+        if input_size_error(probe, small):  # a fixed-size model: timm's dynamic_img_size, where it has one
+            dynamic = accepts_argument(probe, "dynamic_img_size") and not input_size_error(replace(probe, dynamic_img_size=True), small)
+            if not dynamic:
+                raise ValueError(
+                    f"data.progressive_image_size={small}: timm model {source.architecture} takes only {d.image_size} px images "
+                    "(no dynamic_img_size); it cannot train at another resolution: set data.progressive_image_size=0"
+                )
+    return TimmTaggerConfig(
+        architecture=source.architecture,
+        model_args=args,
+        num_tags=num_tags,
+        image_size=d.image_size,
+        input_channels=source.input_channels,
+        drop_path_rate=m.drop_path_rate,
+        dynamic_img_size=dynamic,
+        grad_checkpoint_every=m.grad_checkpoint_every,
+        tag_bias_init=tag_bias_init,
+    )
+
+
+def model_config(cfg: RootConfig, data: DataBundle) -> TaggerConfig:
+    """The tagger's shape (model.family), its tag-head biases at the log-odds of each tag's training frequency."""
     m = cfg.model
-    overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
     freqs = data.vocab.frequencies_array()
     n_train = max(1, len(data.train_records))
+    if m.family == "timm":
+        return timm_model_config(cfg, len(data.vocab), [f / n_train for f in freqs])
+    overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
     model_cfg = VisionTransformerConfig.from_preset(
         m.preset,
         image_size=cfg.data.image_size,
@@ -163,20 +222,20 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], acce
     return changes
 
 
-def build_step(
-    cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle, raw_model: SimplifiedTagger, total_steps: int
-) -> TrainStep:
+def build_step(cfg: RootConfig, dist: Distributed, device: torch.device, data: DataBundle, raw_model: Tagger, total_steps: int) -> TrainStep:
     """Optimizer, schedule, loss, EMA and the step around a built model (unsplit until planned)."""
     model: torch.nn.Module = raw_model
+    t = cfg.training
     if dist.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a frozen body gets no gradient: DDP must look for unused parameters during those steps
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=t.freeze_body_steps != 0
+        )
     if cfg.model.compile:
         model = torch.compile(model)
     lr = effective_learning_rate(cfg, dist.world_size)
-    if cfg.training.layer_decay < 1.0:  # group 0 is the heads at the full rate: the logged lr stays the schedule's
-        groups = param_groups_layer_decay(raw_model, cfg.training.weight_decay, cfg.training.layer_decay, base_lr=lr)
-    else:
-        groups = param_groups_for_weight_decay(raw_model, cfg.training.weight_decay)
+    # layered groups (layer_decay, body_lr_scale) put the heads first at the full rate: the logged lr stays the schedule's
+    groups = param_groups(raw_model, t.weight_decay, t.layer_decay, base_lr=lr, body_lr_scale=t.body_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.training.beta1, cfg.training.beta2), fused=True)
     return TrainStep(
         model,

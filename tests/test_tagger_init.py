@@ -94,7 +94,7 @@ def test_remove_calibration_gives_back_the_checkpoint_biases(release: Release) -
 def test_extend_vocabulary_keeps_every_release_tag_first(release: Release) -> None:
     released = read_released_tagger(release.folder)
     data = TagVocabulary(["zz_new", "red", "circle"], {"zz_new": 9, "red": 7, "circle": 3}, {"zz_new": "general", "red": "general", "circle": ""})
-    extended = extend_vocabulary(released, data)
+    extended = extend_vocabulary(released.labels, data)
     release_tags = [*released.labels.general, *released.labels.character]
     assert extended.index_to_tag == release_tags + ["zz_new"]
     assert extended.tag_frequencies["zz_new"] == 9 and extended.tag_frequencies["square"] == 0
