@@ -279,9 +279,21 @@ class WdRelease:
 
 
 def _classifier_keys(state: Mapping[str, torch.Tensor], config: ReleaseConfig, weights: Path) -> tuple[str, str]:
-    """(weight, bias) keys of the classifier: the tensors timm's headless body does not have."""
-    body_keys = set(timm_body(config.tagger_config(), device="meta").state_dict())
-    extra = sorted(set(state) - body_keys)
+    """(weight, bias) keys of the classifier: the tensors timm's headless body does not have. ValueError
+    when the body's tensors (names and shapes, from a meta-device build) are not all there."""
+    try:
+        body = timm_body(config.tagger_config(), device="meta").state_dict()
+    except ValueError as exc:
+        raise ValueError(f"{config.path}: {exc}") from None
+    wrong = [k for k, v in body.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        found = tuple(state[k].shape) if k in state else "missing"
+        raise ValueError(
+            f"{weights} does not fit {config.architecture} with model_args {config.model_args}: {len(wrong)} body tensors "
+            f"differ, e.g. {k} (expected {tuple(body[k].shape)}, found {found})"
+        )
+    extra = sorted(set(state) - set(body))
     weight = [k for k in extra if k.endswith("weight") and state[k].ndim == 2]
     bias = [k for k in extra if k.endswith("bias") and state[k].ndim == 1]
     if len(weight) != 1 or len(bias) != 1 or len(extra) != 2:
