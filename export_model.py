@@ -115,6 +115,7 @@ class ExportRun:
     metrics: dict[str, Any]
     max_abs_diff: float
     verified_images: int
+    seconds: dict[str, float]  # wall time of each step
 
 
 def thresholds_document(plan: OutputPlan, run: ExportRun, calibration: Calibration) -> dict[str, Any]:
@@ -272,6 +273,7 @@ def _report(
         "calibration": calibration.summary() if not args.no_calibration else {"method": "none"},
         "logit_shifts": dict(zip(plan.labels.names[len(RATING_NAMES) :], calibration.shifts.tolist())),
         "onnx_vs_pytorch": {"max_abs_diff": run.max_abs_diff, "images": run.verified_images, "limit": args.max_diff},
+        "seconds": {name: round(value, 2) for name, value in run.seconds.items()},
         "preprocess": preprocess.to_dict(),
         "memory": {
             "batch_size": memory.batch_size,
@@ -333,7 +335,7 @@ def _passes(
     del session  # onnxruntime's arena keeps its largest call's memory until the session goes
     seconds["onnxruntime_check"] = time.perf_counter() - clock
     print("seconds: " + ", ".join(f"{name.replace('_', ' ')} {value:.1f}" for name, value in seconds.items()))
-    return raw_metrics, calibration, wd, ExportRun(exported, check.max_abs_diff, check.images)
+    return raw_metrics, calibration, wd, ExportRun(exported, check.max_abs_diff, check.images, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,7 @@ def run_export(checkpoint: Path, out: Path, image_size: int, verify_images: int,
             batch_size=memory["batch_size"],
             onnxruntime_images_a_call=memory["onnxruntime_images_a_call"],
             estimated_peak_mb=round(memory["estimated_peak_bytes"] / 1e6),
+            seconds=report["seconds"],
         )
     else:
         lines = [line for line in errors.splitlines() if line.startswith("error:")] or (printed + errors).splitlines()[-3:]

@@ -41,6 +41,7 @@ def test_tiny_export_benchmark_reports_time_memory_and_the_estimate() -> None:
         assert run["wall_s"] > 0 and run["peak_rss_mb"] > 100  # torch alone is more
         assert run["validation_images"] >= 1 and run["verified_images"] == min(run["validation_images"], 2 if name.startswith("vit") else 4)
         assert run["estimated_peak_mb"] > 0 and run["batch_size"] >= 1 and run["max_abs_diff"] <= 1e-4
+        assert set(run["seconds"]) == {"backbone_pass", "onnx_export", "exported_metrics", "onnxruntime_check"}
     assert out["runs"]["demo_32"]["image_size"] == 32
 
 
