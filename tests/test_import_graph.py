@@ -235,3 +235,28 @@ def test_no_module_imports_an_entry_point() -> None:
     assert {"train_direct", "validation_loop", "export_model", "tag_images"} <= declared
     mains = {name for name in MODULES if _has_main_block(ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8")))}
     assert entry_point_violations(_project_graph(MODULES, ROOT), mains, declared) == []
+
+
+# ---------------------------------------------------------------------------------------------- optional packages
+
+# An optional package is imported by the one module it serves, so the rest installs and runs without it.
+OPTIONAL_OWNERS = {"gradio": {"tag_app"}}
+
+
+def _importers(package: str, modules: list[str], root: Path) -> set[str]:
+    """Project modules that import `package` anywhere (top level or inside a function)."""
+    found = set()
+    for name in modules:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"), filename=f"{name}.py")
+        if any(package in _imported_names(node) for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))):
+            found.add(name)
+    return found
+
+
+def test_optional_packages_stay_with_their_owner(tmp_path: Path) -> None:
+    """gradio is tag_app's alone: no other module imports it, and nothing imports tag_app (an entry point)."""
+    (tmp_path / "page.py").write_text("def f():\n    import gradio.themes\n", encoding="utf-8")
+    (tmp_path / "other.py").write_text("import os\n", encoding="utf-8")
+    assert _importers("gradio", ["other", "page"], tmp_path) == {"page"}  # the check sees a deferred import too
+    for package, owners in OPTIONAL_OWNERS.items():
+        assert _importers(package, MODULES, ROOT) == owners
