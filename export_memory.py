@@ -135,12 +135,13 @@ class ExportPlan:
         """One line for the console: the batches and the memory they need."""
         return (
             f"batches of {self.batch_size} ({self.how}), onnxruntime {self.verify_chunk} images a call: "
-            f"about {_gb(self.needed)} of memory, {_gb(self.budget)} can be used"
+            f"about {_size(self.needed)} of memory, {_size(self.budget)} can be used"
         )
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+def _size(n: float) -> str:
+    """Bytes as GB with one decimal, or as whole MB below 1 GB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def plan_export(
@@ -156,16 +157,17 @@ def plan_export(
         raise ValueError(f"batch sizes must be positive, got default {default_batch} and requested {requested_batch}")
     batch_fits, chunk_fits = estimate.largest_batch(budget), estimate.largest_chunk(budget)
     if batch_fits < 1 or chunk_fits < 1:
-        one = estimate.needed(1, 1)
+        # What would make it fit: less per image (a smaller input), unless the fixed part alone is too much.
+        remedy = "export at a smaller --image-size" if estimate.fixed < budget else "this needs a machine with more free memory"
         raise ExportMemoryError(
-            f"an export at {image_size} px needs at least {_gb(one)} of memory (weights, metric state and what this process holds: "
-            f"{_gb(estimate.fixed)}; one image through onnxruntime's attention: {_gb(estimate.per_image_verify)}) but {_gb(budget)} can be used: "
-            f"export at a smaller --image-size" + (f", or raise {limit_flag}" if limit_flag else "")
+            f"an export at {image_size} px needs at least {_size(estimate.needed(1, 1))} of memory (weights, metric state and what this "
+            f"process holds: {_size(estimate.fixed)}; one image through onnxruntime's attention: {_size(estimate.per_image_verify)}) "
+            f"but {_size(budget)} can be used: {remedy}" + (f", or raise {limit_flag}" if limit_flag else "")
         )
     if requested_batch > batch_fits:
         raise ExportMemoryError(
-            f"--batch-size {requested_batch} needs about {_gb(estimate.needed(requested_batch, 1))} of memory at {image_size} px "
-            f"({_gb(estimate.per_image_pass)} an image) but {_gb(budget)} can be used: use --batch-size {batch_fits} or lower "
+            f"--batch-size {requested_batch} needs about {_size(estimate.needed(requested_batch, 1))} of memory at {image_size} px "
+            f"({_size(estimate.per_image_pass)} an image) but {_size(budget)} can be used: use --batch-size {batch_fits} or lower "
             "(or leave it out: the export picks a batch that fits)"
         )
     if requested_batch:
@@ -173,6 +175,6 @@ def plan_export(
     elif default_batch <= batch_fits:
         batch, how = default_batch, "the run's validation batch"
     else:
-        batch, how = batch_fits, f"auto: the run's validation batch {default_batch} does not fit in {_gb(budget)}"
+        batch, how = batch_fits, f"auto: the run's validation batch {default_batch} does not fit in {_size(budget)}"
     chunk = min(chunk_fits, batch)
     return ExportPlan(batch, chunk, estimate.needed(batch, chunk), budget, how)

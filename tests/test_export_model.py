@@ -226,7 +226,8 @@ def test_export_that_would_not_fit_in_memory_is_refused_naming_the_flag(exported
     suggested = re.search(r"use --batch-size (\d+) or lower", proc.stderr)
     assert suggested and 1 <= int(suggested.group(1)) < 100000, proc.stderr
     proc = run_cli([*base, "--memory-limit", "0.1"], cwd=tmp_path)
-    assert proc.returncode == 2 and "smaller --image-size, or raise --memory-limit" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "100 MB can be used" in proc.stderr, proc.stderr
+    assert "more free memory, or raise --memory-limit" in proc.stderr, proc.stderr  # not even the weights fit in 0.1 GB
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before anything was written
 
 
