@@ -201,6 +201,7 @@ def _memory_plan(args: argparse.Namespace, ck: LoadedCheckpoint, plan: OutputPla
     """The batch sizes that fit in the memory this export may use (ExportMemoryError naming the flag where none does)."""
     cfg, model = ck.cfg, ck.model
     workers = args.num_workers if args.num_workers >= 0 else cfg.data.num_workers
+    workers = 2 if workers < 0 else workers  # an unresolved -1 loads with at most 2 workers (build_eval_loader)
     shape = ExportShape(
         image_size=model.cfg.image_size,
         patch_size=model.cfg.patch_size,
@@ -210,7 +211,7 @@ def _memory_plan(args: argparse.Namespace, ck: LoadedCheckpoint, plan: OutputPla
         num_params=sum(p.numel() for p in model.parameters()),
         vocab_tags=len(ck.vocab),
         exported_tags=len(plan.columns),
-        loader_batches=max(2, workers) * cfg.data.prefetch_factor + 1,  # an unresolved -1 loads with up to 2 workers
+        loader_batches=workers * cfg.data.prefetch_factor + 1,  # in flight, and the one in use
         host_passes=device.type == "cpu",
     )
     resident = psutil.Process().memory_info().rss
