@@ -8,6 +8,12 @@ interpreter with the project imported; the estimate leaves out workers, EMA and 
 copy, which the measured loop does not have. Prints one JSON object.
 
     python benchmarks/bench_memory_estimate.py --preset base --image-size 448 --batch-size 8 --steps 2
+
+--timm-arch measures a timm-family model instead (model.family=timm; --timm-args: its model_args
+as JSON), e.g. wd-eva02-large-tagger-v3's:
+
+    python benchmarks/bench_memory_estimate.py --timm-arch eva02_large_patch14_448 \
+        --timm-args '{"img_size": 448, "ref_feat_shape": [32, 32]}' --image-size 448 --tags 10861 --batch-size 2 --steps 1
 """
 
 from __future__ import annotations
@@ -31,14 +37,25 @@ import torch  # noqa: E402
 from image_preprocess import normalize_images  # noqa: E402
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
 from machine_fit import PeakRss, StepShape, estimate_training_memory, profile_step_memory  # noqa: E402
-from model_architecture import SimplifiedTagger, VisionTransformerConfig  # noqa: E402
+from model_architecture import VisionTransformerConfig  # noqa: E402
+from timm_tagger import TaggerConfig, TimmTaggerConfig, build_tagger  # noqa: E402
 from training_utils import GuardedOptimizerStep, TrainStep  # noqa: E402
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def model_config(args: argparse.Namespace) -> VisionTransformerConfig:
+def model_config(args: argparse.Namespace) -> TaggerConfig:
     """The network of the command line."""
+    if args.timm_arch:
+        return TimmTaggerConfig(
+            args.timm_arch,
+            json.loads(args.timm_args),
+            num_tags=args.tags,
+            image_size=args.image_size,
+            input_channels="bgr",
+            drop_path_rate=args.drop_path_rate,
+            grad_checkpoint_every=args.grad_checkpoint_every,
+        )
     overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth), ("num_heads", args.heads)) if v}
     return VisionTransformerConfig.from_preset(
         args.preset,
@@ -57,7 +74,7 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cpu")
     start_rss = PeakRss()
     with start_rss:
-        model = SimplifiedTagger(cfg).train()
+        model = build_tagger(cfg).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         amp = GuardedOptimizerStep(optimizer, device, args.precision, grad_clip=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -91,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--drop-path-rate", type=float, default=0.1)
     p.add_argument("--grad-checkpoint-every", type=int, default=0)
+    p.add_argument("--timm-arch", default="", help="a timm model (model.family=timm) instead of our ViT")
+    p.add_argument("--timm-args", default="{}", help="its model_args as a JSON object")
     p.add_argument(
         "--real",
         default="default",

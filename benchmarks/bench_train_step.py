@@ -6,12 +6,20 @@ peak memory (CUDA: max_memory_allocated; CPU: RSS growth sampled with psutil), a
 FLOPs of one forward+backward (FlopCounterMode), achieved TFLOP/s and MFU against a bf16 matmul
 peak measured in the same run. Prints a short table to stderr and one JSON object to stdout.
 
+With --timm-arch (any timm model, e.g. a WD v3 release's architecture and --timm-args its
+model_args) the comparison is our training step with that timm backbone (timm_tagger.TimmTagger:
+BGR flip, two heads, plain-BCE MultiTaskLoss, guarded fused AdamW, schedule, EMA) against a plain
+timm loop of the same model: timm.create_model with a 4 + T classifier, the same flip, BCE on the
+tags + cross-entropy on the ratings, backward, gradient clipping, fused AdamW, zero_grad.
+
 Fairness: every variant is built and warmed up first, then timed in --rounds rounds of --steps
 steps that alternate between the variants in one process (A B, B A, A B, ...), so slow drifts and
 bursts of load from other processes fall on both; each variant reports its best round.
 
 Example (GPU): python benchmarks/bench_train_step.py --preset base --image-size 448 --tags 10000 \
     --batch-size 64 --compile --json-out /tmp/bench.json
+Example (a WD v3 release's EVA02-L, GPU): python benchmarks/bench_train_step.py --timm-arch eva02_large_patch14_448 \
+    --timm-args '{"img_size": 448, "ref_feat_shape": [32, 32]}' --image-size 448 --tags 10861 --batch-size 32 --ema-decay 0
 """
 
 from __future__ import annotations
@@ -43,10 +51,13 @@ from batching import ImagePreFetcher, ResumableSampler, SidecarJsonDataset, buil
 from dataset_scan import scan_dataset  # noqa: E402
 from file_io import atomic_write_text  # noqa: E402
 from image_preprocess import PreprocessParams, normalize_images  # noqa: E402
+from layer_decay import param_groups  # noqa: E402
 from loss_functions import AsymmetricFocalLoss, MultiTaskLoss  # noqa: E402
-from model_architecture import SimplifiedTagger, VisionTransformerConfig, param_groups_for_weight_decay  # noqa: E402
+from model_architecture import SimplifiedTagger, VisionTransformerConfig  # noqa: E402
 from prepared_cache import PreparedCache, prepare_cache  # noqa: E402
 from schedulers import LinearWarmupCosineLR  # noqa: E402
+from timm_tagger import TimmTagger as OurTimmTagger  # noqa: E402
+from timm_tagger import TimmTaggerConfig  # noqa: E402
 from training_utils import GuardedOptimizerStep, ModelEma, TrainStep  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -80,6 +91,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--grad-checkpoint-every", type=int, default=0)
     parser.add_argument("--no-timm", action="store_true", help="skip the timm reference even if installed")
+    parser.add_argument(
+        "--timm-arch",
+        default="",
+        help="compare our step with this timm backbone (model.family=timm) against a plain timm loop of the same model; '' = our ViT against timm's ViT of the same shape",
+    )
+    parser.add_argument("--timm-args", default="{}", help="model_args of --timm-arch as a JSON object (e.g. a release's config.json model_args)")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul used for the peak")
     parser.add_argument("--ema-decay", type=float, default=0.9998, help="weight EMA as in training (0 = off)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -103,6 +120,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    try:
+        args.timm_model_args = json.loads(args.timm_args)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--timm-args is not JSON: {exc}")
+    if not isinstance(args.timm_model_args, dict):
+        parser.error("--timm-args must be a JSON object")
     return args
 
 
@@ -192,8 +215,8 @@ class StepRunner:
     runs (uint8 normalised and multi-hot targets built on the device, MultiTaskLoss with
     AsymmetricFocalLoss, guarded fused AdamW with clipping, the warm-up/cosine schedule, EMA)."""
 
-    def __init__(self, model: nn.Module, cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device) -> None:
-        """Create the batch on the device and the training step around `model`."""
+    def __init__(self, model: nn.Module, cfg: Any, args: argparse.Namespace, device: torch.device) -> None:
+        """Create the batch on the device and the training step around `model` (cfg: its num_tags)."""
         self.model = model
         self.device = device
         self.num_tags = cfg.num_tags
@@ -204,11 +227,13 @@ class StepRunner:
         self.tag_indices = torch.randint(0, cfg.num_tags, (batch, per_image), generator=gen).to(device)  # (B, L)
         self.rating_targets = torch.randint(-1, NUM_RATINGS, (batch,), generator=gen).to(device)  # -1 = unknown
         self.params = PreprocessParams(size)
-        optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, 0.05), lr=1e-4, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05, 1.0, base_lr=1e-4), lr=1e-4, fused=True)
+        # the timm comparison uses train_direct's default loss (plain BCE), as the plain loop does
+        tag_loss = AsymmetricFocalLoss(gamma_neg=0.0, clip=0.0) if args.timm_arch else AsymmetricFocalLoss()
         self.train_step = TrainStep(
             model,
             model,
-            MultiTaskLoss(AsymmetricFocalLoss()).to(device),
+            MultiTaskLoss(tag_loss).to(device),
             GuardedOptimizerStep(optimizer, device, args.dtype, grad_clip=args.grad_clip),
             LinearWarmupCosineLR(optimizer, warmup_steps=10, total_steps=100_000),
             ModelEma(model, args.ema_decay) if args.ema_decay > 0 else None,
@@ -262,6 +287,70 @@ class StepRunner:
         return int(counter.get_total_flops())
 
 
+class PlainTimmRunner(StepRunner):
+    """A plain timm training loop of the same model: timm.create_model with a 4 + T classifier, the
+    release's BGR flip, BCE on the tags + cross-entropy on the known ratings, backward, gradient
+    clipping, fused AdamW (timm's weight-decay groups), zero_grad. No EMA, no schedule, no guard."""
+
+    def __init__(self, model: nn.Module, cfg: Any, args: argparse.Namespace, device: torch.device) -> None:
+        """The same synthetic batch as StepRunner; the loop's own optimizer."""
+        from timm.optim import param_groups_weight_decay
+
+        super().__init__(model, cfg, args, device)
+        no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        self.optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05, no_weight_decay_list=no_decay), lr=1e-4, fused=True)
+        self.dtype = DTYPES[args.dtype]
+        self.grad_clip = args.grad_clip
+        self._forward = model
+
+    @property
+    def forward_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What forward runs (the model, or its compiled form)."""
+        return self._forward
+
+    @forward_fn.setter
+    def forward_fn(self, fn: nn.Module) -> None:
+        self._forward = fn
+
+    def forward_loss(self) -> torch.Tensor:
+        """BCE (summed over tags, mean over the batch) + cross-entropy over known ratings."""
+        images = normalize_images(self.images_u8, self.params.mean, self.params.std).flip(1)  # (B, 3, H, W) BGR
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self._forward(images)  # (B, 4 + T)
+        logits = logits.float()
+        targets = targets_from_indices(self.tag_indices, self.num_tags)  # (B, T)
+        tags = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, NUM_RATINGS:], targets, reduction="sum") / logits.shape[0]
+        return tags + torch.nn.functional.cross_entropy(logits[:, :NUM_RATINGS], self.rating_targets, ignore_index=-1)
+
+    def step(self, batch: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """One step of the plain loop on the synthetic batch."""
+        self.forward_loss().backward()
+        if self.sample_rss:
+            self.rss_peak = max(self.rss_peak, rss_bytes())
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+
+    def count_flops(self) -> int:
+        """FLOPs of one forward + backward of the eager model."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.forward_loss().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+
+def plain_timm_model(args: argparse.Namespace) -> nn.Module:
+    """timm's own model of --timm-arch with a 4 + T classifier (the released layout)."""
+    import timm
+
+    return timm.create_model(args.timm_arch, pretrained=False, num_classes=NUM_RATINGS + args.tags, **args.timm_model_args)
+
+
 def time_steps(runner: StepRunner, steps: int) -> List[float]:
     """Per-step times in seconds: CUDA events around each step (read after one final sync), perf_counter on CPU."""
     device = runner.device
@@ -297,9 +386,7 @@ class Variant:
     rounds: List[List[float]] = field(default_factory=list)  # per round, per step seconds
 
 
-def prepare_variant(
-    name: str, build: Callable[[], nn.Module], cfg: VisionTransformerConfig, args: argparse.Namespace, device: torch.device, compiled: bool
-) -> Variant:
+def prepare_variant(name: str, build: Callable[[], nn.Module], cfg: Any, args: argparse.Namespace, device: torch.device, compiled: bool) -> Variant:
     """Build, (optionally compile,) warm up one model and measure its peak memory over the warm-up steps."""
     release_host_memory()
     if device.type == "cuda":
@@ -311,7 +398,7 @@ def prepare_variant(
     torch.manual_seed(0)
     model = build().to(device).train()
     params = sum(p.numel() for p in model.parameters())
-    runner = StepRunner(model, cfg, args, device)
+    runner = (PlainTimmRunner if name.startswith("timm") and args.timm_arch else StepRunner)(model, cfg, args, device)
     flops = runner.count_flops() if device.type == "cuda" else None
     compile_s = None
     if compiled:
@@ -498,8 +585,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     matmul_peak = measure_matmul_peak_tflops(device, args.matmul_size) if device.type == "cuda" else None
 
     with_timm = not args.no_timm and timm_available()
+    step_cfg: Any = cfg
     variants: List[Tuple[str, Callable[[], nn.Module]]] = [("ours", functools.partial(SimplifiedTagger, cfg))]
-    if with_timm:
+    if args.timm_arch:  # our step with the timm backbone against a plain timm loop of the same model
+        step_cfg = TimmTaggerConfig(
+            args.timm_arch,
+            args.timm_model_args,
+            num_tags=args.tags,
+            image_size=args.image_size,
+            input_channels="bgr",
+            grad_checkpoint_every=args.grad_checkpoint_every,
+        )
+        variants = [("ours", functools.partial(OurTimmTagger, step_cfg)), ("timm", functools.partial(plain_timm_model, args))]
+        with_timm = True
+    elif with_timm:
         variants.append(("timm", functools.partial(TimmTagger, cfg)))
     modes = [False, True] if args.compile else [False]
     prime_runtime(args, device, with_timm)
@@ -507,7 +606,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     round_ms: Dict[str, List[float]] = {}
     for compiled in modes:
         # Eager and compiled are separate comparisons: only one mode's models are alive at a time.
-        prepared = [prepare_variant(f"{name}_{'compiled' if compiled else 'eager'}", build, cfg, args, device, compiled) for name, build in variants]
+        prepared = [
+            prepare_variant(f"{name}_{'compiled' if compiled else 'eager'}", build, step_cfg, args, device, compiled) for name, build in variants
+        ]
         time_alternating(prepared, args.steps, args.rounds)
         for variant in prepared:
             results[variant.name] = finish_variant(variant, args, matmul_peak)
@@ -524,7 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             torch.cuda.empty_cache()
 
     pipeline = None
-    if args.pipeline_images > 0:
+    if args.pipeline_images > 0 and not args.timm_arch:
         compiled = bool(args.compile)
         synthetic = results[f"ours_{'compiled' if compiled else 'eager'}"]["images_per_s"]
         pipeline = run_pipeline(cfg, args, device, compiled, synthetic)
@@ -562,6 +663,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "depth": cfg.depth,
             "heads": cfg.num_heads,
             "grad_checkpoint_every": cfg.grad_checkpoint_every,
+            "timm_arch": args.timm_arch,
+            "timm_args": args.timm_model_args,
         },
         "timm_available": with_timm,
         "matmul_peak_tflops": matmul_peak,

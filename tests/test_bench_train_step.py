@@ -129,3 +129,17 @@ def test_bad_arguments_fail_cleanly() -> None:
     )
     assert proc.returncode != 0
     assert "--batch-size must be > 0" in proc.stderr
+
+
+def test_timm_backbone_against_a_plain_timm_loop() -> None:
+    """--timm-arch: our step with a timm backbone (a WD release's ViT arguments) against timm's own
+    model with a 4 + T classifier in a plain loop; the same parameter count plus nothing."""
+    args = '{"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "class_token": false, "global_pool": "avg", "fc_norm": false, "act_layer": "gelu_tanh"}'
+    proc = run_bench("--timm-arch", "vit_base_patch16_224", "--timm-args", args, "--ema-decay", "0")
+    report = json.loads(proc.stdout)
+    results = report["results"]
+    assert set(results) == {"ours_eager", "timm_eager"} and report["config"]["timm_arch"] == "vit_base_patch16_224"
+    # our two heads hold exactly the rows of timm's one classifier (4 ratings + 50 tags)
+    assert results["ours_eager"]["params"] == results["timm_eager"]["params"]
+    assert all(r["images_per_s"] > 0 and r["final_loss"] > 0 for r in results.values())
+    assert report["ratios"]["eager"]["images_per_s_ours_over_timm"] > 0

@@ -258,3 +258,49 @@ def test_split_choice_follows_the_key_and_the_checkpoint_on_cpu() -> None:
     assert mf.choose_micro_batches(cfg, cpu, None, MicroBatchPlan(16, 4))[0] == MicroBatchPlan(16, 16)
     assert mf.saved_plan({"micro_batches": {"batch_size": 16, "micro_batch": 4}}) == MicroBatchPlan(16, 4)
     assert mf.saved_plan({}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The timm family
+# --------------------------------------------------------------------------------------------
+
+TIMM_VIT = '{"img_size": 128, "class_token": false, "global_pool": "avg", "fc_norm": false, "act_layer": "gelu_tanh", "embed_dim": 128, "depth": 3, "num_heads": 2}'
+
+
+def test_timm_models_are_probed_by_depth_or_whole() -> None:
+    """A plain stack of blocks (ViT, EVA02: a depth argument) is extrapolated over depth like our ViT
+    (timm checkpoints every block: a period of one); a staged model (ConvNeXt, SwinV2) is measured whole."""
+    from timm_tagger import TimmTaggerConfig
+
+    vit = TimmTaggerConfig("vit_base_patch16_224", {"img_size": 64, "depth": 6}, num_tags=5, image_size=64)
+    assert mf.model_depth(vit) == 6 and mf._probe_points(vit, 6) == [(1, 1), (1, 2), (2, 2)]
+    checkpointed = TimmTaggerConfig("vit_base_patch16_224", {"img_size": 64, "depth": 6}, num_tags=5, image_size=64, grad_checkpoint_every=3)
+    assert mf._probe_points(checkpointed, 6) == [(2, 1), (2, 2), (3, 2)]
+    eva = TimmTaggerConfig("eva02_large_patch14_448", {"img_size": 448, "ref_feat_shape": [32, 32]}, num_tags=5, image_size=448)
+    assert mf.model_depth(eva) == 24
+    convnext = TimmTaggerConfig("convnext_atto", {}, num_tags=5, image_size=64)
+    assert mf.model_depth(convnext) is None and mf._probe_points(convnext, None) == [(None, 1), (None, 2)]
+    assert mf._probe_model(vit, 2).body.blocks.__len__() == 2 and len(mf._probe_model(convnext, None).body.stages) == 4
+
+
+@pytest.mark.e2e
+def test_estimate_of_a_timm_model_matches_live_memory() -> None:
+    """The timm family's estimate against real training steps of a release-shaped ViT (wd-vit-tagger-v3's arguments, narrowed: depth 3, 128 px, batch 32)."""
+    report = bench(
+        "--timm-arch",
+        "vit_base_patch16_224",
+        "--timm-args",
+        TIMM_VIT,
+        "--image-size",
+        "224",
+        "--tags",
+        "500",
+        "--steps",
+        "2",
+        "--batch-size",
+        "48",
+        "--real",
+        "live",
+    )
+    assert report["parameters"] > 500_000 and report["config"]["timm_arch"] == "vit_base_patch16_224"
+    assert 0.9 <= report["live_ratio_above_start"] <= 1.1, report
