@@ -1,41 +1,52 @@
 """Dataset discovery and checking: image folders with sidecar JSON, or a JSON Lines manifest.
 
 This module owns everything from a user's image folder to a table of usable samples
-(``sample_table.SampleTable``): pairing images with sidecars (``X.json`` / ``X.ext.json`` / a
-``filename`` field), resolving referenced paths inside the dataset root, the folder walk (names
-that are not UTF-8 and links the ``data.symlinks`` policy refuses are set aside and counted once),
-``scan_dataset``, ``load_manifest`` and the
-``DatasetScanner`` that picks between them, with every skipped file counted by reason
-(``DatasetScan``); and the reports on a scan (``check_scan_quality``, ``write_data_report``,
-``format_scan_summary``, ``filter_known_tags``). Nothing here ever writes into the user's
-dataset folder.
+(``sample_table.SampleTable``) and the list of every sample left out (``DatasetScan``): the folder
+scan (``scan_dataset``), ``load_manifest``, the ``DatasetScanner`` that picks between them, and the
+reports on a scan (``check_scan_quality``, ``write_data_report``, ``format_scan_summary``,
+``filter_known_tags``). Nothing here ever writes into the user's dataset folder.
 
-It imports ``file_io`` (atomic write), ``image_audit`` (the image check), ``sample_table``,
-``sidecar_format`` (tags and ratings of one sidecar, re-exported here) and
-``scan_limits`` (limits, link policy and name checks for untrusted input); not the vocabulary,
-so that ``vocabulary``'s build command can import this module.
+The folder scan walks the folder once (``folder_walk``), cuts the listing into chunks of a few
+thousand files and pairs, reads and checks each chunk (``folder_pairing.scan_chunk``): in this
+process for a small folder, else on one spawned process a core, results merged in chunk order.
+What it keeps grows by a few hundred bytes a sample: the listing's arrays, the table being built,
+the skipped samples packed (``SkippedSamples``); no Python object a file outlives its chunk. The
+result is the same whichever way it ran (the chunks are the same, the merge is in order).
+
+It imports ``file_io`` (atomic write), ``folder_walk``, ``folder_pairing``, ``image_audit`` (the
+image check and the process pool), ``sample_table``, ``sidecar_format`` (tags and ratings of one
+sidecar, re-exported here) and ``scan_limits``; not the vocabulary, so that ``vocabulary``'s build
+command can import this module.
 """
 
 from __future__ import annotations
 
+import array
+import bisect
+import contextlib
 import json
 import os
-import posixpath
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Container, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from file_io import atomic_write_text
-from image_audit import map_threads, verify_images
-from sample_table import SampleRecord, SampleTable, SampleTableBuilder
-from scan_limits import LinkPolicy, ScanLimits, TagFilter, TooManyTagsError, WarningLog, is_utf8, printable
-from sidecar_format import TAG_CATEGORIES, SidecarFormatError, parse_rating, parse_sidecar, split_tag_string
+from folder_pairing import SKIP_REASONS, ChunkJob, ChunkResult, ForeignClaim, OutsideRootError, parse_limited, resolve_inside, scan_chunk
+from folder_walk import IMAGE, IMAGE_EXTENSIONS, Listing, split_rel, walk_listing
+from image_audit import ProcessMap, check_images_job, scan_processes
+from sample_table import SampleRecord, SampleTable, SampleTableBuilder, SkippedSamples
+from scan_limits import LinkPolicy, ScanLimits, WarningLog, is_utf8
+from sidecar_format import TAG_CATEGORIES, parse_rating, parse_sidecar, split_tag_string
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SKIP_REASONS",
     "TAG_CATEGORIES",
+    "PARALLEL_SCAN_MIN",
+    "CHUNK_FILES",
     "SampleRecord",
     "DatasetScan",
     "DataQualityError",
@@ -53,37 +64,11 @@ __all__ = [
     "format_scan_summary",
 ]
 
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
-
-# Every key a DatasetScan may count in .skipped (samples dropped) plus the kept-but-noted one.
-SKIP_REASONS: tuple[str, ...] = (
-    "image_missing",
-    "sidecar_missing",
-    "sidecar_unreadable",
-    "image_undecodable",
-    "path_outside_root",
-    "decompression_bomb",
-    "no_tags",
-    "no_known_tags",
-    "manifest_line_invalid",
-    "duplicate_image",
-    "directory_unreadable",
-    "name_not_utf8",
-    "symlink_outside_root",
-    "symlink_broken",
-    "sidecar_too_large",
-    "too_many_tags",
-)
-
-
-# Why a listed image or sidecar was set aside without being opened.
-_REFUSED = {
-    "name_not_utf8": "file name is not valid UTF-8",
-    "symlink_outside_root": "a link whose target is outside data.root (data.symlinks=inside_root)",
-    "symlink_broken": "a dangling or self-referencing link",
-}
-
+# folders with at least this many images and sidecars are scanned on one process a core
+PARALLEL_SCAN_MIN = 40_000
+# listed files a chunk (about half as many samples): small enough to spread over the cores and
+# to keep little in flight, large enough that a chunk's start costs nothing next to its work
+CHUNK_FILES = 2_000
 
 # The limits when the caller gives none (ScanLimits is frozen, so one shared instance is safe).
 DEFAULT_LIMITS = ScanLimits()
@@ -93,18 +78,19 @@ class DataQualityError(ValueError):
     """Raised when the share of bad data passes the configured limit."""
 
 
-class _OutsideRootError(ValueError):
-    """A referenced image path is absolute or escapes the dataset root."""
-
-
 # --------------------------------------------------------------------------------------------
-# Records and scan results
+# Scan results
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class DatasetScan:
-    """Result of scanning a folder or manifest: the records kept and what was skipped and why."""
+    """Result of scanning a folder or manifest: the records kept and what was skipped and why.
+
+    ``skips`` holds every sample the scan dropped (see ``skipped_entries``); ``skipped`` counts
+    them by reason and ``examples`` keeps the first few of each for the summary. ``add_skipped``
+    counts samples dropped after the scan (the prepared cache's failures) into ``skipped`` and
+    ``examples`` only: whoever drops them lists them."""
 
     records: SampleTable | list[SampleRecord]
     skipped: dict[str, int] = field(default_factory=dict)
@@ -119,11 +105,23 @@ class DatasetScan:
     dropped_tag_examples: list[str] = field(default_factory=list)
     decoder_warnings: dict[str, int] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict)  # scan_index's status: reused or rescanned, and why
+    skips: SkippedSamples = field(default_factory=lambda: SkippedSamples(SKIP_REASONS), repr=False)
+    # the folder scan's listing: scan_index saves it as the fingerprint, then lets it go
+    listing: Listing | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_skipped(self) -> int:
         """Total number of samples skipped, all reasons together."""
         return int(sum(self.skipped.values()))
+
+    def skipped_entries(self) -> Iterator[tuple[str, str, str]]:
+        """Every sample the scan dropped, once each, as (path, reason, detail): `path` is the file
+        the reason is about, relative to the dataset root ('/'-separated; for a folder scan the
+        sidecar for sidecar problems, the image for image problems; for a manifest 'line N' or the
+        image), with characters that are not UTF-8 as backslash escapes (scan_limits.printable);
+        `reason` one of SKIP_REASONS; `detail` the message. Folder scans list them in walk order,
+        manifests in line order. Samples counted later by add_skipped are not in it."""
+        return iter(self.skips)
 
     def add_skipped(self, reason: str, count: int, examples: Iterable[str] = ()) -> None:
         """Count `count` more samples skipped for `reason`, keeping a few example details."""
@@ -154,200 +152,180 @@ class DatasetScan:
         } | ({"scan_index": dict(self.index)} if self.index else {})
 
 
-class _Collector:
-    """Counts skips by reason with a bounded list of examples (used while scanning)."""
-
-    def __init__(self, max_examples: int) -> None:
-        """Start with no counts; keep at most `max_examples` examples per reason."""
-        self.max_examples = max_examples
-        self.counts: dict[str, int] = {}
-        self.examples: dict[str, list[str]] = {}
-        self.dropped_tags: dict[str, int] = {}
-        self.dropped_examples: list[str] = []
-        self.warnings = WarningLog()
-
-    def add(self, reason: str, detail: str) -> None:
-        """Count one skipped sample for `reason` with a human-readable detail (escaped: names
-        that are not UTF-8 must still go into JSON)."""
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        bucket = self.examples.setdefault(reason, [])
-        if len(bucket) < self.max_examples:
-            bucket.append(printable(detail))
-
-    def add_dropped_tags(self, dropped: dict[str, int], origin: str) -> None:
-        """Count tags a TagFilter dropped from the sample of `origin` (a sidecar or manifest line)."""
-        for reason, count in dropped.items():
-            self.dropped_tags[reason] = self.dropped_tags.get(reason, 0) + count
-            if len(self.dropped_examples) < self.max_examples:
-                self.dropped_examples.append(printable(f"{origin}: {count} {reason}"))
-
-
-def _resolve_inside(base_rel: str, value: str) -> str:
-    """POSIX path of `value` relative to the root, given the referring file's folder `base_rel`.
-
-    Raises _OutsideRootError for absolute paths (POSIX or Windows) and ``..`` escapes.
-    """
-    text = value.replace("\\", "/")
-    if text.startswith("/") or PureWindowsPath(value).drive or PurePosixPath(text).is_absolute():
-        raise _OutsideRootError(f"absolute path {value!r}")
-    joined = posixpath.normpath(posixpath.join(base_rel, text)) if base_rel else posixpath.normpath(text)
-    if joined in (".", "..") or joined.startswith("../"):
-        raise _OutsideRootError(f"path {value!r} escapes the dataset root")
-    return joined
-
-
-# --------------------------------------------------------------------------------------------
-# Folder discovery
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Listing:
-    """What the folder walk found: per folder (rel, image names, sidecar names), and the image
-    files that are links it will not follow (rel path -> reason; counted once, when paired)."""
-
-    folders: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-
-
-def _walk(root_abs: str, collector: _Collector, policy: LinkPolicy) -> _Listing:
-    """Every folder's images and sidecars, sorted, via os.scandir; names that are not UTF-8 and
-    links the policy refuses are counted (folders, sidecars) or set aside (images)."""
-    listing = _Listing()
-    stack = [""]
-    seen_real = {os.path.realpath(root_abs)}
-    while stack:
-        rel = stack.pop()
-        abs_dir = os.path.join(root_abs, rel) if rel else root_abs
-        images: list[str] = []
-        sidecars: list[str] = []
-        subdirs: list[str] = []
-        try:
-            with os.scandir(abs_dir) as it:
-                for entry in it:
-                    name = entry.name
-                    shown = posixpath.join(rel, name)
-                    ext = os.path.splitext(name)[1].lower()
-                    try:
-                        link = entry.is_symlink()
-                        # Linux names are bytes: one that is not UTF-8 cannot go into JSON or a hash
-                        reason = "name_not_utf8" if not is_utf8(name) else policy.reason(entry.path) if link else None
-                        if reason is not None:
-                            # images and sidecars are set aside and counted once, as a sample
-                            if ext in IMAGE_EXTENSIONS or ext == ".json":
-                                listing.rejected[shown] = reason
-                                (images if ext in IMAGE_EXTENSIONS else sidecars).append(name)
-                            elif os.path.isdir(entry.path) and reason != "symlink_broken":
-                                collector.add(reason, f"{shown}: skipped folder or file")
-                            continue
-                        if entry.is_dir():
-                            if link:  # follow linked folders once, never in a loop
-                                real = os.path.realpath(entry.path)
-                                if real in seen_real:
-                                    continue
-                                seen_real.add(real)
-                            subdirs.append(name)
-                            continue
-                        if not entry.is_file():
-                            continue
-                    except OSError as exc:
-                        collector.add("directory_unreadable", f"{shown}: {exc}")
-                        continue
-                    if ext == ".json":
-                        sidecars.append(name)
-                    elif ext in IMAGE_EXTENSIONS:
-                        images.append(name)
-        except OSError as exc:
-            collector.add("directory_unreadable", f"{rel or '.'}: {exc}")
-            continue
-        images.sort()
-        sidecars.sort()
-        listing.folders.append((rel, images, sidecars))
-        # reversed so that popping visits sub-folders in sorted order
-        stack.extend(posixpath.join(rel, d) if rel else d for d in sorted(subdirs, reverse=True))
-    return listing
-
-
 def read_json(path: str) -> Any:
     """Parse one JSON file (UTF-8, a BOM tolerated)."""
     with open(path, "r", encoding="utf-8-sig") as handle:
         return json.load(handle)
 
 
-@dataclass
-class _Candidate:
-    """A sample that passed sidecar checks and awaits image verification."""
-
-    sample_id: str
-    image_path: str
-    tags: tuple[str, ...]
-    categories: tuple[str, ...]
-    rating: int
-    origin: str  # sidecar path or manifest line, for examples
-
-
-def _finish_scan(
-    candidates: list[_Candidate],
-    collector: _Collector,
-    *,
-    root: str,
-    source: str,
-    verify: str,
-    num_threads: int,
-    started: float,
-    listed: bool = False,
-    trusted: frozenset[str] = frozenset(),
-) -> DatasetScan:
-    """Verify candidate images on a thread pool and build the DatasetScan.
-
-    `listed`: the images came from a directory listing, so verify="none" needs no stat call.
-    `trusted`: image paths that passed this check before and are unchanged since (the scan index
-    says so); they are not opened again.
-    """
-    if verify == "none" and listed:
-        results: list[tuple[str | None, str]] = [(None, "")] * len(candidates)
-    elif trusted:
-        todo = [c for c in candidates if c.image_path not in trusted]
-        checked = iter(verify_images([c.image_path for c in todo], verify, num_threads, collector.warnings))
-        results = [(None, "") if c.image_path in trusted else next(checked) for c in candidates]
-    else:
-        results = verify_images([c.image_path for c in candidates], verify, num_threads, collector.warnings)
-    return _build_scan(candidates, results, collector, root=root, source=source, verify=verify, started=started)
-
-
-def _build_scan(
-    candidates: list[_Candidate], results: list[tuple[str | None, str]], collector: _Collector, *, root: str, source: str, verify: str, started: float
-) -> DatasetScan:
-    """Records from candidates whose verification passed; the rest counted by reason."""
-    table = SampleTableBuilder(root)
-    unknown_rating = 0
-    for cand, (reason, detail) in zip(candidates, results):
-        if reason is not None:
-            collector.add(reason, f"{cand.sample_id}: {detail}")
-            continue
-        if cand.rating < 0:
-            unknown_rating += 1
-        table.add(cand.sample_id, cand.image_path, cand.tags, cand.categories, cand.rating)
-    return DatasetScan(
-        records=table.build(),
-        skipped=dict(collector.counts),
-        examples={k: list(v) for k, v in collector.examples.items()},
-        unknown_rating=unknown_rating,
-        root=root,
-        source=source,
-        verify=verify,
-        seconds=time.perf_counter() - started,
-        max_examples=collector.max_examples,
-        dropped_tags=dict(collector.dropped_tags),
-        dropped_tag_examples=list(collector.dropped_examples),
-        decoder_warnings=collector.warnings.to_report(),
-    )
-
-
 def _check_verify(verify: str) -> None:
     """Raise ValueError for an unknown verify mode."""
     if verify not in ("none", "header", "decode"):
         raise ValueError(f"verify must be 'none', 'header' or 'decode', got {verify!r}")
+
+
+class _Merge:
+    """The scan's results, chunk after chunk, packed as they arrive; a chunk run again (claims
+    across chunks) replaces its earlier rows, and `finish` puts every row in listing order."""
+
+    def __init__(self, root: str, max_examples: int) -> None:
+        """Nothing merged yet."""
+        self.max_examples = max_examples
+        self.builder = SampleTableBuilder(root)
+        self.keys = array.array("q")
+        self.skips = SkippedSamples(SKIP_REASONS)
+        self.chunks: dict[int, tuple[int, int, int, int, ChunkResult]] = {}  # index -> rows, skips, summary
+        self.foreign: list[tuple[int, ForeignClaim]] = []
+
+    def add(self, index: int, result: ChunkResult) -> None:
+        """Append chunk `index`'s results (replacing what it gave before); remember its open claims."""
+        rows, skips = len(self.builder), len(self.skips)
+        self.builder.extend(result.table)
+        self.keys.frombytes(result.keys.astype(np.int64).tobytes())
+        self.skips.extend(result.skips)
+        self.foreign.extend((index, claim) for claim in result.foreign)
+        # the rows and skips are kept; the summary needs none of the chunk's arrays
+        result.table, result.skips, result.keys = SampleTable.from_records([]), SkippedSamples(), np.zeros(0, dtype=np.int64)
+        self.chunks[index] = (rows, len(self.builder), skips, len(self.skips), result)
+
+    def finish(self, scan: DatasetScan, replaced: Iterable[tuple[int, int, int, int]]) -> None:
+        """Fill `scan` from everything merged; `replaced` are the (row, skip) ranges of chunk runs
+        that a later run of the same chunk replaced."""
+        keys = np.frombuffer(self.keys, dtype=np.int64) if len(self.keys) else np.zeros(0, dtype=np.int64)
+        keep, keep_skips = np.ones(len(keys), dtype=bool), np.ones(len(self.skips), dtype=bool)
+        for r0, r1, s0, s1 in replaced:
+            keep[r0:r1] = False
+            keep_skips[s0:s1] = False
+        table = self.builder.build()
+        order = np.flatnonzero(keep)
+        order = order[np.argsort(keys[order], kind="stable")]
+        if len(order) != len(keys) or np.any(order != np.arange(len(keys))):
+            table = table.select(order)
+        skips = self.skips if keep_skips.all() else self.skips.select(keep_skips)
+        scan.skips = skips.in_key_order()
+        scan.records = table
+        scan.skipped = scan.skips.counts()
+        scan.examples = scan.skips.examples(self.max_examples)
+        warnings = WarningLog()
+        dropped: list[tuple[int, str]] = []
+        for index in sorted(self.chunks):
+            result = self.chunks[index][4]
+            scan.unknown_rating += result.unknown_rating
+            for reason, count in result.dropped_tags.items():
+                scan.dropped_tags[reason] = scan.dropped_tags.get(reason, 0) + count
+            dropped.extend(result.dropped_examples)
+            warnings.merge(result.warnings)
+        scan.dropped_tag_examples = [text for _, text in sorted(dropped)[: self.max_examples]]
+        scan.decoder_warnings = warnings.to_report()
+
+
+class _Plan:
+    """How a listing is cut into chunks, and the ChunkJob of each."""
+
+    def __init__(self, listing: Listing, chunk_files: int, job: dict[str, Any], trusted: Container[str]) -> None:
+        """Cut the listing: whole folders together up to `chunk_files` rows, a bigger folder at
+        name boundaries (see folder_pairing); `job`: the ChunkJob fields all chunks share."""
+        self.listing, self.job, self.trusted = listing, job, trusted
+        self._owners: dict[str, list[tuple[str | None, str | None, int]]] | None = None
+        self._folders: dict[str, tuple[int, int]] | None = None
+        self.chunks: list[tuple[list[tuple[int, int]], list[tuple[str, str | None, str | None]]]] = []
+        rows: list[tuple[int, int]] = []
+        cover: list[tuple[str, str | None, str | None]] = []
+        size = 0
+        for folder, first, end in listing.folders:
+            if size and size + end - first > chunk_files:
+                self.chunks.append((rows, cover))
+                rows, cover, size = [], [], 0
+            if end - first <= chunk_files:
+                rows.append((first, end))
+                cover.append((folder, None, None))
+                size += end - first
+                continue
+            self._split(folder, first, end, chunk_files)
+        if rows:
+            self.chunks.append((rows, cover))
+
+    def _split(self, folder: str, first: int, end: int, chunk_files: int) -> None:
+        """Chunks of one big folder, cut only where a name's first dotted part changes."""
+        cut = len(folder) + 1 if folder else 0
+        names = [path[cut:] for path in self.listing.path_list(first, end)]
+        start = first
+        for i in range(1, len(names)):
+            at = first + i
+            if at - start >= chunk_files and names[i].split(".", 1)[0] != names[i - 1].split(".", 1)[0]:
+                self.chunks.append(([(start, at)], [(folder, names[start - first] if start > first else None, names[i])]))
+                start = at
+        self.chunks.append(([(start, end)], [(folder, names[start - first] if start > first else None, None)]))
+
+    def make_job(self, index: int, **extra: Any) -> ChunkJob:
+        """The job of chunk `index` (an index past the cut chunks is one added by `add_owner`)."""
+        rows, cover = self.chunks[index]
+        files: list[tuple[int, str, int, int, str]] = []
+        for first, end in rows:
+            paths = self.listing.path_list(first, end)
+            kinds, refused = self.listing.kinds[first:end].tolist(), self.listing.refused[first:end].tolist()
+            files.extend((first + k, paths[k], kinds[k], refused[k], self.listing.notes.get(first + k, "")) for k in range(end - first))
+        trusted = frozenset(rel for _, rel, kind, _, _ in files if kind == IMAGE and rel in self.trusted) if self.trusted else frozenset()
+        return ChunkJob(files=files, cover=cover, trusted=trusted, **self.job, **extra)
+
+    def owner(self, rel: str) -> int:
+        """The chunk that owns `rel`; a new empty chunk owning just it when none does."""
+        if self._owners is None:
+            self._owners = {}
+            for index, (_, cover) in enumerate(self.chunks):
+                for folder, lo, hi in cover:
+                    self._owners.setdefault(folder, []).append((lo, hi, index))
+        folder, name = split_rel(rel)
+        for lo, hi, index in self._owners.get(folder, ()):
+            if (lo is None or name >= lo) and (hi is None or name < hi):
+                return index
+        self.chunks.append(([], [(folder, name, name + "\0")]))
+        self._owners.setdefault(folder, []).append((name, name + "\0", len(self.chunks) - 1))
+        return len(self.chunks) - 1
+
+    def find(self, rel: str, policy: LinkPolicy) -> str | None:
+        """`rel` when it is a listed image or an existing file the link policy allows, else None."""
+        if self._folders is None:
+            self._folders = {folder: (first, end) for folder, first, end in self.listing.folders}
+        first, end = self._folders.get(split_rel(rel)[0], (0, 0))
+        i = first + bisect.bisect_left(range(first, end), rel, key=self.listing.path)
+        if i < end and self.listing.path(i) == rel and self.listing.kinds[i] == IMAGE:
+            return rel
+        path = os.path.join(self.listing.root, *rel.split("/"))
+        return rel if os.path.isfile(path) and policy.reason_for_file(path) is None else None
+
+
+def _settle_foreign(plan: _Plan, merge: _Merge, policy: LinkPolicy, pool: ProcessMap) -> list[tuple[int, int, int, int]]:
+    """Decide the claims of sidecars on files outside their chunk, as a scan of the whole folder
+    would: the chunks that own claimed files decide between claims (in listing order), then every
+    chunk involved runs again knowing the outcome. Returns the replaced row and skip ranges."""
+    claims = sorted(merge.foreign, key=lambda item: item[1].key)
+    merge.foreign = []
+    verdicts: dict[int, dict[int, tuple[str, str, str]]] = {}
+    incoming: dict[int, list[ForeignClaim]] = {}
+    claimer: dict[int, int] = {}
+    for index, claim in claims:
+        claimer[claim.key] = index
+        found = plan.find(claim.target, policy)
+        if found is None and claim.ext_target is not None:
+            found = plan.find(claim.ext_target, policy)
+        if found is None:
+            verdicts.setdefault(index, {})[claim.key] = ("missing", claim.target, "")
+        else:
+            incoming.setdefault(plan.owner(found), []).append(claim._replace(target=found))
+    owners = sorted(incoming)
+    first_round = (plan.make_job(owner, foreign_in=incoming[owner], verdicts=verdicts.get(owner, {})) for owner in owners)
+    for owner, decided in zip(owners, pool.map(scan_chunk, first_round)):
+        for claim in incoming[owner]:
+            verdicts.setdefault(claimer[claim.key], {})[claim.key] = decided.verdicts[claim.key]
+    involved = sorted(set(incoming) | set(verdicts))
+    replaced = [merge.chunks[index][:4] for index in involved if index in merge.chunks]
+    second_round = (plan.make_job(index, foreign_in=incoming.get(index, []), verdicts=verdicts.get(index, {})) for index in involved)
+    for index, result in zip(involved, pool.map(scan_chunk, second_round)):
+        merge.add(index, result)
+    if merge.foreign:  # every claim had its verdict: none can stay open
+        raise RuntimeError(f"scan: claims across chunks left undecided: {merge.foreign[:3]}")
+    return replaced
 
 
 def scan_dataset(
@@ -357,207 +335,125 @@ def scan_dataset(
     num_threads: int = 8,
     max_examples: int = 5,
     limits: ScanLimits = DEFAULT_LIMITS,
-    trusted: frozenset[str] = frozenset(),
+    trusted: Container[str] = frozenset(),
+    processes: int | None = None,
+    parallel_min: int = PARALLEL_SCAN_MIN,
+    chunk_files: int = CHUNK_FILES,
 ) -> DatasetScan:
-    """Find every image with a sidecar under `root`, check them, and count what was skipped
-    (`trusted`: unchanged image paths that passed the check before, not opened again)."""
+    """Find every image with a sidecar under `root`, check them, and list what was skipped.
+
+    `trusted`: root-relative paths of unchanged images that passed the check before (not opened
+    again). A folder of `parallel_min` listed files or more is scanned on `processes` spawned
+    processes (default: one a usable core); fewer, here. `chunk_files` sets the chunk size; the
+    result does not depend on where the chunks ran."""
     started = time.perf_counter()
     _check_verify(verify)
     root_path = Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset root {str(root_path)!r} does not exist or is not a directory")
     root_abs = os.path.abspath(root_path)
-    collector = _Collector(max_examples)
     policy = LinkPolicy(root_abs, limits.symlinks)
-    walked = _walk(root_abs, collector, policy)
-    listing, rejected = walked.folders, walked.rejected
+    wanted = scan_processes() if processes is None else processes
+    with contextlib.ExitStack() as stack:
+        pool = ProcessMap(1)
 
-    all_files: set[str] = set()
-    stems: dict[str, dict[str, list[str]]] = {}  # rel dir -> stem -> image names (sorted)
-    sidecar_rel: list[tuple[str, str]] = []
-    for rel, images, sidecars in listing:
-        by_stem: dict[str, list[str]] = {}
-        for name in images:
-            all_files.add(posixpath.join(rel, name) if rel else name)
-            by_stem.setdefault(os.path.splitext(name)[0], []).append(name)
-        stems[rel] = by_stem
-        sidecar_rel.extend((rel, name) for name in sidecars)
+        def start_pool(rows: int) -> None:
+            """Start the pool once the folder is big enough: it boots while the walk goes on."""
+            nonlocal pool
+            if rows >= parallel_min and wanted >= 2 and pool.processes < 2:
+                pool = stack.enter_context(ProcessMap(wanted))
 
-    def rel_join(rel: str, name: str) -> str:
-        """Root-relative POSIX path of `name` in folder `rel`."""
-        return f"{rel}/{name}" if rel else name
-
-    # refused links and undecodable names are never opened: their reason stands in for the content
-    abs_paths = [os.path.join(root_abs, *rel_join(rel, n).split("/")) for rel, n in sidecar_rel if rel_join(rel, n) not in rejected]
-    readable = iter(map_threads(_read_sidecar_safe, abs_paths, num_threads, limits.max_sidecar_bytes))
-    parsed = [
-        (rejected[rel_join(rel, n)], _REFUSED[rejected[rel_join(rel, n)]]) if rel_join(rel, n) in rejected else next(readable)
-        for rel, n in sidecar_rel
-    ]
-
-    def implicit_options(rel: str, name: str) -> list[str]:
-        """Images a sidecar names by its own file name: X.ext for X.ext.json, X.* for X.json."""
-        stem_name = name[:-5]
-        if os.path.splitext(stem_name)[1].lower() in IMAGE_EXTENSIONS:
-            return [rel_join(rel, stem_name)] if rel_join(rel, stem_name) in all_files else []
-        return [rel_join(rel, n) for n in stems.get(rel, {}).get(stem_name, [])]
-
-    failed: list[tuple[str, str]] = []  # sidecars counted as bad before pairing
-    claimed: dict[str, str] = {}  # image rel path -> sidecar rel path
-    pending_stem: list[tuple[int, str, str]] = []  # (sidecar index, rel dir, stem) for X.json
-    named_missing: dict[int, str] = {}  # sidecar index -> its filename/file value that was not found
-    targets: dict[int, str] = {}
-    for i, ((rel, name), result) in enumerate(zip(sidecar_rel, parsed)):
-        side = rel_join(rel, name)
-        if isinstance(result, tuple):
-            collector.add(result[0], f"{side}: {result[1]}")
-            failed.append((rel, name))
-            continue
-        data = result
-        explicit = data.get("filename", data.get("file"))
-        if explicit is not None:
-            if not isinstance(explicit, str) or not explicit.strip():
-                collector.add("sidecar_unreadable", f"{side}: field 'filename' is not a path string")
-                failed.append((rel, name))
-                continue
-            if not is_utf8(explicit):
-                collector.add("name_not_utf8", f"{side}: field 'filename' is not valid UTF-8")
-                failed.append((rel, name))
-                continue
-            try:
-                target = _resolve_inside(rel, explicit.strip())
-            except _OutsideRootError as exc:
-                collector.add("path_outside_root", f"{side}: {exc}")
-                failed.append((rel, name))
-                continue
-            extension = data.get("extension")
-            found = _existing(root_abs, target, all_files, policy)
-            if found is None and isinstance(extension, str) and extension and is_utf8(extension):
-                # gallery-dl stores the stem in "filename" and the suffix in "extension"
-                found = _existing(root_abs, f"{target}.{extension.lstrip('.')}", all_files, policy)
-            if found is not None:
-                targets[i] = found
-                continue
-            named_missing[i] = explicit.strip()
-        stem_name = name[:-5]  # drop ".json"
-        if os.path.splitext(stem_name)[1].lower() in IMAGE_EXTENSIONS:
-            target = rel_join(rel, stem_name)
-            if target in all_files:
-                targets[i] = target
-            else:
-                named = f" nor {named_missing[i]!r}" if i in named_missing else ""
-                collector.add("image_missing", f"{side}: no image {target!r}{named}")
-            continue
-        pending_stem.append((i, rel, stem_name))
-
-    # explicit and X.ext.json claims first, in sidecar order; then X.json takes a free image
-    for i in sorted(targets):
-        target = targets[i]
-        side = rel_join(*sidecar_rel[i])
-        if target in claimed:
-            collector.add("duplicate_image", f"{side}: {target!r} already claimed by {claimed[target]}")
-            del targets[i]
-        else:
-            claimed[target] = side
-    for i, rel, stem in pending_stem:
-        side = rel_join(rel, sidecar_rel[i][1])
-        options = [rel_join(rel, n) for n in stems.get(rel, {}).get(stem, [])]
-        free = [o for o in options if o not in claimed]
-        if free:
-            targets[i] = free[0]
-            claimed[free[0]] = side
-        elif options:
-            collector.add("duplicate_image", f"{side}: {options[0]!r} already claimed by {claimed[options[0]]}")
-        else:
-            named = f" and {named_missing[i]!r} not found" if i in named_missing else ""
-            collector.add("image_missing", f"{side}: no image named {stem}.<ext> next to it{named}")
-
-    # an image next to a sidecar that was already counted as bad must not be counted twice
-    for rel, name in failed:
-        for option in implicit_options(rel, name):
-            if option not in claimed:
-                claimed[option] = rel_join(rel, name)
-                break
-
-    for image in sorted(all_files):
-        if image not in claimed:
-            if image in rejected:  # a refused link counts once, under the link's reason
-                collector.add(rejected[image], f"{image}: {_REFUSED[rejected[image]]}")
-            else:
-                collector.add("sidecar_missing", f"{image}: no {posixpath.basename(image)}.json or stem .json")
-
-    candidates: list[_Candidate] = []
-    for i in sorted(targets, key=lambda k: targets[k]):
-        side = rel_join(*sidecar_rel[i])
-        target = targets[i]
-        if target in rejected:
-            collector.add(rejected[target], f"{side}: image {target!r}: {_REFUSED[rejected[target]]}")
-            continue
-        parsed_tags = _parse_limited(parsed[i], side, limits, collector, "sidecar_unreadable")
-        if parsed_tags is None:
-            continue
-        tags, cats, rating = parsed_tags
-        candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, side))
-    return _finish_scan(
-        candidates, collector, root=root_abs, source="folder", verify=verify, num_threads=num_threads, started=started, listed=True, trusted=trusted
-    )
-
-
-def _parse_limited(
-    data: Any, origin: str, limits: ScanLimits, collector: _Collector, format_reason: str
-) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
-    """parse_sidecar under the tag limits; None (counted by reason) when the sample is unusable."""
-    tag_filter = TagFilter.from_limits(limits)
-    try:
-        tags, cats, rating = parse_sidecar(data, tag_filter)
-    except TooManyTagsError as exc:
-        collector.add("too_many_tags", f"{origin}: {exc}")
-        return None
-    except SidecarFormatError as exc:
-        collector.add(format_reason, f"{origin}: {exc}")
-        return None
-    finally:
-        collector.add_dropped_tags(tag_filter.dropped, origin)
-    if not tags:
-        collector.add("no_tags", f"{origin}: no tags" + (f" (dropped: {tag_filter.dropped})" if tag_filter.dropped else ""))
-        return None
-    return tags, cats, rating
-
-
-def _existing(root_abs: str, rel: str, all_files: set[str], policy: LinkPolicy) -> str | None:
-    """`rel` if that file exists under the root (listing first, then a stat), else None."""
-    if rel in all_files:
-        return rel
-    path = os.path.join(root_abs, *rel.split("/"))
-    if os.path.isfile(path) and policy.reason_for_file(path) is None:
-        all_files.add(rel)
-        return rel
-    return None
-
-
-def _read_sidecar_safe(path: str, max_bytes: int) -> dict[str, Any] | tuple[str, str]:
-    """The sidecar's JSON object, or (skip reason, why it could not be used); at most
-    `max_bytes` are read, so a huge file costs no memory."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)
-        if len(raw) > max_bytes:
-            return "sidecar_too_large", f"larger than data.max_sidecar_bytes={max_bytes}"
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as exc:
-        return "sidecar_unreadable", f"cannot read: {exc}"
-    except json.JSONDecodeError as exc:
-        return "sidecar_unreadable", f"invalid JSON: {exc}"
-    except RecursionError:
-        return "sidecar_unreadable", "invalid JSON: nested too deeply"
-    if not isinstance(data, dict):
-        return "sidecar_unreadable", f"JSON is a {type(data).__name__}, expected an object"
-    return data
+        listing = walk_listing(root_abs, policy, start_pool)
+        start_pool(len(listing))
+        threads = num_threads if pool.processes < 2 else 1  # in a pool the processes are the parallelism: threads only cost
+        shared = {"root": root_abs, "verify": verify, "limits": limits, "max_examples": max_examples, "num_threads": threads}
+        plan = _Plan(listing, chunk_files, shared, trusted)
+        merge = _Merge(root_abs, max_examples)
+        jobs = (plan.make_job(i) for i in range(len(plan.chunks)))
+        for index, result in enumerate(pool.map(scan_chunk, jobs)):
+            merge.add(index, result)
+        replaced = _settle_foreign(plan, merge, policy, pool) if merge.foreign else []
+    scan = DatasetScan(records=[], root=root_abs, source="folder", verify=verify, max_examples=max_examples, listing=listing)
+    merge.finish(scan, replaced)
+    scan.seconds = time.perf_counter() - started
+    return scan
 
 
 # --------------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------------
+
+
+class _ManifestLines:
+    """The state of one manifest read: candidates packed as they are found, skips, dropped tags."""
+
+    def __init__(self, root_abs: str, limits: ScanLimits, max_examples: int) -> None:
+        """Nothing read yet."""
+        self.root_abs, self.limits, self.max_examples = root_abs, limits, max_examples
+        self.policy = LinkPolicy(root_abs, limits.symlinks)
+        self.skips = SkippedSamples(SKIP_REASONS)
+        self.candidates = SampleTableBuilder(root_abs)
+        self.lines = array.array("q")  # each candidate's line
+        self.seen: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.dropped_examples: list[str] = []
+
+    def skip(self, lineno: int, reason: str, detail: str) -> None:
+        """Count one dropped line."""
+        self.skips.add(reason, f"line {lineno}", detail, lineno)
+
+    def read(self, lineno: int, text: str) -> None:
+        """Check one non-empty line; a usable one becomes a candidate."""
+        if len(text) > self.limits.max_sidecar_bytes:
+            return self.skip(lineno, "sidecar_too_large", "longer than data.max_sidecar_bytes")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self.skip(lineno, "manifest_line_invalid", f"invalid JSON: {exc}")
+        if not isinstance(obj, dict):
+            return self.skip(lineno, "manifest_line_invalid", f"JSON {type(obj).__name__}, expected an object")
+        file_value = obj.get("file", obj.get("filename"))
+        if not isinstance(file_value, str) or not file_value.strip():
+            return self.skip(lineno, "manifest_line_invalid", "missing or non-string 'file'")
+        if not is_utf8(file_value):
+            return self.skip(lineno, "name_not_utf8", "'file' is not valid UTF-8")
+        outcome, dropped = parse_limited(obj, self.limits, "manifest_line_invalid")
+        for reason, count in dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+            if len(self.dropped_examples) < self.max_examples:
+                self.dropped_examples.append(f"line {lineno}: {count} {reason}")
+        if isinstance(outcome[0], str):
+            return self.skip(lineno, outcome[0], outcome[1])
+        try:
+            target = resolve_inside("", file_value.strip())
+        except OutsideRootError as exc:
+            return self.skip(lineno, "path_outside_root", str(exc))
+        if target in self.seen:
+            return self.skip(lineno, "duplicate_image", f"{target!r} already on line {self.seen[target]}")
+        self.seen[target] = lineno
+        path = os.path.join(self.root_abs, *target.split("/"))
+        link_reason = self.policy.reason_for_file(path)
+        if link_reason is not None and os.path.lexists(path):
+            return self.skip(lineno, link_reason, f"{target}: a link the data.symlinks policy refuses")
+        tags, cats, rating = outcome
+        self.candidates.add(target, path, tags, cats, rating)
+        self.lines.append(lineno)
+        return None
+
+
+def _check_candidates(
+    table: SampleTable, verify: str, num_threads: int, trusted: Container[str], processes: int, chunk_files: int, warnings: WarningLog
+) -> list[tuple[int, str | None, str]]:
+    """(row, reason, detail) of every candidate whose image fails the check, in row order; the
+    images are checked a chunk at a time (on `processes` processes when more than one)."""
+    rows = [i for i in range(len(table)) if table.sample_id(i) not in trusted]
+    jobs = (([table.image_path(i) for i in rows[k : k + chunk_files]], verify, num_threads) for k in range(0, len(rows), chunk_files))
+    failed = []
+    with ProcessMap(processes) as pool:
+        for k, (results, caught) in enumerate(pool.map(check_images_job, jobs)):
+            warnings.add_messages(caught)
+            failed.extend((rows[k * chunk_files + j], reason, detail) for j, (reason, detail) in enumerate(results) if reason is not None)
+    return failed
 
 
 def load_manifest(
@@ -568,12 +464,16 @@ def load_manifest(
     num_threads: int = 8,
     max_examples: int = 5,
     limits: ScanLimits = DEFAULT_LIMITS,
-    trusted: frozenset[str] = frozenset(),
+    trusted: Container[str] = frozenset(),
+    processes: int | None = None,
+    parallel_min: int = PARALLEL_SCAN_MIN,
+    chunk_files: int = CHUNK_FILES,
 ) -> DatasetScan:
     """Records from a JSON Lines manifest of {"file", "tags", "rating"} objects, checked like a scan.
 
-    ``file`` is relative to `root` when given, else to the manifest's folder.
-    """
+    ``file`` is relative to `root` when given, else to the manifest's folder; `trusted`, the
+    pool and the chunks as for scan_dataset (the lines are read here, the images checked on the
+    pool). Skipped lines are listed as 'line N' (the image, when its check fails)."""
     started = time.perf_counter()
     _check_verify(verify)
     manifest = Path(path)
@@ -583,60 +483,37 @@ def load_manifest(
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset root {str(root_path)!r} does not exist or is not a directory")
     root_abs = os.path.abspath(root_path)
-    collector = _Collector(max_examples)
-    policy = LinkPolicy(root_abs, limits.symlinks)
-    candidates: list[_Candidate] = []
-    seen: dict[str, int] = {}
+    state = _ManifestLines(root_abs, limits, max_examples)
     with open(manifest, "r", encoding="utf-8-sig", errors="surrogateescape") as handle:
         for lineno, line in enumerate(handle, start=1):
             text = line.strip()
-            if not text:
-                continue
-            if len(text) > limits.max_sidecar_bytes:
-                collector.add("sidecar_too_large", f"line {lineno}: longer than data.max_sidecar_bytes")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                collector.add("manifest_line_invalid", f"line {lineno}: invalid JSON: {exc}")
-                continue
-            if not isinstance(obj, dict):
-                collector.add("manifest_line_invalid", f"line {lineno}: JSON {type(obj).__name__}, expected an object")
-                continue
-            file_value = obj.get("file", obj.get("filename"))
-            if not isinstance(file_value, str) or not file_value.strip():
-                collector.add("manifest_line_invalid", f"line {lineno}: missing or non-string 'file'")
-                continue
-            if not is_utf8(file_value):
-                collector.add("name_not_utf8", f"line {lineno}: 'file' is not valid UTF-8")
-                continue
-            parsed_tags = _parse_limited(obj, f"line {lineno}", limits, collector, "manifest_line_invalid")
-            if parsed_tags is None:
-                continue
-            tags, cats, rating = parsed_tags
-            try:
-                target = _resolve_inside("", file_value.strip())
-            except _OutsideRootError as exc:
-                collector.add("path_outside_root", f"line {lineno}: {exc}")
-                continue
-            if target in seen:
-                collector.add("duplicate_image", f"line {lineno}: {target!r} already on line {seen[target]}")
-                continue
-            seen[target] = lineno
-            link_reason = policy.reason_for_file(os.path.join(root_abs, *target.split("/")))
-            if link_reason is not None and os.path.lexists(os.path.join(root_abs, *target.split("/"))):
-                collector.add(link_reason, f"line {lineno}: {target}: a link the data.symlinks policy refuses")
-                continue
-            candidates.append(_Candidate(target, os.path.join(root_abs, *target.split("/")), tags, cats, rating, f"line {lineno}"))
-    return _finish_scan(
-        candidates, collector, root=root_abs, source=f"manifest:{manifest}", verify=verify, num_threads=num_threads, started=started, trusted=trusted
-    )
+            if text:
+                state.read(lineno, text)
+    state.seen.clear()
+    table = state.candidates.build()
+    lines = np.frombuffer(state.lines, dtype=np.int64) if len(state.lines) else np.zeros(0, dtype=np.int64)
+    warnings = WarningLog()
+    keep = np.ones(len(table), dtype=bool)
+    if len(table):
+        use = (processes or scan_processes()) if len(table) >= parallel_min // 2 else 1
+        for row, reason, detail in _check_candidates(table, verify, num_threads if use < 2 else 2, trusted, use, chunk_files, warnings):
+            keep[row] = False
+            state.skips.add(reason, table.sample_id(row), detail, int(lines[row]))
+    scan = DatasetScan(records=table if keep.all() else table.select(keep), root=root_abs, source=f"manifest:{manifest}", verify=verify)
+    scan.skips = state.skips.in_key_order()
+    scan.skipped, scan.examples = scan.skips.counts(), scan.skips.examples(max_examples)
+    scan.unknown_rating = int(np.count_nonzero(scan.records.ratings < 0))
+    scan.max_examples, scan.dropped_tags, scan.dropped_tag_examples = max_examples, state.dropped, state.dropped_examples
+    scan.decoder_warnings = warnings.to_report()
+    scan.seconds = time.perf_counter() - started
+    return scan
 
 
 def scan_source(
-    root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits, trusted: frozenset[str] = frozenset()
+    root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits, trusted: Container[str] = frozenset()
 ) -> DatasetScan:
-    """The folder scan of `root`, or the records of `manifest` with their files resolved against `root`."""
+    """The folder scan of `root`, or the records of `manifest` with their files resolved against
+    `root` (`trusted`: root-relative images not opened again)."""
     if manifest:
         return load_manifest(manifest, root, verify=verify, limits=limits, trusted=trusted)
     return scan_dataset(root, verify=verify, limits=limits, trusted=trusted)

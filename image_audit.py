@@ -1,32 +1,82 @@
-"""The start-up image check: each image's header (or whole file) opened once, on threads or processes.
+"""The start-up image check and the pools the start-up check runs on.
 
 This module owns ``verify_image`` (one file under verify mode none, header or decode: missing,
-undecodable, decompression bombs) and ``verify_images`` (all of a scan's images, decoder warnings
-counted instead of printed). Opening headers is Python work under the GIL, so a scan of
-``PARALLEL_VERIFY_MIN`` images or more spreads it over spawned processes (one a core), keeping
-file order; smaller ones use a thread pool. ``map_threads`` is the chunked thread map the scan
-also reads sidecars with. It imports ``image_preprocess`` (which exceptions mean an image is
-unusable), ``process_group`` (the usable cores) and ``scan_limits`` (the warning log); ``dataset_scan`` calls it.
+undecodable, decompression bombs), ``check_images`` (a list of them on a thread pool, decoder
+warnings recorded instead of printed), ``map_threads`` (the chunked thread map) and
+``ProcessMap``: a function mapped over jobs in order on one spawned process a usable core
+(``scan_processes``), with few jobs in flight. Opening headers and parsing sidecars is Python work
+under the GIL, so a big scan (``dataset_scan``) runs its chunks on a ``ProcessMap``; small ones stay
+in the calling process. It imports ``image_preprocess`` (which exceptions mean an image is
+unusable) and ``process_group`` (the usable cores); ``folder_pairing`` and ``dataset_scan`` call it.
 """
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
 from image_preprocess import IMAGE_ERRORS
 from process_group import usable_cpu_count
-from scan_limits import WarningLog
 
-__all__ = ["PARALLEL_VERIFY_MIN", "map_threads", "verify_image", "verify_images"]
+__all__ = ["map_threads", "ProcessMap", "scan_processes", "verify_image", "check_images", "check_images_job"]
 
-# scans with at least this many images to check open their headers in several processes
-PARALLEL_VERIFY_MIN = 20_000
+
+def scan_processes() -> int:
+    """How many processes a parallel start-up check may use: one a usable core, at most 8."""
+    return min(usable_cpu_count(), 8)
+
+
+def _ready() -> int:
+    """A job that only proves a worker has started (its imports done)."""
+    return os.getpid()
+
+
+class ProcessMap:
+    """Maps a function over jobs in job order: here when `processes` < 2, else on that many
+    spawned processes (Windows has no fork), started when the map is entered so that they boot
+    while the caller prepares the first jobs. A map keeps at most `in_flight` jobs submitted at a
+    time (default two a process), so a job's input and output exist only while it is in flight.
+    The function must be module-level; an error in a job is raised at its turn."""
+
+    def __init__(self, processes: int) -> None:
+        """No processes yet (see __enter__)."""
+        self.processes = processes
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "ProcessMap":
+        """Start the processes (when more than one)."""
+        if self.processes >= 2:
+            self.pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.processes):
+                self.pool.submit(_ready)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the processes; jobs not yet started are cancelled when an error ends the map."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+            self.pool = None
+
+    def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any], in_flight: int = 0) -> Iterator[Any]:
+        """fn(job) for every job, yielded in job order."""
+        if self.pool is None:
+            for job in jobs:
+                yield fn(job)
+            return
+        limit = in_flight or 2 * self.processes
+        pending: collections.deque[Future] = collections.deque()
+        for job in jobs:
+            pending.append(self.pool.submit(fn, job))
+            if len(pending) >= limit:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _run_chunk(args: tuple[Any, list[Any], tuple[Any, ...]]) -> list[Any]:
@@ -77,7 +127,7 @@ def verify_image(path: str, mode: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def _verify_chunk(paths: list[str], verify: str, num_threads: int) -> tuple[list[tuple[str | None, str]], list[tuple[str, str]]]:
+def check_images(paths: list[str], verify: str, num_threads: int) -> tuple[list[tuple[str | None, str]], list[tuple[str, str]]]:
     """verify_image over `paths` on a thread pool: (results, decoder warnings as (category, message)).
 
     catch_warnings swaps the process-wide filters, so warnings from the pool's threads are
@@ -91,19 +141,6 @@ def _verify_chunk(paths: list[str], verify: str, num_threads: int) -> tuple[list
     return results, [(item.category.__name__, str(item.message)) for item in caught]
 
 
-def verify_images(paths: list[str], verify: str, num_threads: int, warning_log: WarningLog) -> list[tuple[str | None, str]]:
-    """(skip reason or None, detail) for every path, in order; decoder warnings counted in `warning_log`.
-    A large scan spreads the work over processes (one a core, spawned: Windows has no fork)."""
-    processes = min(usable_cpu_count(), 8)
-    if processes < 2 or len(paths) < PARALLEL_VERIFY_MIN:
-        results, caught = _verify_chunk(paths, verify, num_threads)
-        warning_log.add_messages(caught)
-        return results
-    size = -(-len(paths) // (processes * 4))  # a few chunks a process: an uneven one does not hold the others up
-    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    results = []
-    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part, caught in pool.map(_verify_chunk, chunks, [verify] * len(chunks), [2] * len(chunks)):
-            results.extend(part)
-            warning_log.add_messages(caught)
-    return results
+def check_images_job(job: tuple[list[str], str, int]) -> tuple[list[tuple[str | None, str]], list[tuple[str, str]]]:
+    """check_images of one (paths, verify, threads) job (module-level: a spawned pool runs it)."""
+    return check_images(*job)

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, overload
 
 import numpy as np
 
-__all__ = ["SampleRecord", "SampleTable", "SampleTableBuilder", "as_table"]
+__all__ = ["SampleRecord", "SampleTable", "SampleTableBuilder", "SkippedSamples", "as_table", "take_ragged"]
 
 _FORMAT_VERSION = 1
 # surrogatepass: a file name that is not valid UTF-8 arrives as a surrogate-escaped str and must
@@ -57,7 +57,7 @@ def _pack(values: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
-def _take_ragged(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def take_ragged(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ragged rows `rows` of (blob, offsets) as a new (blob, offsets), in `rows`' order."""
     starts, ends = offsets[rows], offsets[rows + 1]
     lengths = ends - starts
@@ -193,12 +193,12 @@ class SampleTable(Sequence):
                 raise ValueError(f"select: mask of {len(rows)} for {len(self)} samples")
             rows = np.flatnonzero(rows)
         rows = rows.astype(np.int64, copy=False)
-        tag_ids, tag_offsets = _take_ragged(self.tag_ids, self.tag_offsets, rows)
-        categories, _ = _take_ragged(self.tag_categories, self.tag_offsets, rows)
+        tag_ids, tag_offsets = take_ragged(self.tag_ids, self.tag_offsets, rows)
+        categories, _ = take_ragged(self.tag_categories, self.tag_offsets, rows)
         return SampleTable(
             self.root,
-            _take_ragged(self.id_blob, self.id_offsets, rows),
-            _take_ragged(self.path_blob, self.path_offsets, rows),
+            take_ragged(self.id_blob, self.id_offsets, rows),
+            take_ragged(self.path_blob, self.path_offsets, rows),
             self.tag_names,
             (tag_ids, tag_offsets),
             categories,
@@ -317,6 +317,10 @@ class SampleTableBuilder:
         """Paths under `root` are stored relative to it."""
         self.root = str(root)
         self._prefix = os.path.join(self.root, "") if self.root else ""
+        self._reset()
+
+    def _reset(self) -> None:
+        """No samples yet."""
         self._ids, self._paths = bytearray(), bytearray()
         self._id_offsets, self._path_offsets = array.array("q", [0]), array.array("q", [0])
         self._tag_ids, self._tag_offsets = array.array("i"), array.array("q", [0])
@@ -358,20 +362,202 @@ class SampleTableBuilder:
         self._tag_offsets.append(len(self._tag_ids))
         self._ratings.append(int(rating))
 
+    def extend(self, table: SampleTable) -> None:
+        """Append every row of `table` (its paths relative to this builder's root, or to its own
+        root when that is this one), its tags and categories re-keyed to this builder's: array
+        operations, no per-sample objects."""
+        if table.root and table.root != self.root:
+            raise ValueError(f"extend: a table under {table.root!r} into a builder under {self.root!r}")
+        tag_map = np.asarray([self._tag_index.setdefault(name, len(self._tag_index)) for name in table.tag_names] or [0], dtype=np.int32)
+        for name in table.category_names:
+            if name not in self._category_index:
+                if len(self._category_index) >= 255:
+                    raise ValueError("more than 255 distinct tag categories")
+                self._category_index[name] = len(self._category_index)
+        cat_map = np.asarray([self._category_index[name] for name in table.category_names] or [0], dtype=np.uint8)
+        for blob, offsets, own, own_offsets in (
+            (table.id_blob, table.id_offsets, self._ids, self._id_offsets),
+            (table.path_blob, table.path_offsets, self._paths, self._path_offsets),
+        ):
+            own_offsets.frombytes((offsets[1:] + len(own)).astype(np.int64).tobytes())
+            own += blob.tobytes()
+        self._tag_offsets.frombytes((table.tag_offsets[1:] + len(self._tag_ids)).astype(np.int64).tobytes())
+        self._tag_ids.frombytes(tag_map[table.tag_ids].astype(np.int32).tobytes())
+        self._categories += cat_map[table.tag_categories].tobytes()
+        self._ratings.frombytes(table.ratings.astype(np.int8).tobytes())
+
     def build(self) -> SampleTable:
-        """The table of every sample added."""
-        return SampleTable(
-            self.root,
-            (np.frombuffer(bytes(self._ids), dtype=np.uint8).copy(), np.frombuffer(self._id_offsets, dtype=np.int64).copy()),
-            (np.frombuffer(bytes(self._paths), dtype=np.uint8).copy(), np.frombuffer(self._path_offsets, dtype=np.int64).copy()),
-            list(self._tag_index),
-            (np.frombuffer(self._tag_ids, dtype=np.int32).copy(), np.frombuffer(self._tag_offsets, dtype=np.int64).copy()),
-            np.frombuffer(bytes(self._categories), dtype=np.uint8).copy(),
-            list(self._category_index),
-            np.frombuffer(self._ratings, dtype=np.int8).copy(),
+        """The table of every sample added. The builder is emptied as its buffers are copied out
+        (one column at a time, so the peak is the table plus one column, not twice the table)."""
+
+        def take(name: str, dtype: type) -> np.ndarray:
+            out = np.frombuffer(getattr(self, name), dtype=dtype).copy()
+            setattr(self, name, None)  # the buffer goes before the next column is copied
+            return out
+
+        ids = (take("_ids", np.uint8), take("_id_offsets", np.int64))
+        paths = (take("_paths", np.uint8), take("_path_offsets", np.int64))
+        tags = (take("_tag_ids", np.int32), take("_tag_offsets", np.int64))
+        table = SampleTable(
+            self.root, ids, paths, list(self._tag_index), tags, take("_categories", np.uint8), list(self._category_index), take("_ratings", np.int8)
         )
+        self._reset()
+        return table
 
 
 def as_table(records: Sequence[Any]) -> SampleTable:
     """`records` as a SampleTable (itself when it already is one)."""
     return records if isinstance(records, SampleTable) else SampleTable.from_records(records)
+
+
+class SkippedSamples:
+    """Every sample a scan dropped, as (path, reason, detail) rows packed into a few buffers.
+
+    A folder of millions of files may hold millions of bad ones; a Python tuple a row would cost
+    ~300 B. Here a row is its path and its detail as UTF-8 in two blobs with int64 offsets, a uint8
+    reason code (into ``reasons``) and an int64 sort key (the scan's file order), ~20 B plus the
+    text. Text is stored with unencodable characters as backslash escapes (``printable``), so
+    every row can go into JSON, a CSV or a console as it is.
+    """
+
+    def __init__(self, reasons: Sequence[str] = ()) -> None:
+        """An empty list; `reasons` are the reason names known up front (more are added as met)."""
+        self.reasons: list[str] = []
+        self._code: dict[str, int] = {}
+        for reason in reasons:
+            self._reason_code(reason)
+        self._paths, self._details, self._codes = bytearray(), bytearray(), bytearray()
+        self._path_offsets, self._detail_offsets = array.array("q", [0]), array.array("q", [0])
+        self._keys = array.array("q")
+
+    def _reason_code(self, reason: str) -> int:
+        """The code of `reason`, adding it when new (at most 256 reasons)."""
+        code = self._code.get(reason)
+        if code is None:
+            if len(self.reasons) >= 256:
+                raise ValueError(f"skip list: more than 256 reasons (adding {reason!r})")
+            code = self._code[reason] = len(self.reasons)
+            self.reasons.append(reason)
+        return code
+
+    def add(self, reason: str, path: str, detail: str, key: int = 0) -> None:
+        """Append one dropped sample: the file at fault (root-relative), why, and a detail."""
+        self._codes.append(self._reason_code(reason))
+        self._paths += path.encode("utf-8", "backslashreplace")
+        self._path_offsets.append(len(self._paths))
+        self._details += detail.encode("utf-8", "backslashreplace")
+        self._detail_offsets.append(len(self._details))
+        self._keys.append(int(key))
+
+    def extend(self, other: "SkippedSamples") -> None:
+        """Append every row of `other`, in its order."""
+        remap = np.asarray([self._reason_code(r) for r in other.reasons] or [0], dtype=np.uint8)
+        self._codes += remap[np.frombuffer(other._codes, dtype=np.uint8)].tobytes()
+        for own, offsets, blob, their in (
+            (self._paths, self._path_offsets, other._paths, other._path_offsets),
+            (self._details, self._detail_offsets, other._details, other._detail_offsets),
+        ):
+            offsets.frombytes((np.frombuffer(their, dtype=np.int64)[1:] + len(own)).tobytes())
+            own += blob
+        self._keys.extend(other._keys)
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return len(self._codes)
+
+    def _text(self, blob: bytearray, offsets: array.array, i: int) -> str:
+        """Row i of one text column."""
+        return blob[offsets[i] : offsets[i + 1]].decode("utf-8")
+
+    def __getitem__(self, i: int) -> tuple[str, str, str]:
+        """Row i as (path, reason, detail)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"skip list row {i} out of range for {len(self)} rows")
+        i %= len(self)
+        return self._text(self._paths, self._path_offsets, i), self.reasons[self._codes[i]], self._text(self._details, self._detail_offsets, i)
+
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+        """Rows in order, as (path, reason, detail)."""
+        for i in range(len(self)):
+            yield self[i]
+
+    def counts(self) -> dict[str, int]:
+        """Rows by reason."""
+        found = np.bincount(np.frombuffer(self._codes, dtype=np.uint8), minlength=len(self.reasons))
+        return {reason: int(found[code]) for code, reason in enumerate(self.reasons) if found[code]}
+
+    def examples(self, limit: int) -> dict[str, list[str]]:
+        """The first `limit` rows of each reason as 'path: detail' lines."""
+        out: dict[str, list[str]] = {}
+        full = 0
+        for path, reason, detail in self:
+            bucket = out.setdefault(reason, [])
+            if len(bucket) < limit:
+                bucket.append(f"{path}: {detail}" if detail else path)
+                full += len(bucket) == limit
+                if full == len(self.reasons):
+                    break
+        return out
+
+    def keys(self) -> np.ndarray:
+        """The sort key of every row, int64 (n,)."""
+        return np.frombuffer(self._keys, dtype=np.int64).copy() if len(self) else np.zeros(0, dtype=np.int64)
+
+    def select(self, rows: Sequence[int] | np.ndarray) -> "SkippedSamples":
+        """A new list of rows `rows` (indices or a boolean mask), in that order."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64, copy=False)
+        out = SkippedSamples(self.reasons)
+        out._codes = bytearray(np.frombuffer(self._codes, dtype=np.uint8)[rows].tobytes())
+        out._keys = array.array("q", self.keys()[rows].tobytes())
+        for name in ("path", "detail"):
+            blob, offsets = take_ragged(
+                np.frombuffer(getattr(self, f"_{name}s"), dtype=np.uint8), np.frombuffer(getattr(self, f"_{name}_offsets"), dtype=np.int64), rows
+            )
+            setattr(out, f"_{name}s", bytearray(blob.tobytes()))
+            setattr(out, f"_{name}_offsets", array.array("q", offsets.tobytes()))
+        return out
+
+    def in_key_order(self) -> "SkippedSamples":
+        """The rows sorted by key (stable: rows with equal keys keep their order); itself when already so."""
+        keys = self.keys()
+        if len(keys) < 2 or bool(np.all(keys[1:] >= keys[:-1])):
+            return self
+        return self.select(np.argsort(keys, kind="stable"))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The list as named arrays (for an .npz file: no pickles); keys are not kept."""
+        reasons, reason_offsets = _pack(self.reasons)
+        return {
+            "reasons": reasons,
+            "reason_offsets": reason_offsets,
+            "codes": np.frombuffer(self._codes, dtype=np.uint8).copy(),
+            "paths": np.frombuffer(self._paths, dtype=np.uint8).copy(),
+            "path_offsets": np.frombuffer(self._path_offsets, dtype=np.int64).copy(),
+            "details": np.frombuffer(self._details, dtype=np.uint8).copy(),
+            "detail_offsets": np.frombuffer(self._detail_offsets, dtype=np.int64).copy(),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "SkippedSamples":
+        """A list from `to_arrays`' output; KeyError/ValueError when arrays are missing, disagree or
+        are not UTF-8 (a damaged file is refused, not trusted)."""
+        names, offs = arrays["reasons"], arrays["reason_offsets"]
+        reasons = [names[offs[i] : offs[i + 1]].tobytes().decode("utf-8") for i in range(len(offs) - 1)]
+        out = cls(reasons)
+        codes = np.asarray(arrays["codes"], dtype=np.uint8)
+        n = len(codes)
+        if n and int(codes.max()) >= len(reasons):
+            raise ValueError(f"skip list: reason codes outside 0..{len(reasons) - 1}")
+        for name in ("path", "detail"):
+            blob, offsets = np.asarray(arrays[f"{name}s"], dtype=np.uint8), np.asarray(arrays[f"{name}_offsets"], dtype=np.int64)
+            if len(offsets) != n + 1 or offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
+                raise ValueError(f"skip list: {name} offsets do not cover their {len(blob)} bytes for {n} rows")
+            blob.tobytes().decode("utf-8")  # raises UnicodeDecodeError (a ValueError) when damaged
+            setattr(out, f"_{name}s", bytearray(blob.tobytes()))
+            setattr(out, f"_{name}_offsets", array.array("q", offsets.tobytes()))
+        out._codes = bytearray(codes.tobytes())
+        out._keys = array.array("q", np.arange(n, dtype=np.int64).tobytes())
+        return out

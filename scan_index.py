@@ -4,18 +4,25 @@ Scanning millions of sidecars and image headers takes minutes; a resume, or the 
 same folder, should not pay it again. ``scan_with_index`` keeps one ``.npz`` file per (dataset
 root, manifest, verify mode, scan limits) in the index folder holding
 
-* the scan's ``SampleTable`` and its report (skips by reason with examples, dropped tags, ...),
-* the folder's fingerprint: every image and sidecar file the scan could see, with its size and
-  mtime (and the manifest's, for a manifest).
+* the scan's ``SampleTable``, its report (skips by reason with examples, dropped tags, ...) and
+  the complete list of the samples it skipped (``SkippedSamples``: path, reason, detail),
+* the folder's fingerprint: the scan's own listing (``folder_walk``): every image and sidecar
+  file it could see, with its size, mtime and kind (and the manifest's, for a manifest).
 
 On the next start it fingerprints the folder again (a directory walk and one ``stat`` a file, no
 file is opened): an equal fingerprint means the saved scan is the scan, reused as it is. Any
 difference (a file added, deleted, renamed or rewritten) means a new scan in which images that
 passed the check before and are unchanged are not opened again; the index is then rewritten.
-``data.rescan`` ignores the index. A missing, unreadable or foreign index file is a new scan,
-never an error; a failure to write one is reported and the run goes on (it only costs time).
+With no index yet, the folder is walked once, by the scan. ``data.rescan`` ignores the index. A
+missing, unreadable or foreign index file is a new scan, never an error; a failure to write one
+is reported and the run goes on (it only costs time).
 
-It imports ``dataset_scan`` (the scan itself) and ``sample_table``; ``data_setup`` calls it.
+The scan runs in this process: it keeps packed arrays and no per-file Python object outlives its
+chunk (``dataset_scan``), so what it leaves behind is the table, not a fragmented heap (measured
+by ``benchmarks/bench_scale.py``); its chunks run on a process pool for big folders.
+
+It imports ``dataset_scan`` (the scan itself), ``folder_walk`` and ``sample_table``;
+``data_setup`` calls it.
 """
 
 from __future__ import annotations
@@ -23,27 +30,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from dataset_scan import IMAGE_EXTENSIONS, DatasetScan, scan_source
-from sample_table import SampleTable
-from scan_limits import ScanLimits
+from dataset_scan import DatasetScan, scan_source
+from folder_walk import Listing, walk_listing
+from sample_table import SampleTable, SkippedSamples, take_ragged
+from scan_limits import LinkPolicy, ScanLimits
 
-__all__ = ["INDEX_VERSION", "Fingerprint", "fingerprint_folder", "index_file", "scan_with_index"]
+__all__ = ["INDEX_VERSION", "Fingerprint", "PathSet", "fingerprint_folder", "index_file", "scan_with_index"]
 
-INDEX_VERSION = 1  # bump when what a scan keeps or skips changes: older indexes are then scanned again
-_SEEN_EXTENSIONS = IMAGE_EXTENSIONS | {".json"}
-# folders with at least this many images and sidecars are scanned in a child process (see _scan_in_child)
-CHILD_PROCESS_FILES = 20_000
+# bump when what a scan keeps or skips changes, or the file's arrays: older indexes are then scanned again
+# (2: the fingerprint is the scan's own listing, packed; the complete list of skipped samples)
+INDEX_VERSION = 2
 # the DatasetScan fields kept next to the table (records are the table; seconds is the new load time)
 _SCAN_FIELDS = (
     "skipped",
@@ -57,110 +63,128 @@ _SCAN_FIELDS = (
     "dropped_tag_examples",
     "decoder_warnings",
 )
+_FP_ARRAYS = ("paths", "offsets", "sizes", "mtimes", "flags")
+
+
+def _crc(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """crc32 of every packed string, (n,) int64."""
+    view = memoryview(blob)
+    cuts = offsets.tolist()
+    return np.fromiter((zlib.crc32(view[cuts[i] : cuts[i + 1]]) for i in range(len(cuts) - 1)), dtype=np.int64, count=len(cuts) - 1)
+
+
+class PathSet:
+    """A set of root-relative paths packed as UTF-8 (a blob, offsets and a crc32 index): membership
+    in O(log n) with no Python string kept per path."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        """The set of the packed strings (blob, offsets)."""
+        self.blob, self.offsets = blob, offsets
+        crcs = _crc(blob, offsets)
+        self.order = np.argsort(crcs, kind="stable")
+        self.sorted = crcs[self.order]
+
+    def __len__(self) -> int:
+        """Number of paths."""
+        return len(self.offsets) - 1
+
+    def rows(self, blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """For each packed string of (blob, offsets): its row here, or -1 (exact: equal bytes)."""
+        crcs = _crc(blob, offsets)
+        lo = np.searchsorted(self.sorted, crcs, "left")
+        hi = np.searchsorted(self.sorted, crcs, "right")
+        out = np.full(len(crcs), -1, dtype=np.int64)
+        mine, theirs = memoryview(self.blob), memoryview(blob)
+        for i in np.flatnonzero(hi > lo).tolist():
+            text = theirs[offsets[i] : offsets[i + 1]]
+            for row in self.order[lo[i] : hi[i]].tolist():
+                if mine[self.offsets[row] : self.offsets[row + 1]] == text:
+                    out[i] = row
+                    break
+        return out
+
+    def __contains__(self, path: object) -> bool:
+        """Whether `path` (a str) is in the set."""
+        if not isinstance(path, str):
+            return False
+        raw = np.frombuffer(path.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        return bool(self.rows(raw, np.asarray([0, len(raw)], dtype=np.int64))[0] >= 0)
 
 
 @dataclass
 class Fingerprint:
-    """Every file a scan could read, as root-relative POSIX paths with their size and mtime."""
+    """Every file a scan could read (folder_walk's listing: root-relative POSIX paths packed, with
+    size, mtime and kind), and for a manifest source the manifest's path, size and mtime."""
 
-    paths: list[str]
+    paths_blob: np.ndarray  # (B,) uint8
+    offsets: np.ndarray  # (F + 1,) int64
     sizes: np.ndarray  # (F,) int64; -1 for a file that could not be stat'ed
     mtimes: np.ndarray  # (F,) int64 nanoseconds
-    extra: str = ""  # the manifest's path, size and mtime for a manifest source
+    flags: np.ndarray  # (F,) int16: kind * 256 + refused code
+    extra: str = ""
+
+    @classmethod
+    def from_listing(cls, listing: Listing, extra: str = "") -> "Fingerprint":
+        """The fingerprint of what a walk found."""
+        flags = listing.kinds.astype(np.int16) * 256 + listing.refused
+        return cls(listing.paths, listing.offsets, listing.sizes, listing.mtimes, flags, extra)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every path as a string (for a look at a small folder: the arrays are the fingerprint)."""
+        text = self.paths_blob.tobytes()
+        cuts = self.offsets.tolist()
+        return [text[cuts[i] : cuts[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(cuts) - 1)]
+
+    def __len__(self) -> int:
+        """Number of files."""
+        return len(self.sizes)
 
     def __eq__(self, other: object) -> bool:
-        """Same files with the same sizes and mtimes."""
+        """Same files with the same sizes, mtimes and kinds."""
         if not isinstance(other, Fingerprint):
             return NotImplemented
-        return (
-            self.extra == other.extra
-            and self.paths == other.paths
-            and np.array_equal(self.sizes, other.sizes)
-            and np.array_equal(self.mtimes, other.mtimes)
+        return self.extra == other.extra and all(
+            np.array_equal(getattr(self, k), getattr(other, k)) for k in ("offsets", "paths_blob", "sizes", "mtimes", "flags")
         )
 
-    def unchanged(self, earlier: "Fingerprint") -> set[str]:
-        """Paths present in both with equal size and mtime."""
-        before = {p: (int(s), int(m)) for p, s, m in zip(earlier.paths, earlier.sizes.tolist(), earlier.mtimes.tolist())}
-        return {p for p, s, m in zip(self.paths, self.sizes.tolist(), self.mtimes.tolist()) if before.get(p) == (s, m)}
+    def unchanged(self, earlier: "Fingerprint") -> np.ndarray:
+        """(F,) bool: the files present in `earlier` too, with equal size, mtime and kind."""
+        rows = PathSet(earlier.paths_blob, earlier.offsets).rows(self.paths_blob, self.offsets)
+        found = rows >= 0
+        same = np.zeros(len(self), dtype=bool)
+        same[found] = (
+            (earlier.sizes[rows[found]] == self.sizes[found])
+            & (earlier.mtimes[rows[found]] == self.mtimes[found])
+            & (earlier.flags[rows[found]] == self.flags[found])
+        )
+        return same
 
-    def changes(self, earlier: "Fingerprint", unchanged: set[str]) -> dict[str, int]:
+    def changes(self, earlier: "Fingerprint", unchanged: np.ndarray) -> dict[str, int]:
         """How many files were added, deleted and changed since `earlier` (`unchanged`: self.unchanged(earlier))."""
-        now, before = set(self.paths), set(earlier.paths)
-        return {"added": len(now - before), "deleted": len(before - now), "changed": len(now & before) - len(unchanged)}
+        both = int(np.count_nonzero(PathSet(earlier.paths_blob, earlier.offsets).rows(self.paths_blob, self.offsets) >= 0))
+        return {"added": len(self) - both, "deleted": len(earlier) - both, "changed": both - int(np.count_nonzero(unchanged))}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of an index file."""
+        return {"fp_paths": self.paths_blob, "fp_offsets": self.offsets, "fp_sizes": self.sizes, "fp_mtimes": self.mtimes, "fp_flags": self.flags}
 
 
-def _pack_paths(paths: list[str]) -> np.ndarray:
-    """NUL-separated UTF-8 (no file name holds a NUL) as uint8."""
-    return np.frombuffer("\0".join(paths).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-
-
-def _unpack_paths(blob: np.ndarray) -> list[str]:
-    """The inverse of _pack_paths."""
-    text = blob.tobytes().decode("utf-8", "surrogatepass")
-    return text.split("\0") if text else []
-
-
-def _list_folder(path: str, follow_links: bool, root_real: str, seen_real: set[str]) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(sorted (name, size, mtime) of the folder's images and sidecars, sorted sub-folder names to visit)."""
-    files: list[tuple[str, int, int]] = []
-    folders: list[str] = []
-    with os.scandir(path) as it:
-        for entry in it:
-            name = entry.name
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                if entry.is_symlink():  # linked folders once, and outside the root only with follow_links
-                    real = os.path.realpath(entry.path)
-                    if real in seen_real or not (follow_links or real.startswith(root_real)):
-                        continue
-                    seen_real.add(real)
-                folders.append(name)
-                continue
-            dot = name.rfind(".")
-            if dot < 0 or name[dot:].lower() not in _SEEN_EXTENSIONS:
-                continue
-            try:
-                st = entry.stat()
-                files.append((name, int(st.st_size), int(st.st_mtime_ns)))
-            except OSError:  # a broken link or a file gone since the listing
-                files.append((name, -1, -1))
-    files.sort()
-    folders.sort()
-    return files, folders
+def _manifest_extra(manifest: str | Path | None) -> str:
+    """The manifest's path, size and mtime ('' without one)."""
+    if manifest is None:
+        return ""
+    st = os.stat(manifest)
+    return json.dumps([os.path.abspath(manifest), int(st.st_size), int(st.st_mtime_ns)])
 
 
 def fingerprint_folder(root: str | Path, *, follow_links: bool = False, manifest: str | Path | None = None) -> Fingerprint:
-    """The fingerprint of every image and sidecar file below `root`, folder by folder in sorted
-    order: linked folders are followed once, those outside `root` only with `follow_links` (as the
-    scan's link policy does). No file is opened: one directory listing a folder, one stat a file."""
+    """The fingerprint of every image and sidecar file below `root`: the scan's own walk
+    (folder_walk), linked folders followed as the data.symlinks policy says. No file is opened:
+    one directory listing a folder, one stat a file."""
     root_abs = os.path.abspath(root)
-    root_real = os.path.join(os.path.realpath(root_abs), "")
-    seen_real = {os.path.realpath(root_abs)}
-    paths: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        prefix = rel + "/" if rel else ""
-        try:
-            files, folders = _list_folder(os.path.join(root_abs, rel) if rel else root_abs, follow_links, root_real, seen_real)
-        except OSError:
-            files, folders = [("", -1, -1)], []  # an unreadable folder: the scan reports it; the fingerprint notes it
-        for name, size, mtime in files:
-            paths.append(prefix + name)
-            sizes.append(size)
-            mtimes.append(mtime)
-        stack.extend(prefix + name for name in reversed(folders))
-    extra = ""
-    if manifest is not None:
-        st = os.stat(manifest)
-        extra = json.dumps([os.path.abspath(manifest), int(st.st_size), int(st.st_mtime_ns)])
-    return Fingerprint(paths, np.asarray(sizes, dtype=np.int64), np.asarray(mtimes, dtype=np.int64), extra)
+    listing = walk_listing(root_abs, LinkPolicy(root_abs, "follow" if follow_links else "inside_root"))
+    return Fingerprint.from_listing(listing, _manifest_extra(manifest))
 
 
 def index_file(index_dir: str | Path, root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits) -> Path:
@@ -183,13 +207,9 @@ def _save(path: Path, fp: Fingerprint, scan: DatasetScan) -> None:
     meta["scan_seconds"] = scan.seconds
     meta["fingerprint_extra"] = fp.extra
     arrays = {f"table_{k}": v for k, v in scan.records.to_arrays().items()}
-    arrays.update(
-        version=np.asarray([INDEX_VERSION]),
-        meta=np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8),
-        fp_paths=_pack_paths(fp.paths),
-        fp_sizes=fp.sizes,
-        fp_mtimes=fp.mtimes,
-    )
+    arrays.update({f"skips_{k}": v for k, v in scan.skips.to_arrays().items()})
+    arrays.update(fp.to_arrays())
+    arrays.update(version=np.asarray([INDEX_VERSION]), meta=np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8))
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
@@ -200,31 +220,36 @@ def _save(path: Path, fp: Fingerprint, scan: DatasetScan) -> None:
         raise
 
 
-def _load(path: Path) -> tuple[Fingerprint, DatasetScan, float]:
-    """(fingerprint, scan, seconds the original scan took) from an index file; ValueError when unreadable."""
+def _load(path: Path, with_fingerprint: bool = True) -> tuple[Fingerprint | None, DatasetScan, float]:
+    """(fingerprint (None unless `with_fingerprint`), scan, seconds the original scan took) from an
+    index file; ValueError when unreadable."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if int(f["version"][0]) != INDEX_VERSION:
                 raise ValueError(f"index format {int(f['version'][0])}, expected {INDEX_VERSION}")
             meta = json.loads(f["meta"].tobytes().decode("utf-8", "surrogatepass"))
             table = SampleTable.from_arrays({k[len("table_") :]: f[k] for k in f.files if k.startswith("table_")})
-            fp = Fingerprint(_unpack_paths(f["fp_paths"]), f["fp_sizes"], f["fp_mtimes"], str(meta["fingerprint_extra"]))
-            scan = DatasetScan(records=table, **{k: meta[k] for k in _SCAN_FIELDS})
+            skips = SkippedSamples.from_arrays({k[len("skips_") :]: f[k] for k in f.files if k.startswith("skips_")})
+            fp = None
+            if with_fingerprint:
+                fp = Fingerprint(*(f[f"fp_{k}"] for k in _FP_ARRAYS), extra=str(meta["fingerprint_extra"]))
+                if len(fp.offsets) != len(fp.sizes) + 1 or not len(fp.sizes) == len(fp.mtimes) == len(fp.flags):
+                    raise ValueError("fingerprint arrays of different lengths")
+            scan = DatasetScan(records=table, skips=skips, **{k: meta[k] for k in _SCAN_FIELDS})
+            if skips.counts() != {k: v for k, v in scan.skipped.items() if v}:
+                raise ValueError("the skipped samples disagree with their counts")
             return fp, scan, float(meta["scan_seconds"])
     except (OSError, KeyError, EOFError, IndexError, TypeError, ValueError) as exc:  # ValueError covers JSON and .npz errors
         raise ValueError(f"{path}: unreadable scan index ({type(exc).__name__}: {exc})") from exc
 
 
-def _trusted_images(scan: DatasetScan, unchanged: set[str]) -> frozenset[str]:
-    """Image paths of the saved scan's samples whose file is unchanged (they passed the check)."""
+def _trusted_images(scan: DatasetScan, fp: Fingerprint, saved: Fingerprint) -> PathSet:
+    """The saved scan's images whose file is unchanged (they passed the check): root-relative."""
     table = scan.records
-    prefix = os.path.join(table.root, "")
-    out = set()
-    for i in range(len(table)):
-        path = table.image_path(i)
-        if path.startswith(prefix) and path[len(prefix) :].replace(os.sep, "/") in unchanged:
-            out.add(path)
-    return frozenset(out)
+    unchanged = fp.unchanged(saved)
+    kept = PathSet(table.path_blob, table.path_offsets).rows(fp.paths_blob, fp.offsets) >= 0
+    rows = np.flatnonzero(unchanged & kept)
+    return PathSet(*take_ragged(fp.paths_blob, fp.offsets, rows))
 
 
 def scan_with_index(
@@ -239,11 +264,12 @@ def scan_with_index(
     log: Callable[[str], None] | None = None,
 ) -> DatasetScan:
     """The scan of `root` (or of `manifest`): reused from the index when no file changed, else
-    scanned (unchanged, already checked images not reopened) and the index rewritten when `write`."""
+    scanned (unchanged, already checked images not reopened) and the index rewritten when `write`.
+
+    With no index yet, the folder is walked once: the scan's own listing is the fingerprint."""
     started = time.perf_counter()
     path = index_file(index_dir, root, manifest=manifest, verify=verify, limits=limits)
-    fp = fingerprint_folder(root, follow_links=limits.symlinks == "follow", manifest=manifest)
-    saved: tuple[Fingerprint, DatasetScan, float] | None = None
+    saved: tuple[Fingerprint | None, DatasetScan, float] | None = None
     status: dict[str, Any] = {"file": str(path)}
     if not rescan and path.is_file():
         try:
@@ -252,46 +278,46 @@ def scan_with_index(
             status["unreadable"] = str(exc)
             if log:
                 log(f"scan index: {exc}; scanning again")
-    if saved is not None and saved[0] == fp:
-        scan = saved[1]
-        scan.seconds = time.perf_counter() - started
-        scan.index = {**status, "reused": True, "files": len(fp.paths), "first_scan_seconds": round(saved[2], 3)}
-        return scan
-    trusted: frozenset[str] = frozenset()
+    trusted: PathSet | frozenset[str] = frozenset()
     if saved is not None:
+        fp = fingerprint_folder(root, follow_links=limits.symlinks == "follow", manifest=manifest)
+        if saved[0] == fp:
+            scan = saved[1]
+            scan.seconds = time.perf_counter() - started
+            scan.index = {**status, "reused": True, "files": len(fp), "first_scan_seconds": round(saved[2], 3)}
+            return scan
         unchanged = fp.unchanged(saved[0])
         status["changes"] = fp.changes(saved[0], unchanged)
-        trusted = _trusted_images(saved[1], unchanged)
+        trusted = _trusted_images(saved[1], fp, saved[0])
+        del fp, unchanged
+        saved = None  # the old table and fingerprint go before the new scan starts
         if log:
             c = status["changes"]
             log(f"scan index: {c['added']} files added, {c['deleted']} deleted, {c['changed']} changed since the last scan; scanning again")
-    job = (str(root), str(manifest) if manifest else None, verify, limits, trusted)
-    if len(fp.paths) >= CHILD_PROCESS_FILES:
-        scan = _scan_in_child(job)
-    else:
-        scan = _scan(job)
-    status.update(reused=False, files=len(fp.paths), images_not_reopened=len(trusted), rescan=bool(rescan))
-    if write:
-        try:
-            _save(path, fp, scan)
-        except OSError as exc:
-            status["not_written"] = str(exc)
-            if log:
-                log(f"scan index: could not write {path} ({exc}); the next start scans again")
+    scan, save_error = _scan(str(root), str(manifest) if manifest else None, verify, limits, trusted, path if write else None)
+    status.update(reused=False, files=scan.index.pop("files", 0), images_not_reopened=len(trusted), rescan=bool(rescan))
+    if save_error:
+        status["not_written"] = save_error
+        if log:
+            log(f"scan index: could not write {path} ({save_error}); the next start scans again")
     scan.index = status
     return scan
 
 
-def _scan(job: tuple[str, str | None, str, ScanLimits, frozenset[str]]) -> DatasetScan:
-    """The scan itself (a module-level function: it runs in a spawned child)."""
-    root, manifest, verify, limits, trusted = job
-    return scan_source(root, manifest=manifest, verify=verify, limits=limits, trusted=trusted)
-
-
-def _scan_in_child(job: tuple[str, str | None, str, ScanLimits, frozenset[str]]) -> DatasetScan:
-    """_scan in a spawned process. A scan makes millions of short-lived objects interleaved with a
-    few long-lived ones, and the allocator cannot give the fragmented heap back: in this process
-    it stayed at ~2 KB a sample after the scan was gone. The child's heap goes with the child; the
-    table comes back as a few arrays."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_scan, job).result()
+def _scan(root: str, manifest: str | None, verify: str, limits: ScanLimits, trusted: Any, index_path: Path | None) -> tuple[DatasetScan, str]:
+    """The scan, and the index written to `index_path` when given: (scan, why the index could not
+    be written, or ''). The folder scan's listing is its fingerprint; a manifest's folder is walked."""
+    scan = scan_source(root, manifest=manifest, verify=verify, limits=limits, trusted=trusted)
+    listing, scan.listing = scan.listing, None
+    if listing is not None:
+        fp = Fingerprint.from_listing(listing, _manifest_extra(manifest))
+    else:
+        fp = fingerprint_folder(root, follow_links=limits.symlinks == "follow", manifest=manifest)
+    scan.index = {"files": len(fp)}
+    error = ""
+    if index_path is not None:
+        try:
+            _save(index_path, fp, scan)
+        except OSError as exc:
+            error = str(exc)
+    return scan, error

@@ -152,6 +152,14 @@ class WarningLog:
                 key = "other"
             self.counts[key] = self.counts.get(key, 0) + 1
 
+    def merge(self, other: "WarningLog") -> None:
+        """Count `other`'s warnings as if its messages had been added here one by one, in the order
+        it first saw them (so merging the logs of a scan's chunks in order gives the serial log)."""
+        for key, count in other.counts.items():
+            if key not in self.counts and len(self.counts) >= self.max_kinds:
+                key = "other"
+            self.counts[key] = self.counts.get(key, 0) + count
+
     def to_report(self) -> dict[str, Any]:
         """Counts by message, most frequent first."""
         return dict(sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -12,11 +12,17 @@ Generates N sidecar pairs cheaply (one small JPEG hard-linked N times, 1,000 fil
   tags) once, as a DataLoader worker does over an epoch (it must not grow with the samples touched);
 * ``train``: wall time of ``train_direct.py`` from launch to its first optimizer step, cold (no
   run folder, no scan index) and on ``--resume latest`` with unchanged data (a tiny model, so the
-  figures are the data start-up);
+  figures are the data start-up), the CPU seconds of the whole run, and the peak memory of every
+  process of the run by role (``TreeWatcher``: main, the scan's pool workers, loader workers; the
+  kernel's high-water mark of each, and for loader workers, which share pages with the main
+  process, their private memory too);
+* ``train_baseline`` / ``train_above_baseline``: the same at ``--baseline`` samples (default
+  5,000) and how much higher each process peaks, in bytes a sample of the difference (a role the
+  small run lacks, such as the scan pool, is held against the small run's main process);
 * ``kernels``: what the design choices rest on, old way against new: the RSS a scan run in the
-  measuring process leaves behind once it is deleted (why big scans run in a child), the image
-  check on threads against one process a core, and the flip audit and vocabulary count per record
-  against the table's arrays (best of 2 alternating rounds each).
+  measuring process leaves behind once it is deleted, the scan in one process against the pool
+  (one process a core), and the flip audit and vocabulary count per record against the table's
+  arrays (best of 2 alternating rounds each).
 
 Example: python benchmarks/bench_scale.py --samples 1000000 --json-out /tmp/scale.json
 """
@@ -31,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,8 @@ if str(REPO_ROOT) not in sys.path:
 NUM_TAGS = 20_000
 PER_FOLDER = 1_000
 _LINKS_PER_FILE = 50_000
+# the memory targets are stated above a run of this size (what a small dataset costs anyway: torch, the model)
+BASELINE_SAMPLES = 5_000
 _CATEGORIES = ("general", "character", "copyright", "artist")
 
 
@@ -198,9 +207,162 @@ def _train_records(metrics: Path) -> int:
     return metrics.read_text(encoding="utf-8").count('"type": "train"') if metrics.is_file() else 0
 
 
+def _peak_rss(proc: psutil.Process) -> int:
+    """The process's peak resident set so far: the kernel's high-water mark (VmHWM) on Linux, the
+    peak working set on Windows, else the current RSS (then only as good as the polling)."""
+    try:
+        with open(f"/proc/{proc.pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    info = proc.memory_info()
+    return int(getattr(info, "peak_wset", info.rss))
+
+
+class TreeWatcher:
+    """Polls a process and all its descendants: each one's peak RSS, its parent, when it was first
+    seen, and (for loader workers, which share pages with a forked parent) its peak private memory.
+
+    A process that ends between two polls loses at most its last 50 ms of growth (the high-water
+    mark is read from the kernel, so a spike between polls still counts)."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        """Start polling `pid`'s tree on a thread."""
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.started = time.perf_counter()
+        self.procs: dict[int, dict[str, Any]] = {}
+        self.marks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def mark(self, name: str) -> None:
+        """Remember when `name` happened (the first time), in seconds since the launch."""
+        self.marks.setdefault(name, time.perf_counter() - self.started)
+
+    def _poll(self, uss_due: bool) -> None:
+        """One look at every process of the tree."""
+        try:
+            tree = [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return
+        now = time.perf_counter() - self.started
+        for proc in tree:
+            try:
+                info = self.procs.get(proc.pid)
+                if info is None:
+                    info = self.procs[proc.pid] = {
+                        "parent": proc.ppid(),
+                        "cmdline": " ".join(proc.cmdline())[:300],
+                        "first_seen_s": now,
+                        "peak_rss": 0,
+                        "peak_uss": None,
+                    }
+                info["last_seen_s"] = now
+                info["peak_rss"] = max(info["peak_rss"], _peak_rss(proc))
+                if uss_due and info.get("measure_uss"):
+                    info["peak_uss"] = max(info["peak_uss"] or 0, proc.memory_full_info().uss)
+            except psutil.Error:  # ended between the listing and the look
+                continue
+
+    def _run(self) -> None:
+        """Poll until stopped; private memory (a page-map walk, slower) every 10th poll."""
+        count = 0
+        while not self._stop.is_set():
+            self._poll(count % 10 == 0)
+            count += 1
+            self._stop.wait(self.interval)
+
+    def want_uss(self, pid: int) -> None:
+        """Also follow `pid`'s private memory from now on."""
+        if pid in self.procs:
+            self.procs[pid]["measure_uss"] = True
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+        self._thread.join()
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every process seen, in order of appearance: role, parent, when seen, peak (for the record)."""
+        roles = self._role_map()
+        return [
+            {
+                "role": roles[pid],
+                "pid": pid,
+                "parent": info["parent"],
+                "seen_s": [round(info["first_seen_s"], 2), round(info.get("last_seen_s", 0.0), 2)],
+                "peak_rss_bytes": info["peak_rss"],
+                "command": info["cmdline"][:120],
+            }
+            for pid, info in sorted(self.procs.items(), key=lambda kv: kv[1]["first_seen_s"])
+        ]
+
+    def _role_map(self) -> dict[int, str]:
+        """pid -> role: main (train_direct.py), scan_child (the spawned process a big scan runs in),
+        scan_pool_worker (the processes the scan parses sidecars and checks images on),
+        loader_worker (started by the main process after the scan: DataLoader workers),
+        other (multiprocessing's resource tracker, anything else)."""
+        main_pid = self.root.pid
+        scan_done = self.marks.get("data_line", float("inf"))
+        tracker = {pid for pid, info in self.procs.items() if "resource_tracker" in info["cmdline"]}
+        early = [pid for pid, info in self.procs.items() if info["parent"] == main_pid and info["first_seen_s"] < scan_done and pid not in tracker]
+        parents = {info["parent"] for pid, info in self.procs.items() if pid not in tracker}
+        roles: dict[int, str] = {main_pid: "main"}
+        for pid in early:
+            # the one process the main one starts for the scan (it starts the pools itself); several
+            # without children of their own are the pools of a scan run in the main process
+            roles[pid] = "scan_child" if pid in parents or len(early) == 1 else "scan_pool_worker"
+        for pid, info in self.procs.items():
+            if pid in roles:
+                continue
+            if pid in tracker:
+                roles[pid] = "other"
+            elif info["parent"] == main_pid:
+                roles[pid] = "loader_worker"
+            else:
+                roles[pid] = "scan_pool_worker" if roles.get(info["parent"]) == "scan_child" else "other"
+        return roles
+
+    def roles(self) -> dict[str, Any]:
+        """Per role (see _role_map): how many processes, the largest peak RSS, and for loader
+        workers the largest peak of private memory (their RSS counts pages shared with the parent)."""
+        out: dict[str, dict[str, Any]] = {}
+        for pid, role in self._role_map().items():
+            info = self.procs[pid]
+            entry = out.setdefault(role, {"processes": 0, "peak_rss_bytes": 0})
+            entry["processes"] += 1
+            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], info["peak_rss"])
+            if info["peak_uss"] is not None:
+                entry["peak_private_bytes"] = max(entry.get("peak_private_bytes", 0), info["peak_uss"])
+        return out
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> float | None:
+    """Wait for `proc` to end; the CPU seconds it and the processes it waited for used (None where
+    the OS has no wait4)."""
+    if not hasattr(os, "wait4"):
+        proc.wait(timeout=timeout)
+        return None
+    deadline = time.perf_counter() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.perf_counter() > deadline:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
+
+
 def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> dict[str, Any]:
-    """Launch train_direct.py; seconds until metrics.jsonl shows its first training step. The run
-    is then stopped with a STOP file (a checkpoint is written), so that the next call can resume it."""
+    """Launch train_direct.py; seconds until metrics.jsonl shows its first training step, and the
+    peak memory of every process of the run by role (TreeWatcher.roles). The run is then stopped
+    with a STOP file (a checkpoint is written), so that the next call can resume it."""
     run_dir = work / "runs" / "scale"
     metrics = run_dir / "metrics.jsonl"
     cmd = [sys.executable, str(REPO_ROOT / "train_direct.py")] + [a for o in _overrides(work, root) for a in ("--set", o)]
@@ -209,20 +371,72 @@ def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> 
     seen = _train_records(metrics)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = TreeWatcher(proc.pid)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            if line.startswith("data:"):
+                watcher.mark("data_line")
+                # the loader workers start after the scan: follow their private memory too
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     first = None
     while proc.poll() is None and time.perf_counter() - started < timeout:
+        if "data_line" in watcher.marks:
+            for pid, info in list(watcher.procs.items()):
+                if info["parent"] == proc.pid and info["first_seen_s"] >= watcher.marks["data_line"]:
+                    watcher.want_uss(pid)
         if _train_records(metrics) > seen:
             first = time.perf_counter() - started
             (run_dir / "STOP").write_text("", encoding="utf-8")
             break
         time.sleep(0.05)
-    output, _ = proc.communicate(timeout=timeout)
+    try:
+        cpu = _wait(proc, timeout)
+    finally:
+        watcher.stop()
+        reader.join(timeout=10)
     (run_dir / "STOP").unlink(missing_ok=True)
     result: dict[str, Any] = {"first_step_s": None if first is None else round(first, 2), "exit_code": proc.returncode}
-    result["lines"] = [line for line in output.splitlines() if line.startswith(("data:", "split:", "scan index"))]
+    # CPU seconds of the whole run (it, the scan's pool, the loader workers), the figure to compare
+    # when other work shares the machine; the run goes on a little past its first step to stop
+    result["cpu_s"] = None if cpu is None else round(cpu, 1)
+    result["processes"] = watcher.roles()
+    result["process_list"] = watcher.listing()
+    result["lines"] = [line for line in lines if line.startswith(("data:", "split:", "scan index"))]
     if first is None or proc.returncode != 0:
-        result["output_tail"] = output[-2000:]
+        result["output_tail"] = "\n".join(lines)[-2000:]
     return result
+
+
+def train_starts(work: Path, root: Path, timeout: float) -> dict[str, Any]:
+    """A cold start (no run folder, no scan index) and then a resume of it, with unchanged data."""
+    shutil.rmtree(work / "runs" / "scale", ignore_errors=True)
+    shutil.rmtree(work / "scan_index", ignore_errors=True)
+    return {
+        "cold": time_to_first_step(work, root, resume=False, timeout=timeout),
+        "resume": time_to_first_step(work, root, resume=True, timeout=timeout),
+    }
+
+
+def above_baseline(run: dict[str, Any], base: dict[str, Any], extra_samples: int) -> dict[str, Any]:
+    """Per start and role: how much higher each process peaks than in the smaller run, in bytes a
+    sample of the difference (the figure the memory targets are stated in)."""
+    out: dict[str, Any] = {}
+    for phase in ("cold", "resume"):
+        ours, theirs = run[phase]["processes"], base[phase]["processes"]
+        out[phase] = {}
+        for role, entry in ours.items():
+            for key in ("peak_rss_bytes", "peak_private_bytes"):
+                if key in entry:
+                    # a process the small run did not need (the scan's pool) is held against what
+                    # the small run's main process needed for the same work
+                    below = theirs.get(role, theirs["main"]).get(key, theirs["main"]["peak_rss_bytes"])
+                    out[phase].setdefault(role, {})[key.replace("_bytes", "_above_per_sample")] = round((entry[key] - below) / extra_samples, 1)
+    return out
 
 
 def _scan_then_free(root: str, queue: Any) -> None:
@@ -251,12 +465,10 @@ def _best_of(rounds: int, variants: dict[str, Any]) -> dict[str, float]:
 
 def kernels(root: Path) -> dict[str, Any]:
     """Old way against new for the pieces the start-up design rests on (see the module docstring)."""
-    import image_audit
     from data_setup import flip_audit
     from dataset_scan import scan_dataset
     from file_io import resolve_resource
     from orientation_handler import OrientationHandler
-    from scan_limits import WarningLog
     from vocabulary import build_vocabulary
 
     ctx = multiprocessing.get_context("spawn")
@@ -267,17 +479,9 @@ def kernels(root: Path) -> dict[str, Any]:
     proc.join()
     n = heap["samples"]
     out: dict[str, Any] = {"heap_kept_after_an_in_process_scan_bytes_per_sample": round(heap["rss_after_del"] / n, 1), **heap}
-
+    out["scan_s"] = _best_of(1, {"here": lambda: scan_dataset(root, processes=1), "pool": lambda: scan_dataset(root, parallel_min=0)})
     table = scan_dataset(root, verify="none").records
     records = list(table)
-    paths = [table.image_path(i) for i in range(len(table))]
-
-    def check(threshold: int) -> None:
-        image_audit.PARALLEL_VERIFY_MIN = threshold
-        image_audit.verify_images(paths, "header", 8, WarningLog())
-
-    out["image_check_s"] = _best_of(2, {"threads": lambda: check(len(paths) + 1), "processes": lambda: check(0)})
-    image_audit.PARALLEL_VERIFY_MIN = 20_000
     vocab, _ = build_vocabulary(table, min_frequency=2)
     handler = OrientationHandler.from_file(resolve_resource("configs/orientation_map.json"))
     out["flip_audit_s"] = _best_of(2, {"per_record": lambda: flip_audit(records, vocab, handler), "table": lambda: flip_audit(table, vocab, handler)})
@@ -295,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma list of phases to skip: in_process,workers,train,kernels")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument(
+        "--baseline",
+        type=int,
+        help=f"also time the starts at this many samples and report each process's peak above it (default {BASELINE_SAMPLES} when --samples is larger; 0: none)",
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     work = args.work / str(args.samples)
@@ -311,12 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         result["workers"] = {m: worker_growth(bundle.train_dataset, m) for m in ("fork", "spawn")}
         del bundle
     if "train" not in skip:
-        shutil.rmtree(work / "runs" / "scale", ignore_errors=True)
-        shutil.rmtree(work / "scan_index", ignore_errors=True)
-        result["train"] = {
-            "cold": time_to_first_step(work, root, resume=False, timeout=args.timeout),
-            "resume": time_to_first_step(work, root, resume=True, timeout=args.timeout),
-        }
+        result["train"] = train_starts(work, root, args.timeout)
+        baseline = args.baseline if args.baseline is not None else (BASELINE_SAMPLES if args.samples > BASELINE_SAMPLES else 0)
+        if 0 < baseline < args.samples:
+            base_work = args.work / str(baseline)
+            generate(base_work / "data", baseline)
+            base = train_starts(base_work, base_work / "data", args.timeout)
+            result["train_baseline"] = {"samples": baseline, **base}
+            result["train_above_baseline"] = above_baseline(result["train"], base, args.samples - baseline)
     if "kernels" not in skip:
         result["kernels"] = kernels(root)
     text = json.dumps(result, indent=2)

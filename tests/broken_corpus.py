@@ -101,6 +101,16 @@ class BrokenCorpus:
     decode_only_ids: list[str] = field(default_factory=list)  # pass a header check, fail decoding
     unknown_rating_ids: list[str] = field(default_factory=list)
     skips: dict[str, int] = field(default_factory=dict)  # reasons known without decoding
+    # (path the scan lists, reason) of every sample skipped without decoding, and of those only decoding finds
+    skip_paths: list[tuple[str, str]] = field(default_factory=list)
+    decode_only_paths: list[tuple[str, str]] = field(default_factory=list)
+
+    def expected_entries(self, verify: str) -> list[tuple[str, str]]:
+        """(path, reason) of every sample scan_dataset(root, verify=verify) lists as skipped, sorted."""
+        out = list(self.skip_paths) + (list(self.decode_only_paths) if verify == "decode" else [])
+        if verify == "none":
+            out = [(p, r) for p, r in out if r not in ("image_undecodable", "decompression_bomb")]
+        return sorted(out)
 
     def expected_skips(self, verify: str) -> dict[str, int]:
         """Skip counts by reason that scan_dataset(root, verify=verify) must report."""
@@ -146,46 +156,49 @@ def make_broken_corpus(
         write_json(sidecar, {"tags": [f"tag_{i % 7}", "common"], "rating": "g"})
         corpus.good_ids.append(name)
 
-    def bump(reason: str) -> None:
-        """Count one expected skip."""
+    def bump(reason: str, path: str) -> None:
+        """Count one expected skip of the file at `path` (relative to the root)."""
         corpus.skips[reason] = corpus.skips.get(reason, 0) + 1
+        corpus.skip_paths.append((path, reason))
 
     for c in range(copies):
         d = root / "bad" / f"copy_{c}"
+        rel = f"bad/copy_{c}/"
         ok = {"tags": ["common"], "rating": "s"}
         write_truncated_jpeg(d / "truncated.jpg", seed=1000 + c)
         write_json(d / "truncated.jpg.json", ok)
         corpus.decode_only_ids.append(f"bad/copy_{c}/truncated.jpg")
+        corpus.decode_only_paths.append((rel + "truncated.jpg", "image_undecodable"))
         write_zero_byte(d / "zero.png")
         write_json(d / "zero.json", ok)
-        bump("image_undecodable")
+        bump("image_undecodable", rel + "zero.png")
         write_text_as_image(d / "text.png")
         write_json(d / "text.png.json", ok)
-        bump("image_undecodable")
+        bump("image_undecodable", rel + "text.png")
         write_png_header_only(d / "bomb.png", 100000, 100000)
         write_json(d / "bomb.png.json", ok)
-        bump("decompression_bomb")
+        bump("decompression_bomb", rel + "bomb.png")
         write_image(d / "badjson.jpg", width, height)
         (d / "badjson.jpg.json").write_text('{"tags": ["a", ', encoding="utf-8")
-        bump("sidecar_unreadable")
+        bump("sidecar_unreadable", rel + "badjson.jpg.json")
         write_image(d / "listjson.jpg", width, height)
         write_json(d / "listjson.jpg.json", ["common"])
-        bump("sidecar_unreadable")
+        bump("sidecar_unreadable", rel + "listjson.jpg.json")
         write_image(d / "numtags.jpg", width, height)
         write_json(d / "numtags.jpg.json", {"tags": [1, 2, 3]})
-        bump("sidecar_unreadable")
+        bump("sidecar_unreadable", rel + "numtags.jpg.json")
         target = outside_target if outside_target is not None else root.parent / "outside.jpg"
         write_json(d / "escape.json", {"filename": "../../../" + target.name, "tags": ["common"]})
-        bump("path_outside_root")
+        bump("path_outside_root", rel + "escape.json")
         write_json(d / "absolute.json", {"filename": str(target.resolve()), "tags": ["common"]})
-        bump("path_outside_root")
+        bump("path_outside_root", rel + "absolute.json")
         write_json(d / "orphan.jpg.json", ok)
-        bump("image_missing")
+        bump("image_missing", rel + "orphan.jpg.json")
         write_image(d / "lonely.jpg", width, height)
-        bump("sidecar_missing")
+        bump("sidecar_missing", rel + "lonely.jpg")
         write_image(d / "notags.jpg", width, height)
         write_json(d / "notags.jpg.json", {"tags": [], "rating": "g"})
-        bump("no_tags")
+        bump("no_tags", rel + "notags.jpg.json")
         write_image(d / "norating.jpg", width, height)
         write_json(d / "norating.jpg.json", {"tags": "common, extra"})
         corpus.unknown_rating_ids.append(f"bad/copy_{c}/norating.jpg")
@@ -343,3 +356,45 @@ def _plant_links(base: Path, root: Path, ok: dict[str, Any], bump: Any) -> None:
     write_json(links / "loop.png.json", ok)
     os.symlink(links / "gone.png", links / "dangling.png")
     bump("symlink_broken", 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Claims across folders: sidecars in one folder naming images in another (issue 24)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClaimsCorpus:
+    """What make_claims_corpus wrote: the sample ids a scan keeps and every (path, reason) it lists."""
+
+    root: Path
+    kept: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def make_claims_corpus(root: Path) -> ClaimsCorpus:
+    """Sidecars under json/ naming images under images/ (one claim lost to an earlier one, one
+    winning over the image's own X.json, one by gallery-dl's filename + extension, one naming a
+    file that is not an image, one naming a missing file and falling back to its own name), next
+    to ordinary pairs in images/."""
+    corpus = ClaimsCorpus(root=root)
+    tags = {"tags": ["common"], "rating": "g"}
+    for name in ("a", "b", "g", "x"):
+        write_image(root / "images" / f"{name}.png", 8, 8, seed=ord(name))
+    (root / "images" / "readme.txt").write_text("not an image", encoding="utf-8")
+    write_json(root / "json" / "a.json", {**tags, "filename": "../images/a.png"})
+    write_json(root / "json" / "a2.json", {**tags, "filename": "../images/a.png"})
+    write_json(root / "images" / "b.json", tags)
+    write_json(root / "json" / "g.json", {**tags, "filename": "../images/g", "extension": "png"})
+    write_json(root / "json" / "n.json", {**tags, "filename": "../images/readme.txt"})
+    write_json(root / "json" / "m.png.json", {**tags, "filename": "../images/zz.png"})
+    write_json(root / "json" / "x_ref.json", {**tags, "filename": "../images/x.png"})
+    write_json(root / "images" / "x.json", tags)
+    corpus.kept = ["images/a.png", "images/b.png", "images/g.png", "images/x.png"]
+    corpus.skipped = [
+        ("images/readme.txt", "image_undecodable"),
+        ("images/x.json", "duplicate_image"),
+        ("json/a2.json", "duplicate_image"),
+        ("json/m.png.json", "image_missing"),
+    ]
+    return corpus

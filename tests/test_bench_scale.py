@@ -37,4 +37,4 @@ def test_small_run_reports_every_phase(tmp_path: Path) -> None:
     assert "from the scan index" in out["train"]["resume"]["lines"][0]
     k = out["kernels"]
     assert k["samples"] == 300 and k["rss_with_scan"] > 0
-    assert set(k["image_check_s"]) == {"threads", "processes"} and set(k["flip_audit_s"]) == set(k["vocabulary_s"]) == {"per_record", "table"}
+    assert set(k["scan_s"]) == {"here", "pool"} and set(k["flip_audit_s"]) == set(k["vocabulary_s"]) == {"per_record", "table"}

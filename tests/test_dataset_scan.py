@@ -393,3 +393,88 @@ def test_bad_fraction_error_names_the_key(corpus: bc.BrokenCorpus) -> None:
     scan = scan_dataset(corpus.root, verify="header")
     with pytest.raises(DataQualityError, match=r"data\.max_bad_fraction=0\.01"):
         check_scan_quality(scan, 0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# Every skipped sample by path; chunks and the process pool (issue 24)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", ["header", "decode"])
+def test_every_skipped_sample_is_listed_once_by_path(tmp_path: Path, verify: str) -> None:
+    """Six bad files of each kind: the summary keeps five examples a reason, the complete list
+    names every bad file exactly once, under its reason, with a detail."""
+    corpus = bc.make_broken_corpus(tmp_path / "root", good=6, copies=6)
+    scan = scan_dataset(corpus.root, verify=verify)
+    entries = list(scan.skipped_entries())
+    assert sorted((path, reason) for path, reason, _ in entries) == corpus.expected_entries(verify)
+    assert len({path for path, _, _ in entries}) == len(entries) and all(detail for _, _, detail in entries)
+    assert scan.skipped == corpus.expected_skips(verify)
+    for reason, count in scan.skipped.items():
+        assert count >= 6 and len(scan.examples[reason]) == 5
+        assert scan.examples[reason] == [f"{p}: {d}" for p, r, d in entries if r == reason][:5]
+
+
+def test_claims_across_folders_and_chunks(tmp_path: Path) -> None:
+    """Sidecars naming images in another folder pair as one whole-folder pass would pair them, also
+    when every file is a chunk of its own (the claims across chunks are settled at the end)."""
+    corpus = bc.make_claims_corpus(tmp_path / "root")
+    for chunk_files in (1, 3, 2000):
+        scan = scan_dataset(corpus.root, processes=1, chunk_files=chunk_files)
+        assert [r.sample_id for r in scan.records] == corpus.kept
+        entries = {path: (reason, detail) for path, reason, detail in scan.skipped_entries()}
+        assert sorted((path, reason) for path, (reason, _) in entries.items()) == corpus.skipped
+        assert entries["json/a2.json"][1] == "'images/a.png' already claimed by json/a.json"
+        assert entries["images/x.json"][1] == "'images/x.png' already claimed by json/x_ref.json"
+        assert entries["json/m.png.json"][1] == "no image 'json/m.png' nor '../images/zz.png'"
+
+
+def _same_scan(a: DatasetScan, b: DatasetScan) -> None:
+    """Equal records in the same order, equal reports (time aside) and equal complete lists."""
+    assert [(r.sample_id, r.image_path, r.tags, r.categories, r.rating) for r in a.records] == [
+        (r.sample_id, r.image_path, r.tags, r.categories, r.rating) for r in b.records
+    ]
+    ra, rb = a.to_report(), b.to_report()
+    ra.pop("scan_seconds")
+    rb.pop("scan_seconds")
+    assert ra == rb
+    assert list(a.skipped_entries()) == list(b.skipped_entries())
+
+
+@pytest.mark.parametrize("chunk_files", [1, 3, 7])
+def test_chunk_size_does_not_change_the_scan(hostile: bc.HostileCorpus, tmp_path: Path, chunk_files: int) -> None:
+    """Hostile names and links, broken files and claims across folders: cut into chunks of any
+    size, the scan equals the scan of the folder as one chunk (records, order, report, list)."""
+    broken = bc.make_broken_corpus(tmp_path / "broken", good=8, copies=2)
+    claims = bc.make_claims_corpus(tmp_path / "claims")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a decoder warning escaping the scan would fail here
+        for root in (hostile.root, broken.root, claims.root):
+            _same_scan(scan_dataset(root, processes=1, chunk_files=chunk_files), scan_dataset(root, processes=1, chunk_files=100_000))
+
+
+@pytest.mark.e2e  # starts worker processes
+def test_scan_on_a_process_pool_equals_the_scan_here(hostile: bc.HostileCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the pool threshold (lowered here) the chunks run on spawned processes: the scan equals
+    the one run here, chunk for chunk, on hostile, broken and cross-folder corpora."""
+    import image_audit
+
+    pools: list[int] = []
+
+    class CountingPool(image_audit.ProcessPoolExecutor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pools.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(image_audit, "ProcessPoolExecutor", CountingPool)
+    broken = bc.make_broken_corpus(tmp_path / "broken", good=8, copies=2)
+    claims = bc.make_claims_corpus(tmp_path / "claims")
+    for root in (hostile.root, broken.root, claims.root):
+        here = scan_dataset(root, processes=2, chunk_files=3)  # under the threshold: no pool
+        pooled = scan_dataset(root, processes=2, parallel_min=0, chunk_files=3)
+        _same_scan(pooled, here)
+    assert pools == [1, 1, 1]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"file": r.sample_id, "tags": list(r.tags)}) + "\n" for r in here.records), encoding="utf-8")
+    _same_scan(load_manifest(manifest, claims.root, processes=2, parallel_min=0, chunk_files=1), load_manifest(manifest, claims.root))
+    assert pools == [1, 1, 1, 1]

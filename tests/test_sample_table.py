@@ -12,7 +12,7 @@ import pytest
 
 from dataset_scan import filter_known_tags
 from dataset_split import split_records
-from sample_table import SampleRecord, SampleTable, SampleTableBuilder
+from sample_table import SampleRecord, SampleTable, SampleTableBuilder, SkippedSamples
 from vocabulary import build_vocabulary
 
 CATS = ("", "general", "character", "artist")
@@ -126,3 +126,57 @@ def test_a_damaged_table_is_refused_with_a_reason() -> None:
         broken[key] = damage(arrays[key])
         with pytest.raises(ValueError, match="sample table"):
             SampleTable.from_arrays(broken)
+
+
+def test_extend_equals_adding_the_rows_one_by_one() -> None:
+    """Tables built apart (their own tag and category ids) and appended give the table of all rows."""
+    records = random_records(240, seed=8)
+    parts = [SampleTable.from_records(records[i : i + 70], root="/data") for i in range(0, 240, 70)]
+    builder = SampleTableBuilder("/data")
+    builder.add(records[0].sample_id, records[0].image_path, records[0].tags, records[0].categories, records[0].rating)
+    for part in parts:
+        builder.extend(part)
+    assert builder.build() == records[:1] + records
+    assert len(builder) == 0 and len(builder.build()) == 0  # build empties the builder
+    with pytest.raises(ValueError, match="/elsewhere"):
+        SampleTableBuilder("/data").extend(SampleTable.from_records(records[:3], root="/elsewhere"))
+
+
+def test_skipped_samples_pack_round_trip_and_order() -> None:
+    """Rows come back as added (text that is not UTF-8 escaped), counted by reason, in key order,
+    through the .npz arrays, and appended to a list that numbers its reasons differently."""
+    skips = SkippedSamples(("a_reason", "b_reason"))
+    rows = [
+        (f"dir/f{i}.png" if i % 5 else f"dir/caf\udce9{i}.png", ("b_reason", "a_reason", "new_reason")[i % 3], f"detail {i}" * (i % 2))
+        for i in range(50)
+    ]
+    for key, (path, reason, detail) in zip(range(50, 0, -1), rows):
+        skips.add(reason, path, detail, key)
+    shown = [(p.encode("utf-8", "backslashreplace").decode("utf-8"), r, d) for p, r, d in rows]
+    assert list(skips) == shown and skips[-1] == shown[-1] and len(skips) == 50
+    assert skips.counts() == dict(Counter(r for _, r, _ in rows))
+    assert list(skips.in_key_order()) == shown[::-1]
+    assert skips.examples(2)["new_reason"] == [shown[2][0], f"{shown[5][0]}: {shown[5][2]}"]
+    loaded = SkippedSamples.from_arrays(skips.to_arrays())
+    assert list(loaded) == shown and loaded.counts() == skips.counts()
+    other = SkippedSamples(("new_reason",))
+    other.add("new_reason", "x.png", "first", 0)
+    other.extend(skips.select(np.arange(49, -1, -1)))
+    assert list(other) == [("x.png", "new_reason", "first")] + shown[::-1]
+    with pytest.raises(IndexError):
+        skips[50]
+
+
+def test_skipped_samples_are_compact_and_damage_is_refused() -> None:
+    """A million-file folder's bad files cost their text plus ~20 bytes a row; damaged arrays raise."""
+    skips = SkippedSamples()
+    for i in range(5000):
+        skips.add("sidecar_missing", f"{i // 1000:05d}/post_{i:08d}.jpg", "no post.jpg.json or stem .json", i)
+    arrays = skips.to_arrays()
+    text = sum(len(arrays[k]) for k in ("paths", "details"))
+    assert (sum(a.nbytes for a in arrays.values()) - text) / len(skips) < 20
+    for key, damage in (("codes", lambda a: a + 7), ("path_offsets", lambda a: a[::-1].copy()), ("details", lambda a: a[:-3])):
+        broken = dict(arrays)
+        broken[key] = damage(arrays[key])
+        with pytest.raises(ValueError, match="skip list"):
+            SkippedSamples.from_arrays(broken)

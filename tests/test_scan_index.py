@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import broken_corpus as bc
 import dataset_scan
 import image_audit
 from dataset_scan import scan_dataset
@@ -151,50 +152,56 @@ def test_fingerprint_lists_images_and_sidecars_with_sizes(tmp_path: Path) -> Non
     assert fp.sizes[i] == (tmp_path / "part0" / "img0.json").stat().st_size and np.all(fp.mtimes > 0)
 
 
-@pytest.mark.e2e  # starts worker processes
-def test_image_check_in_processes_equals_the_threaded_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scan large enough for the process pool (threshold lowered here) finds exactly what the
-    in-process check finds, in the same order, with the same decoder-warning counts."""
-    root = tmp_path / "data"
-    make_folder(root, 12)
-    Image.new("RGB", (6, 6)).save(root / "part1" / "extra.jpg")
-    (root / "part1" / "extra.json").write_text('{"tags": "tag_a"}', encoding="utf-8")
-    threaded = scan_dataset(root)
-    pools: list[int] = []
-
-    class CountingPool(image_audit.ProcessPoolExecutor):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            pools.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(image_audit, "PARALLEL_VERIFY_MIN", 2)
-    monkeypatch.setattr(image_audit, "usable_cpu_count", lambda: 2)
-    monkeypatch.setattr(image_audit, "ProcessPoolExecutor", CountingPool)
-    in_processes = scan_dataset(root)
-    assert pools == [1]
-    same_scan(in_processes, threaded)
-    assert threaded.skipped.get("image_undecodable") == 1 and len(threaded.records) == 13
-
-
-@pytest.mark.e2e  # starts a process
-def test_big_scan_in_a_spawned_child_equals_the_scan_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A folder over the child-process threshold (lowered here) is scanned in a spawned process;
-    the table and report that come back equal an in-process scan, and errors come back too."""
+def test_a_cold_start_walks_the_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no index yet the scan's own listing is saved as the fingerprint (no second walk), and
+    the next start finds it equal to a fresh fingerprint of the folder."""
     import scan_index
 
     root, index = tmp_path / "data", tmp_path / "index"
     make_folder(root, 6)
-    children: list[int] = []
-    real = scan_index._scan_in_child
 
-    def counting(job: tuple) -> dataset_scan.DatasetScan:
-        children.append(1)
-        return real(job)
+    def no_walk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cold start must not fingerprint the folder apart from its scan")
 
-    monkeypatch.setattr(scan_index, "CHILD_PROCESS_FILES", 1)
-    monkeypatch.setattr(scan_index, "_scan_in_child", counting)
-    in_child = run(root, index)
-    assert children == [1]
-    same_scan(in_child, scan_dataset(root))
-    with pytest.raises(FileNotFoundError, match="m.jsonl"):
-        scan_index._scan_in_child((str(root), str(tmp_path / "m.jsonl"), "header", LIMITS, frozenset()))
+    monkeypatch.setattr(scan_index, "fingerprint_folder", no_walk)
+    first = run(root, index)
+    assert first.index["reused"] is False and first.index["files"] == 15 and first.listing is None
+    monkeypatch.undo()
+    assert run(root, index).index["reused"] is True
+
+
+def test_the_skipped_samples_survive_a_reload_from_the_index(tmp_path: Path) -> None:
+    """Six bad files of each kind: every one is listed once after the scan and after the reload,
+    and a changed folder lists what a fresh scan lists."""
+    corpus = bc.make_broken_corpus(tmp_path / "data", good=6, copies=6)
+    index = tmp_path / "index"
+    first = run(corpus.root, index)
+    entries = list(first.skipped_entries())
+    assert sorted((path, reason) for path, reason, _ in entries) == corpus.expected_entries("header")
+    reused = run(corpus.root, index)
+    assert reused.index["reused"] is True and list(reused.skipped_entries()) == entries
+    (corpus.root / "bad" / "copy_0" / "lonely.jpg").unlink()
+    updated = run(corpus.root, index)
+    assert updated.index["reused"] is False
+    assert list(updated.skipped_entries()) == list(scan_dataset(corpus.root).skipped_entries())
+    assert ("bad/copy_0/lonely.jpg", "sidecar_missing") not in {(p, r) for p, r, _ in updated.skipped_entries()}
+
+
+def test_a_damaged_list_of_skipped_samples_is_rescanned(tmp_path: Path) -> None:
+    """An index whose skipped samples disagree with its counts is not trusted: scanned again."""
+    root, index = tmp_path / "data", tmp_path / "index"
+    make_folder(root, 4)
+    run(root, index)
+    path = index_file(index, root, manifest=None, verify="header", limits=LIMITS)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["skips_codes"] = arrays["skips_codes"][:1]
+    arrays["skips_path_offsets"] = arrays["skips_path_offsets"][:2]
+    arrays["skips_detail_offsets"] = arrays["skips_detail_offsets"][:2]
+    arrays["skips_paths"] = arrays["skips_paths"][: arrays["skips_path_offsets"][-1]]
+    arrays["skips_details"] = arrays["skips_details"][: arrays["skips_detail_offsets"][-1]]
+    np.savez(path, **arrays)
+    lines: list[str] = []
+    again = run(root, index, log=lines.append)
+    assert again.index["reused"] is False and "disagree" in lines[0]
+    same_scan(again, scan_dataset(root))
