@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ from repeat_factor import RepeatFactorSampler, repeat_factors
 from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
+from skip_list import SKIP_LIST_FILE, failure_rows, record_rows, scan_rows, update_skip_list, write_skip_list
 from tagger_init import apply_init_preprocessing, extend_vocabulary
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
 from wd_release import read_release_labels, release_layout, release_problem
@@ -88,6 +90,8 @@ class DataBundle:
     val_dataset: SidecarJsonDataset
     report: dict[str, Any]
     report_path: Path | None = None
+    skip_list_path: Path | None = None  # the run's complete list of skipped samples (main process)
+    earlier_failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (reason, where) from earlier attempts
 
     @functools.cached_property
     def train_fingerprint(self) -> str:
@@ -99,9 +103,19 @@ class DataBundle:
         return digest.hexdigest()[:32]
 
     def failure_tracker(self, max_bad_fraction: float) -> FailureTracker:
-        """A FailureTracker that writes worker failures into this run's data_report.json
-        (write_report(), at each epoch end) and remembers them across resumes."""
-        return FailureTracker(max_bad_fraction, report=self.report, report_path=self.report_path)
+        """A FailureTracker that writes worker failures into this run's data_report.json and its
+        complete skip list (write_report(), at each epoch end) and remembers them across resumes."""
+        skip_list = None
+        if self.skip_list_path is not None:
+            skip_list = functools.partial(_update_skip_list, self.skip_list_path, self.earlier_failed, (self.train_records, self.val_records))
+        return FailureTracker(max_bad_fraction, report=self.report, report_path=self.report_path, skip_list=skip_list)
+
+
+def _update_skip_list(
+    path: Path, earlier: Mapping[str, tuple[str, str]], tables: Sequence[Sequence[SampleRecord]], failed: Mapping[str, tuple[str, str]]
+) -> None:
+    """The skip list after training found `failed`: the earlier attempts' failures and this one's."""
+    update_skip_list(path, {**earlier, **failed}, tables)
 
 
 def preprocess_from_config(cfg: RootConfig) -> PreprocessParams:
@@ -222,8 +236,9 @@ def exclude_failed(scan: DatasetScan, failed: dict[str, str], source: str) -> No
     scan.records = table.select(keep)
 
 
-def earlier_failures(run_dir: Path) -> dict[str, str]:
-    """Samples the run's earlier attempts found undecodable in workers (from its data_report.json)."""
+def earlier_failures(run_dir: Path) -> dict[str, tuple[str, str]]:
+    """Samples the run's earlier attempts found undecodable in workers or validation (from its
+    data_report.json): sample id -> (reason, "training" or "validation")."""
     path = run_dir / "data_report.json"
     if not path.is_file():
         return {}
@@ -234,7 +249,41 @@ def earlier_failures(run_dir: Path) -> dict[str, str]:
     # FailureTracker.write_report() keeps them under "replaced_during_training" (each epoch end and at the end)
     section = report.get("replaced_during_training") if isinstance(report, dict) else None
     samples = section.get("samples") if isinstance(section, dict) else None
-    return {str(k): str(v) for k, v in samples.items()} if isinstance(samples, dict) else {}
+    in_validation = section.get("validation_samples") if isinstance(section, dict) else None
+    validation = {str(k) for k in in_validation} if isinstance(in_validation, list) else set()
+    if not isinstance(samples, dict):
+        return {}
+    return {str(k): (str(v), "validation" if str(k) in validation else "training") for k, v in samples.items()}
+
+
+def _rows_without_known_tags(records: Sequence[SampleRecord], known: Mapping[str, int]) -> np.ndarray:
+    """Row numbers of the records none of whose tags is in `known` (what filter_known_tags drops)."""
+    if isinstance(records, SampleTable):
+        return np.flatnonzero(np.diff(records.rekeyed(known).tag_offsets) == 0)
+    return np.asarray([i for i, r in enumerate(records) if not any(t in known for t in r.tags)], dtype=np.int64)
+
+
+def _write_run_skip_list(
+    path: Path,
+    scan: DatasetScan,
+    cache_rows: list[Any],
+    split: Any,
+    val_candidates: Sequence[SampleRecord],
+    vocab: TagVocabulary,
+    earlier: Mapping[str, tuple[str, str]],
+) -> int:
+    """The run's complete list at start-up: the scan's skips, the cache's, the split's (no known tag,
+    the validation cap) and what earlier attempts of this run found in training and validation."""
+    known = vocab.tag_to_index
+    rows = itertools.chain(
+        scan_rows(scan),
+        cache_rows,
+        record_rows(split.train, _rows_without_known_tags(split.train, known), "no_known_tags", "split"),
+        record_rows(val_candidates, _rows_without_known_tags(val_candidates, known), "no_known_tags", "split"),
+        record_rows(split.excluded, np.arange(len(split.excluded)), "validation_cap", "split", "data.max_val_samples"),
+        failure_rows(earlier, (split.train, split.val)),
+    )
+    return write_skip_list(path, rows)
 
 
 def _wait_for_rank0(world_size: int) -> None:
@@ -403,19 +452,27 @@ def prepare_data(
         _build_cache(cfg, scan.records, root, preprocess, log)
     _wait_for_rank0(world_size)
     cache = PreparedCache(cfg.data.cache_dir, preprocess, decode_on_device=cfg.data.decode_on_device) if cfg.data.cache_dir else None
+    cache_rows: list[Any] = []
     if cache is not None:
+        if cache.failures and is_main:  # located while the scan still holds them
+            cache_rows = list(failure_rows({sid: (reason, "cache") for sid, reason in cache.failures.items()}, [scan.records]))
         exclude_failed(scan, cache.failures, "cache build")
     # samples found undecodable in workers by an earlier attempt of this run stay in the training
     # dataset (the sampler's size must not change on resume) but are never decoded again
-    known_bad = earlier_failures(run_dir) if resume else {}
+    earlier = earlier_failures(run_dir) if resume else {}
+    known_bad = {sid: reason for sid, (reason, _) in earlier.items()}
     if log:
         log(format_scan_summary(scan))
     report_path = run_dir / "data_report.json"
     try:
         check_scan_quality(scan, cfg.data.max_bad_fraction)
-    except DataQualityError:
+    except DataQualityError as exc:
         if is_main:
             write_data_report(report_path, scan.to_report())
+            listed = write_skip_list(run_dir / SKIP_LIST_FILE, itertools.chain(scan_rows(scan), cache_rows))
+            raise DataQualityError(
+                f"{exc}; every one of the {listed} samples left out is listed in {display_path(run_dir / SKIP_LIST_FILE)}"
+            ) from exc
         raise
 
     split_path, vocab_path = run_dir / "split.json", run_dir / "vocabulary.json"
@@ -431,7 +488,8 @@ def prepare_data(
     else:
         vocab, build_report = _vocabulary(cfg, split.train, root)
     train, dropped_train = filter_known_tags(split.train, vocab)
-    val, dropped_val = filter_known_tags([r for r in split.val if r.sample_id not in known_bad], vocab)
+    val_candidates = [r for r in split.val if r.sample_id not in known_bad] if known_bad else split.val
+    val, dropped_val = filter_known_tags(val_candidates, vocab)
     if not train or not val:
         raise DataQualityError(
             f"{root}: {len(train)} training and {len(val)} validation samples after the split; "
@@ -454,11 +512,28 @@ def prepare_data(
             save_split(split_path, split)
         if not (resume and vocab_path.is_file()):
             vocab.save(vocab_path)
+        skip_path = run_dir / SKIP_LIST_FILE
+        listed = _write_run_skip_list(skip_path, scan, cache_rows, split, val_candidates, vocab, earlier)
+        report["skipped_list"] = {"file": SKIP_LIST_FILE, "samples": listed}
         write_data_report(report_path, report)
         if log:
             _log_split(log, split, report, vocab, dropped_train + dropped_val)
+            if listed:
+                log(f"skipped: every one of the {listed} samples left out, with its reason, is listed in {display_path(skip_path)}")
     train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache, known_bad)
-    return DataBundle(train, val, vocab, vocab_path, preprocess, train_ds, val_ds, report, report_path if is_main else None)
+    return DataBundle(
+        train,
+        val,
+        vocab,
+        vocab_path,
+        preprocess,
+        train_ds,
+        val_ds,
+        report,
+        report_path if is_main else None,
+        skip_list_path=run_dir / SKIP_LIST_FILE if is_main else None,
+        earlier_failed=earlier,
+    )
 
 
 def prepare_eval_data(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -43,6 +44,7 @@ from dataset_scan import DatasetScanner, SampleRecord, format_scan_summary, read
 from file_io import atomic_write_bytes
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, classify_failure, load_letterboxed
 from scan_limits import ScanLimits, printable
+from skip_list import SKIP_LIST_FILE, failure_rows, scan_rows, write_skip_list
 
 __all__ = ["CACHE_FORMAT_VERSION", "CACHE_FORMATS", "cache_codec_key", "prepare_cache", "PreparedCache", "main"]
 
@@ -506,7 +508,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     report["scan"] = scan.to_report()
+    failed = {sid: (reason, "cache") for sid, reason in report.get("failed_samples", {}).items()}
+    skip_path = Path(args.out) / SKIP_LIST_FILE
+    report["skipped_list"] = {
+        "file": SKIP_LIST_FILE,
+        "samples": write_skip_list(skip_path, itertools.chain(scan_rows(scan), failure_rows(failed, [scan.records]))),
+    }
     print(json.dumps(report, indent=2))
+    if report["skipped_list"]["samples"]:
+        print(f"skipped: every one of the {report['skipped_list']['samples']} samples left out is listed in {skip_path}", file=sys.stderr)
     return 0
 
 

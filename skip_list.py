@@ -18,20 +18,41 @@ a user cleaning a dataset needs every path. This module owns that file, ``skippe
 The file is written whole and atomically (``file_io.atomic_write_bytes``) from streams of rows,
 so it costs one pass over the skipped samples and never holds them all as text; the stages before
 training are written at start-up, and each later rewrite copies those rows from the file and adds
-what training and validation found so far. It imports file_io and scan_limits.
+what training and validation found so far. The rows of each stage come from the object that found
+them: ``scan_rows`` (a ``DatasetScan``), ``record_rows`` (rows of a sample table: no known tag,
+the validation cap), ``failure_rows`` (sample id -> (reason, where): the cache, workers,
+validation). It imports file_io, scan_limits and sample_table.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from file_io import atomic_write_bytes
+from sample_table import as_table
 from scan_limits import printable
 
-__all__ = ["COLUMNS", "PRE_TRAINING", "SKIP_LIST_FILE", "WHERE", "SkipRow", "read_skip_list", "write_skip_list"]
+__all__ = [
+    "COLUMNS",
+    "PRE_TRAINING",
+    "SKIP_LIST_FILE",
+    "WHERE",
+    "SkipRow",
+    "failure_rows",
+    "read_skip_list",
+    "record_rows",
+    "scan_rows",
+    "update_skip_list",
+    "write_skip_list",
+]
 
 SKIP_LIST_FILE = "skipped_samples.csv"
 COLUMNS: tuple[str, ...] = ("path", "reason", "where", "detail")
@@ -93,3 +114,52 @@ def read_skip_list(path: str | Path, stages: Iterable[str] | None = None) -> Ite
                 raise ValueError(f"{path}: line {line} has {len(row)} fields, expected {len(COLUMNS)}")
             if wanted is None or row[2] in wanted:
                 yield (row[0], row[1], row[2], row[3])
+
+
+def scan_rows(scan: Any) -> Iterator[SkipRow]:
+    """Every sample the scan left out (DatasetScan.skipped_entries: path, reason, detail), where "start-up"."""
+    for path, reason, detail in scan.skipped_entries():
+        yield (path, reason, "start-up", detail)
+
+
+def _relative(image_path: str, root: str) -> str:
+    """An image path as the list shows it: relative to the dataset root when below it, '/'-separated."""
+    if root and os.path.isabs(image_path):
+        rel = os.path.relpath(image_path, root)
+        if not rel.startswith(".."):
+            image_path = rel
+    return image_path.replace(os.sep, "/")
+
+
+def record_rows(records: Sequence[Any], rows: np.ndarray | Sequence[int], reason: str, where: str, detail: str = "") -> Iterator[SkipRow]:
+    """Rows `rows` of a sample table (or SampleRecord list), each with the same reason."""
+    table = as_table(records)
+    for i in np.asarray(rows, dtype=np.int64).tolist():
+        yield (_relative(table.image_path(i), table.root), reason, where, detail)
+
+
+def failure_rows(failed: Mapping[str, tuple[str, str]], tables: Sequence[Sequence[Any]], detail: str = "") -> Iterator[SkipRow]:
+    """Samples named by id (id -> (reason, where)), located in `tables` (one pass over their ids
+    while some are still unplaced); an id no table holds is listed as the id itself."""
+    todo = dict(failed)
+    for records in tables:
+        if not todo:
+            break
+        table = as_table(records)
+        for i in range(len(table)):
+            entry = todo.pop(table.sample_id(i), None)
+            if entry is not None:
+                yield (_relative(table.image_path(i), table.root), entry[0], entry[1], detail)
+                if not todo:
+                    break
+    for sample_id, (reason, where) in todo.items():
+        yield (sample_id, reason, where, detail)
+
+
+def update_skip_list(path: str | Path, failed: Mapping[str, tuple[str, str]], tables: Sequence[Sequence[Any]]) -> int:
+    """Rewrite the list at `path`: its rows from before training as they are, then `failed` (id ->
+    (reason, where)) located in `tables`; returns the row count."""
+    path = Path(path)
+    # read_skip_list is consumed while the new file is written to its temp name: the old one is
+    # closed before os.replace (Windows cannot replace a file that is open).
+    return write_skip_list(path, itertools.chain(read_skip_list(path, PRE_TRAINING), failure_rows(failed, tables)))

@@ -19,6 +19,7 @@ from file_io import resolve_resource
 from image_preprocess import PreprocessParams
 from orientation_handler import OrientationHandler
 from sample_table import SampleRecord, SampleTable
+from skip_list import SKIP_LIST_FILE, read_skip_list
 from vocabulary import TagVocabulary, create_vocabulary_from_datasets, load_ignore_list
 
 SMALL = ["data.image_size=32", "data.val_fraction=0.25", "data.num_workers=0", "data.demo_images=60"]
@@ -231,3 +232,51 @@ def test_flip_audit_of_a_table_equals_the_record_by_record_audit(safety: str) ->
     by_table = flip_audit(SampleTable.from_records(records), vocab, handler).to_dict()
     by_record = flip_audit(records, vocab, handler).to_dict()
     assert by_table == by_record and by_table["vetoed"] > 0
+
+
+def test_every_skipped_sample_is_in_the_runs_complete_list(tmp_path: Path) -> None:
+    """More bad files of each reason than the report keeps as examples: skipped_samples.csv names
+    every one, once, with its reason and stage; workers' and validation's failures are added to it
+    by the failure tracker, and a resumed run lists them again with their stage."""
+    corpus = bc.make_broken_corpus(tmp_path / "data", good=40, copies=7)
+    cfg = load_config(
+        None,
+        SMALL
+        + [f"data.root={corpus.root}", f"output_root={tmp_path / 'runs'}", "data.max_bad_fraction=0.9", "augment.flip_prob=0", "data.verify=header"],
+    )
+    first = prepare_data(cfg, cfg.run_dir, log=None)
+    path = cfg.run_dir / SKIP_LIST_FILE
+    rows = list(read_skip_list(path))
+    startup = [r for r in rows if r[2] == "start-up"]
+    by_reason: dict[str, list[str]] = {}
+    for p, reason, _, _ in startup:
+        by_reason.setdefault(reason, []).append(p)
+    scanned = first.report["skipped"]
+    assert {k: len(v) for k, v in by_reason.items()} == scanned
+    for reason, paths in by_reason.items():
+        assert len(set(paths)) == len(paths), reason  # each once
+        if scanned[reason] >= 7:  # one a copy: every copy's folder is named, not just the first examples
+            assert {p.split("/")[1] for p in paths} == {f"copy_{c}" for c in range(7)}, (reason, paths)
+        for p in paths:
+            assert (corpus.root / p).exists() or (corpus.root / p).parent.is_dir(), p
+    assert first.report["skipped_list"] == {"file": SKIP_LIST_FILE, "samples": len(rows)}
+    assert len(rows) == sum(scanned.values()) + sum(first.report["no_known_tags"].values())
+
+    # training (replaced) and validation (skipped) failures join the list, each once, with where
+    in_training = [first.train_records[i].sample_id for i in range(3)]
+    in_validation = [first.val_records[0].sample_id]
+    tracker = first.failure_tracker(0.9)
+    tracker.observe({"indices": [0, 1, 2, 3], "failures": [(s, "image_undecodable") for s in in_training]})
+    tracker.record({in_validation[0]: "load_failed"})
+    tracker.write_report()
+    later = {r[0]: r for r in read_skip_list(path) if r[2] in ("training", "validation")}
+    assert {p: (r[1], r[2]) for p, r in later.items()} == {s: ("image_undecodable", "training") for s in in_training} | {
+        in_validation[0]: ("load_failed", "validation")
+    }
+    assert list(read_skip_list(path, ["start-up"])) == startup  # the start-up rows are kept as they were
+
+    resumed = prepare_data(cfg, cfg.run_dir, resume=True, log=None)
+    again = list(read_skip_list(path))
+    assert [r for r in again if r[2] == "start-up"] == startup
+    assert {r[0]: (r[1], r[2]) for r in again if r[2] in ("training", "validation")} == {p: (r[1], r[2]) for p, r in later.items()}
+    assert resumed.report["skipped_list"]["samples"] == len(again)

@@ -20,6 +20,7 @@ from data_fixtures import broken_corpus, listing, small_orientation_handler
 from dataset_scan import SampleRecord, scan_dataset
 from image_preprocess import PreprocessParams, load_image
 from prepared_cache import PreparedCache, prepare_cache
+from skip_list import SKIP_LIST_FILE, read_skip_list
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,12 @@ def test_prepare_cli(corpus: bc.BrokenCorpus, tmp_path: Path, script: str) -> No
     assert proc.stderr.startswith(f"data: {header_records} samples used")
     assert listing(corpus.root) == before
     assert (out / "index.json").is_file()
+    # every sample left out, by the scan or by the cache's decode, is listed by path in the cache folder
+    rows = list(read_skip_list(out / SKIP_LIST_FILE))
+    assert report["skipped_list"] == {"file": SKIP_LIST_FILE, "samples": len(rows)}
+    assert sorted(r[0] for r in rows if r[2] == "cache") == sorted(corpus.decode_only_ids)
+    assert len([r for r in rows if r[2] == "start-up"]) == report["scan"]["num_skipped"]
+    assert f"listed in {out / SKIP_LIST_FILE}" in proc.stderr
 
 
 def test_decode_failures_are_recorded_and_not_retried(tmp_path: Path) -> None:
