@@ -30,6 +30,7 @@ __all__ = [
     "TransformerBlock",
     "PatchEmbed",
     "SimplifiedTagger",
+    "TaggerHeads",
     "HEAD_PREFIXES",
     "as_frequency_tuple",
     "check_tag_bias_init",
@@ -330,7 +331,56 @@ def resample_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
-class SimplifiedTagger(nn.Module):
+class TaggerHeads(nn.Module):
+    """What both model families share: the `tag_head` and `rating_head` on the pooled features of
+    the subclass's body (its `forward_pooled`), and the body freeze (train only the heads)."""
+
+    _body_frozen = False
+
+    def init_tag_bias(self, frequencies: Optional[Sequence[float]]) -> None:
+        """Set the tag-head bias to logit(p) of per-tag frequencies p (clamped), so sigmoid(bias) = p at start."""
+        if frequencies is not None:
+            set_bias_from_frequencies(self.tag_head, frequencies)
+
+    def set_grad_checkpointing(self, every: int) -> None:
+        """Checkpoint block i when i % every == 0 during training (0 = off, 1 = all blocks, 2 = every
+        other; a timm model checkpoints every block for any every > 0)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"grad checkpoint interval must be an int >= 0, got {every!r}")
+        self.cfg.grad_checkpoint_every = every
+
+    @property
+    def body_frozen(self) -> bool:
+        """Whether only the heads train (set_body_frozen)."""
+        return self._body_frozen
+
+    def set_body_frozen(self, frozen: bool) -> None:
+        """Freeze everything but the heads: the body runs in eval mode (no dropout, stochastic depth or
+        norm statistics) and without autograd, so its parameters get no gradient (AdamW then neither
+        updates, decays nor keeps state for them)."""
+        self._body_frozen = bool(frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TaggerHeads":
+        """nn.Module.train, keeping a frozen body in eval mode."""
+        super().train(mode)
+        if mode and self._body_frozen:
+            for name, child in self.named_children():
+                if name not in ("tag_head", "rating_head"):
+                    child.train(False)
+        return self
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Normalised images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
+        if self._body_frozen and torch.is_grad_enabled():
+            with torch.no_grad():  # a frozen body keeps no activations for backward
+                pooled = self.forward_pooled(images)  # (B, C)
+        else:
+            pooled = self.forward_pooled(images)  # (B, C)
+        return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
+
+
+class SimplifiedTagger(TaggerHeads):
     """ViT backbone with a multi-label tag head and a content-rating head."""
 
     def __init__(self, cfg: VisionTransformerConfig) -> None:
@@ -354,7 +404,6 @@ class SimplifiedTagger(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.tag_head = nn.Linear(dim, cfg.num_tags)
         self.rating_head = nn.Linear(dim, cfg.num_ratings)
-        self._body_frozen = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -372,37 +421,6 @@ class SimplifiedTagger(nn.Module):
             elif isinstance(module, LayerScale) and self.cfg.layer_scale_init is not None:
                 nn.init.constant_(module.gamma, float(self.cfg.layer_scale_init))
         self.init_tag_bias(self.cfg.tag_bias_init)
-
-    def init_tag_bias(self, frequencies: Optional[Sequence[float]]) -> None:
-        """Set the tag-head bias to logit(p) of per-tag frequencies p (clamped), so sigmoid(bias) = p at start."""
-        if frequencies is not None:
-            set_bias_from_frequencies(self.tag_head, frequencies)
-
-    @property
-    def body_frozen(self) -> bool:
-        """Whether only the heads train (set_body_frozen)."""
-        return self._body_frozen
-
-    def set_body_frozen(self, frozen: bool) -> None:
-        """Freeze everything but the heads: the body runs in eval mode and without autograd, so its
-        parameters get no gradient (AdamW then neither updates, decays nor keeps state for them)."""
-        self._body_frozen = bool(frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "SimplifiedTagger":
-        """nn.Module.train, keeping a frozen body in eval mode (no stochastic depth drawn for it)."""
-        super().train(mode)
-        if mode and self._body_frozen:
-            for name, child in self.named_children():
-                if name not in ("tag_head", "rating_head"):
-                    child.train(False)
-        return self
-
-    def set_grad_checkpointing(self, every: int) -> None:
-        """Checkpoint block i when i % every == 0 during training (0 = off, 1 = all blocks, 2 = every other)."""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"grad checkpoint interval must be an int >= 0, got {every!r}")
-        self.cfg.grad_checkpoint_every = every
 
     def _grid_of(self, images: torch.Tensor) -> Tuple[int, int]:
         """Patch grid of a batch; raises ValueError when the image is not (B, 3, H, W) with H, W multiples of p."""
@@ -449,15 +467,6 @@ class SimplifiedTagger(nn.Module):
         # of the patch tokens (about 3/4 of that block's FLOPs, which timm's ViT computes and discards).
         keep = NUM_PREFIX_TOKENS if self.cfg.pooling == "cls" else None
         return self.pool(self._encode(images, keep))
-
-    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Normalised images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
-        if self._body_frozen and torch.is_grad_enabled():
-            with torch.no_grad():  # a frozen body keeps no activations for backward
-                pooled = self.forward_pooled(images)  # (B, C)
-        else:
-            pooled = self.forward_pooled(images)  # (B, C)
-        return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
 
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
         """State dict without the heads, in timm's ViT key layout."""

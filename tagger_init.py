@@ -41,8 +41,8 @@ from model_architecture import SimplifiedTagger, VisionTransformerConfig, load_b
 from timm_layout import TIMM_CONFIG_FILE, read_timm_folder
 from timm_tagger import Tagger, TimmTagger, TimmTaggerConfig, tagger_config_from_dict
 from vocabulary import TagVocabulary
-from wd_format import LABELS_FILE, RATING_NAMES, REPORT_FILE, LabelTable
-from wd_release import WdRelease, calibration_shifts, label_categories, read_release, read_release_config, release_layout, release_problem
+from wd_format import LABELS_FILE, RATING_NAMES, LabelTable
+from wd_release import WdRelease, label_categories, read_release, read_release_config, release_layout, release_problem, tag_bias
 
 __all__ = [
     "InitReport",
@@ -111,12 +111,7 @@ def read_released_tagger(folder: str | Path, *, remove_calibration: bool = False
     if labels.ratings != RATING_NAMES:
         raise ValueError(f"{folder / LABELS_FILE}: rating rows {labels.ratings} are not {RATING_NAMES}")
     names = [*labels.general, *labels.character]
-    bias = timm.head_bias[4:].double().clone()  # (T,)
-    if remove_calibration:
-        shifts = calibration_shifts(folder)
-        if not shifts:
-            raise ValueError(f"{folder}: remove_calibration needs {REPORT_FILE} with 'logit_shifts'")
-        bias -= torch.tensor([shifts.get(n, 0.0) for n in names], dtype=torch.float64)
+    bias = tag_bias(timm.head_bias, names, folder, remove_calibration)
     return ReleasedTagger(
         folder=folder,
         cfg=timm.cfg,

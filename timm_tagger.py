@@ -33,14 +33,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from model_architecture import (
-    HEAD_PREFIXES,
-    SimplifiedTagger,
-    VisionTransformerConfig,
-    as_frequency_tuple,
-    check_tag_bias_init,
-    set_bias_from_frequencies,
-)
+from model_architecture import HEAD_PREFIXES, SimplifiedTagger, TaggerHeads, VisionTransformerConfig, as_frequency_tuple, check_tag_bias_init
 
 __all__ = [
     "FAMILIES",
@@ -284,7 +277,7 @@ def timm_layer_ids(body: nn.Module) -> Tuple[Dict[str, int], int]:
     return {name: int(layer) for name, layer in layer_map.items()}, int(heads)
 
 
-class TimmTagger(nn.Module):
+class TimmTagger(TaggerHeads):
     """A timm backbone (num_classes=0: pooled features) with a multi-label tag head and a rating head."""
 
     def __init__(self, cfg: TimmTaggerConfig) -> None:
@@ -306,40 +299,13 @@ class TimmTagger(nn.Module):
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
         self.init_tag_bias(self.cfg.tag_bias_init)
-        self._body_frozen = False
         if self.cfg.grad_checkpoint_every:
             self.body.set_grad_checkpointing(True)
 
-    def init_tag_bias(self, frequencies: Optional[Any]) -> None:
-        """Set the tag-head bias to logit(p) of per-tag frequencies p, so sigmoid(bias) = p at start."""
-        if frequencies is not None:
-            set_bias_from_frequencies(self.tag_head, frequencies)
-
     def set_grad_checkpointing(self, every: int) -> None:
         """timm's activation checkpointing: any every > 0 checkpoints every block, 0 turns it off."""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"grad checkpoint interval must be an int >= 0, got {every!r}")
-        self.cfg.grad_checkpoint_every = every
+        super().set_grad_checkpointing(every)
         self.body.set_grad_checkpointing(every > 0)
-
-    @property
-    def body_frozen(self) -> bool:
-        """Whether only the heads train (set_body_frozen)."""
-        return self._body_frozen
-
-    def set_body_frozen(self, frozen: bool) -> None:
-        """Freeze the body: it runs in eval mode (no dropout, stochastic depth or norm statistics) and
-        without autograd, so its parameters get no gradient and AdamW neither updates, decays nor keeps
-        state for them."""
-        self._body_frozen = bool(frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "TimmTagger":
-        """nn.Module.train, keeping a frozen body in eval mode."""
-        super().train(mode)
-        if mode and self._body_frozen:
-            self.body.train(False)
-        return self
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised RGB images (B, 3, H, W) -> pooled features (B, C)."""
@@ -348,15 +314,6 @@ class TimmTagger(nn.Module):
         if self.cfg.input_channels == "bgr":
             images = images.flip(1)  # (B, 3, H, W) in BGR order, as the release was trained
         return self.body(images)
-
-    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Normalised RGB images (B, 3, H, W) -> {"tag_logits": (B, T), "rating_logits": (B, R)}."""
-        if self._body_frozen and torch.is_grad_enabled():
-            with torch.no_grad():  # a frozen body keeps no activations for backward
-                pooled = self.forward_pooled(images)  # (B, C)
-        else:
-            pooled = self.forward_pooled(images)  # (B, C)
-        return {"tag_logits": self.tag_head(pooled), "rating_logits": self.rating_head(pooled)}
 
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
         """The body's state dict in timm's own key layout (no "body." prefix, no classifier)."""

@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from file_io import load_json_file
 from image_preprocess import PreprocessParams
 from timm_layout import TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE
 from timm_tagger import TimmTagger, TimmTaggerConfig, timm_body
@@ -47,6 +48,7 @@ __all__ = [
     "WdRelease",
     "calibration_shifts",
     "label_categories",
+    "tag_bias",
     "read_release",
     "read_release_config",
     "read_release_labels",
@@ -156,12 +158,7 @@ class ReleaseConfig:
 def read_release_config(folder: str | Path) -> ReleaseConfig:
     """Read and check a release's config.json; ValueError naming the file and the key at fault."""
     path = Path(folder) / TIMM_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a WD tagger release folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    data = load_json_file(path, "a WD tagger release's config.json")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be an object")
     architecture = data.get("architecture")
@@ -233,6 +230,18 @@ def calibration_shifts(folder: Path) -> dict[str, float]:
     if not isinstance(shifts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in shifts.values()):
         raise ValueError(f"{path}: 'logit_shifts' must map tag names to numbers")
     return {str(k): float(v) for k, v in shifts.items()}
+
+
+def tag_bias(head_bias: torch.Tensor, names: list[str], folder: Path, remove_calibration: bool) -> torch.Tensor:
+    """The tag rows' biases (T,) float64 of a classifier bias (4 + T,): with remove_calibration, less
+    the per-tag shifts one of our exports folded in (ValueError when the folder has none)."""
+    bias = head_bias[NUM_RATINGS:].double().clone()  # (T,)
+    if remove_calibration:
+        shifts = calibration_shifts(folder)
+        if not shifts:
+            raise ValueError(f"{folder}: remove_calibration needs {REPORT_FILE} with 'logit_shifts'")
+        bias -= torch.tensor([shifts.get(n, 0.0) for n in names], dtype=torch.float64)
+    return bias
 
 
 @dataclass
@@ -324,12 +333,7 @@ def read_release(folder: str | Path, *, remove_calibration: bool = False) -> WdR
     weight_key, bias_key = _classifier_keys(state, config, weights)
     head_weight, head_bias = state.pop(weight_key), state.pop(bias_key)  # (4 + T, C), (4 + T,)
     names = [*labels.general, *labels.character]
-    bias = head_bias[NUM_RATINGS:].double().clone()  # (T,)
-    if remove_calibration:
-        shifts = calibration_shifts(folder)
-        if not shifts:
-            raise ValueError(f"{folder}: remove_calibration needs {REPORT_FILE} with 'logit_shifts'")
-        bias -= torch.tensor([shifts.get(n, 0.0) for n in names], dtype=torch.float64)
+    bias = tag_bias(head_bias, names, folder, remove_calibration)
     return WdRelease(
         folder=folder,
         config=config,

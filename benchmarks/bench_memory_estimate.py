@@ -14,6 +14,12 @@ as JSON), e.g. wd-eva02-large-tagger-v3's:
 
     python benchmarks/bench_memory_estimate.py --timm-arch eva02_large_patch14_448 \
         --timm-args '{"img_size": 448, "ref_feat_shape": [32, 32]}' --image-size 448 --tags 10861 --batch-size 2 --steps 1
+
+--card-gib 12,16,24 (with --precision bf16 --real none) turns the same probe into a GPU sizing: on
+a card of that many GiB, less CARD_RESERVE_GIB for the CUDA context and the allocator's slack, the
+largest micro-batch whose step fits (float32 weights, gradients and AdamW moments, no EMA, the
+batch's images and targets on the device). It is the CPU's bf16 step measured, so a CUDA step
+(flash attention) needs somewhat less: a lower bound, to confirm on the card with bench_train_step.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from timm_tagger import TaggerConfig, TimmTaggerConfig, build_tagger  # noqa: E4
 from training_utils import GuardedOptimizerStep, TrainStep  # noqa: E402
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+CARD_RESERVE_GIB = 1.0  # CUDA context and allocator slack on the card
 
 
 def model_config(args: argparse.Namespace) -> TaggerConfig:
@@ -93,6 +101,20 @@ def measure_real(args: argparse.Namespace) -> dict[str, Any]:
     return {"start_rss": start_rss.start, "peak_above_start": start_rss.peak, "step_seconds": times}
 
 
+def card_fit(profile: Any, cfg: TaggerConfig, cards_gib: list[float]) -> dict[str, Any]:
+    """Per card size: the largest micro-batch whose training step fits (see the module docstring)."""
+    shape = StepShape(batch_size=1, precision="bf16", num_workers=0, ema=False, async_checkpoint=False, model_built=False)
+    estimate = estimate_training_memory(profile, shape, cfg.image_size, cfg.num_tags, resident_now=0)
+    device = replace(estimate, fixed_bytes=profile.step_fixed_bytes)  # the process's runtime (threads, code) stays on the host
+    out: dict[str, Any] = {
+        "state_gib": round(device.state_bytes / 2**30, 2),
+        "per_image_mib": round((device.per_image_step + device.per_image_batch) / 2**20, 1),
+    }
+    for gib in cards_gib:
+        out[f"{gib:g}"] = device.largest_batch(int((gib - CARD_RESERVE_GIB) * 2**30))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Estimate, measure, print JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-checkpoint-every", type=int, default=0)
     p.add_argument("--timm-arch", default="", help="a timm model (model.family=timm) instead of our ViT")
     p.add_argument("--timm-args", default="{}", help="its model_args as a JSON object")
+    p.add_argument("--card-gib", default="", help="comma-separated GPU memory sizes in GiB: the largest micro-batch that fits on each")
     p.add_argument(
         "--real",
         default="default",
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "estimated_above_start_mb": round(estimated_above_start / 2**20, 1),
         "estimated_total_mb": round(estimate.needed(args.batch_size) / 2**20, 1),
     }
+    if args.card_gib:
+        report["cards"] = card_fit(profile, cfg, [float(v) for v in args.card_gib.split(",")])
     runs = {"none": [], "default": [("", {})], "live": [("live_", LIVE_ENV)], "both": [("", {}), ("live_", LIVE_ENV)]}[args.real]
     child_args = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name not in ("child", "real")]
     for prefix, env in runs:

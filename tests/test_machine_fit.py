@@ -285,22 +285,11 @@ def test_timm_models_are_probed_by_depth_or_whole() -> None:
 
 @pytest.mark.e2e
 def test_estimate_of_a_timm_model_matches_live_memory() -> None:
-    """The timm family's estimate against real training steps of a release-shaped ViT (wd-vit-tagger-v3's arguments, narrowed: depth 3, 128 px, batch 32)."""
-    report = bench(
-        "--timm-arch",
-        "vit_base_patch16_224",
-        "--timm-args",
-        TIMM_VIT,
-        "--image-size",
-        "224",
-        "--tags",
-        "500",
-        "--steps",
-        "2",
-        "--batch-size",
-        "48",
-        "--real",
-        "live",
-    )
+    """The timm family's estimate against real training steps of a release-shaped ViT (wd-vit-tagger-v3's
+    arguments, narrowed: depth 3, 128 px, batch 32), and the GPU sizing the same probe gives."""
+    sizes = ["--image-size", "128", "--tags", "200", "--steps", "1", "--batch-size", "32"]
+    report = bench("--timm-arch", "vit_base_patch16_224", "--timm-args", TIMM_VIT, *sizes, "--real", "live", "--card-gib", "1.5,3")
     assert report["parameters"] > 500_000 and report["config"]["timm_arch"] == "vit_base_patch16_224"
     assert 0.9 <= report["live_ratio_above_start"] <= 1.1, report
+    cards = report["cards"]  # more memory, a larger micro-batch
+    assert 0 < cards["1.5"] < cards["3"] and cards["state_gib"] > 0
