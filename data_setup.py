@@ -11,8 +11,9 @@ start-up check, the cache build, a training worker) is recorded by id and reason
 data_report.json, and is left out of validation and of later runs; validation never substitutes. It is the top of the data modules and imports them all
 (``dataset_scan``, ``dataset_split``, ``image_preprocess``, ``augmentation``,
 ``prepared_cache``, ``batching``) plus ``Configuration_System`` (the config), ``file_io``
-(shipped resources), ``vocabulary``, ``orientation_handler``, ``demo_dataset`` and ``tagger_init``
-(the extend vocabulary mode).
+(shipped resources), ``vocabulary``, ``orientation_handler``, ``demo_dataset``, ``tagger_init``
+(a timm run takes its init source's preprocessing) and ``wd_release`` (the extend vocabulary mode
+reads a release's selected_tags.csv).
 """
 
 from __future__ import annotations
