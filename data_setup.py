@@ -56,7 +56,7 @@ from repeat_factor import RepeatFactorSampler, repeat_factors
 from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
-from skip_list import SKIP_LIST_FILE, failure_rows, record_rows, scan_rows, update_skip_list, write_skip_list
+from skip_list import SKIP_LIST_FILE, SkipRow, failure_rows, record_rows, scan_rows, update_skip_list, write_skip_list
 from tagger_init import apply_init_preprocessing, extend_vocabulary
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
 from wd_release import read_release_labels, release_layout, release_problem
@@ -93,6 +93,7 @@ class DataBundle:
     report_path: Path | None = None
     skip_list_path: Path | None = None  # the run's complete list of skipped samples (main process)
     earlier_failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (reason, where) from earlier attempts
+    skipped_rows: list[SkipRow] = field(default_factory=list)  # evaluation data: what its scan and split left out
 
     @functools.cached_property
     def train_fingerprint(self) -> str:
@@ -564,8 +565,11 @@ def prepare_eval_data(
         raise DataQualityError(f"{root}: no sample carries a tag of the checkpoint's vocabulary")
     report = scan.to_report()
     report["no_known_tags"] = {"val": dropped}
+    skipped = list(
+        itertools.chain(scan_rows(scan), record_rows(records, _rows_without_known_tags(records, vocab.tag_to_index), "no_known_tags", "split"))
+    )
     _, val_ds = _datasets(cfg, None, val, vocab, preprocess)
-    return DataBundle([], val, vocab, Path(), preprocess, None, val_ds, report)
+    return DataBundle([], val, vocab, Path(), preprocess, None, val_ds, report, skipped_rows=skipped)
 
 
 def build_eval_loader(cfg: RootConfig, data: DataBundle, *, rank: int = 0, world_size: int = 1) -> DataLoader:

@@ -7,7 +7,7 @@ A checkpoint folder is all it needs: weights, model shape, vocabulary, preproces
 config (for the dataset and its split) are read from it. Without `--data` it evaluates the run's
 validation split (recomputed from the seed and the sample ids, so it is the same split); with
 `--data DIR` every usable sample of DIR. It writes `metrics.json`, `per_tag.csv`,
-`thresholds.json` and `report.md` to `--out`, and with `--save-predictions` every sample's
+`thresholds.json`, `report.md` and `skipped_samples.csv` (every sample left out, by path) to `--out`, and with `--save-predictions` every sample's
 probabilities and labels (`predictions.npz`, what tag_app.py's validation tab shows).
 
 Loading the checkpoint and evaluating it are checkpoint_eval's (shared with training's inline
@@ -18,6 +18,7 @@ validation, the export and the tagger); the report files and the predictions are
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from Configuration_System import ConfigError
 from data_setup import prepare_eval_data
 from dataset_scan import DataQualityError
 from eval_reports import PREDICTIONS_FILE, check_out_location, default_eval_dir, named_tag_rows, run_evaluation, save_predictions, write_reports
+from skip_list import SKIP_LIST_FILE, failure_rows, write_skip_list
 
 # --------------------------------------------------------------------------------------------
 # CLI
@@ -99,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
     if evaluation.predictions is not None:
         save_predictions(out / PREDICTIONS_FILE, evaluation.predictions)
+    failed = {sid: (reason, "validation") for sid, reason in result.skipped.items()}
+    listed = write_skip_list(out / SKIP_LIST_FILE, itertools.chain(data.skipped_rows, failure_rows(failed, [data.val_records])))
     print(
         f"eval {ck.folder.name}: mAP {metrics['mAP']:.4f}  F1 micro {metrics['f1_micro']:.4f}  "
         f"macro {metrics['f1_macro']:.4f}  rating acc {metrics.get('rating_accuracy', float('nan')):.4f}  "
         f"({metrics['num_samples']} samples evaluated, {metrics['num_skipped']} skipped: failed to load) -> {out}"
     )
+    if listed:
+        print(f"skipped: every one of the {listed} samples left out, with its reason, is listed in {out / SKIP_LIST_FILE}")
     return 0
 
 

@@ -82,6 +82,30 @@ def test_other_dataset_folder(trained_run: TrainedRun, tmp_path: Path) -> None:
     assert metrics["data"] == str(other)
 
 
+def test_every_skipped_sample_of_data_is_listed(trained_run: TrainedRun, tmp_path: Path) -> None:
+    """--data with more bad files than the report keeps as examples: skipped_samples.csv in --out names
+    each one, those the scan left out and those that failed to load during evaluation."""
+    import broken_corpus as bc
+    from demo_dataset import generate_demo_dataset
+    from skip_list import SKIP_LIST_FILE, read_skip_list
+
+    data = generate_demo_dataset(tmp_path / "data", num_images=24, seed=5, image_size=32)
+    sidecar = json.loads(next(data.rglob("*.json")).read_text(encoding="utf-8"))
+    lonely = [f"lonely_{i}.png" for i in range(7)]
+    for name in lonely:
+        bc.write_image(data / name, 32, 32, seed=3)
+    truncated = [f"cut_{i}.jpg" for i in range(2)]
+    for i, name in enumerate(truncated):
+        bc.write_truncated_jpeg(data / name, seed=i)  # the header check passes; the load fails
+        bc.write_json(data / (name + ".json"), sidecar)
+    out = tmp_path / "eval"
+    metrics = evaluate_cli(trained_run, out, "--data", str(data))
+    rows = list(read_skip_list(out / SKIP_LIST_FILE))
+    assert sorted(r[0] for r in rows if r[1] == "sidecar_missing") == sorted(lonely)
+    assert sorted((r[0], r[2]) for r in rows if r[0].startswith("cut_")) == [(n, "validation") for n in truncated]
+    assert metrics["num_skipped"] == 2
+
+
 @pytest.mark.parametrize("args, fragment", [(["--checkpoint", "/nonexistent/step_1"], "checkpoint not found"), (["--ema"], "ema.safetensors")])
 def test_clear_errors(trained_run: TrainedRun, tmp_path: Path, args: list[str], fragment: str) -> None:
     base = ["--checkpoint", str(trained_run.run_dir / "checkpoints" / "last")]
