@@ -71,6 +71,26 @@ def test_training_counts_every_reason_exactly(hostile: bc.HostileCorpus, trained
     assert len(vocab) <= 7 and "common" in vocab  # common, shared, tag_0..tag_4
     assert "Corrupt EXIF" not in stdout  # counted in the report, not printed
     assert any("Corrupt EXIF" in k for k in report["decoder_warnings"])
+    listed = _skip_list(run_dir)
+    assert sorted(p for p, _, where, _ in listed if where == "cache") == sorted(hostile.decode_only_ids)
+    _assert_start_up_rows_match(listed, report)
+
+
+def _skip_list(run_dir: Path) -> list[tuple[str, str, str, str]]:
+    """The run's complete list of skipped samples."""
+    from skip_list import SKIP_LIST_FILE, read_skip_list
+
+    return list(read_skip_list(run_dir / SKIP_LIST_FILE))
+
+
+def _assert_start_up_rows_match(listed: list[tuple[str, str, str, str]], report: dict) -> None:
+    """The list's start-up rows are the report's skip counts, each sample once (the cache's are counted with them)."""
+    counts: dict[str, int] = {}
+    for _, reason, where, _ in listed:
+        if where in ("start-up", "cache"):
+            counts[reason] = counts.get(reason, 0) + 1
+    assert counts == report["skipped"]
+    assert len({(p, where) for p, _, where, _ in listed}) == len(listed)
 
 
 def test_header_only_run_skips_in_validation_and_replaces_in_training(hostile: bc.HostileCorpus, tmp_path: Path) -> None:
@@ -86,6 +106,10 @@ def test_header_only_run_skips_in_validation_and_replaces_in_training(hostile: b
     assert vals and all(e["num_samples"] == len(split["val"]) - len(val_bad) for e in vals)
     failed = report["replaced_during_training"]["samples"]
     assert set(failed) <= set(hostile.decode_only_ids) and set(failed.values()) <= {"image_undecodable"}
+    listed = _skip_list(run_dir)
+    _assert_start_up_rows_match(listed, report)
+    later = {p: where for p, _, where, _ in listed if where in ("training", "validation")}
+    assert set(later) == set(failed) | val_bad and all(later[p] == "validation" for p in val_bad - set(failed))
 
 
 def test_prepare_and_vocabulary_build_handle_the_folder(hostile: bc.HostileCorpus, tmp_path: Path) -> None:
