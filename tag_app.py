@@ -38,7 +38,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -89,9 +89,8 @@ from tagging import (
 )
 from wd_format import DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, THRESHOLDS_FILE, TagDecision
 
-# No usage data leaves the machine: gradio reads this when it is imported, and Blocks(analytics_enabled=False) below.
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-import gradio as gr  # noqa: E402
+if TYPE_CHECKING:  # gradio is imported when the page is built (import_gradio): the page's logic and its tests load without it
+    import gradio as gr
 
 __all__ = [
     "OpenedModel",
@@ -457,8 +456,19 @@ def _file_paths(files: Any) -> list[str]:
     return [str(getattr(f, "name", f)) for f in (files if isinstance(files, list) else [files])]
 
 
+def import_gradio() -> Any:
+    """gradio, with its usage analytics off before it is imported (no usage data leaves the machine); ImportError says what to install."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:
+        import gradio
+    except ImportError as exc:
+        raise ImportError(f"tag_app.py needs gradio ({exc}): pip install -r requirements-app.txt") from None
+    return gradio
+
+
 def build_app(page: TagPage, validations: Sequence[ValidationData], notes: Sequence[str] = ()) -> gr.Blocks:
     """The gradio page: a Tag tab and, when a checkpoint's evaluation is at hand, a Validation tab."""
+    gr = import_gradio()
     names = list(page.models)
     with gr.Blocks(title="OppaiOracle tagger", analytics_enabled=False) as app:
         gr.Markdown("## OppaiOracle tagger\n" + "\n".join(f"- {note}" for note in notes))
@@ -552,11 +562,11 @@ def build_app(page: TagPage, validations: Sequence[ValidationData], notes: Seque
             open_button.click(on_open, [open_path, chosen, settings_state], [chosen, target, settings_state, message])
 
         if validations:
-            _validation_tab(validations)
+            _validation_tab(gr, validations)
     return app
 
 
-def _validation_tab(validations: Sequence[ValidationData]) -> None:
+def _validation_tab(gr: Any, validations: Sequence[ValidationData]) -> None:
     """The Validation tab: per-tag table, a tag's precision-recall curve and its worst images."""
     by_name = {v.name: v for v in validations}
     first = validations[0]
@@ -670,6 +680,11 @@ def setup(args: argparse.Namespace) -> tuple[TagPage, list[ValidationData], list
 def main(argv: list[str] | None = None) -> int:
     """Open the models, evaluate once where needed, serve the page until interrupted."""
     args = parse_args(argv)
+    try:
+        gr = import_gradio()
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     page, validations, notes = setup(args)
     app = build_app(page, validations, notes)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts fetched

@@ -16,18 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("gradio", reason="tag_app needs gradio: pip install -r requirements-app.txt")
-
-import tag_images  # noqa: E402
-import validation_loop  # noqa: E402
-from broken_corpus import write_image, write_png_header_only, write_text_as_image, write_truncated_jpeg  # noqa: E402
-from conftest import TrainedRun  # noqa: E402
-from eval_reports import PREDICTIONS_FILE, load_predictions  # noqa: E402
-from image_preprocess import PreprocessParams  # noqa: E402
-from tag_app import OpenedModel, TagPage, caption_options, prepare_validation  # noqa: E402
-from tag_app_helpers import demo_labels  # noqa: E402
-from tagging import CaptionOptions, Thresholds  # noqa: E402
-from wd_format import RATING_NAMES, LabelTable  # noqa: E402
+import tag_images
+import validation_loop
+from broken_corpus import write_image, write_png_header_only, write_text_as_image, write_truncated_jpeg
+from conftest import TrainedRun
+from eval_reports import PREDICTIONS_FILE, load_predictions
+from image_preprocess import PreprocessParams
+from tag_app import OpenedModel, TagPage, caption_options, prepare_validation
+from tag_app_helpers import demo_labels
+from tagging import CaptionOptions, Thresholds
+from wd_format import RATING_NAMES, LabelTable
 
 # ---------------------------------------------------------------------------------------------- fast: stand-in models
 

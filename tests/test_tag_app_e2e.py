@@ -193,6 +193,14 @@ def _screenshot(driver: Any, path: Path) -> None:
 
 
 def test_tag_tab_matches_tag_images_and_survives_a_broken_file(served: Served, browser: Any) -> None:
+    not_a_model = served.base / "holiday_photos"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("no model here", encoding="utf-8")
+    _wait(browser, lambda d: _css(d, "#open-path textarea, #open-path input"))[0].send_keys(str(not_a_model))
+    _css(browser, "#open-button")[0].click()
+    _wait(browser, lambda d: "Could not open" in _css(d, "#message")[0].text)
+    assert "is not a model" in _css(browser, "#message")[0].text
+
     broken = write_text_as_image(served.base / "broken.png")
     _upload(browser, [broken])
     failed = _css(browser, "#results .oo-image")[0]

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from export_model import export_onnx
 from image_preprocess import PreprocessParams
+from model_architecture import SimplifiedTagger, VisionTransformerConfig
 from tag_images import parse_args, thresholds_from_args
 from tagging import MCUT_CHARACTER_FLOOR, Thresholds, mcut_threshold, open_model, predict, read_image, resolve_model_path, thresholds_for
+from timm_layout import timm_config, timm_state_dict, write_timm_folder
+from vocabulary import TagVocabulary
 from wd_format import RATING_NAMES, LabelTable, select_tags
+from wd_model import WDTagger, fused_head, plan_outputs
 
 
 def _mcut_by_definition(values: list[float]) -> float:
@@ -124,3 +130,25 @@ def test_predict_runs_batches_and_read_image_reports_bad_files(tmp_path: Path) -
     bad.write_text("not an image", encoding="utf-8")
     image, error = read_image(bad, PreprocessParams(16))
     assert image is None and error and "UnidentifiedImageError" in error
+
+
+def test_a_timm_layout_folder_gives_the_onnx_models_probabilities(tmp_path: Path) -> None:
+    """One random tagger written both ways (model.onnx as export_model traces it; config.json + model.safetensors):
+    open_model reads each folder and both give the same probabilities on the same images."""
+    torch.manual_seed(0)
+    cfg = VisionTransformerConfig(image_size=32, patch_size=8, num_tags=9, embed_dim=32, depth=2, num_heads=2)
+    backbone = SimplifiedTagger(cfg).eval()
+    vocab = TagVocabulary([f"t{i}" for i in range(9)], tag_categories={"t7": "character", "t8": "character"})
+    plan = plan_outputs(vocab)
+    wd = WDTagger(backbone, fused_head(backbone, plan), (0.5,) * 3, (0.5,) * 3).eval()
+    onnx_folder, timm_folder = tmp_path / "onnx", tmp_path / "timm"
+    onnx_folder.mkdir()
+    export_onnx(wd, onnx_folder / "model.onnx")
+    write_timm_folder(timm_folder, timm_config(cfg, plan.labels.names, (0.5,) * 3, (0.5,) * 3), timm_state_dict(backbone, wd.head))
+    for folder in (onnx_folder, timm_folder):
+        (folder / "selected_tags.csv").write_text(plan.labels.to_csv_text(), encoding="utf-8")
+    onnx, timm = open_model(onnx_folder), open_model(timm_folder)
+    assert (onnx.kind, timm.kind) == ("onnx", "timm") and onnx.labels == timm.labels == plan.labels
+    assert onnx.preprocess == timm.preprocess
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    assert np.max(np.abs(predict(onnx, images, 2) - predict(timm, images, 3))) < 1e-5
