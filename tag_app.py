@@ -47,7 +47,7 @@ from PIL import Image
 from checkpoint_eval import load_checkpoint_for_eval
 from checkpoint_store import resolve_checkpoint
 from Configuration_System import ConfigError
-from data_setup import prepare_eval_data
+from data_setup import is_inside, prepare_eval_data
 from dataset_scan import DataQualityError
 from eval_reports import (
     PREDICTIONS_FILE,
@@ -377,6 +377,8 @@ def prepare_validation(
     """A checkpoint's evaluation for the page: read from <eval dir>/predictions.npz when it is for this checkpoint and data, else run once and kept there."""
     folder = resolve_checkpoint(resolve_model_path(path))
     out = Path(eval_dir) if eval_dir else default_eval_dir(folder)
+    if is_inside(out, folder):
+        raise ValueError(f"--eval-dir {out} is inside the checkpoint {folder}; the page never writes into a model folder: choose another folder")
     target = out / PREDICTIONS_FILE
     predictions, computed = None, False
     if target.is_file():

@@ -206,6 +206,8 @@ def test_validation_figures_equal_validation_loop(run_copy: Path, trained_run: T
     data = prepare_validation(run_copy, num_workers=0)
     assert data.computed and (run_copy / "eval" / data.folder.name / PREDICTIONS_FILE).is_file()
     assert data.folder == run_copy / "eval" / (run_copy / "checkpoints" / "best").read_text(encoding="utf-8").strip()
+    with pytest.raises(ValueError, match="never writes into a model folder"):
+        prepare_validation(run_copy, eval_dir=data.folder.parent.parent / "checkpoints" / data.folder.name / "eval", num_workers=0)
     again = prepare_validation(run_copy, num_workers=0)
     assert not again.computed and json.dumps(again.rows) == json.dumps(data.rows)  # kept, not evaluated again (nan compares as text)
     rows = list(csv.DictReader((reference / "per_tag.csv").open(encoding="utf-8")))
