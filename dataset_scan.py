@@ -268,6 +268,13 @@ class _Plan:
         trusted = frozenset(rel for _, rel, kind, _, _ in files if kind == IMAGE and rel in self.trusted) if self.trusted else frozenset()
         return ChunkJob(files=files, cover=cover, trusted=trusted, **self.job, **extra)
 
+    def record_stats(self, index: int, result: ChunkResult) -> None:
+        """Put the sizes and mtimes chunk `index` found into the listing (its fingerprint)."""
+        if result.stats is not None:
+            rows = np.concatenate([np.arange(first, end) for first, end in self.chunks[index][0]] or [np.zeros(0, dtype=np.int64)])
+            self.listing.sizes[rows], self.listing.mtimes[rows] = result.stats[:, 0], result.stats[:, 1]
+            result.stats = None
+
     def owner(self, rel: str) -> int:
         """The chunk that owns `rel`; a new empty chunk owning just it when none does."""
         if self._owners is None:
@@ -339,13 +346,15 @@ def scan_dataset(
     processes: int | None = None,
     parallel_min: int = PARALLEL_SCAN_MIN,
     chunk_files: int = CHUNK_FILES,
+    keep_listing: bool = False,
 ) -> DatasetScan:
     """Find every image with a sidecar under `root`, check them, and list what was skipped.
 
     `trusted`: root-relative paths of unchanged images that passed the check before (not opened
     again). A folder of `parallel_min` listed files or more is scanned on `processes` spawned
     processes (default: one a usable core); fewer, here. `chunk_files` sets the chunk size; the
-    result does not depend on where the chunks ran."""
+    result does not depend on where the chunks ran. `keep_listing`: keep the walk's listing in
+    scan.listing (the scan index saves it as the fingerprint)."""
     started = time.perf_counter()
     _check_verify(verify)
     root_path = Path(root)
@@ -363,17 +372,21 @@ def scan_dataset(
             if rows >= parallel_min and wanted >= 2 and pool.processes < 2:
                 pool = stack.enter_context(ProcessMap(wanted))
 
-        listing = walk_listing(root_abs, policy, start_pool)
+        # the pool stats the files as it reads them: the walk only lists
+        listing = walk_listing(root_abs, policy, start_pool, stat=False)
         start_pool(len(listing))
         threads = num_threads if pool.processes < 2 else 1  # in a pool the processes are the parallelism: threads only cost
-        shared = {"root": root_abs, "verify": verify, "limits": limits, "max_examples": max_examples, "num_threads": threads}
+        shared = {"root": root_abs, "verify": verify, "limits": limits, "max_examples": max_examples, "num_threads": threads, "stat": True}
         plan = _Plan(listing, chunk_files, shared, trusted)
         merge = _Merge(root_abs, max_examples)
         jobs = (plan.make_job(i) for i in range(len(plan.chunks)))
         for index, result in enumerate(pool.map(scan_chunk, jobs)):
+            plan.record_stats(index, result)
             merge.add(index, result)
         replaced = _settle_foreign(plan, merge, policy, pool) if merge.foreign else []
-    scan = DatasetScan(records=[], root=root_abs, source="folder", verify=verify, max_examples=max_examples, listing=listing)
+    scan = DatasetScan(
+        records=[], root=root_abs, source="folder", verify=verify, max_examples=max_examples, listing=listing if keep_listing else None
+    )
     merge.finish(scan, replaced)
     scan.seconds = time.perf_counter() - started
     return scan
@@ -510,13 +523,19 @@ def load_manifest(
 
 
 def scan_source(
-    root: str | Path, *, manifest: str | Path | None, verify: str, limits: ScanLimits, trusted: Container[str] = frozenset()
+    root: str | Path,
+    *,
+    manifest: str | Path | None,
+    verify: str,
+    limits: ScanLimits,
+    trusted: Container[str] = frozenset(),
+    keep_listing: bool = False,
 ) -> DatasetScan:
     """The folder scan of `root`, or the records of `manifest` with their files resolved against
-    `root` (`trusted`: root-relative images not opened again)."""
+    `root` (`trusted`: root-relative images not opened again; `keep_listing` as for scan_dataset)."""
     if manifest:
         return load_manifest(manifest, root, verify=verify, limits=limits, trusted=trusted)
-    return scan_dataset(root, verify=verify, limits=limits, trusted=trusted)
+    return scan_dataset(root, verify=verify, limits=limits, trusted=trusted, keep_listing=keep_listing)
 
 
 class DatasetScanner:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from folder_walk import IMAGE, IMAGE_EXTENSIONS, NOTE, REFUSED, split_rel
+from folder_walk import IMAGE, IMAGE_EXTENSIONS, NOTE, REFUSED, file_stats, split_rel
 from image_audit import check_images, map_threads
 from sample_table import SampleTable, SampleTableBuilder, SkippedSamples
 from scan_limits import LinkPolicy, ScanLimits, TagFilter, TooManyTagsError, WarningLog, is_utf8
@@ -106,8 +106,10 @@ def read_sidecar(path: str, max_bytes: int) -> dict[str, Any] | tuple[str, str]:
     """The sidecar's JSON object, or (skip reason, why it could not be used); at most
     `max_bytes` are read, so a huge file costs no memory."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)
+        with open(path, "rb", buffering=0) as handle:
+            # read what the file holds, not max_bytes: a 4 MiB buffer a sidecar cost more than the parse
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(size + 1 if 0 < size <= max_bytes else max_bytes + 1)
         if len(raw) > max_bytes:
             return "sidecar_too_large", f"larger than data.max_sidecar_bytes={max_bytes}"
         data = json.loads(raw.decode("utf-8-sig"))
@@ -167,6 +169,7 @@ class ChunkJob:
     trusted: frozenset[str] = frozenset()
     foreign_in: list[ForeignClaim] = field(default_factory=list)
     verdicts: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    stat: bool = False  # also stat every file (for a listing walked without stat)
 
 
 @dataclass
@@ -182,6 +185,7 @@ class ChunkResult:
     warnings: WarningLog = field(default_factory=lambda: WarningLog(_CHUNK_KINDS))
     foreign: list[ForeignClaim] = field(default_factory=list)
     verdicts: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # for job.foreign_in
+    stats: np.ndarray | None = None  # (len(job.files), 2) int64 size and mtime, with job.stat
 
 
 class _Cover:
@@ -451,6 +455,11 @@ def scan_chunk(job: ChunkJob) -> ChunkResult:
     """Pair, read and check one chunk (see the module docstring); a module-level function, so
     that a spawned pool can run it."""
     chunk = _Chunk(job)
+    if job.stat:  # notes name no file: they keep the walk's (-1, -1)
+        stats = file_stats([chunk.abs(rel) for _, rel, kind, _, _ in job.files if kind != NOTE])
+        notes = [kind == NOTE for _, _, kind, _, _ in job.files]
+        it = iter(stats)
+        chunk.out.stats = np.asarray([(-1, -1) if note else next(it) for note in notes], dtype=np.int64).reshape(-1, 2)
     parsed = _read_all(chunk)
     targets, pending_stem, named_missing, failed = _claims_by_field(chunk, parsed)
     _claim(chunk, targets, pending_stem, named_missing, failed)

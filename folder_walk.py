@@ -24,7 +24,7 @@ import numpy as np
 
 from scan_limits import LinkPolicy, is_utf8
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGE", "SIDECAR", "NOTE", "REFUSED", "Listing", "walk_listing", "split_rel"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE", "SIDECAR", "NOTE", "REFUSED", "NOT_STATED", "Listing", "walk_listing", "file_stats", "split_rel"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 
@@ -33,7 +33,10 @@ IMAGE, SIDECAR, NOTE = 1, 2, 3
 # why an image or sidecar was set aside without being opened, by code (0: not set aside)
 REFUSED: tuple[str, ...] = ("", "name_not_utf8", "symlink_outside_root", "symlink_broken", "directory_unreadable")
 _REFUSED_CODE = {reason: code for code, reason in enumerate(REFUSED) if reason}
-_ENCODING = "surrogatepass"  # names that are not UTF-8 arrive surrogate-escaped and must round-trip
+_ENCODING = "surrogatepass"
+# the size and mtime of a row a walk without stat listed (file_stats fills them in)
+NOT_STATED = -2
+_NOT_STATED = (NOT_STATED, NOT_STATED)  # names that are not UTF-8 arrive surrogate-escaped and must round-trip
 
 
 def split_rel(rel: str) -> tuple[str, str]:
@@ -124,9 +127,24 @@ def _stat(entry: os.DirEntry) -> tuple[int, int]:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def _list_folder(abs_dir: str, policy: LinkPolicy, seen_real: set[str]) -> tuple[list[tuple[str, int, int, int, int, str]], list[str]]:
+def file_stats(paths: list[str]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) of each path as a walk with stat records it (following links; (-1, -1)
+    where it cannot be stat'ed)."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # a broken link, a file gone since the listing, a NUL in the name
+            out.append((-1, -1))
+            continue
+        out.append((int(st.st_size), int(st.st_mtime_ns)))
+    return out
+
+
+def _list_folder(abs_dir: str, policy: LinkPolicy, seen_real: set[str], stat: bool) -> tuple[list[tuple[str, int, int, int, int, str]], list[str]]:
     """(sorted rows (name, kind, refused code, size, mtime, note) of one folder, sorted sub-folder
-    names to visit); raises OSError when the folder cannot be listed."""
+    names to visit; size and mtime NOT_STATED unless `stat`); raises OSError when the folder cannot
+    be listed."""
     rows: list[tuple[str, int, int, int, int, str]] = []
     subdirs: list[str] = []
     with os.scandir(abs_dir) as it:
@@ -143,7 +161,7 @@ def _list_folder(abs_dir: str, policy: LinkPolicy, seen_real: set[str]) -> tuple
                 if reason is not None:
                     # images and sidecars are set aside and counted once, as a sample; folders once
                     if kind:
-                        rows.append((name, kind, _REFUSED_CODE[reason], *_stat(entry), ""))
+                        rows.append((name, kind, _REFUSED_CODE[reason], *(_stat(entry) if stat else _NOT_STATED), ""))
                     elif reason != "symlink_broken" and os.path.isdir(entry.path):
                         rows.append((name, NOTE, _REFUSED_CODE[reason], -1, -1, "skipped folder or file"))
                     continue
@@ -160,17 +178,19 @@ def _list_folder(abs_dir: str, policy: LinkPolicy, seen_real: set[str]) -> tuple
             except OSError as exc:
                 rows.append((name, NOTE, _REFUSED_CODE["directory_unreadable"], -1, -1, str(exc)))
                 continue
-            rows.append((name, kind, 0, *_stat(entry), ""))
+            rows.append((name, kind, 0, *(_stat(entry) if stat else _NOT_STATED), ""))
     rows.sort()
     subdirs.sort()
     return rows, subdirs
 
 
-def walk_listing(root: str, policy: LinkPolicy, progress: Callable[[int], None] | None = None) -> Listing:
+def walk_listing(root: str, policy: LinkPolicy, progress: Callable[[int], None] | None = None, *, stat: bool = True) -> Listing:
     """Every image and sidecar below `root` (see the module docstring). Links are followed as
     `policy` allows (linked folders once); names that are not UTF-8, refused links and unreadable
     folders are rows of their own, so that the scan counts them and a fingerprint sees them.
-    `progress` is called with the number of rows so far after each folder."""
+    `progress` is called with the number of rows so far after each folder. Without `stat` the
+    sizes and mtimes are NOT_STATED, for a caller that stats the files elsewhere (the scan does,
+    on its pool, with file_stats)."""
     root_abs = os.path.abspath(root)
     rows = _Rows()
     folders: list[tuple[str, int, int]] = []
@@ -182,7 +202,7 @@ def walk_listing(root: str, policy: LinkPolicy, progress: Callable[[int], None] 
         prefix = rel + "/" if rel else ""
         first = len(rows)
         try:
-            listed, subdirs = _list_folder(os.path.join(root_abs, *rel.split("/")) if rel else root_abs, policy, seen_real)
+            listed, subdirs = _list_folder(os.path.join(root_abs, *rel.split("/")) if rel else root_abs, policy, seen_real, stat)
         except OSError as exc:
             listed, subdirs, prefix = [(rel or ".", NOTE, _REFUSED_CODE["directory_unreadable"], -1, -1, str(exc))], [], ""
         rows.add_folder(prefix, listed, notes)

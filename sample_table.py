@@ -343,24 +343,22 @@ class SampleTableBuilder:
         self._paths += image_path.encode("utf-8", _ERRORS)
         self._path_offsets.append(len(self._paths))
         tag_index, category_index = self._tag_index, self._category_index
-        seen: set[int] = set()
-        for position, tag in enumerate(tags):
-            tid = tag_index.get(tag)
-            if tid is None:
-                tid = tag_index[tag] = len(tag_index)
-            elif tid in seen:  # a row holds each tag once (a scan's records already do)
-                continue
-            seen.add(tid)
-            self._tag_ids.append(tid)
-            category = categories[position] if position < len(categories) else ""
-            cid = category_index.get(category)
-            if cid is None:
-                if len(category_index) >= 255:
-                    raise ValueError(f"sample {sample_id!r}: more than 255 distinct tag categories")
-                cid = category_index[category] = len(category_index)
-            self._categories.append(cid)
+        ids = [tag_index.setdefault(tag, len(tag_index)) for tag in tags]
+        cats = list(categories[: len(ids)]) + [""] * (len(ids) - len(categories))
+        if len(set(ids)) != len(ids):  # a row holds each tag once, at its first place (a scan's records already do)
+            seen: set[int] = set()
+            first = [k for k, tid in enumerate(ids) if not (tid in seen or seen.add(tid))]
+            ids, cats = [ids[k] for k in first], [cats[k] for k in first]
+        self._tag_ids.extend(ids)
+        self._categories.extend([category_index[c] if c in category_index else self._new_category(c, sample_id) for c in cats])
         self._tag_offsets.append(len(self._tag_ids))
         self._ratings.append(int(rating))
+
+    def _new_category(self, category: str, sample_id: str) -> int:
+        """The id of a category met for the first time (at most 255 of them: a uint8 a tag)."""
+        if len(self._category_index) >= 255:
+            raise ValueError(f"sample {sample_id!r}: more than 255 distinct tag categories")
+        return self._category_index.setdefault(category, len(self._category_index))
 
     def extend(self, table: SampleTable) -> None:
         """Append every row of `table` (its paths relative to this builder's root, or to its own
@@ -369,12 +367,10 @@ class SampleTableBuilder:
         if table.root and table.root != self.root:
             raise ValueError(f"extend: a table under {table.root!r} into a builder under {self.root!r}")
         tag_map = np.asarray([self._tag_index.setdefault(name, len(self._tag_index)) for name in table.tag_names] or [0], dtype=np.int32)
-        for name in table.category_names:
-            if name not in self._category_index:
-                if len(self._category_index) >= 255:
-                    raise ValueError("more than 255 distinct tag categories")
-                self._category_index[name] = len(self._category_index)
-        cat_map = np.asarray([self._category_index[name] for name in table.category_names] or [0], dtype=np.uint8)
+        index = self._category_index
+        cat_map = np.asarray(
+            [index[name] if name in index else self._new_category(name, "(appended table)") for name in table.category_names] or [0], dtype=np.uint8
+        )
         for blob, offsets, own, own_offsets in (
             (table.id_blob, table.id_offsets, self._ids, self._id_offsets),
             (table.path_blob, table.path_offsets, self._paths, self._path_offsets),

@@ -307,7 +307,7 @@ def scan_with_index(
 def _scan(root: str, manifest: str | None, verify: str, limits: ScanLimits, trusted: Any, index_path: Path | None) -> tuple[DatasetScan, str]:
     """The scan, and the index written to `index_path` when given: (scan, why the index could not
     be written, or ''). The folder scan's listing is its fingerprint; a manifest's folder is walked."""
-    scan = scan_source(root, manifest=manifest, verify=verify, limits=limits, trusted=trusted)
+    scan = scan_source(root, manifest=manifest, verify=verify, limits=limits, trusted=trusted, keep_listing=True)
     listing, scan.listing = scan.listing, None
     if listing is not None:
         fp = Fingerprint.from_listing(listing, _manifest_extra(manifest))

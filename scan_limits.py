@@ -42,6 +42,8 @@ class ScanLimits:
 
 def is_utf8(text: str) -> bool:
     """Whether `text` encodes as UTF-8 (False for surrogate-escaped names and lone surrogates)."""
+    if text.isascii():  # most names and tags: no encoding needed to know
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

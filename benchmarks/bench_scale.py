@@ -265,6 +265,8 @@ class TreeWatcher:
                 info["peak_rss"] = max(info["peak_rss"], _peak_rss(proc))
                 if uss_due and info.get("measure_uss"):
                     info["peak_uss"] = max(info["peak_uss"] or 0, proc.memory_full_info().uss)
+                for mark in self.marks:  # each process's peaks so far when a mark was first seen
+                    info.setdefault("at", {}).setdefault(mark, (info["peak_rss"], info["peak_uss"]))
             except psutil.Error:  # ended between the listing and the look
                 continue
 
@@ -296,6 +298,7 @@ class TreeWatcher:
                 "parent": info["parent"],
                 "seen_s": [round(info["first_seen_s"], 2), round(info.get("last_seen_s", 0.0), 2)],
                 "peak_rss_bytes": info["peak_rss"],
+                **{f"peak_rss_at_{mark}_bytes": rss for mark, (rss, _) in info.get("at", {}).items()},
                 "command": info["cmdline"][:120],
             }
             for pid, info in sorted(self.procs.items(), key=lambda kv: kv[1]["first_seen_s"])
@@ -308,7 +311,14 @@ class TreeWatcher:
         other (multiprocessing's resource tracker, anything else)."""
         main_pid = self.root.pid
         scan_done = self.marks.get("data_line", float("inf"))
-        tracker = {pid for pid, info in self.procs.items() if "resource_tracker" in info["cmdline"]}
+        main_cmd = self.procs[main_pid]["cmdline"] if main_pid in self.procs else ""
+        # the resource tracker, and forks of the main process before the scan ended (a library
+        # running a helper program: the fork lives until its exec) are neither scan nor loader
+        tracker = {
+            pid
+            for pid, info in self.procs.items()
+            if "resource_tracker" in info["cmdline"] or (info["cmdline"] == main_cmd and pid != main_pid and info["first_seen_s"] < scan_done)
+        }
         early = [pid for pid, info in self.procs.items() if info["parent"] == main_pid and info["first_seen_s"] < scan_done and pid not in tracker]
         parents = {info["parent"] for pid, info in self.procs.items() if pid not in tracker}
         roles: dict[int, str] = {main_pid: "main"}
@@ -327,17 +337,25 @@ class TreeWatcher:
                 roles[pid] = "scan_pool_worker" if roles.get(info["parent"]) == "scan_child" else "other"
         return roles
 
-    def roles(self) -> dict[str, Any]:
-        """Per role (see _role_map): how many processes, the largest peak RSS, and for loader
-        workers the largest peak of private memory (their RSS counts pages shared with the parent)."""
+    def roles(self, upto: str = "first_step") -> dict[str, Any]:
+        """Per role (see _role_map), over the processes of the start-up (those seen before the
+        `upto` mark): how many, the largest peak RSS up to that mark (a process that ended before
+        it: its whole life), the largest peak to the run's end (which adds the stop and its
+        checkpoint), and for loader workers the largest peak of private memory (their RSS counts
+        pages shared with the parent)."""
         out: dict[str, dict[str, Any]] = {}
+        until = self.marks.get(upto, float("inf"))
         for pid, role in self._role_map().items():
             info = self.procs[pid]
-            entry = out.setdefault(role, {"processes": 0, "peak_rss_bytes": 0})
+            if info["first_seen_s"] > until:
+                continue
+            rss, uss = info.get("at", {}).get(upto, (info["peak_rss"], info["peak_uss"]))
+            entry = out.setdefault(role, {"processes": 0, "peak_rss_bytes": 0, "peak_rss_to_exit_bytes": 0})
             entry["processes"] += 1
-            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], info["peak_rss"])
-            if info["peak_uss"] is not None:
-                entry["peak_private_bytes"] = max(entry.get("peak_private_bytes", 0), info["peak_uss"])
+            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], rss)
+            entry["peak_rss_to_exit_bytes"] = max(entry["peak_rss_to_exit_bytes"], info["peak_rss"])
+            if uss is not None:
+                entry["peak_private_bytes"] = max(entry.get("peak_private_bytes", 0), uss)
         return out
 
 
@@ -376,21 +394,24 @@ def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> 
 
     def read() -> None:
         for line in proc.stdout:
+            # the scan's summary, then the split's: the main process's peak so far is noted at each
             if line.startswith("data:"):
                 watcher.mark("data_line")
-                # the loader workers start after the scan: follow their private memory too
+            elif line.startswith("split:"):
+                watcher.mark("split_line")
             lines.append(line.rstrip("\n"))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     first = None
     while proc.poll() is None and time.perf_counter() - started < timeout:
-        if "data_line" in watcher.marks:
+        if "data_line" in watcher.marks:  # the loader workers start after the scan: their private memory too
             for pid, info in list(watcher.procs.items()):
                 if info["parent"] == proc.pid and info["first_seen_s"] >= watcher.marks["data_line"]:
                     watcher.want_uss(pid)
         if _train_records(metrics) > seen:
             first = time.perf_counter() - started
+            watcher.mark("first_step")
             (run_dir / "STOP").write_text("", encoding="utf-8")
             break
         time.sleep(0.05)
