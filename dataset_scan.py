@@ -258,7 +258,7 @@ class _Plan:
         self.chunks.append(([(start, end)], [(folder, names[start - first] if start > first else None, None)]))
 
     def make_job(self, index: int, **extra: Any) -> ChunkJob:
-        """The job of chunk `index` (an index past the cut chunks is one added by `add_owner`)."""
+        """The job of chunk `index` (one past the cut chunks is an empty one `owner` added)."""
         rows, cover = self.chunks[index]
         files: list[tuple[int, str, int, int, str]] = []
         for first, end in rows:

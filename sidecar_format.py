@@ -10,6 +10,7 @@ never normalised) and ``SidecarFormatError`` for fields of the wrong type. It im
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Iterable, Mapping
 
 from scan_limits import TagFilter
@@ -57,16 +58,19 @@ def split_tag_string(text: str, tag_filter: TagFilter | None = None) -> list[str
 
 def _normalised(parts: list[Any], field_name: str, tag_filter: TagFilter | None) -> list[str]:
     """Normalised non-empty tags of `parts` (strings), through the limits of `tag_filter`."""
+    limit = sys.maxsize
     if tag_filter is not None:
         tag_filter.check_count(len(parts), field_name)
+        limit = tag_filter.max_chars
     out = []
     for item in parts:
         if not isinstance(item, str):
             raise SidecarFormatError(f"field {field_name!r} holds a {type(item).__name__}, expected strings")
-        if tag_filter is not None and not tag_filter.raw_ok(item):
+        # the filter's methods only for a tag near a limit or not ASCII: most tags are neither
+        if tag_filter is not None and len(item) > 4 * limit and not tag_filter.raw_ok(item):
             continue
         tag = _norm(item)
-        if tag and (tag_filter is None or tag_filter.accept(tag)):
+        if tag and (tag_filter is None or (len(tag) <= limit and tag.isascii()) or tag_filter.accept(tag)):
             out.append(tag)
     return out
 

@@ -451,6 +451,8 @@ def above_baseline(run: dict[str, Any], base: dict[str, Any], extra_samples: int
         ours, theirs = run[phase]["processes"], base[phase]["processes"]
         out[phase] = {}
         for role, entry in ours.items():
+            if role == "other":  # the resource tracker and short-lived forks: nothing of the data
+                continue
             for key in ("peak_rss_bytes", "peak_private_bytes"):
                 if key in entry:
                     # a process the small run did not need (the scan's pool) is held against what
