@@ -143,3 +143,5 @@ def test_timm_backbone_against_a_plain_timm_loop() -> None:
     assert results["ours_eager"]["params"] == results["timm_eager"]["params"]
     assert all(r["images_per_s"] > 0 and r["final_loss"] > 0 for r in results.values())
     assert report["ratios"]["eager"]["images_per_s_ours_over_timm"] > 0
+    paired = [t / o for o, t in zip(report["round_step_time_ms"]["ours_eager"], report["round_step_time_ms"]["timm_eager"])]
+    assert report["ratios"]["eager"]["images_per_s_ours_over_timm_paired_median"] == pytest.approx(sorted(paired)[len(paired) // 2])
