@@ -311,14 +311,14 @@ class TreeWatcher:
         other (multiprocessing's resource tracker, anything else)."""
         main_pid = self.root.pid
         scan_done = self.marks.get("data_line", float("inf"))
-        main_cmd = self.procs[main_pid]["cmdline"] if main_pid in self.procs else ""
-        # the resource tracker, and forks of the main process before the scan ended (a library
-        # running a helper program: the fork lives until its exec) are neither scan nor loader
+        # before the scan's summary the main process starts only the scan's spawned processes; anything
+        # else then (the resource tracker, a library's helper program) is neither scan nor loader
         tracker = {
             pid
             for pid, info in self.procs.items()
-            if "resource_tracker" in info["cmdline"] or (info["cmdline"] == main_cmd and pid != main_pid and info["first_seen_s"] < scan_done)
+            if "resource_tracker" in info["cmdline"] or (info["first_seen_s"] < scan_done and "spawn_main" not in info["cmdline"])
         }
+        tracker.discard(main_pid)
         early = [pid for pid, info in self.procs.items() if info["parent"] == main_pid and info["first_seen_s"] < scan_done and pid not in tracker]
         parents = {info["parent"] for pid, info in self.procs.items() if pid not in tracker}
         roles: dict[int, str] = {main_pid: "main"}
@@ -388,7 +388,9 @@ def time_to_first_step(work: Path, root: Path, resume: bool, timeout: float) -> 
         cmd += ["--resume", "latest"]
     seen = _train_records(metrics)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # unbuffered: the scan's summary line must arrive when it is printed (it marks the scan's end)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watcher = TreeWatcher(proc.pid)
     lines: list[str] = []
 
