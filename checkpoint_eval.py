@@ -5,14 +5,18 @@ It owns:
 - `model_from_checkpoint`: the one place a network is built from a checkpoint's contents (its
   model config and weights);
 - `load_checkpoint_for_eval` / `LoadedCheckpoint`: a step folder or last/best pointer -> the
-  model (or its EMA) on a device, its vocabulary, preprocessing, run config and step;
+  model (or its EMA) on a device, its vocabulary, preprocessing, run config and step; a released
+  WD v3 tagger folder (config.json + model.safetensors + selected_tags.csv, read by wd_release)
+  loads as the release's own model (its tags in selected_tags.csv order, its input convention), with
+  the default config and no data root (`LoadedCheckpoint.kind == "release"`: evaluating it needs a
+  dataset folder); a WD v2 (ONNX-only) or incomplete release is refused naming what is missing;
 - `evaluate` / `EvalResult` / `EvalExamples`: a model run over a loader into a `MetricComputer`
   (tagging and rating metrics, all-reduced under DDP), the skipped samples named.
 
 Training's inline validation (train_direct), the evaluation CLI (validation_loop), the export
 (export_model) and the tagger's PyTorch backend (tag_images) all call it; none of those entry
 points imports another. It imports batching, checkpoint_store, Configuration_System,
-evaluation_metrics, image_preprocess, model_architecture and vocabulary.
+evaluation_metrics, image_preprocess, timm_tagger, vocabulary and wd_release.
 """
 
 from __future__ import annotations
@@ -26,18 +30,29 @@ from typing import Any
 import torch
 
 from batching import ImagePreFetcher
-from checkpoint_store import CheckpointContents, read_checkpoint, read_run_config, resolve_checkpoint
+from checkpoint_store import COMPLETE_MARKER, CheckpointContents, read_checkpoint, read_run_config, resolve_checkpoint
 from Configuration_System import RootConfig
 from evaluation_metrics import MetricComputer
 from image_preprocess import PreprocessParams
-from model_architecture import SimplifiedTagger
+from timm_tagger import Tagger, build_tagger
 from vocabulary import TagVocabulary
+from wd_release import WdRelease, read_release, release_layout, release_problem
 
 # Called with each evaluated batch (as ImagePreFetcher yields it: normalised images, "tag_targets",
 # "ratings") and the model's outputs for it.
 BatchObserver = Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], None]
 
-__all__ = ["BatchObserver", "EvalExamples", "EvalResult", "LoadedCheckpoint", "evaluate", "load_checkpoint_for_eval", "model_from_checkpoint"]
+__all__ = [
+    "BatchObserver",
+    "EvalExamples",
+    "EvalResult",
+    "LoadedCheckpoint",
+    "evaluate",
+    "load_checkpoint_for_eval",
+    "load_release_for_eval",
+    "model_from_checkpoint",
+    "release_vocabulary",
+]
 
 
 @dataclass
@@ -131,9 +146,9 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def model_from_checkpoint(contents: CheckpointContents) -> SimplifiedTagger:
-    """The network a checkpoint describes, with its weights loaded (on the CPU)."""
-    model = SimplifiedTagger(contents.model_config)
+def model_from_checkpoint(contents: CheckpointContents) -> Tagger:
+    """The network a checkpoint describes (either family: timm_tagger.build_tagger), with its weights loaded (on the CPU)."""
+    model = build_tagger(contents.model_config)
     model.load_state_dict(contents.state_dict)
     return model
 
@@ -144,14 +159,43 @@ class LoadedCheckpoint:
 
     folder: Path
     cfg: RootConfig
-    model: SimplifiedTagger
+    model: Tagger
     vocab: TagVocabulary
     preprocess: PreprocessParams
     step: int
+    kind: str = "checkpoint"  # "release": a WD tagger release folder (no run config, no data root, step 0)
+
+
+def release_vocabulary(release: WdRelease) -> TagVocabulary:
+    """The release's tags as a vocabulary: selected_tags.csv order (general, then character), counts and categories."""
+    labels = release.labels
+    names = [*labels.general, *labels.character]
+    counts = [*labels.general_counts, *labels.character_counts]
+    frequencies = dict(zip(names, (int(c) for c in counts))) if len(counts) == len(names) else None
+    return TagVocabulary(names, frequencies, release.tag_categories())
+
+
+def load_release_for_eval(folder: str | Path, device: torch.device) -> LoadedCheckpoint:
+    """A released WD v3 tagger folder as a loaded model: the release's own outputs on the reference recipe's pixels
+    (white pad to a square, its interpolation to its input size, BGR); the default config, no data root."""
+    release = read_release(folder)
+    model = release.build_model()
+    cfg = RootConfig()
+    cfg.data.root = ""  # a release has no run config: the data must be named (--data)
+    return LoadedCheckpoint(Path(folder), cfg, model.to(device), release_vocabulary(release), release.config.preprocess(), 0, "release")
 
 
 def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool = False) -> LoadedCheckpoint:
-    """Model (or its EMA), vocabulary, preprocessing and config from a step folder or pointer file."""
+    """Model (or its EMA), vocabulary, preprocessing and config from a step folder or pointer file, or a WD release folder
+    (ValueError for --ema on one, and naming what a WD v2 / incomplete release lacks)."""
+    candidate = Path(path)
+    if candidate.is_dir() and not (candidate / COMPLETE_MARKER).is_file() and release_layout(candidate) is not None:
+        problem = release_problem(candidate)
+        if problem is not None:
+            raise ValueError(problem)
+        if ema:
+            raise ValueError(f"{candidate} is a released WD tagger folder: it has no EMA weights (leave out --ema)")
+        return load_release_for_eval(candidate, device)
     folder = resolve_checkpoint(path)
     cfg = read_run_config(folder)
     contents = read_checkpoint(folder, ema=ema)

@@ -93,6 +93,16 @@ def _calibration_text(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _architecture_line(train_cfg: Any) -> str:
+    """The card's architecture line: our ViT's shape, or the timm architecture and its arguments."""
+    if getattr(train_cfg, "family", "vit") == "timm":
+        return f"- architecture: {train_cfg.describe()}; trained at {train_cfg.image_size} px"
+    return (
+        f"- architecture: ViT {train_cfg.embed_dim} wide, {train_cfg.depth} blocks, {train_cfg.num_heads} heads, "
+        f"patch {train_cfg.patch_size}, {train_cfg.pooling} pooling; trained at {train_cfg.image_size} px"
+    )
+
+
 def model_card(report: Mapping[str, Any], train_cfg: VisionTransformerConfig, plan: OutputPlan) -> str:
     """README.md text for an export folder."""
     size = report["image_size"]
@@ -147,10 +157,7 @@ def model_card(report: Mapping[str, Any], train_cfg: VisionTransformerConfig, pl
         "## Data",
         "",
         f"- dataset: `{report['data']}`; validation images: {report['validation_samples']}",
-        (
-            f"- architecture: ViT {train_cfg.embed_dim} wide, {train_cfg.depth} blocks, {train_cfg.num_heads} heads, "
-            f"patch {train_cfg.patch_size}, {train_cfg.pooling} pooling; trained at {train_cfg.image_size} px"
-        ),
+        _architecture_line(train_cfg),
         "",
         "## Tags",
         "",
@@ -176,6 +183,8 @@ def model_card(report: Mapping[str, Any], train_cfg: VisionTransformerConfig, pl
         (
             f"- training letterboxed each image (resize the long side, then pad with {pre['pad_color']}); padding first "
             "and resizing after gives the same picture up to the resampling of the edges"
+            if pre.get("layout", "letterbox") == "letterbox"
+            else f"- training padded each image to a square with {pre['pad_color']}, then resized it ({pre.get('resample', 'bicubic')}): the same pixels"
         ),
         f"- batch dimension dynamic; input size fixed at {size} px"
         + ("" if size == train_cfg.image_size else f" (position embedding resampled from the training size {train_cfg.image_size} px)"),

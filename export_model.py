@@ -52,12 +52,13 @@ from dataset_scan import DataQualityError
 from evaluation_metrics import json_safe
 from export_calibration import Calibration, fit_calibration
 from export_card import model_card
-from export_memory import ExportMemoryError, ExportPlan, ExportShape, estimate_export_memory, plan_export
+from export_memory import ExportMemoryError, ExportPlan, ExportShape, estimate_export_memory, plan_export, timm_shape
 from export_passes import FeatureSpill, PooledTagger, exported_metrics, verify_onnx
 from file_io import atomic_write_text, replace_with_retry
 from image_preprocess import PreprocessParams
 from machine_fit import memory_budget
-from timm_layout import timm_config, timm_state_dict, write_timm_folder
+from timm_layout import timm_config, timm_family_config, timm_family_state_dict, timm_state_dict, write_timm_folder
+from timm_tagger import Tagger, TimmTagger
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
     DEFAULT_GENERAL_THRESHOLD,
@@ -202,12 +203,21 @@ def _memory_plan(args: argparse.Namespace, ck: LoadedCheckpoint, plan: OutputPla
     cfg, model = ck.cfg, ck.model
     workers = args.num_workers if args.num_workers >= 0 else cfg.data.num_workers
     workers = 2 if workers < 0 else workers  # an unresolved -1 loads with at most 2 workers (build_eval_loader)
+    if isinstance(model, TimmTagger):
+        backbone = timm_shape(model.body, model.cfg.architecture)
+    else:
+        backbone = {
+            "patch_size": model.cfg.patch_size,
+            "embed_dim": model.cfg.embed_dim,
+            "num_heads": model.cfg.num_heads,
+            "mlp_ratio": model.cfg.mlp_ratio,
+        }
     shape = ExportShape(
         image_size=model.cfg.image_size,
-        patch_size=model.cfg.patch_size,
-        embed_dim=model.cfg.embed_dim,
-        num_heads=model.cfg.num_heads,
-        mlp_ratio=model.cfg.mlp_ratio,
+        patch_size=int(backbone["patch_size"]),
+        embed_dim=int(backbone["embed_dim"]),
+        num_heads=int(backbone["num_heads"]),
+        mlp_ratio=float(backbone["mlp_ratio"]),
         num_params=sum(p.numel() for p in model.parameters()),
         vocab_tags=len(ck.vocab),
         exported_tags=len(plan.columns),
@@ -232,6 +242,10 @@ def _memory_plan(args: argparse.Namespace, ck: LoadedCheckpoint, plan: OutputPla
 def _load(args: argparse.Namespace, categories: list[str], device: torch.device) -> Loaded:
     """Checkpoint, the model at the export size, output plan, memory plan, validation data (errors propagate)."""
     ck = load_checkpoint_for_eval(args.checkpoint, device, ema=args.ema)
+    if ck.kind == "release":
+        raise ValueError(
+            f"{ck.folder} is a released WD tagger folder, already in the WD layout: export a training checkpoint (step_<N> or last/best)"
+        )
     plan = plan_outputs(ck.vocab, categories)
     trained = ck.model.cfg
     size = args.image_size or ck.preprocess.image_size
@@ -339,6 +353,13 @@ def _passes(
     return raw_metrics, calibration, wd, ExportRun(exported, check.max_abs_diff, check.images, seconds)
 
 
+def _timm_files(model: Tagger, plan: OutputPlan, preprocess: PreprocessParams, wd: WDTagger) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and model.safetensors of the timm folder: our ViT in timm's ViT layout, a timm-family model as the WD v3 releases are."""
+    if isinstance(model, TimmTagger):
+        return timm_family_config(model, plan.labels.names, preprocess), timm_family_state_dict(model, wd.head)
+    return timm_config(model.cfg, plan.labels.names, preprocess.mean, preprocess.std), timm_state_dict(model, wd.head)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export, verify, report; 0 on success, 1 when onnxruntime disagrees with PyTorch, 2 on bad input or too little memory."""
     args = parse_args(argv)
@@ -379,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_metrics, calibration, wd, run = _passes(args, loaded, targets, stage, device)
     model = ck.model
     atomic_write_text(stage / LABELS_FILE, plan.labels.to_csv_text())
-    write_timm_folder(stage, timm_config(model.cfg, plan.labels.names, preprocess.mean, preprocess.std), timm_state_dict(model, wd.head))
+    write_timm_folder(stage, *_timm_files(model, plan, preprocess, wd))
     atomic_write_text(stage / THRESHOLDS_FILE, json.dumps(thresholds_document(plan, run, calibration), indent=1, ensure_ascii=False))
     report = _report(args, loaded, categories, raw_metrics, run, calibration)
     atomic_write_text(stage / REPORT_FILE, json.dumps(json_safe(report), indent=1, ensure_ascii=False))

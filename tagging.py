@@ -8,9 +8,15 @@ batches with `predict`, choose tags with `Thresholds.decide` and write the capti
 A model is anything the other tools accept (`open_model`):
 
 - an exported WD folder (model.onnx + selected_tags.csv, SmilingWolf's releases too): onnxruntime,
-  the input size from the ONNX input shape;
-- a timm-layout folder without model.onnx (config.json + model.safetensors + selected_tags.csv, as
-  export_model writes next to the ONNX): PyTorch, through timm_layout's reader;
+  the input size from the ONNX input shape, the pixels as the model expects them (our export: its
+  export_report.json's layout and filter, white pad; a release: its config.json's, the reference
+  recipe's white pad to a square then resize);
+- one of our ViT's timm-layout folders without model.onnx (config.json + model.safetensors +
+  selected_tags.csv, as export_model writes next to the ONNX): PyTorch, through timm_layout's reader;
+- any other timm folder without model.onnx: a released WD v3 tagger, a timm-family export
+  (config.json + model.safetensors + selected_tags.csv): PyTorch, built by timm through
+  checkpoint_eval (wd_release's reader: the release's outputs on the reference recipe's pixels;
+  an incomplete release is refused naming what is missing);
 - a training checkpoint (a step folder or a last/best pointer) or a run folder (its best
   checkpoint, else its last): PyTorch, raw (uncalibrated) probabilities in selected_tags.csv order.
 
@@ -25,7 +31,7 @@ the category's probabilities of one image, cut in the middle of the largest gap 
 a character cut is never below 0.15, as SmilingWolf's wd-tagger page does).
 
 It imports checkpoint_eval, checkpoint_store, image_preprocess, model_architecture, timm_layout,
-wd_format and wd_model.
+wd_format, wd_model and wd_release.
 """
 
 from __future__ import annotations
@@ -48,12 +54,13 @@ from checkpoint_store import COMPLETE_MARKER, resolve_checkpoint, run_dir_of
 from dataset_scan import IMAGE_EXTENSIONS
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
 from model_architecture import SimplifiedTagger
-from timm_layout import TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE, read_timm_folder
+from timm_layout import TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE, is_vit_export, read_timm_folder
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
     DEFAULT_GENERAL_THRESHOLD,
     LABELS_FILE,
     ONNX_FILE,
+    REPORT_FILE,
     THRESHOLDS_FILE,
     LabelTable,
     TagDecision,
@@ -62,6 +69,7 @@ from wd_format import (
     select_tags,
 )
 from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger
+from wd_release import read_release_config, release_layout
 
 __all__ = [
     "KAOMOJIS",
@@ -79,6 +87,7 @@ __all__ = [
     "mcut_threshold",
     "merge_caption",
     "model_thresholds",
+    "onnx_preprocess",
     "open_model",
     "predict",
     "read_image",
@@ -292,6 +301,24 @@ class TaggingModel(Protocol):
         ...
 
 
+def onnx_preprocess(folder: Path, image_size: int) -> PreprocessParams:
+    """The pixels an ONNX WD folder expects at `image_size`, always padded with white: our export's layout and
+    filter (export_report.json), else a release's (config.json: pad to a square, then its filter), else a white letterbox."""
+    report = folder / REPORT_FILE
+    if report.is_file():
+        try:
+            stored = json.loads(report.read_text(encoding="utf-8")).get("preprocess")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ValueError(f"{report}: unreadable export report ({exc})") from None
+        if stored is not None:
+            params = PreprocessParams.from_dict(stored)
+            return PreprocessParams(image_size=image_size, pad_color=WHITE, resample=params.resample, layout=params.layout)
+    if release_layout(folder) is not None and (folder / TIMM_CONFIG_FILE).is_file():
+        release = read_release_config(folder).preprocess()
+        return PreprocessParams(image_size=image_size, pad_color=WHITE, resample=release.resample, layout=release.layout)
+    return PreprocessParams(image_size=image_size, pad_color=WHITE)
+
+
 class OnnxModel:
     """A WD-tagger folder (model.onnx + selected_tags.csv) run by onnxruntime."""
 
@@ -309,7 +336,7 @@ class OnnxModel:
         self.input_name = node.name
         self.one_at_a_time = shape[0] == 1  # some releases fix the batch size at 1
         self.image_size = int(shape[1])
-        self.preprocess = PreprocessParams(image_size=self.image_size, pad_color=WHITE)
+        self.preprocess = onnx_preprocess(folder, self.image_size)
         outputs = self.session.get_outputs()[0].shape
         if isinstance(outputs[-1], int) and outputs[-1] != 4 + self.labels.num_tags:
             raise ValueError(f"{folder}: the model has {outputs[-1]} outputs but {LABELS_FILE} describes {4 + self.labels.num_tags}")
@@ -340,14 +367,16 @@ class _TorchWDModel:
 
 
 class TorchCheckpointModel(_TorchWDModel):
-    """A training checkpoint run by PyTorch (raw, uncalibrated probabilities)."""
+    """A training checkpoint (raw, uncalibrated probabilities), or a timm folder (a WD release, a timm-family
+    export: its own outputs, kind "timm"), run by PyTorch."""
 
     kind = "checkpoint"
 
     def __init__(self, checkpoint: Path, device: str, ema: bool) -> None:
-        """Load the checkpoint; outputs in selected_tags.csv order (all categories, as export_model's default)."""
+        """Load the checkpoint or folder (checkpoint_eval); outputs in selected_tags.csv order (all categories, as export_model's default)."""
         self.device = torch.device(device)
         ck = load_checkpoint_for_eval(checkpoint, self.device, ema=ema)
+        self.kind = "timm" if ck.kind == "release" else "checkpoint"
         self.source = ck.folder
         self.step = ck.step
         plan = plan_outputs(ck.vocab)
@@ -415,7 +444,7 @@ def open_model(model: str | Path, device: str = "cpu", ema: bool = False) -> Tag
     path = resolve_model_path(model)
     if path.is_dir() and (path / ONNX_FILE).is_file():
         return OnnxModel(path, device)
-    if path.is_dir() and (path / TIMM_CONFIG_FILE).is_file() and (path / LABELS_FILE).is_file():
+    if path.is_dir() and (path / TIMM_CONFIG_FILE).is_file() and (path / LABELS_FILE).is_file() and is_vit_export(path):
         return TimmFolderModel(path, device)
     if path.is_dir() and not any((path / name).exists() for name in _MODEL_FILES):
         raise ValueError(

@@ -17,7 +17,16 @@ pretrained_cfg_overlay=dict(file=".../model.safetensors", num_classes=N))` (with
 the overlay timm drops the head as "another number of classes"). Outputs are logits (sigmoid for tags, softmax over the first four
 for the rating). timm itself is not needed to write or read the folder.
 
-It imports model_architecture and Configuration_System (atomic writes).
+A timm-family run (`TimmTagger`) is written as the WD v3 releases are (`timm_family_config`,
+`timm_family_state_dict`): its architecture and model_args, the release's pretrained_cfg keys
+(input size, interpolation, mean/std, crop_pct 1.0), the body's own state dict and the fused head
+as timm's classifier (its key from the body's `get_classifier()`, e.g. `head`), rows in
+selected_tags.csv order. It takes BGR input like the releases: a run that already takes BGR (one
+initialised from a release) keeps its weights as they are, an RGB one has its first convolution's
+input channels reversed. `timm.create_model("local-dir:FOLDER", pretrained=True)` builds it unchanged
+and `wd_release.read_release` reads it back.
+
+It imports model_architecture, timm_tagger and file_io (atomic writes).
 """
 
 from __future__ import annotations
@@ -33,14 +42,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from file_io import atomic_write_text, replace_with_retry
+from image_preprocess import PreprocessParams
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
+from timm_tagger import TimmTagger
 
 __all__ = [
     "TIMM_CONFIG_FILE",
     "TIMM_WEIGHTS_FILE",
     "TimmFolder",
     "read_timm_folder",
+    "is_vit_export",
     "timm_config",
+    "timm_family_config",
+    "timm_family_state_dict",
     "timm_model_args",
     "timm_state_dict",
     "write_timm_folder",
@@ -59,6 +73,7 @@ _ARCHITECTURES: dict[tuple[int, int, int], str] = {
     (1024, 24, 16): "vit_large_patch16_224",
 }
 _DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
+_OUR_TAG = "oppaioracle"  # pretrained_cfg tag of our ViT's exports (timm_config)
 
 # model_args our architecture can express, with the only values it supports (None = any value).
 _SUPPORTED_ARGS: dict[str, Any] = {
@@ -127,7 +142,7 @@ def timm_config(
         "global_pool": args["global_pool"],
         "model_args": args,
         "pretrained_cfg": {
-            "tag": "oppaioracle",
+            "tag": _OUR_TAG,
             "custom_load": False,
             "input_size": [3, size, size],
             "fixed_input_size": True,
@@ -163,6 +178,63 @@ def timm_state_dict(backbone: SimplifiedTagger, head: torch.nn.Linear) -> dict[s
     return state
 
 
+def _classifier_name(model: TimmTagger) -> str:
+    """The module name of timm's classifier in the body (e.g. "head", "head.fc"): where the fused head's rows go."""
+    classifier = model.body.get_classifier()
+    for name, module in model.body.named_modules():
+        if module is classifier:
+            return name
+    raise ValueError(f"timm model {model.cfg.architecture}: its classifier is not a submodule of the body")
+
+
+def timm_family_config(model: TimmTagger, label_names: Sequence[str], preprocess: PreprocessParams, *, description: str = "") -> dict[str, Any]:
+    """config.json of a timm-family tagger in the WD v3 releases' layout (architecture, model_args, pretrained_cfg)."""
+    cfg = model.cfg
+    size = cfg.image_size
+    config: dict[str, Any] = {"architecture": cfg.architecture, "num_classes": len(label_names), "num_features": int(model.num_features)}
+    pool = getattr(model.body, "global_pool", None)
+    if isinstance(pool, str) and pool:
+        config["global_pool"] = pool
+    config["model_args"] = dict(cfg.model_args)
+    config["pretrained_cfg"] = {
+        "custom_load": False,
+        "input_size": [3, size, size],
+        "fixed_input_size": False,
+        "interpolation": preprocess.resample,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [float(v) for v in preprocess.mean],
+        "std": [float(v) for v in preprocess.std],
+        "num_classes": len(label_names),
+        "pool_size": None,
+        "first_conv": None,
+        "classifier": None,
+        "description": description or "OppaiOracle multi-label tagger (WD v3 layout)",
+        "notes": [
+            "Input: the image padded to a square with white, resized, normalised with mean/std, channels in BGR order "
+            "(x[:, [2, 1, 0]] after timm's transform), as the WD v3 taggers.",
+            "Output: logits; sigmoid for the tags, softmax over the first four (the rating).",
+        ],
+    }
+    config["label_names"] = list(label_names)
+    return config
+
+
+def timm_family_state_dict(model: TimmTagger, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    """timm's state dict of the body taking BGR input, with the fused head (4 + T rows) as its classifier."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone_state_dict().items()}
+    if model.cfg.input_channels == "rgb":
+        first = model.body.pretrained_cfg.get("first_conv") if isinstance(getattr(model.body, "pretrained_cfg", None), dict) else None
+        key = f"{first}.weight" if first else ""
+        if key not in state or state[key].ndim != 4 or state[key].shape[1] != 3:
+            raise ValueError(f"timm model {model.cfg.architecture}: no 3-channel first convolution ({key or 'unnamed'}) to take BGR input")
+        state[key] = state[key].flip(1).contiguous()  # (C, 3, k, k): reversed input channels read BGR exactly
+    classifier = _classifier_name(model)
+    state[f"{classifier}.weight"] = head.weight.detach().cpu().contiguous()
+    state[f"{classifier}.bias"] = head.bias.detach().cpu().contiguous()
+    return state
+
+
 def write_timm_folder(folder: Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     """Write config.json and model.safetensors into `folder` (each through a temp file and os.replace)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,6 +242,21 @@ def write_timm_folder(folder: Path, config: Mapping[str, Any], state: Mapping[st
     save_file(dict(state), str(tmp), metadata={"format": "pt"})
     replace_with_retry(tmp, folder / TIMM_WEIGHTS_FILE)
     atomic_write_text(folder / TIMM_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def is_vit_export(folder: str | Path) -> bool:
+    """Whether a timm-layout folder is one of our ViT's exports (timm_config's pretrained_cfg tag), which
+    read_timm_folder reads into our ViT; any other (a WD release, a timm-family export) is timm's to build.
+    ValueError naming config.json when it is not a JSON object."""
+    path = Path(folder) / TIMM_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the top level must be an object")
+    pretrained = config.get("pretrained_cfg")
+    return isinstance(pretrained, dict) and pretrained.get("tag") == _OUR_TAG
 
 
 @dataclass

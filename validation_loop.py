@@ -4,7 +4,10 @@
         [--mode full|fast|tags|hierarchical] [--out DIR] [--ema]
 
 A checkpoint folder is all it needs: weights, model shape, vocabulary, preprocessing and the
-config (for the dataset and its split) are read from it. Without `--data` it evaluates the run's
+config (for the dataset and its split) are read from it. A released WD v3 tagger folder
+(config.json + model.safetensors + selected_tags.csv) is evaluated as published (the reference
+recipe's pixels); it has no run config, so it needs `--data DIR`, and its reports go to
+`eval/<folder name>` unless `--out` says otherwise. Without `--data` it evaluates the run's
 validation split (recomputed from the seed and the sample ids, so it is the same split); with
 `--data DIR` every usable sample of DIR. It writes `metrics.json`, `per_tag.csv`,
 `thresholds.json`, `report.md` and `skipped_samples.csv` (every sample left out, by path) to `--out`, and with `--save-predictions` every sample's
@@ -39,7 +42,9 @@ from skip_list import SKIP_LIST_FILE, failure_rows, write_skip_list
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description="Evaluate a tagger checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoints/step_N folder or a last/best pointer file")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoints/step_N folder, a last/best pointer file or a WD v3 release folder (with --data)"
+    )
     p.add_argument("--data", default=None, help="evaluate every usable sample of this dataset folder instead of the run's validation split")
     p.add_argument("--mode", choices=("full", "fast", "tags", "hierarchical"), default="full")
     p.add_argument("--out", default=None, help="folder for metrics.json, per_tag.csv, thresholds.json, report.md (default: <run>/eval/<step>)")
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     try:
         ck = load_checkpoint_for_eval(args.checkpoint, device, ema=args.ema)
+        if ck.kind == "release" and not args.data:
+            raise ValueError(f"{ck.folder} is a released WD tagger folder with no run config (no dataset, no split): name the images with --data DIR")
         cfg = ck.cfg
         if args.batch_size:
             cfg.validation.batch_size = args.batch_size
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    out = Path(args.out) if args.out else default_eval_dir(ck.folder)
+    out = Path(args.out) if args.out else (Path("eval") / ck.folder.name if ck.kind == "release" else default_eval_dir(ck.folder))
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
     if evaluation.predictions is not None:
         save_predictions(out / PREDICTIONS_FILE, evaluation.predictions)

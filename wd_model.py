@@ -6,12 +6,13 @@ the ONNX graph, the timm weights and the PyTorch backend of the tagger compute o
 
     input  (N, S, S, 3) float32, BGR, 0..255 (the image padded to a square with white, resized to S)
     -> RGB, (x / 255 - mean) / std              the checkpoint's normalisation, done in the graph
-    -> SimplifiedTagger backbone at S           position embedding resampled once to S
+    -> the backbone at S                        SimplifiedTagger: position embedding resampled once to S;
+                                                TimmTagger: at its trained size (its own BGR flip inside)
     -> fused head (C -> 4 + T)                  rating rows, then tag rows in selected_tags.csv order,
                                                 tag biases plus the calibration's per-tag logit shift
     -> softmax over the 4 rating outputs, sigmoid over the T tag outputs
 
-It imports model_architecture, vocabulary and wd_format.
+It imports model_architecture, timm_tagger, vocabulary and wd_format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from model_architecture import SimplifiedTagger, resample_pos_embed
+from timm_tagger import Tagger, TimmTagger
 from vocabulary import TagVocabulary
 from wd_format import CATEGORY_CHARACTER, RATING_NAMES, LabelTable, category_code
 
@@ -86,8 +88,24 @@ def plan_outputs(vocab: TagVocabulary, categories: Collection[str] = OUR_CATEGOR
     return OutputPlan(labels, tuple(general + character), tuple(dropped))
 
 
-def resized_tagger(model: SimplifiedTagger, image_size: int) -> SimplifiedTagger:
-    """A copy of `model` built for a fixed input size, its position embedding resampled once (eval mode)."""
+def _fixed_timm_tagger(model: TimmTagger, image_size: int) -> TimmTagger:
+    """An inference copy of a timm-family model at its trained size (no drop path, no checkpointing, fixed input size)."""
+    if image_size != model.cfg.image_size:
+        raise ValueError(
+            f"a timm-family model ({model.cfg.architecture}) is exported and run at its trained size {model.cfg.image_size} px, "
+            f"not {image_size} (leave out --image-size)"
+        )
+    cfg = replace(model.cfg, tag_bias_init=None, grad_checkpoint_every=0, drop_path_rate=0.0, dynamic_img_size=False)
+    fixed = TimmTagger(cfg)
+    fixed.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return fixed.to(next(model.parameters()).device).eval()
+
+
+def resized_tagger(model: Tagger, image_size: int) -> Tagger:
+    """A copy of `model` built for a fixed input size, its position embedding resampled once (eval mode);
+    a timm-family model only at its trained size."""
+    if isinstance(model, TimmTagger):
+        return _fixed_timm_tagger(model, image_size)
     patch = model.cfg.patch_size
     if image_size <= 0 or image_size % patch != 0:
         raise ValueError(f"image size {image_size} is not a positive multiple of the patch size {patch}")
@@ -99,7 +117,7 @@ def resized_tagger(model: SimplifiedTagger, image_size: int) -> SimplifiedTagger
     return resized.to(next(model.parameters()).device).eval()
 
 
-def fused_head(model: SimplifiedTagger, plan: OutputPlan, logit_shift: torch.Tensor | None = None) -> nn.Linear:
+def fused_head(model: Tagger, plan: OutputPlan, logit_shift: torch.Tensor | None = None) -> nn.Linear:
     """One Linear(C, 4 + T): the rating head's rows, then the tag rows of `plan`, biases plus `logit_shift` (T,)."""
     rating_w = model.rating_head.weight.detach()  # (4, C)
     if rating_w.shape[0] != len(RATING_NAMES):
@@ -121,7 +139,7 @@ def fused_head(model: SimplifiedTagger, plan: OutputPlan, logit_shift: torch.Ten
 class WDTagger(nn.Module):
     """The backbone at a fixed size with the fused head: WD input (N, S, S, 3) BGR 0..255 -> (N, 4 + T) probabilities."""
 
-    def __init__(self, backbone: SimplifiedTagger, head: nn.Linear, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, backbone: Tagger, head: nn.Linear, mean: Sequence[float], std: Sequence[float]) -> None:
         """Keep the backbone (its own heads are unused) and the fused head; store the normalisation."""
         super().__init__()
         self.backbone = backbone.eval()
@@ -136,7 +154,7 @@ class WDTagger(nn.Module):
 
     def logits_from_normalized(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised RGB images (N, 3, S, S) -> fused-head logits (N, 4 + T)."""
-        pooled = self.backbone.pool(self.backbone.forward_features(images))  # (N, C)
+        pooled = self.backbone.forward_pooled(images)  # (N, C)
         return self.head(pooled)
 
     def logits_from_rgb(self, images: torch.Tensor) -> torch.Tensor:
