@@ -86,3 +86,20 @@ def test_nothing_fits_names_the_image_size_or_the_limit_flag() -> None:
         plan_export(est, image_size=448, requested_batch=0, default_batch=64, budget=est.fixed - 1, limit_flag="--memory-limit")
     with pytest.raises(ValueError, match="batch sizes"):
         plan_export(est, image_size=448, requested_batch=0, default_batch=0, budget=20 * GB)
+
+
+def test_a_timm_body_is_estimated_from_its_blocks_and_a_staged_one_refused() -> None:
+    from export_memory import timm_shape
+    from timm_tagger import TimmTaggerConfig, timm_body
+
+    eva = TimmTaggerConfig(
+        "eva02_large_patch14_448",
+        {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "ref_feat_shape": [4, 4]},
+        image_size=32,
+    )
+    shape = timm_shape(timm_body(eva, device="meta"), eva.architecture)
+    assert shape["patch_size"] == 8 and shape["embed_dim"] == 64 and shape["num_heads"] == 2
+    assert shape["mlp_ratio"] == pytest.approx(4 * 2 / 3, rel=0.05)  # EVA02's SwiGLU hidden width
+    convnext = TimmTaggerConfig("convnext_base", {"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64]}, image_size=64)
+    with pytest.raises(ExportMemoryError, match="convnext_base"):
+        timm_shape(timm_body(convnext, device="meta"), convnext.architecture)

@@ -24,9 +24,10 @@ from conftest import ROOT, TrainedRun, run_cli
 from evaluation_metrics import MetricComputer
 from export_calibration import ExportMetrics, fit_calibration
 from export_model import export_onnx
-from image_preprocess import load_image, normalize_images
+from image_preprocess import PreprocessParams, load_image, normalize_images
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
-from timm_layout import read_timm_folder, timm_config, timm_state_dict, write_timm_folder
+from timm_layout import read_timm_folder, timm_config, timm_family_config, timm_family_state_dict, timm_state_dict, write_timm_folder
+from timm_tagger import TimmTagger, TimmTaggerConfig
 from vocabulary import TagVocabulary
 from wd_export_helpers import (
     CHARACTER_TAGS,
@@ -42,6 +43,7 @@ from wd_export_helpers import (
 )
 from wd_format import RATING_NAMES, rgb_to_wd_input
 from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger
+from wd_release import read_release
 
 
 @dataclass
@@ -377,3 +379,29 @@ def test_export_metrics_count_exactly_at_the_consumer_thresholds() -> None:
     tuned = np.array([_best_f1_threshold(probs[:, 4 + i], ordered[:, i]) for i in range(len(plan.columns))])
     # Histogram bins are ~0.002 wide near 0.5: the tuned F1 is the exact one to within a tie or two.
     assert result["f1_micro_tuned_per_tag"] == pytest.approx(_micro_f1(probs[:, 4:], ordered, tuned), abs=0.02)
+
+
+@pytest.mark.parametrize("channels", ["rgb", "bgr"])
+def test_a_timm_family_model_is_written_as_timm_builds_it_taking_bgr(tmp_path: Path, channels: str) -> None:
+    """timm_family_config/state_dict of a TimmTagger (RGB from scratch, or BGR like a release): timm.create_model("local-dir:...")
+    on the BGR image gives the fused head's logits of our model on the RGB image; wd_release reads the folder back."""
+    torch.manual_seed(0)
+    cfg = TimmTaggerConfig("vit_base_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}, 5, 4, 32, channels)
+    model = TimmTagger(cfg).eval()
+    vocab = TagVocabulary([f"t{i}" for i in range(5)], tag_categories={"t4": "character"})
+    plan = plan_outputs(vocab)
+    wd = WDTagger(model, fused_head(model, plan), (0.5,) * 3, (0.5,) * 3).eval()
+    preprocess = PreprocessParams(32, layout="pad_then_resize")
+    write_timm_folder(tmp_path, timm_family_config(model, plan.labels.names, preprocess), timm_family_state_dict(model, wd.head))
+    (tmp_path / "selected_tags.csv").write_text(plan.labels.to_csv_text(), encoding="utf-8")
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert (config["architecture"], config["model_args"], config["num_classes"]) == (cfg.architecture, cfg.model_args, 9)
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32] and config["pretrained_cfg"]["interpolation"] == "bicubic"
+    built = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    rgb = torch.randn(3, 3, 32, 32)  # normalised RGB
+    with torch.no_grad():
+        ours = wd.logits_from_normalized(rgb)  # (3, 9)
+        theirs = built(rgb[:, [2, 1, 0]])  # the released models' BGR input
+        back = read_release(tmp_path).build_model()(rgb)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(back["tag_logits"], ours[:, 4:], atol=1e-5) and torch.allclose(back["rating_logits"], ours[:, :4], atol=1e-5)

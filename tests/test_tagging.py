@@ -152,3 +152,36 @@ def test_a_timm_layout_folder_gives_the_onnx_models_probabilities(tmp_path: Path
     assert onnx.preprocess == timm.preprocess
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     assert np.max(np.abs(predict(onnx, images, 2) - predict(timm, images, 3))) < 1e-5
+
+
+def test_a_release_folder_opens_through_timm_with_the_reference_recipes_outputs(tmp_path: Path) -> None:
+    """A shrunk wd-vit-tagger-v3 folder (config.json + model.safetensors + selected_tags.csv): open_model runs it
+    with the release's own pixels (white pad to a square, then bicubic) and gives the reference recipe's sigmoid."""
+    from wd_release_helpers import reference_probabilities, write_images, write_release
+
+    folder = write_release(tmp_path / "wd-vit-tagger-v3", "wd-vit-tagger-v3", ["a", "b", "c"], ["d", "e"])
+    images = write_images(tmp_path / "images", 4)
+    model = open_model(folder)
+    assert model.kind == "timm" and model.preprocess.layout == "pad_then_resize" and model.preprocess.pad_color == (255, 255, 255)
+    assert model.labels.general == ("a", "b", "c") and model.labels.character == ("d", "e")
+    pixels = np.stack([read_image(p, model.preprocess)[0] for p in images])  # (4, 32, 32, 3)
+    ours = predict(model, pixels, 3)
+    reference = reference_probabilities(folder, images).numpy()
+    assert np.abs(ours[:, 4:] - reference[:, 4:]).max() < 1e-4
+    assert np.array_equal(ours[:, :4].argmax(1), reference[:, :4].argmax(1))  # softmax and sigmoid rank the ratings alike
+
+
+def test_a_wd_v2_or_incomplete_release_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    from checkpoint_eval import load_checkpoint_for_eval
+    from wd_release_helpers import write_release
+
+    folder = write_release(tmp_path / "v3", "wd-vit-tagger-v3", ["a"], ["d"])
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="without model.safetensors"):
+        open_model(folder)
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "selected_tags.csv").write_text((folder / "selected_tags.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    (v2 / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(ValueError, match="WD v2 / ONNX-only"):
+        load_checkpoint_for_eval(v2, torch.device("cpu"))
