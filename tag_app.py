@@ -389,6 +389,8 @@ def prepare_validation(
             predictions = kept
     if predictions is None:
         ck = load_checkpoint_for_eval(folder, torch.device(device), ema=ema)
+        if ck.kind == "release" and data is None:
+            raise ValueError(f"{folder} is a released WD tagger folder with no run config: name the images to evaluate (--data)")
         if num_workers >= 0:
             ck.cfg.data.num_workers = num_workers
         check_out_location(out, data or ck.cfg.data.root or None)
