@@ -54,6 +54,7 @@ RUN = [
     "monitor.console_interval_s=0",
     "monitor.system_stats_interval_s=0",
     "monitor.tensorboard=false",
+    "training.memory_check=false",  # the timm family's memory check has its own test (test_machine_fit)
 ]
 
 
@@ -121,7 +122,7 @@ def test_vit_release_finetunes_and_resumes_exactly_across_the_unfreeze(setup, de
         assert ap >= frequency + 0.1, (tag, ap, frequency)
 
     run_dir = work / "runs" / "vit_killed"
-    args = _train_args(releases["vit"], demo_data, vocabulary, "vit_killed", *extra, "training.memory_check=false")
+    args = _train_args(releases["vit"], demo_data, vocabulary, "vit_killed", *extra)
     proc = start_and_interrupt(work, args, run_dir, after_step=6, how="kill")
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -138,15 +139,7 @@ def test_vit_release_finetunes_and_resumes_exactly_across_the_unfreeze(setup, de
 
 def test_eva02_release_with_the_body_frozen_learns_new_tags_and_keeps_every_body_tensor(setup, demo_data: Path) -> None:
     work, vocabulary, releases = setup
-    args = _train_args(
-        releases["eva02"],
-        demo_data,
-        vocabulary,
-        "eva_frozen",
-        "training.freeze_body_steps=-1",
-        "training.learning_rate=0.02",
-        "training.memory_check=false",
-    )
+    args = _train_args(releases["eva02"], demo_data, vocabulary, "eva_frozen", "training.freeze_body_steps=-1", "training.learning_rate=0.02")
     proc = run_cli(args, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = work / "runs" / "eva_frozen"
