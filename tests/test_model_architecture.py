@@ -189,7 +189,9 @@ def test_forward_and_gradients_match_full_token_reference(pooling: str, layer_sc
     for key in ("tag_logits", "rating_logits"):
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-5)
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums over a different token set: ~3e-7 of the gradients' scale (up to ~20 here),
+        # so an element near zero may differ by a few 1e-6 (torch 2.14's CPU kernels sum in another order)
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_last_block_computes_only_the_tokens_pooling_reads() -> None:
