@@ -24,8 +24,10 @@ from __future__ import annotations
 import array
 import bisect
 import contextlib
+import ctypes
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,7 @@ __all__ = [
     "check_scan_quality",
     "write_data_report",
     "format_scan_summary",
+    "release_free_heap",
 ]
 
 # folders with at least this many images and sidecars are scanned on one process a core
@@ -388,8 +391,23 @@ def scan_dataset(
         records=[], root=root_abs, source="folder", verify=verify, max_examples=max_examples, listing=listing if keep_listing else None
     )
     merge.finish(scan, replaced)
+    del merge, plan
+    release_free_heap()
     scan.seconds = time.perf_counter() - started
     return scan
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim): the chunks' arrays came
+    and went in this process, and the free heap they leave is not reused by Python's objects, so
+    it would sit under the next phase's peak (~20 B a sample at 300,000). Elsewhere nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return
+    trim(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,18 +57,35 @@ def _pack(values: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
+# rows a block when a gather has to index element by element (bounds its int64 index arrays)
+_GATHER_ROWS = 1 << 16
+
+
 def take_ragged(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ragged rows `rows` of (blob, offsets) as a new (blob, offsets), in `rows`' order."""
+    """The ragged rows `rows` of (blob, offsets) as a new (blob, offsets), in `rows`' order.
+
+    A run of consecutive rows is one slice copy (a split keeps long runs); otherwise elements are
+    gathered a block of rows at a time, so the index arrays never grow with the whole blob."""
+    rows = np.asarray(rows, dtype=np.int64)
     starts, ends = offsets[rows], offsets[rows + 1]
-    lengths = ends - starts
     new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    if new_offsets[-1] == 0:
-        return blob[:0].copy(), new_offsets
-    # position of every kept element in the old blob: its row start plus its place in the row
-    element_row = np.repeat(np.arange(len(rows)), lengths)
-    within = np.arange(int(new_offsets[-1])) - new_offsets[:-1][element_row]
-    return blob[starts[element_row] + within], new_offsets
+    np.cumsum(ends - starts, out=new_offsets[1:])
+    out = np.empty(int(new_offsets[-1]), dtype=blob.dtype)
+    if len(out) == 0:
+        return out, new_offsets
+    cuts = np.flatnonzero(rows[1:] != rows[:-1] + 1) + 1
+    if len(cuts) < len(rows) // 8:  # few runs: copy each whole
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+            out[new_offsets[a] : new_offsets[b]] = blob[starts[a] : ends[b - 1]]
+        return out, new_offsets
+    for a in range(0, len(rows), _GATHER_ROWS):
+        b = min(len(rows), a + _GATHER_ROWS)
+        base = new_offsets[a:b] - new_offsets[a]
+        # position of every element in the old blob: its row start plus its place in the row
+        element_row = np.repeat(np.arange(b - a), ends[a:b] - starts[a:b])
+        within = np.arange(int(new_offsets[b] - new_offsets[a])) - base[element_row]
+        out[new_offsets[a] : new_offsets[b]] = blob[starts[a:b][element_row] + within]
+    return out, new_offsets
 
 
 class SampleTable(Sequence):
@@ -216,12 +233,17 @@ class SampleTable(Sequence):
     def rekeyed(self, tag_to_index: Mapping[str, int]) -> "SampleTable":
         """The same rows with tags re-keyed to `tag_to_index`'s indices; tags it lacks are dropped."""
         n_out = max(tag_to_index.values(), default=-1) + 1
-        lookup = np.asarray([tag_to_index.get(name, -1) for name in self.tag_names] + [-1], dtype=np.int64)
-        mapped = lookup[self.tag_ids] if len(self.tag_ids) else np.zeros(0, dtype=np.int64)
+        lookup = np.asarray([tag_to_index.get(name, -1) for name in self.tag_names] + [-1], dtype=np.int32)
+        mapped = lookup[self.tag_ids] if len(self.tag_ids) else np.zeros(0, dtype=np.int32)
         known = mapped >= 0
-        row_of = np.repeat(np.arange(len(self)), np.diff(self.tag_offsets))
-        offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of[known], minlength=len(self)), out=offsets[1:])
+        if known.all():  # every tag is in the vocabulary: the rows keep their offsets and categories
+            offsets, categories = self.tag_offsets, self.tag_categories
+        else:
+            mapped, categories = mapped[known], self.tag_categories[known]
+            kept = np.zeros(len(known) + 1, dtype=np.int64)
+            np.cumsum(known, out=kept[1:])
+            offsets = kept[self.tag_offsets]
+        del known
         names = [""] * n_out
         for tag, index in tag_to_index.items():
             names[index] = tag
@@ -230,8 +252,8 @@ class SampleTable(Sequence):
             (self.id_blob, self.id_offsets),
             (self.path_blob, self.path_offsets),
             names,
-            (mapped[known].astype(np.int32), offsets),
-            self.tag_categories[known],
+            (mapped, offsets),
+            categories,
             self.category_names,
             self.ratings,
         )

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dataset_scan import DatasetScan, scan_source
+from dataset_scan import DatasetScan, release_free_heap, scan_source
 from folder_walk import Listing, walk_listing
 from sample_table import SampleTable, SkippedSamples, take_ragged
 from scan_limits import LinkPolicy, ScanLimits
@@ -320,4 +320,6 @@ def _scan(root: str, manifest: str | None, verify: str, limits: ScanLimits, trus
             _save(index_path, fp, scan)
         except OSError as exc:
             error = str(exc)
+    del listing, fp
+    release_free_heap()  # the fingerprint and the file's buffers are gone: their pages too
     return scan, error

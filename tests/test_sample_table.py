@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sample_table
 from dataset_scan import filter_known_tags
 from dataset_split import split_records
 from sample_table import SampleRecord, SampleTable, SampleTableBuilder, SkippedSamples
@@ -180,3 +181,19 @@ def test_skipped_samples_are_compact_and_damage_is_refused() -> None:
         broken[key] = damage(arrays[key])
         with pytest.raises(ValueError, match="skip list"):
             SkippedSamples.from_arrays(broken)
+
+
+@pytest.mark.parametrize("kind", ["runs", "shuffled", "repeated"])
+def test_take_ragged_equals_row_by_row(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Long runs of rows (a split) copied a run at a time, shuffled or repeated rows gathered a
+    block at a time (blocks of 7 here): both equal the rows taken one by one."""
+    monkeypatch.setattr(sample_table, "_GATHER_ROWS", 7)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 6, size=200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    blob = rng.integers(0, 1000, size=int(offsets[-1])).astype(np.int32)
+    rows = {"runs": np.flatnonzero(rng.random(200) > 0.02), "shuffled": rng.permutation(200), "repeated": rng.integers(0, 200, size=300)}[kind]
+    out, new_offsets = sample_table.take_ragged(blob, offsets, rows)
+    expected = [blob[offsets[r] : offsets[r + 1]] for r in rows]
+    assert [out[new_offsets[i] : new_offsets[i + 1]].tolist() for i in range(len(rows))] == [e.tolist() for e in expected]
+    assert out.dtype == blob.dtype and len(sample_table.take_ragged(blob, offsets, np.zeros(0, dtype=np.int64))[0]) == 0
