@@ -332,6 +332,11 @@ class SampleTable(Sequence):
             raise ValueError(f"{path}: not a readable sample table ({type(exc).__name__}: {exc})") from exc
 
 
+def _fresh(text: str) -> str:
+    """A new string object equal to `text` (allocated now)."""
+    return text.encode("utf-8", _ERRORS).decode("utf-8", _ERRORS)
+
+
 class SampleTableBuilder:
     """Appends samples one by one into compact buffers (no per-sample Python objects kept)."""
 
@@ -413,6 +418,10 @@ class SampleTableBuilder:
             setattr(self, name, None)  # the buffer goes before the next column is copied
             return out
 
+        # fresh copies of the names: a name first met in a chunk's unpickled result would pin that
+        # chunk's whole pymalloc arena (its other objects long gone) for the table's lifetime
+        self._tag_index = {_fresh(name): tid for name, tid in self._tag_index.items()}
+        self._category_index = {_fresh(name): cid for name, cid in self._category_index.items()}
         ids = (take("_ids", np.uint8), take("_id_offsets", np.int64))
         paths = (take("_paths", np.uint8), take("_path_offsets", np.int64))
         tags = (take("_tag_ids", np.int32), take("_tag_offsets", np.int64))
