@@ -604,6 +604,15 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_hparams(cfg: RootConfig) -> dict[str, Any]:
+    """The training-relevant sections as flat 'section.key' -> scalar (other values as text), for TensorBoard's hparams."""
+    out: dict[str, Any] = {}
+    for section in ("data", "model", "loss", "training"):
+        for k, v in getattr(cfg, section).__dict__.items():
+            out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 def dump_config(cfg: RootConfig) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -36,7 +36,7 @@ from checkpoint_store import (
     load_training_state,
     snapshot_state,
 )
-from Configuration_System import ConfigError, RootConfig, dump_config, load_config
+from Configuration_System import ConfigError, RootConfig, dump_config, flat_hparams, load_config
 from data_setup import DataBundle, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text, display_path, python_command
@@ -72,11 +72,6 @@ from training_utils import (
     TrainStep,
     seed_everything,
 )
-
-# --------------------------------------------------------------------------------------------
-# Setup helpers
-# --------------------------------------------------------------------------------------------
-
 
 # --------------------------------------------------------------------------------------------
 # Run state
@@ -660,7 +655,7 @@ def prepare_run(
         run.state.step, "micro_batches", **step_fn.plan.to_dict(), how=how, say=f"micro-batches: {describe_plan(step_fn.plan)} ({how})"
     )
     if dist.is_main:
-        run.monitor.log_hparams(_flat_hparams(cfg), {})
+        run.monitor.log_hparams(flat_hparams(cfg), {})
     return run
 
 
@@ -798,14 +793,6 @@ def report_end(run: TrainingRun, outcome: str, args: argparse.Namespace) -> None
     best = checkpoints_dir(run_dir) / BEST_POINTER
     if best.is_file():
         print(f"evaluate with: {python_command()} validation_loop.py --checkpoint {display_path(best)} --out {display_path(run_dir / 'eval')}")
-
-
-def _flat_hparams(cfg: RootConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for section in ("data", "model", "loss", "training"):
-        for k, v in getattr(cfg, section).__dict__.items():
-            out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 if __name__ == "__main__":

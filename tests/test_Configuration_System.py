@@ -130,3 +130,13 @@ def test_cli_check_reports_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model.pach_size" in proc.stderr and "model.patch_size" in proc.stderr
+
+
+def test_flat_hparams_has_every_training_key_as_a_scalar() -> None:
+    """flat_hparams: one 'section.key' per field of data, model, loss and training; lists become their text."""
+    cfg = C.load_config(None, ["data.image_size=48"])
+    flat = C.flat_hparams(cfg)
+    for section in ("data", "model", "loss", "training"):
+        assert {k for k in flat if k.startswith(section + ".")} == {f"{section}.{k}" for k in vars(getattr(cfg, section))}
+    assert flat["data.image_size"] == 48 and flat["data.mean"] == str(cfg.data.mean)
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())

@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, run_cli
+
 pytestmark = pytest.mark.e2e  # the whole module runs processes (the slow tier)
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_export.py"
 
 
 def test_tiny_export_benchmark_reports_time_memory_and_the_estimate() -> None:
-    proc = subprocess.run(
+    proc = run_cli(
         [
-            sys.executable,
             str(SCRIPT),
             *("--demo-images", "40", "--sizes", "64,32", "--verify-images", "4"),
             *("--large", "32,16,32,1,2,300", "--large-images", "20", "--large-verify-images", "2"),
         ],
-        cwd=str(ROOT.parent),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
+        cwd=ROOT.parent,
         timeout=400,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -46,7 +39,5 @@ def test_tiny_export_benchmark_reports_time_memory_and_the_estimate() -> None:
 
 
 def test_bad_model_spec_is_refused() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--large", "448,16"], capture_output=True, text=True, encoding="utf-8", timeout=120, check=False
-    )
+    proc = run_cli([str(SCRIPT), "--large", "448,16"], cwd=ROOT.parent, timeout=120)
     assert proc.returncode == 2 and "--large" in proc.stderr
