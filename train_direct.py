@@ -239,7 +239,7 @@ def run_validation(run: TrainingRun) -> tuple[bool, bool]:
     checkpoints/best holds."""
     model = run.raw_model
     if run.cfg.validation.use_ema and run.ema is not None:
-        model = _ema_model(run)
+        model = run.ema.averaged_model()
     result = evaluate(
         model,
         run.val_loader,
@@ -283,12 +283,6 @@ def log_validation_pictures(run: TrainingRun, result: EvalResult) -> None:
             pred = [f"{vocab.index_to_tag[i]} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices.tolist())]
             captions.append("true: " + " ".join(true) + "\npred: " + ", ".join(pred))
         run.monitor.log_image_grid(step, ex.images, captions)
-
-
-def _ema_model(run: TrainingRun) -> Tagger:
-    shadow = build_tagger(run.raw_model.cfg).to(run.device)
-    run.ema.copy_to(shadow)
-    return shadow
 
 
 def stop_agreed(run: TrainingRun, stopper: GracefulStopper, poll: bool) -> bool:

@@ -25,6 +25,7 @@ It imports micro_batching, and checkpoint_store and schedulers for those names o
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import random
 import signal
@@ -218,8 +219,23 @@ class ModelEma:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.warmup_steps = warmup_steps
-        self.names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
-        self.shadow = {n: t.detach().clone().float() for n, t in model.state_dict().items() if n in self.names}
+        # The average lives in a copy of the model, so validating it builds nothing (an EVA02-L takes
+        # seconds to build): its float32 tensors are averaged in place; any other tensor, or a second
+        # name for a tied one, keeps a float32 copy that averaged_model() loads.
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        state = self.module.state_dict()
+        self.names = [n for n, t in state.items() if t.is_floating_point()]
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.copied: list[str] = []
+        aliased: set[int] = set()
+        for n in self.names:
+            t = state[n]
+            if t.dtype == torch.float32 and t.data_ptr() not in aliased:
+                aliased.add(t.data_ptr())
+                self.shadow[n] = t
+            else:
+                self.shadow[n] = t.detach().clone().float()
+                self.copied.append(n)
 
     def decay_at(self, step: int) -> float:
         """The decay used for the update after optimizer step `step` (0-based)."""
@@ -252,6 +268,14 @@ class ModelEma:
             raise ValueError(f"EMA state is missing {len(missing)} tensors, e.g. {missing[:3]}")
         for n in self.names:
             self.shadow[n].copy_(state[n])
+
+    def averaged_model(self) -> torch.nn.Module:
+        """The model with the averaged weights (the one copy kept by this EMA, in eval mode)."""
+        state = self.module.state_dict()
+        with torch.no_grad():
+            for n in self.copied:
+                state[n].copy_(self.shadow[n])
+        return self.module
 
     def copy_to(self, model: torch.nn.Module) -> None:
         """Load the averaged weights into a model of the same architecture."""

@@ -126,6 +126,42 @@ def test_ema_update_and_skip() -> None:
     assert U.ModelEma(model, 0.999, warmup_steps=10).decay_at(0) == pytest.approx(0.1)
 
 
+class _TiedHalf(torch.nn.Module):
+    """A float32 layer with its weight tied to a second name, and a float16 buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(2, 2, bias=False)
+        self.b = torch.nn.Linear(2, 2, bias=False)
+        self.b.weight = self.a.weight
+        self.register_buffer("scale", torch.zeros(2, dtype=torch.float16))
+
+
+def test_ema_averaged_model_is_one_kept_copy() -> None:
+    model = _TiedHalf()
+    with torch.no_grad():
+        model.a.weight.fill_(0.0)
+    ema = U.ModelEma(model, decay=0.5)
+    with torch.no_grad():
+        model.a.weight.fill_(1.0)
+        model.scale.fill_(1.0)
+    ema.update(model, step=0)
+    averaged = ema.averaged_model()
+    assert averaged is ema.averaged_model() and averaged is not model and not averaged.training
+    # the tied weight moved once (0 -> 0.5), not twice; the float16 buffer through its float32 copy
+    torch.testing.assert_close(averaged.a.weight, torch.full((2, 2), 0.5))
+    assert averaged.b.weight is averaged.a.weight
+    torch.testing.assert_close(averaged.scale, torch.full((2,), 0.5, dtype=torch.float16))
+    torch.testing.assert_close(model.a.weight, torch.ones(2, 2))  # the trained model is untouched
+    target = _TiedHalf()
+    ema.copy_to(target)
+    torch.testing.assert_close(target.a.weight, averaged.a.weight)
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(model, step=1)
+    ema.load_state_dict(saved)
+    torch.testing.assert_close(ema.averaged_model().a.weight, torch.full((2, 2), 0.5))
+
+
 def test_rng_state_round_trip_through_weights_only_load(tmp_path: Path) -> None:
     U.seed_everything(3)
     state = U.capture_rng_state()
