@@ -18,12 +18,18 @@ the names that existing code and instructions use from ``dataset_loader``:
 
 New code imports from those modules directly. ``python dataset_loader.py prepare --data DIR
 --image-size 448 --out CACHE`` runs ``prepared_cache``'s command (also
-``python prepared_cache.py prepare ...``). This module sits above every data module, and no data
-module imports it.
+``python prepared_cache.py prepare ...``); with ``--format litdata`` it runs ``shard_prepare``'s
+(a sharded dataset: litdata chunks + tag index, in a folder or under ``s3://``). This module sits
+above every data module, and no data module imports it.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Sequence
+
+import prepared_cache
+import shard_prepare
 from augmentation import AugmentParams, apply_color_jitter
 from batching import FailureTracker, ImagePreFetcher, ResumableSampler, SidecarJsonDataset, build_dataloader, collate_samples, targets_from_indices
 from data_setup import (
@@ -56,7 +62,7 @@ from dataset_scan import (
 )
 from dataset_split import SplitResult, load_split, save_split, split_records
 from image_preprocess import PreprocessParams, load_image, normalize_images
-from prepared_cache import CACHE_FORMAT_VERSION, PreparedCache, main, prepare_cache
+from prepared_cache import CACHE_FORMAT_VERSION, PreparedCache, prepare_cache
 
 # The established public names: code and instructions written before the split use them.
 DatasetLoader = DatasetScanner
@@ -110,6 +116,13 @@ __all__ = [
     "prepare_eval_data",
     "build_eval_loader",
 ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`prepare`: the prepared cache (``--format raw|jpeg``), or a sharded dataset with ``--format litdata``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    litdata = any(a == "--format=litdata" for a in args) or any(a == "--format" and b == "litdata" for a, b in zip(args, args[1:]))
+    return shard_prepare.main(args) if litdata else prepared_cache.main(args)
 
 
 if __name__ == "__main__":

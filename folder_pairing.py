@@ -47,6 +47,7 @@ __all__ = [
     "OutsideRootError",
     "resolve_inside",
     "read_sidecar",
+    "sidecar_from_bytes",
     "parse_limited",
     "ForeignClaim",
     "ChunkJob",
@@ -110,10 +111,19 @@ def read_sidecar(path: str, max_bytes: int) -> dict[str, Any] | tuple[str, str]:
             # read what the file holds, not max_bytes: a 4 MiB buffer a sidecar cost more than the parse
             size = os.fstat(handle.fileno()).st_size
             raw = handle.read(size + 1 if 0 < size <= max_bytes else max_bytes + 1)
-        if len(raw) > max_bytes:
-            return "sidecar_too_large", f"larger than data.max_sidecar_bytes={max_bytes}"
+    except OSError as exc:
+        return "sidecar_unreadable", f"cannot read: {exc}"
+    return sidecar_from_bytes(raw, max_bytes)
+
+
+def sidecar_from_bytes(raw: bytes, max_bytes: int) -> dict[str, Any] | tuple[str, str]:
+    """The JSON object in a sidecar's bytes, or (skip reason, why it cannot be used); more than
+    `max_bytes` bytes is a sidecar_too_large (a tar member's bytes, or a file's first max_bytes + 1)."""
+    if len(raw) > max_bytes:
+        return "sidecar_too_large", f"larger than data.max_sidecar_bytes={max_bytes}"
+    try:
         data = json.loads(raw.decode("utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         return "sidecar_unreadable", f"cannot read: {exc}"
     except json.JSONDecodeError as exc:
         return "sidecar_unreadable", f"invalid JSON: {exc}"
