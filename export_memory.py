@@ -12,9 +12,13 @@ the flag that makes it fit. The estimate is arithmetic on the model's shape (no 
 - the backbone pass, per image of its batch: the widest point of an inference block (PyTorch's
   scaled_dot_product_attention keeps no tokens x tokens matrix on the CPU) of 4-byte tokens, the
   normalised input, and the uint8 batches the DataLoader workers hold ahead;
-- the onnxruntime check, per image of its chunk: the two heads x tokens^2 float matrices of the
-  exported attention (scores and softmax; the graph has no fused attention), its block activations
-  and the PyTorch reference's.
+- the onnxruntime check, per image of its chunk: the two heads x tokens x window float matrices of
+  the exported attention (scores and softmax; the graph has no fused attention; window = tokens for
+  global attention), its block activations and the PyTorch reference's.
+
+A model is a list of stages (`StageShape`): a plain ViT is one (`vit_stages`); a timm body is read
+from its `feature_info` (`timm_stages`: ViT and EVA02 list a stage a block, SwinV2 and ConvNeXt a
+stage of blocks at a reduction each), and the estimate takes the widest stage.
 
 Peak = fixed + the larger of the two phases (they run one after the other). On this machine the
 demo model at 448 px (patch 8, 128 wide) measured 19 MB an image in the backbone pass and 316 MB
@@ -26,6 +30,7 @@ It imports nothing from the project.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +42,11 @@ __all__ = [
     "ExportMemoryError",
     "ExportPlan",
     "ExportShape",
+    "StageShape",
     "estimate_export_memory",
     "plan_export",
-    "timm_shape",
+    "timm_stages",
+    "vit_stages",
 ]
 
 FLOAT_BYTES = 4
@@ -56,24 +63,87 @@ class ExportMemoryError(ValueError):
 
 
 @dataclass(frozen=True)
+class StageShape:
+    """One stage of blocks as the export's memory sees it (one image)."""
+
+    tokens: int  # tokens (positions) a block of this stage sees
+    width: int  # channels of the residual stream
+    hidden: int  # the MLP's hidden width
+    heads: int = 0  # attention heads (0: a convolution block, no attention)
+    window: int = 0  # tokens one attention window sees (the stage's tokens for global attention)
+
+    def block_activations(self) -> int:
+        """Bytes of the widest point of one block: the residual stream plus the larger of attention (norm, qkv,
+        q/k/v, output, projection: ~10 widths) or a convolution (~3 widths), and the MLP (two hidden widths)."""
+        mixer = 10 * self.width if self.heads else 3 * self.width
+        return FLOAT_BYTES * self.tokens * (self.width + max(mixer, self.width + 2 * self.hidden))
+
+    def attention_matrices(self) -> int:
+        """Bytes of the exported attention's scores and softmax (no fused attention in the graph): heads x tokens x window."""
+        return 2 * self.heads * self.tokens * self.window * FLOAT_BYTES
+
+
+def vit_stages(image_size: int, patch_size: int, embed_dim: int, num_heads: int, mlp_ratio: float, prefix_tokens: int = 1) -> tuple[StageShape, ...]:
+    """A plain ViT's one stage: a token a patch (plus the class token), global attention."""
+    tokens = prefix_tokens + (image_size // patch_size) ** 2
+    return (StageShape(tokens, embed_dim, int(embed_dim * mlp_ratio), num_heads, tokens),)
+
+
+def _hidden_width(block: Any) -> int | None:
+    """The MLP's hidden width of a timm block (fc1, or SwiGLU's fc1_x; a Linear or a 1x1 convolution)."""
+    mlp = getattr(block, "mlp", None)
+    fc1 = getattr(mlp, "fc1", None) or getattr(mlp, "fc1_x", None)
+    width = getattr(fc1, "out_features", None) or getattr(fc1, "out_channels", None)
+    return int(width) if width else None
+
+
+def timm_stages(body: Any, architecture: str, image_size: int) -> tuple[StageShape, ...]:
+    """The stages of any timm body that lists them (`feature_info`: ViT and EVA02 a block each, SwinV2 and ConvNeXt
+    a stage each): tokens from the stage's reduction, its first block's MLP and attention; ExportMemoryError when
+    the body does not say."""
+    refusal = (
+        f"the export's memory check reads a timm model's stages from its feature_info and blocks (ViT, EVA02, SwinV2, "
+        f"ConvNeXt and the like); {architecture} does not describe them that way: it cannot check that this export fits"
+    )
+    infos = getattr(body, "feature_info", None)
+    if not isinstance(infos, (list, tuple)) or not infos:
+        raise ExportMemoryError(refusal)
+    prefix = int(getattr(body, "num_prefix_tokens", 0) or 0)
+    stages = []
+    for info in infos:
+        try:
+            stage = body.get_submodule(str(info["module"]))
+            reduction, width = int(info["reduction"]), int(info["num_chs"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ExportMemoryError(refusal) from None
+        block = next((m for m in stage.modules() if _hidden_width(m)), None)
+        if block is None:
+            raise ExportMemoryError(refusal)
+        tokens = (image_size // reduction) ** 2 + prefix
+        attn = getattr(block, "attn", None)
+        heads = int(getattr(attn, "num_heads", 0) or 0)
+        window = getattr(attn, "window_size", None)
+        window_tokens = min(tokens, math.prod(int(w) for w in window)) if isinstance(window, (tuple, list)) else tokens
+        stages.append(StageShape(tokens, width, _hidden_width(block) or 0, heads, window_tokens if heads else 0))
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
 class ExportShape:
     """What the export's memory depends on."""
 
     image_size: int
-    patch_size: int
-    embed_dim: int
-    num_heads: int
-    mlp_ratio: float
+    stages: tuple[StageShape, ...]  # vit_stages / timm_stages
     num_params: int
     vocab_tags: int  # outputs of the checkpoint's tag head (the raw metrics)
     exported_tags: int  # tag outputs of model.onnx (the exported metrics)
     loader_batches: int = 5  # uint8 batches the DataLoader holds at once (workers x prefetch + 1)
     host_passes: bool = True  # PyTorch passes and metric state in this process's memory (False on CUDA)
 
-    @property
-    def tokens(self) -> int:
-        """Tokens a block sees: the class token and one per patch."""
-        return 1 + (self.image_size // self.patch_size) ** 2
+    def __post_init__(self) -> None:
+        """An estimate needs at least one stage."""
+        if not self.stages:
+            raise ValueError("ExportShape needs at least one stage")
 
 
 @dataclass(frozen=True)
@@ -105,40 +175,13 @@ class ExportEstimate:
         return min(fits, max(1, ORT_CHUNK_TARGET // max(1, self.per_image_verify))) if fits else 0
 
 
-def _block_activations(shape: ExportShape) -> int:
-    """Bytes of one image's widest inference block: the residual stream plus the larger of
-    attention (norm, qkv, q/k/v, output, projection: ~10 widths) and MLP (two hidden widths)."""
-    width = shape.embed_dim
-    hidden = int(width * shape.mlp_ratio)
-    return FLOAT_BYTES * shape.tokens * (width + max(10 * width, width + 2 * hidden))
-
-
-def timm_shape(body: Any, architecture: str) -> dict[str, float]:
-    """patch_size, embed_dim, num_heads and mlp_ratio of a timm body that is a plain stack of attention blocks
-    (ViT, EVA02: `patch_embed`, `blocks[i].attn.num_heads`, an MLP with fc1 or fc1_x); ExportMemoryError otherwise."""
-    patch = getattr(getattr(body, "patch_embed", None), "patch_size", None)
-    blocks = getattr(body, "blocks", None)
-    first = blocks[0] if blocks is not None and len(blocks) else None
-    heads = getattr(getattr(first, "attn", None), "num_heads", None)
-    mlp = getattr(first, "mlp", None)
-    fc1 = getattr(mlp, "fc1", None) or getattr(mlp, "fc1_x", None)
-    width = getattr(body, "embed_dim", None)
-    if patch is None or heads is None or fc1 is None or not isinstance(width, int):
-        raise ExportMemoryError(
-            f"the export's memory check can estimate timm models that are a plain stack of attention blocks (ViT, EVA02), "
-            f"not {architecture} (a staged model): it cannot check that this export fits"
-        )
-    patch_size = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
-    return {"patch_size": patch_size, "embed_dim": width, "num_heads": int(heads), "mlp_ratio": float(fc1.out_features) / width}
-
-
 def estimate_export_memory(shape: ExportShape, resident: int) -> ExportEstimate:
     """The export's memory from the model's shape; `resident` is what the process holds now."""
     pixels = 3 * shape.image_size**2
-    activations = _block_activations(shape)
+    activations = max(stage.block_activations() for stage in shape.stages)
     passes = activations + 2 * FLOAT_BYTES * pixels if shape.host_passes else 0  # float input and its normalised copy
     per_image_pass = passes + shape.loader_batches * pixels  # + the uint8 batches in flight
-    attention = 2 * shape.num_heads * shape.tokens**2 * FLOAT_BYTES
+    attention = max(stage.attention_matrices() for stage in shape.stages)
     per_image_verify = attention + activations + passes + (1 + FLOAT_BYTES) * pixels  # + uint8 and the float BGR input
     metrics = 2 * METRIC_BINS * 4 * max(shape.vocab_tags, shape.exported_tags) + METRIC_COMPUTE_BYTES if shape.host_passes else 0
     return ExportEstimate(int(resident), WEIGHT_COPIES * FLOAT_BYTES * shape.num_params, metrics, per_image_pass, per_image_verify)

@@ -52,7 +52,7 @@ from dataset_scan import DataQualityError
 from evaluation_metrics import json_safe
 from export_calibration import Calibration, fit_calibration
 from export_card import model_card
-from export_memory import ExportMemoryError, ExportPlan, ExportShape, estimate_export_memory, plan_export, timm_shape
+from export_memory import ExportMemoryError, ExportPlan, ExportShape, estimate_export_memory, plan_export, timm_stages, vit_stages
 from export_passes import FeatureSpill, PooledTagger, exported_metrics, verify_onnx
 from file_io import atomic_write_text, replace_with_retry
 from image_preprocess import PreprocessParams
@@ -203,21 +203,14 @@ def _memory_plan(args: argparse.Namespace, ck: LoadedCheckpoint, plan: OutputPla
     cfg, model = ck.cfg, ck.model
     workers = args.num_workers if args.num_workers >= 0 else cfg.data.num_workers
     workers = 2 if workers < 0 else workers  # an unresolved -1 loads with at most 2 workers (build_eval_loader)
+    size = model.cfg.image_size
     if isinstance(model, TimmTagger):
-        backbone = timm_shape(model.body, model.cfg.architecture)
+        stages = timm_stages(model.body, model.cfg.architecture, size)
     else:
-        backbone = {
-            "patch_size": model.cfg.patch_size,
-            "embed_dim": model.cfg.embed_dim,
-            "num_heads": model.cfg.num_heads,
-            "mlp_ratio": model.cfg.mlp_ratio,
-        }
+        stages = vit_stages(size, model.cfg.patch_size, model.cfg.embed_dim, model.cfg.num_heads, model.cfg.mlp_ratio)
     shape = ExportShape(
-        image_size=model.cfg.image_size,
-        patch_size=int(backbone["patch_size"]),
-        embed_dim=int(backbone["embed_dim"]),
-        num_heads=int(backbone["num_heads"]),
-        mlp_ratio=float(backbone["mlp_ratio"]),
+        image_size=size,
+        stages=stages,
         num_params=sum(p.numel() for p in model.parameters()),
         vocab_tags=len(ck.vocab),
         exported_tags=len(plan.columns),

@@ -52,6 +52,7 @@ __all__ = [
     "TimmFolder",
     "read_timm_folder",
     "is_vit_export",
+    "ratings_are_softmax",
     "timm_config",
     "timm_family_config",
     "timm_family_state_dict",
@@ -74,6 +75,7 @@ _ARCHITECTURES: dict[tuple[int, int, int], str] = {
 }
 _DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
 _OUR_TAG = "oppaioracle"  # pretrained_cfg tag of our ViT's exports (timm_config)
+_FAMILY_TAG = "oppaioracle_timm"  # pretrained_cfg tag of our timm-family exports (timm_family_config)
 
 # model_args our architecture can express, with the only values it supports (None = any value).
 _SUPPORTED_ARGS: dict[str, Any] = {
@@ -197,6 +199,7 @@ def timm_family_config(model: TimmTagger, label_names: Sequence[str], preprocess
         config["global_pool"] = pool
     config["model_args"] = dict(cfg.model_args)
     config["pretrained_cfg"] = {
+        "tag": _FAMILY_TAG,
         "custom_load": False,
         "input_size": [3, size, size],
         "fixed_input_size": False,
@@ -257,6 +260,16 @@ def is_vit_export(folder: str | Path) -> bool:
         raise ValueError(f"{path}: the top level must be an object")
     pretrained = config.get("pretrained_cfg")
     return isinstance(pretrained, dict) and pretrained.get("tag") == _OUR_TAG
+
+
+def ratings_are_softmax(folder: str | Path) -> bool:
+    """Whether a timm-layout folder's four rating outputs are read with a softmax: our exports (either family) train
+    the rating as one choice; a released WD tagger's are sigmoid outputs like its tags (ValueError as is_vit_export)."""
+    if is_vit_export(folder):
+        return True
+    config = json.loads((Path(folder) / TIMM_CONFIG_FILE).read_text(encoding="utf-8"))  # a JSON object: is_vit_export checked
+    pretrained = config.get("pretrained_cfg")
+    return isinstance(pretrained, dict) and pretrained.get("tag") == _FAMILY_TAG
 
 
 @dataclass

@@ -163,8 +163,11 @@ class WDTagger(nn.Module):
         return self.logits_from_normalized(normalized)
 
     @staticmethod
-    def probabilities(logits: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 4 + T) -> softmax over the 4 rating outputs, sigmoid over the tags."""
+    def probabilities(logits: torch.Tensor, rating_softmax: bool = True) -> torch.Tensor:
+        """Logits (N, 4 + T) -> softmax over the 4 rating outputs (our runs train the rating as one choice), sigmoid over
+        the tags; rating_softmax=False: sigmoid everywhere, as a released WD v3 tagger's reference code reads its outputs."""
+        if not rating_softmax:
+            return torch.sigmoid(logits)
         ratings = torch.softmax(logits[:, : len(RATING_NAMES)], dim=1)  # (N, 4)
         tags = torch.sigmoid(logits[:, len(RATING_NAMES) :])  # (N, T)
         return torch.cat([ratings, tags], dim=1)

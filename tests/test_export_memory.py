@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from export_memory import (
     METRIC_BINS,
@@ -13,21 +14,31 @@ from export_memory import (
     ExportEstimate,
     ExportMemoryError,
     ExportShape,
+    StageShape,
     estimate_export_memory,
     plan_export,
+    timm_stages,
+    vit_stages,
 )
+from wd_release_helpers import SHRINK, release_config
 
 GB = 10**9
-DEMO_448 = ExportShape(image_size=448, patch_size=8, embed_dim=128, num_heads=4, mlp_ratio=4.0, num_params=830_000, vocab_tags=28, exported_tags=28)
-VIT_B_448 = ExportShape(
-    image_size=448, patch_size=16, embed_dim=768, num_heads=12, mlp_ratio=4.0, num_params=94_000_000, vocab_tags=10_000, exported_tags=10_000
-)
+DEMO_448 = ExportShape(image_size=448, stages=vit_stages(448, 8, 128, 4, 4.0), num_params=830_000, vocab_tags=28, exported_tags=28)
+
+
+def _vit_b(size: int, **changes: object) -> ExportShape:
+    values = dict(image_size=size, stages=vit_stages(size, 16, 768, 12, 4.0), num_params=94_000_000, vocab_tags=10_000, exported_tags=10_000)
+    return ExportShape(**{**values, **changes})
+
+
+VIT_B_448 = _vit_b(448)
 
 
 def test_estimate_counts_the_attention_matrices_onnxruntime_materialises() -> None:
     demo = estimate_export_memory(DEMO_448, resident=0)
-    assert DEMO_448.tokens == 1 + 56 * 56
-    attention = 2 * 4 * DEMO_448.tokens**2 * 4  # scores and softmax, float32, 4 heads
+    tokens = DEMO_448.stages[0].tokens
+    assert tokens == 1 + 56 * 56
+    attention = 2 * 4 * tokens**2 * 4  # scores and softmax, float32, 4 heads
     assert attention < demo.per_image_verify < attention * 1.25
     # The measured figures of the module docstring: 19 MB an image in the backbone pass, 316 MB in onnxruntime.
     assert 19e6 <= demo.per_image_pass <= 30e6 and 316e6 <= demo.per_image_verify <= 400e6
@@ -35,13 +46,13 @@ def test_estimate_counts_the_attention_matrices_onnxruntime_materialises() -> No
     assert vit.weights == WEIGHT_COPIES * 4 * 94_000_000
     assert vit.metrics >= 2 * METRIC_BINS * 4 * 10_000
     # Memory grows with the image size (tokens, and tokens squared in onnxruntime).
-    small = estimate_export_memory(ExportShape(**{**VIT_B_448.__dict__, "image_size": 224}), resident=0)
+    small = estimate_export_memory(_vit_b(224), resident=0)
     assert small.per_image_pass < vit.per_image_pass / 3 and small.per_image_verify < vit.per_image_verify / 4
 
 
 def test_on_a_gpu_the_backbone_pass_costs_the_host_only_the_loader() -> None:
     host = estimate_export_memory(VIT_B_448, resident=0)
-    gpu = estimate_export_memory(ExportShape(**{**VIT_B_448.__dict__, "host_passes": False}), resident=0)
+    gpu = estimate_export_memory(_vit_b(448, host_passes=False), resident=0)
     assert gpu.per_image_pass == VIT_B_448.loader_batches * 3 * 448**2 < host.per_image_pass
     assert gpu.metrics == 0
 
@@ -88,18 +99,56 @@ def test_nothing_fits_names_the_image_size_or_the_limit_flag() -> None:
         plan_export(est, image_size=448, requested_batch=0, default_batch=0, budget=20 * GB)
 
 
-def test_a_timm_body_is_estimated_from_its_blocks_and_a_staged_one_refused() -> None:
-    from export_memory import timm_shape
+def _widest_output_per_stage(body: torch.nn.Module, names: list[str], size: int) -> dict[str, int]:
+    """Bytes per image of the largest single module output inside each named stage (a real forward of 2 images;
+    outputs without the batch in their first dimension, like SwinV2's position-bias MLP, are the model's, not an image's)."""
+    widest = dict.fromkeys(names, 0)
+    hooks = []
+    for name in names:
+        for module in body.get_submodule(name).modules():
+            if not list(module.children()):
+
+                def record(_m: torch.nn.Module, _i: object, out: object, stage: str = name) -> None:
+                    if isinstance(out, torch.Tensor) and out.shape[0] % 2 == 0:
+                        widest[stage] = max(widest[stage], out.numel() * out.element_size() // 2)
+
+                hooks.append(module.register_forward_hook(record))
+    with torch.no_grad():
+        body(torch.zeros(2, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return widest
+
+
+@pytest.mark.parametrize("name", list(SHRINK))
+def test_every_released_family_is_estimated_stage_by_stage_against_its_real_tensors(name: str) -> None:
     from timm_tagger import TimmTaggerConfig, timm_body
 
-    eva = TimmTaggerConfig(
-        "eva02_large_patch14_448",
-        {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "ref_feat_shape": [4, 4]},
-        image_size=32,
-    )
-    shape = timm_shape(timm_body(eva, device="meta"), eva.architecture)
-    assert shape["patch_size"] == 8 and shape["embed_dim"] == 64 and shape["num_heads"] == 2
-    assert shape["mlp_ratio"] == pytest.approx(4 * 2 / 3, rel=0.05)  # EVA02's SwiGLU hidden width
-    convnext = TimmTaggerConfig("convnext_base", {"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64]}, image_size=64)
-    with pytest.raises(ExportMemoryError, match="convnext_base"):
-        timm_shape(timm_body(convnext, device="meta"), convnext.architecture)
+    config = release_config(name, 7, shrink=True)
+    size = config["pretrained_cfg"]["input_size"][1]
+    body = timm_body(TimmTaggerConfig(config["architecture"], config["model_args"], image_size=size)).eval()
+    stages = timm_stages(body, config["architecture"], size)
+    infos = body.feature_info
+    assert len(stages) == len(infos)
+    widest = _widest_output_per_stage(body, [info["module"] for info in infos], size)
+    for stage, info in zip(stages, infos):
+        assert stage.tokens - getattr(body, "num_prefix_tokens", 0) == (size // info["reduction"]) ** 2 and stage.width == info["num_chs"]
+        # the estimate covers the stage's widest real tensor and is not wildly above it
+        real = widest[info["module"]]
+        assert real <= stage.block_activations() <= 12 * real, (info["module"], real, stage)
+    if "swinv2" in name:  # window attention: tokens x window, not tokens squared
+        assert all(s.heads and s.window == min(s.tokens, 16 if i < 3 else 4) for i, s in enumerate(stages))
+        assert stages[0].attention_matrices() == 2 * stages[0].heads * stages[0].tokens * 16 * 4
+    elif "convnext" in name:  # convolutions: no attention matrices
+        assert all(s.heads == 0 and s.attention_matrices() == 0 for s in stages)
+    else:  # global attention, the prefix (class) token included where the model has one
+        assert all(s.window == s.tokens for s in stages)
+
+
+def test_a_body_that_does_not_list_its_stages_is_refused_by_name() -> None:
+    with pytest.raises(ExportMemoryError, match="some_net does not describe them"):
+        timm_stages(torch.nn.Linear(2, 2), "some_net", 64)
+    with pytest.raises(ValueError, match="at least one stage"):
+        ExportShape(image_size=64, stages=(), num_params=1, vocab_tags=1, exported_tags=1)
+    conv = StageShape(tokens=16, width=8, hidden=32)
+    assert conv.block_activations() == 4 * 16 * (8 + 8 + 64) and conv.attention_matrices() == 0

@@ -26,7 +26,15 @@ from export_calibration import ExportMetrics, fit_calibration
 from export_model import export_onnx
 from image_preprocess import PreprocessParams, load_image, normalize_images
 from model_architecture import SimplifiedTagger, VisionTransformerConfig
-from timm_layout import read_timm_folder, timm_config, timm_family_config, timm_family_state_dict, timm_state_dict, write_timm_folder
+from timm_layout import (
+    ratings_are_softmax,
+    read_timm_folder,
+    timm_config,
+    timm_family_config,
+    timm_family_state_dict,
+    timm_state_dict,
+    write_timm_folder,
+)
 from timm_tagger import TimmTagger, TimmTaggerConfig
 from vocabulary import TagVocabulary
 from wd_export_helpers import (
@@ -44,6 +52,7 @@ from wd_export_helpers import (
 from wd_format import RATING_NAMES, rgb_to_wd_input
 from wd_model import WDTagger, fused_head, plan_outputs, resized_tagger
 from wd_release import read_release
+from wd_release_helpers import SHRINK, release_config, write_release
 
 
 @dataclass
@@ -379,6 +388,35 @@ def test_export_metrics_count_exactly_at_the_consumer_thresholds() -> None:
     tuned = np.array([_best_f1_threshold(probs[:, 4 + i], ordered[:, i]) for i in range(len(plan.columns))])
     # Histogram bins are ~0.002 wide near 0.5: the tuned F1 is the exact one to within a tie or two.
     assert result["f1_micro_tuned_per_tag"] == pytest.approx(_micro_f1(probs[:, 4:], ordered, tuned), abs=0.02)
+
+
+@pytest.mark.parametrize("name", list(SHRINK))
+def test_every_released_family_exports_to_onnx_and_a_timm_folder_that_agree(tmp_path: Path, name: str) -> None:
+    """A TimmTagger of each WD v3 release's architecture (shrunk, BGR like the release) through the export's graph:
+    onnxruntime equals PyTorch, timm.create_model("local-dir:...") on the BGR image gives the fused head's logits,
+    and the folder is recognised as ours (its ratings read with a softmax, where a release's are sigmoid outputs)."""
+    config = release_config(name, 9, shrink=True)
+    size = config["pretrained_cfg"]["input_size"][1]
+    torch.manual_seed(0)
+    cfg = TimmTaggerConfig(config["architecture"], config["model_args"], 5, 4, size, "bgr")
+    model = TimmTagger(cfg).eval()
+    plan = plan_outputs(TagVocabulary([f"t{i}" for i in range(5)], tag_categories={"t4": "character"}))
+    wd = WDTagger(model, fused_head(model, plan), (0.5,) * 3, (0.5,) * 3).eval()
+    export_onnx(wd, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, size, size, 3) * 255  # WD input: BGR 0..255
+    with torch.no_grad():
+        expected = wd(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-5)
+    preprocess = PreprocessParams(size, layout="pad_then_resize")
+    write_timm_folder(tmp_path, timm_family_config(model, plan.labels.names, preprocess), timm_family_state_dict(model, wd.head))
+    built = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    rgb = torch.randn(2, 3, size, size)  # normalised RGB
+    with torch.no_grad():
+        torch.testing.assert_close(built(rgb[:, [2, 1, 0]]), wd.logits_from_normalized(rgb), rtol=0, atol=1e-5)
+    assert ratings_are_softmax(tmp_path)
+    release = write_release(tmp_path / "release", name, ["a", "b"], ["c"])
+    assert not ratings_are_softmax(release)
 
 
 @pytest.mark.parametrize("channels", ["rgb", "bgr"])

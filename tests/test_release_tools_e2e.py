@@ -1,19 +1,20 @@
 """Released WD v3 taggers and timm-family runs through the tools, end to end.
 
-The releases are shrunk copies of wd-vit-tagger-v3 and wd-eva02-large-tagger-v3 built with timm
+The releases are shrunk copies of the four WD v3 taggers (ViT, EVA02, SwinV2, ConvNeXt) built with timm
 (tests/wd_release_helpers.py: the published config.json, random weights, a 9/0/4 selected_tags.csv);
 the reference is the reference code's recipe (`timm.create_model("local-dir:...")`, white pad to a
 square, bicubic resize, BGR, sigmoid). Training and the export run as processes; tag_images.py and
 validation_loop.py run their commands' `main` in this process (the same code, no interpreter to
 start). Checked:
 
-- `tag_images.py --model RELEASE --json` gives the reference's tag probabilities within 1e-4;
+- `tag_images.py --model RELEASE --json` gives the reference's probabilities within 1e-4, tags and
+  ratings (a release's ratings are sigmoid outputs, as its reference code reads them);
 - `validation_loop.py --checkpoint RELEASE --data DIR` evaluates the release, and says it needs
   --data without it;
 - a run fine-tuned briefly from the EVA02 release (body and heads training) exports: onnxruntime
   against PyTorch within 1e-4 (the export's own check), the timm folder built by
   `timm.create_model("local-dir:...")` with the reference recipe gives the ONNX model's
-  probabilities within 1e-5, and a model initialised from that export (--init-from's code) gives
+  probabilities within 1e-5 (its ratings: a softmax of the four rating logits), and a model initialised from that export (--init-from's code) gives
   them again before any step;
 - tag_images.py and validation_loop.py take the timm-family run's checkpoint.
 """
@@ -44,7 +45,7 @@ from wd_release_helpers import _ensure_rgb, _pad_square, reference_probabilities
 
 pytestmark = pytest.mark.e2e
 
-RELEASES = {"vit": "wd-vit-tagger-v3", "eva02": "wd-eva02-large-tagger-v3"}
+RELEASES = {"vit": "wd-vit-tagger-v3", "eva02": "wd-eva02-large-tagger-v3", "swinv2": "wd-swinv2-tagger-v3", "convnext": "wd-convnext-tagger-v3"}
 CHARACTER = ["star", "yellow"]  # demo tags put in the release's character block
 
 
@@ -70,29 +71,38 @@ def _tag_images_json(model: Path, images: Path, out: Path) -> dict[str, dict[str
     args += ["--general-threshold", "0", "--character-threshold", "0", "--num-workers", "0", "--caption-extension", f".{out.stem}.txt"]
     assert tag_images.main(args) == 0
     results = json.loads(out.read_text(encoding="utf-8"))["images"]
-    return {name: {**row["general"], **row["character"]} for name, row in results.items()}
+    return {name: {**row["general"], **row["character"], **{f"rating:{k}": v for k, v in row["rating"].items()}} for name, row in results.items()}
 
 
-def _max_diff(found: dict[str, dict[str, float]], folder: Path, reference: torch.Tensor, images: list[Path]) -> float:
-    """Largest |tool - reference| over every image and tag (the reference's columns in selected_tags.csv order)."""
+def _max_diff(found: dict[str, dict[str, float]], folder: Path, reference: torch.Tensor, images: list[Path], ratings: str = "") -> float:
+    """Largest |tool - reference| over every image and tag (the reference's columns in selected_tags.csv order), and over
+    the four ratings when `ratings` says how the tool reads them from the reference's sigmoid outputs ("sigmoid": as
+    they are, a release; "softmax": a softmax of their logits, our export)."""
     labels = LabelTable.read(folder / "selected_tags.csv")
     names = [*labels.general, *labels.character]
     assert sorted(found) == sorted(p.name for p in images)
+    expected = reference[:, 4:].double()
+    if ratings:
+        names = [*(f"rating:{r}" for r in labels.ratings), *names]
+        rating_probs = reference[:, :4].double()
+        if ratings == "softmax":
+            rating_probs = torch.softmax(torch.logit(rating_probs), dim=1)
+        expected = torch.cat([rating_probs, expected], dim=1)
     worst = 0.0
     for i, path in enumerate(images):
         row = found[path.name]
-        assert sorted(row) == sorted(names)
+        assert set(names) <= set(row) and len(row) == len(labels.names)
         ours = np.array([row[n] for n in names])
-        worst = max(worst, float(np.abs(ours - reference[i, 4:].double().numpy()).max()))
+        worst = max(worst, float(np.abs(ours - expected[i].numpy()).max()))
     return worst
 
 
-@pytest.mark.parametrize("family", ["vit", "eva02"])
+@pytest.mark.parametrize("family", list(RELEASES))
 def test_tag_images_on_a_release_folder_gives_the_reference_recipes_probabilities(work: dict[str, Path], family: str) -> None:
     folder = work[family]
     images = sorted(work["images"].glob("*.png"))
     found = _tag_images_json(folder, work["images"], work["root"] / f"tags_{family}.json")
-    diff = _max_diff(found, folder, reference_probabilities(folder, images), images)
+    diff = _max_diff(found, folder, reference_probabilities(folder, images), images, ratings="sigmoid")
     print(f"tag_images --model {RELEASES[family]} (shrunk) vs the reference recipe: max abs diff {diff:.3g}")
     assert diff < 1e-4
 
@@ -157,7 +167,7 @@ def test_a_finetuned_eva02_run_exports_to_folders_timm_and_init_from_agree_on(wo
     images = sorted(work["images"].glob("*.png"))
     timm_probs = reference_probabilities(out, images)  # (N, 4 + T): timm local-dir, white pad, bicubic, BGR
     onnx = _tag_images_json(out, work["images"], work["root"] / "tags_export.json")  # model.onnx via onnxruntime
-    onnx_diff = _max_diff(onnx, out, timm_probs, images)
+    onnx_diff = _max_diff(onnx, out, timm_probs, images, ratings="softmax")
     print(f"export: onnxruntime vs PyTorch {report['onnx_vs_pytorch']['max_abs_diff']:.3g}; tag_images (onnx) vs timm local-dir {onnx_diff:.3g}")
     assert onnx_diff < 1e-5
 
