@@ -15,8 +15,9 @@ It owns:
 
 Training's inline validation (train_direct), the evaluation CLI (validation_loop), the export
 (export_model) and the tagger's PyTorch backend (tag_images) all call it; none of those entry
-points imports another. It imports batching, checkpoint_store, Configuration_System,
-evaluation_metrics, image_preprocess, timm_tagger, vocabulary and wd_release.
+points imports another (model_eval adds the export folders, through tagging). It imports batching,
+checkpoint_store, Configuration_System, evaluation_metrics, image_preprocess, timm_tagger, vocabulary,
+wd_format and wd_release.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from evaluation_metrics import MetricComputer
 from image_preprocess import PreprocessParams
 from timm_tagger import Tagger, build_tagger
 from vocabulary import TagVocabulary
-from wd_release import WdRelease, read_release, release_layout, release_problem
+from wd_format import LabelTable
+from wd_release import label_categories, read_release, release_layout, release_problem
 
 # Called with each evaluated batch (as ImagePreFetcher yields it: normalised images, "tag_targets",
 # "ratings") and the model's outputs for it.
@@ -51,7 +53,8 @@ __all__ = [
     "load_checkpoint_for_eval",
     "load_release_for_eval",
     "model_from_checkpoint",
-    "release_vocabulary",
+    "denormalize_images",
+    "labels_vocabulary",
 ]
 
 
@@ -74,8 +77,8 @@ class EvalResult:
     skipped: dict[str, str] = field(default_factory=dict)  # sample id -> why it could not be evaluated
 
 
-def _denormalize(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Tensor:
-    """Normalised float (N, 3, H, W) back to uint8 for display."""
+def denormalize_images(images: torch.Tensor, preprocess: PreprocessParams) -> torch.Tensor:
+    """Normalised float (N, 3, H, W) back to the uint8 pixels they came from (on the CPU)."""
     mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1)
     return ((images.float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
@@ -131,7 +134,7 @@ def evaluate(
                     observe(batch, outputs)
                 if num_examples and examples is None:
                     n = min(num_examples, probs.shape[0])
-                    examples = EvalExamples(_denormalize(batch["images"][:n], preprocess), probs[:n].cpu(), batch["tag_targets"][:n].cpu())
+                    examples = EvalExamples(denormalize_images(batch["images"][:n], preprocess), probs[:n].cpu(), batch["tag_targets"][:n].cpu())
         if world_size > 1:
             computer.all_reduce_()
     finally:
@@ -159,20 +162,26 @@ class LoadedCheckpoint:
 
     folder: Path
     cfg: RootConfig
-    model: Tagger
+    model: torch.nn.Module  # a Tagger, or model_eval.ProbabilityOutputs for an export folder
     vocab: TagVocabulary
     preprocess: PreprocessParams
     step: int
-    kind: str = "checkpoint"  # "release": a WD tagger release folder (no run config, no data root, step 0)
+    # "release": a WD tagger release folder, "export": an exported model folder (model_eval); neither has a run
+    # config (the default config, no data root): evaluating them needs a dataset folder
+    kind: str = "checkpoint"
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether evaluating it needs a dataset folder named (no run config to find one in)."""
+        return self.kind != "checkpoint"
 
 
-def release_vocabulary(release: WdRelease) -> TagVocabulary:
-    """The release's tags as a vocabulary: selected_tags.csv order (general, then character), counts and categories."""
-    labels = release.labels
+def labels_vocabulary(labels: LabelTable) -> TagVocabulary:
+    """A WD folder's tags as a vocabulary: selected_tags.csv order (general, then character), counts and categories."""
     names = [*labels.general, *labels.character]
     counts = [*labels.general_counts, *labels.character_counts]
     frequencies = dict(zip(names, (int(c) for c in counts))) if len(counts) == len(names) else None
-    return TagVocabulary(names, frequencies, release.tag_categories())
+    return TagVocabulary(names, frequencies, label_categories(labels))
 
 
 def load_release_for_eval(folder: str | Path, device: torch.device) -> LoadedCheckpoint:
@@ -182,7 +191,7 @@ def load_release_for_eval(folder: str | Path, device: torch.device) -> LoadedChe
     model = release.build_model()
     cfg = RootConfig()
     cfg.data.root = ""  # a release has no run config: the data must be named (--data)
-    return LoadedCheckpoint(Path(folder), cfg, model.to(device), release_vocabulary(release), release.config.preprocess(), 0, "release")
+    return LoadedCheckpoint(Path(folder), cfg, model.to(device), labels_vocabulary(release.labels), release.config.preprocess(), 0, "release")
 
 
 def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool = False) -> LoadedCheckpoint:

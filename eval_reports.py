@@ -177,6 +177,17 @@ def default_eval_dir(checkpoint_folder: str | Path) -> Path:
     return run_dir_of(checkpoint_folder) / "eval" / Path(checkpoint_folder).name
 
 
+def model_eval_dir(folder: str | Path, has_run: bool) -> Path:
+    """Where a model's reports go unless told otherwise: a checkpoint's beside its run (default_eval_dir); a release
+    or export folder has no run, and is never written into: eval/<folder name> where the command runs."""
+    return default_eval_dir(folder) if has_run else Path("eval") / Path(folder).name
+
+
+def eval_dir_for(ck: LoadedCheckpoint) -> Path:
+    """model_eval_dir of a loaded model."""
+    return model_eval_dir(ck.folder, not ck.needs_data)
+
+
 def check_out_location(out: str | Path, data_folder: str | Path | None) -> None:
     """ConfigError when the report folder lies inside the dataset: nothing is ever written into it."""
     if data_folder is not None and Path(data_folder).is_dir() and is_inside(out, data_folder):

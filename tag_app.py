@@ -16,10 +16,12 @@ once; uploads are decoded with each model's preprocessing and run in batches. A 
 be read, or a folder that is not a model ("Open another model"), gives a message and the page
 goes on.
 
-"Validation" (models that are checkpoints or run folders): the evaluation validation_loop.py
-computes (eval_reports.run_evaluation over the run's validation split, or --data), run once and
-kept with its reports in <run>/eval/<step>/ (predictions.npz next to per_tag.csv; reused while it
-is for the same checkpoint and data); the per-tag table, searchable and sortable; per tag its
+"Validation" (a checkpoint or run folder: its run's validation split, or --data; an export, timm or
+release folder: --data): the evaluation validation_loop.py computes (model_eval's loader,
+eval_reports.run_evaluation; an export folder evaluated through its ONNX model as tag_images.py runs
+it), run once and kept with its reports in <run>/eval/<step>/, or eval/<folder name>/ where the page
+was started for a model folder (predictions.npz next to per_tag.csv; reused while it is for the
+same model and data); the per-tag table, searchable and sortable; per tag its
 precision-recall curve and its worst images (highest-scored false positives, lowest-scored false
 negatives) with their true and predicted tags. The page writes nothing else, and never into the
 dataset or a model folder. The page's logic is in plain functions (`TagPage`, `ValidationData`)
@@ -44,8 +46,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint_eval import load_checkpoint_for_eval
-from checkpoint_store import resolve_checkpoint
 from Configuration_System import ConfigError
 from data_setup import is_inside, prepare_eval_data
 from dataset_scan import DataQualityError
@@ -53,8 +53,8 @@ from eval_reports import (
     PREDICTIONS_FILE,
     Predictions,
     check_out_location,
-    default_eval_dir,
     load_predictions,
+    model_eval_dir,
     per_tag_rows,
     result_from_predictions,
     run_evaluation,
@@ -63,6 +63,7 @@ from eval_reports import (
 )
 from file_io import display_path
 from image_preprocess import PreprocessParams
+from model_eval import load_model_for_eval, model_folder
 from tag_views import (
     PAGE_CSS,
     ImageView,
@@ -374,23 +375,23 @@ class ValidationData:
 def prepare_validation(
     path: str | Path, *, data: str | None = None, eval_dir: str | Path | None = None, device: str = "cpu", ema: bool = False, num_workers: int = -1
 ) -> ValidationData:
-    """A checkpoint's evaluation for the page: read from <eval dir>/predictions.npz when it is for this checkpoint and data, else run once and kept there."""
-    folder = resolve_checkpoint(resolve_model_path(path))
-    out = Path(eval_dir) if eval_dir else default_eval_dir(folder)
+    """A model's evaluation for the page (a checkpoint: its run's validation split or --data; a release or export
+    folder: --data): read from <eval dir>/predictions.npz when it is for this model and data, else run once and kept there."""
+    folder, has_run = model_folder(path)
+    out = Path(eval_dir) if eval_dir else model_eval_dir(folder, has_run)
     if is_inside(out, folder):
-        raise ValueError(f"--eval-dir {out} is inside the checkpoint {folder}; the page never writes into a model folder: choose another folder")
+        raise ValueError(f"--eval-dir {out} is inside the model folder {folder}; the page never writes into a model folder: choose another folder")
+    if not has_run and data is None:
+        raise ValueError(f"{folder} has no run config (no dataset, no split): name the images to evaluate (--data)")
     target = out / PREDICTIONS_FILE
     predictions, computed = None, False
     if target.is_file():
         kept = load_predictions(target)
-        ck_label = str(folder)
         same_data = (kept.data == "") if data is None else (kept.data != "" and Path(kept.data).resolve() == Path(data).resolve())
-        if kept.checkpoint == ck_label and kept.ema == ema and same_data:
+        if kept.checkpoint == str(folder) and kept.ema == ema and same_data:
             predictions = kept
     if predictions is None:
-        ck = load_checkpoint_for_eval(folder, torch.device(device), ema=ema)
-        if ck.kind == "release" and data is None:
-            raise ValueError(f"{folder} is a released WD tagger folder with no run config: name the images to evaluate (--data)")
+        ck = load_model_for_eval(folder, torch.device(device), ema=ema)
         if num_workers >= 0:
             ck.cfg.data.num_workers = num_workers
         check_out_location(out, data or ck.cfg.data.root or None)
@@ -406,7 +407,7 @@ def prepare_validation(
         computed = True
     result = result_from_predictions(predictions)
     rows = per_tag_rows(result, predictions.vocabulary())
-    name = f"{folder.parent.parent.name}/{folder.name}"
+    name = f"{folder.parent.parent.name}/{folder.name}" if has_run else folder.name
     return ValidationData(name, out, predictions, rows, result.metrics, computed)
 
 
@@ -633,7 +634,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description="A local page to try taggers side by side and see where a run is wrong.")
     p.add_argument("models", nargs="+", help="export folder, timm-layout folder, run folder or checkpoint (one or more)")
-    p.add_argument("--data", default=None, help="Validation tab: evaluate every sample of this dataset folder instead of the run's validation split")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="Validation tab: evaluate every sample of this dataset folder (a model folder needs it; a run uses its validation split)",
+    )
     p.add_argument("--eval-dir", default=None, help="Validation tab: where the evaluation is kept (default <run>/eval/<step>; one model only)")
     p.add_argument("--no-validation", action="store_true", help="no Validation tab (no evaluation at start)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -664,7 +669,9 @@ def setup(args: argparse.Namespace) -> tuple[TagPage, list[ValidationData], list
             notes.append(f"could not open {path}: {exc}")
             print(f"error: could not open {path}: {exc}", file=sys.stderr)
             continue
-        if not args.no_validation and opened.model.kind == "checkpoint":
+        if not args.no_validation and opened.model.kind != "checkpoint" and not args.data:
+            notes.append(f"no validation for {opened.name}: a model folder has no validation split of its own (name a dataset with --data)")
+        elif not args.no_validation:
             try:
                 validation = prepare_validation(
                     path, data=args.data, eval_dir=args.eval_dir, device=args.device, ema=args.ema, num_workers=args.num_workers
@@ -674,7 +681,7 @@ def setup(args: argparse.Namespace) -> tuple[TagPage, list[ValidationData], list
                 print(f"error: no validation for {opened.name}: {exc}", file=sys.stderr)
             else:
                 validations.append(validation)
-                if (validation.folder / THRESHOLDS_FILE).is_file():  # the evaluation's tuned thresholds
+                if opened.thresholds_file is None and (validation.folder / THRESHOLDS_FILE).is_file():  # the evaluation's tuned ones
                     opened.thresholds_file = validation.folder / THRESHOLDS_FILE
         source = display_path(opened.thresholds_file) if opened.thresholds_file else "the defaults 0.35 / 0.85"
         notes.append(f"**{opened.name}**: {opened.model.kind} ({path}), thresholds from {source}")

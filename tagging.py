@@ -21,7 +21,9 @@ A model is anything the other tools accept (`open_model`):
   checkpoint, else its last): PyTorch, raw (uncalibrated) probabilities in selected_tags.csv order.
 
 Each opened model (`TaggingModel`) maps RGB uint8 images (B, S, S, 3), decoded with its own
-`preprocess`, to probabilities (B, 4 + T): softmax over the four ratings, sigmoid over the tags.
+`preprocess`, to probabilities (B, 4 + T): sigmoid over the tags; softmax over the four ratings for
+our models (trained as one choice), sigmoid for a released WD tagger's (as its reference code reads
+them; `timm_layout.ratings_are_softmax` tells the two timm folders apart).
 `model_thresholds` finds the model's own thresholds file (an export's thresholds.json, a
 checkpoint's `<run>/eval/<step>/thresholds.json` from validation_loop.py).
 
@@ -54,7 +56,7 @@ from checkpoint_store import COMPLETE_MARKER, resolve_checkpoint, run_dir_of
 from dataset_scan import IMAGE_EXTENSIONS
 from image_preprocess import IMAGE_ERRORS, PreprocessParams, load_image
 from model_architecture import SimplifiedTagger
-from timm_layout import TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE, is_vit_export, read_timm_folder
+from timm_layout import TIMM_CONFIG_FILE, TIMM_WEIGHTS_FILE, is_vit_export, ratings_are_softmax, read_timm_folder
 from wd_format import (
     DEFAULT_CHARACTER_THRESHOLD,
     DEFAULT_GENERAL_THRESHOLD,
@@ -86,6 +88,7 @@ __all__ = [
     "load_thresholds",
     "mcut_threshold",
     "merge_caption",
+    "model_reader",
     "model_thresholds",
     "onnx_preprocess",
     "open_model",
@@ -358,12 +361,14 @@ class _TorchWDModel:
     kind: str
     model: WDTagger
     device: torch.device
+    rating_softmax: bool = True  # False for a released WD tagger: its ratings are sigmoid outputs, like its tags
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """RGB uint8 (B, S, S, 3) -> probabilities (B, 4 + T)."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
         with torch.inference_mode():
-            return WDTagger.probabilities(self.model.logits_from_rgb(batch)).float().cpu().numpy()
+            logits = self.model.logits_from_rgb(batch)  # (B, 4 + T)
+            return WDTagger.probabilities(logits, self.rating_softmax).float().cpu().numpy()
 
 
 class TorchCheckpointModel(_TorchWDModel):
@@ -377,6 +382,7 @@ class TorchCheckpointModel(_TorchWDModel):
         self.device = torch.device(device)
         ck = load_checkpoint_for_eval(checkpoint, self.device, ema=ema)
         self.kind = "timm" if ck.kind == "release" else "checkpoint"
+        self.rating_softmax = ck.kind != "release" or ratings_are_softmax(ck.folder)
         self.source = ck.folder
         self.step = ck.step
         plan = plan_outputs(ck.vocab)
@@ -442,16 +448,27 @@ def open_model(model: str | Path, device: str = "cpu", ema: bool = False) -> Tag
     The one place a model is opened for tagging: a new kind of model folder is one more branch here.
     """
     path = resolve_model_path(model)
-    if path.is_dir() and (path / ONNX_FILE).is_file():
+    kind = model_reader(path)
+    if kind == "onnx":
         return OnnxModel(path, device)
-    if path.is_dir() and (path / TIMM_CONFIG_FILE).is_file() and (path / LABELS_FILE).is_file() and is_vit_export(path):
+    if kind == "timm_vit":
         return TimmFolderModel(path, device)
+    return TorchCheckpointModel(path, device, ema)
+
+
+def model_reader(path: Path) -> str:
+    """How open_model reads a resolved model path: "onnx" (model.onnx), "timm_vit" (our ViT's timm folder) or
+    "torch" (a checkpoint, a WD release or a timm-family folder: checkpoint_eval); ValueError for a folder that is none."""
+    if path.is_dir() and (path / ONNX_FILE).is_file():
+        return "onnx"
+    if path.is_dir() and (path / TIMM_CONFIG_FILE).is_file() and (path / LABELS_FILE).is_file() and is_vit_export(path):
+        return "timm_vit"
     if path.is_dir() and not any((path / name).exists() for name in _MODEL_FILES):
         raise ValueError(
             f"{path} is not a model: expected an export folder ({ONNX_FILE} + {LABELS_FILE}), a timm-layout folder "
             f"({TIMM_CONFIG_FILE} + {TIMM_WEIGHTS_FILE} + {LABELS_FILE}), a run folder or a checkpoint (step_<N> folder or last/best pointer)"
         )
-    return TorchCheckpointModel(path, device, ema)
+    return "torch"
 
 
 def model_thresholds(model: TaggingModel) -> Path | None:

@@ -6,15 +6,16 @@
 A checkpoint folder is all it needs: weights, model shape, vocabulary, preprocessing and the
 config (for the dataset and its split) are read from it. A released WD v3 tagger folder
 (config.json + model.safetensors + selected_tags.csv) is evaluated as published (the reference
-recipe's pixels); it has no run config, so it needs `--data DIR`, and its reports go to
-`eval/<folder name>` unless `--out` says otherwise. Without `--data` it evaluates the run's
+recipe's pixels), and an exported model folder (model.onnx + selected_tags.csv) through onnxruntime
+as tag_images.py runs it; neither has a run config, so they need `--data DIR`, and their reports
+go to `eval/<folder name>` unless `--out` says otherwise. Without `--data` it evaluates the run's
 validation split (recomputed from the seed and the sample ids, so it is the same split); with
 `--data DIR` every usable sample of DIR. It writes `metrics.json`, `per_tag.csv`,
 `thresholds.json`, `report.md` and `skipped_samples.csv` (every sample left out, by path) to `--out`, and with `--save-predictions` every sample's
 probabilities and labels (`predictions.npz`, what tag_app.py's validation tab shows).
 
-Loading the checkpoint and evaluating it are checkpoint_eval's (shared with training's inline
-validation, the export and the tagger); the report files and the predictions are eval_reports'
+Loading the model is model_eval's and evaluating it checkpoint_eval's (shared with training's
+inline validation, the export, the tagger and the page); the report files and the predictions are eval_reports'
 (shared with tag_app.py). This module owns the CLI.
 """
 
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_eval import load_checkpoint_for_eval
 from Configuration_System import ConfigError
 from data_setup import prepare_eval_data
 from dataset_scan import DataQualityError
-from eval_reports import PREDICTIONS_FILE, check_out_location, default_eval_dir, named_tag_rows, run_evaluation, save_predictions, write_reports
+from eval_reports import PREDICTIONS_FILE, check_out_location, eval_dir_for, named_tag_rows, run_evaluation, save_predictions, write_reports
+from model_eval import load_model_for_eval
 from skip_list import SKIP_LIST_FILE, failure_rows, write_skip_list
 
 # --------------------------------------------------------------------------------------------
@@ -43,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description="Evaluate a tagger checkpoint.")
     p.add_argument(
-        "--checkpoint", required=True, help="a checkpoints/step_N folder, a last/best pointer file or a WD v3 release folder (with --data)"
+        "--checkpoint",
+        required=True,
+        help="a checkpoints/step_N folder, a last/best pointer, a run folder, or (with --data) a WD v3 release or export folder",
     )
     p.add_argument("--data", default=None, help="evaluate every usable sample of this dataset folder instead of the run's validation split")
     p.add_argument("--mode", choices=("full", "fast", "tags", "hierarchical"), default="full")
@@ -64,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     try:
-        ck = load_checkpoint_for_eval(args.checkpoint, device, ema=args.ema)
-        if ck.kind == "release" and not args.data:
-            raise ValueError(f"{ck.folder} is a released WD tagger folder with no run config (no dataset, no split): name the images with --data DIR")
+        ck = load_model_for_eval(args.checkpoint, device, ema=args.ema)
+        if ck.needs_data and not args.data:
+            what = "a released WD tagger folder" if ck.kind == "release" else "an exported model folder"
+            raise ValueError(f"{ck.folder} is {what} with no run config (no dataset, no split): name the images with --data DIR")
         cfg = ck.cfg
         if args.batch_size:
             cfg.validation.batch_size = args.batch_size
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    out = Path(args.out) if args.out else (Path("eval") / ck.folder.name if ck.kind == "release" else default_eval_dir(ck.folder))
+    out = Path(args.out) if args.out else eval_dir_for(ck)
     write_reports(out, metrics, result, ck.vocab, str(ck.folder))
     if evaluation.predictions is not None:
         save_predictions(out / PREDICTIONS_FILE, evaluation.predictions)

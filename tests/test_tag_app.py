@@ -1,6 +1,6 @@
 """Tests for tag_app's page functions, called directly (no browser): the same probabilities and captions as
 tag_images.py, thresholds and MCut, side-by-side differences, bad input, and the Validation tab's figures
-against validation_loop.py's."""
+against validation_loop.py's, for a run and for export and release folders with --data."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import export_model
 import tag_images
 import validation_loop
 from broken_corpus import write_image, write_png_header_only, write_text_as_image, write_truncated_jpeg
 from conftest import TrainedRun
 from eval_reports import PREDICTIONS_FILE, load_predictions
 from image_preprocess import PreprocessParams
-from tag_app import OpenedModel, TagPage, caption_options, prepare_validation
+from tag_app import OpenedModel, TagPage, caption_options, parse_args, prepare_validation, setup
 from tag_app_helpers import demo_labels
 from tagging import CaptionOptions, Thresholds
 from wd_format import RATING_NAMES, LabelTable
+from wd_release_helpers import write_release
 
 # ---------------------------------------------------------------------------------------------- fast: stand-in models
 
@@ -246,3 +248,54 @@ def test_validation_figures_equal_validation_loop(run_copy: Path, trained_run: T
 def io_png(data: object) -> Path:
     """Any image path of the evaluation (the kept predictions name real files)."""
     return Path(data.predictions.paths[0])  # type: ignore[attr-defined]
+
+
+def test_validation_of_export_and_release_folders_on_data(
+    run_copy: Path, trained_run: TrainedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any model plus --data: an ONNX export (evaluated through onnxruntime, as tag_images.py runs it) gives the
+    checkpoint's own evaluation on the same data; a WD release folder is evaluated as published; neither is written into."""
+    monkeypatch.chdir(tmp_path)  # a model folder's evaluation goes to eval/<folder name> where the page starts
+    checkpoint = run_copy / "checkpoints" / "best"
+    export_dir = tmp_path / "export"
+    assert export_model.main(["--checkpoint", str(checkpoint), "--out", str(export_dir), "--num-workers", "0", "--no-calibration"]) == 0
+    data_dir = str(trained_run.data)
+    with pytest.raises(ValueError, match="--data"):
+        prepare_validation(export_dir, num_workers=0)
+    before = sorted(p.name for p in export_dir.iterdir())
+    exported = prepare_validation(export_dir, data=data_dir, num_workers=0)
+    assert exported.computed and exported.folder == Path("eval") / "export" and exported.name == "export"
+    assert sorted(p.name for p in export_dir.iterdir()) == before
+
+    reference = tmp_path / "ckpt_on_data"
+    argv = ["--checkpoint", str(checkpoint), "--data", data_dir, "--out", str(reference), "--num-workers", "0", "--save-predictions"]
+    assert validation_loop.main(argv) == 0
+    raw = load_predictions(reference / PREDICTIONS_FILE)
+    ours = exported.predictions
+    assert ours.paths == raw.paths and len(ours.paths) == 600
+    # the export's tags are the checkpoint's (no calibration): same columns in the WD order, same labels, probabilities to 1e-5
+    order = [raw.tags.index(t) for t in ours.tags]
+    assert sorted(ours.tags) == sorted(raw.tags) and np.array_equal(ours.targets, raw.targets[:, order])
+    assert np.abs(ours.probs - raw.probs[:, order]).max() <= 1e-5
+    assert np.array_equal(ours.rating_logits.argmax(1), raw.rating_logits.argmax(1))
+    by_tag = {r["tag"]: r for r in csv.DictReader((reference / "per_tag.csv").open(encoding="utf-8"))}
+    for row in exported.rows:
+        assert row["support"] == int(by_tag[row["tag"]]["support"])
+        assert row["ap"] == pytest.approx(float(by_tag[row["tag"]]["ap"]), abs=1e-3, nan_ok=True), row["tag"]
+    # validation_loop.py takes the export folder with --data too, and refuses it without
+    assert validation_loop.main(["--checkpoint", str(export_dir), "--data", data_dir, "--num-workers", "0", "--mode", "fast"]) == 0
+    assert json.loads((tmp_path / "eval" / "export" / "metrics.json").read_text(encoding="utf-8"))["num_samples"] > 0
+    assert validation_loop.main(["--checkpoint", str(export_dir), "--num-workers", "0"]) == 2
+
+    # the page: a model folder without --data says why it has no Validation tab; with --data the kept evaluation is reused
+    page, validations, notes = setup(parse_args([str(export_dir), "--num-workers", "0"]))
+    assert not validations and any("--data" in note for note in notes)
+    page, validations, notes = setup(parse_args([str(export_dir), "--data", data_dir, "--num-workers", "0"]))
+    assert len(validations) == 1 and not validations[0].computed
+    assert page.models["export"].thresholds_file == export_dir / "thresholds.json"  # the export's own, not the evaluation's
+
+    tags = sorted({t for p in raw.paths for t in demo_labels(p)})
+    release = write_release(tmp_path / "wd-convnext-tagger-v3", "wd-convnext-tagger-v3", tags[:-2], tags[-2:])
+    released = prepare_validation(release, data=data_dir, num_workers=0)
+    assert released.computed and released.folder == Path("eval") / release.name
+    assert released.predictions.tags == [*tags[:-2], *tags[-2:]] and released.metrics["num_samples"] == 600
