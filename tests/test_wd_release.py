@@ -167,7 +167,7 @@ DROPPED = ["text", "mentor"]
 NEW = ["green", "triangle", "cross"]
 
 
-@pytest.mark.parametrize("name", ["wd-vit-tagger-v3", "wd-eva02-large-tagger-v3", "wd-convnext-tagger-v3"])
+@pytest.mark.parametrize("name", sorted(RELEASE_CONFIGS))
 def test_init_from_a_release_keeps_its_probabilities_for_shared_tags(name: str, tmp_path: Path, images: list[Path]) -> None:
     """What train_direct does before the first step, in process: the config takes the release's
     preprocessing, the model its architecture, --init-from its weights and head rows by tag name.
