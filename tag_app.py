@@ -388,7 +388,9 @@ def prepare_validation(
     if target.is_file():
         kept = load_predictions(target)
         same_data = (kept.data == "") if data is None else (kept.data != "" and Path(kept.data).resolve() == Path(data).resolve())
-        if kept.checkpoint == str(folder) and kept.ema == ema and same_data:
+        # a model folder can be exported again under the same name: its evaluation is kept only while it is the newer
+        fresh = has_run or target.stat().st_mtime >= max(p.stat().st_mtime for p in folder.iterdir() if p.is_file())
+        if kept.checkpoint == str(folder) and kept.ema == ema and same_data and fresh:
             predictions = kept
     if predictions is None:
         ck = load_model_for_eval(folder, torch.device(device), ema=ema)

@@ -293,6 +293,8 @@ def test_validation_of_export_and_release_folders_on_data(
     page, validations, notes = setup(parse_args([str(export_dir), "--data", data_dir, "--num-workers", "0"]))
     assert len(validations) == 1 and not validations[0].computed
     assert page.models["export"].thresholds_file == export_dir / "thresholds.json"  # the export's own, not the evaluation's
+    (export_dir / "model.onnx").touch()  # exported again under the same name: evaluated again
+    assert prepare_validation(export_dir, data=data_dir, num_workers=0).computed
 
     tags = sorted({t for p in raw.paths for t in demo_labels(p)})
     release = write_release(tmp_path / "wd-convnext-tagger-v3", "wd-convnext-tagger-v3", tags[:-2], tags[-2:])
