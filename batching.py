@@ -12,12 +12,14 @@ checkpoint state through ``state_dict()`` / ``load_state_dict()``.
 
 It imports ``image_preprocess`` (decoding, normalisation), ``augmentation`` (flip and jitter
 randomness), ``prepared_cache`` (pre-decoded images), ``dataset_scan`` (``SampleRecord``,
-``DataQualityError``) and ``orientation_handler`` (which flips are allowed).
+``DataQualityError``), ``orientation_handler`` (which flips are allowed) and ``shard_format``
+(the encoded images of a sharded dataset, ``ShardImages``: decoded here as a file's would be).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import sys
 import warnings
@@ -36,6 +38,7 @@ from orientation_handler import OrientationHandler
 from prepared_cache import PreparedCache
 from sample_table import as_table
 from scan_limits import printable
+from shard_format import ShardImages
 
 __all__ = [
     "SidecarJsonDataset",
@@ -75,8 +78,10 @@ class SidecarJsonDataset(Dataset):
         cache: PreparedCache | None = None,
         substitute: bool = True,
         known_bad: Mapping[str, str] | None = None,
+        images: ShardImages | None = None,
     ) -> None:
-        """Encode every record's tags through `tag_to_index` (unknown tags dropped).
+        """Encode every record's tags through `tag_to_index` (unknown tags dropped); `images`: read
+        each record's encoded image from a sharded dataset instead of its file.
 
         `cache`: a PreparedCache for these params; its images replace decoding where the
         source file is unchanged (same pixels as load_image), the rest are decoded as usual.
@@ -110,6 +115,8 @@ class SidecarJsonDataset(Dataset):
         bad = dict(known_bad or {})
         ids = table.sample_ids() if cache is not None or bad else []  # decoded once, only when needed
         self._cache_rows = cache.rows_for(ids) if cache is not None else None
+        self.images = images
+        self._shard_rows = images.rows_for(table) if images is not None else None  # (N,) int64 dataset rows
         self.cache_hits = 0  # per process; for benchmarks and tests
         self.substitute = bool(substitute)
         # index -> (sample id, reason); grows in each worker as it meets failing files
@@ -155,7 +162,10 @@ class SidecarJsonDataset(Dataset):
             image, box = cached  # (3, S, S), maybe a strided view
             self.cache_hits += 1
         elif encoded is None:
-            array, box = load_letterboxed(path, self.params)
+            source: Any = path
+            if self.images is not None and self._shard_rows is not None:
+                source = io.BytesIO(self.images.read(int(self._shard_rows[index]), self.sample_id(index)))
+            array, box = load_letterboxed(source, self.params)
             image = torch.from_numpy(array).permute(2, 0, 1)  # (3, S, S) view; collate's stack makes the one copy
         tags = self.tag_indices(index).astype(np.int64)
         flip = 0

@@ -13,7 +13,9 @@ data_report.json, and is left out of validation and of later runs; validation ne
 ``prepared_cache``, ``batching``) plus ``Configuration_System`` (the config), ``file_io``
 (shipped resources), ``vocabulary``, ``orientation_handler``, ``demo_dataset``, ``tagger_init``
 (a timm run takes its init source's preprocessing) and ``wd_release`` (the extend vocabulary mode
-reads a release's selected_tags.csv).
+reads a release's selected_tags.csv). A ``data.root`` (or ``--data``) naming a sharded dataset (a
+chunk folder or an ``s3://`` URL, ``shard_format``) is read through its tag index instead of a scan,
+and its images through ``ShardImages``; everything after the scan is the folder's path.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from repeat_factor import RepeatFactorSampler, repeat_factors
 from sample_table import SampleTable, as_table
 from scan_index import scan_with_index
 from scan_limits import ScanLimits, printable
+from shard_format import ShardImages, is_remote, is_shard_dataset, load_tag_index
 from skip_list import SKIP_LIST_FILE, SkipRow, failure_rows, record_rows, scan_rows, update_skip_list, write_skip_list
 from tagger_init import apply_init_preprocessing, extend_vocabulary
 from vocabulary import TagVocabulary, build_vocabulary, load_ignore_list
@@ -66,6 +69,7 @@ __all__ = [
     "preprocess_from_config",
     "limits_from_config",
     "check_output_locations",
+    "absolute_data_paths",
     "is_inside",
     "exclude_failed",
     "earlier_failures",
@@ -142,7 +146,10 @@ def limits_from_config(cfg: RootConfig) -> ScanLimits:
 
 
 def _dataset_folder(cfg: RootConfig) -> Path | None:
-    """The folder the data lives in: data.root, else the manifest's folder; None if neither is set."""
+    """The folder the data lives in: data.root, else the manifest's folder; None if neither is set
+    or the data is in object storage."""
+    if cfg.data.root and is_remote(cfg.data.root):
+        return None
     if cfg.data.root:
         return Path(cfg.data.root)
     if cfg.data.manifest:
@@ -209,6 +216,8 @@ def scan_from_config(
     """Scan the dataset folder, or read the manifest, as the config says (through the scan index
     when data.scan_index is on; `write_index`: this process may rewrite it)."""
     verify = verify or cfg.data.verify
+    if is_shard_dataset(root):
+        return load_shard_scan(root, log)
     if cfg.data.scan_index:
         return scan_with_index(
             root,
@@ -221,6 +230,41 @@ def scan_from_config(
             log=log,
         )
     return scan_source(root, manifest=cfg.data.manifest or None, verify=verify, limits=limits_from_config(cfg))
+
+
+def absolute_data_paths(cfg: RootConfig) -> None:
+    """data.root, data.manifest and data.cache_dir made absolute in place (an s3:// data.root stays as written)."""
+    for key in ("root", "manifest", "cache_dir"):
+        value = getattr(cfg.data, key)
+        if value and not (key == "root" and is_remote(value)):
+            setattr(cfg.data, key, str(Path(value).absolute()))
+
+
+def dataset_root(cfg: RootConfig, *, is_main: bool, log: Callable[[str], None] | None) -> str | Path:
+    """data.root as a sharded dataset (kept as written: an s3:// URL is no path) or the folder ensure_dataset gives."""
+    if not cfg.data.manifest and is_shard_dataset(cfg.data.root):
+        if cfg.data.cache_dir:
+            raise ConfigError(f"data.cache_dir: a sharded dataset ({cfg.data.root}) is read from its chunks; leave data.cache_dir empty")
+        return cfg.data.root if is_remote(cfg.data.root) else Path(cfg.data.root)
+    return ensure_dataset(cfg, is_main=is_main, log=log)
+
+
+def load_shard_scan(root: str | Path, log: Callable[[str], None] | None = None) -> DatasetScan:
+    """The scan stored in a sharded dataset's tag index (no image read)."""
+    started = time.perf_counter()
+    scan, extra = load_tag_index(root)
+    if log:
+        log(
+            f"shards: {len(scan.records)} samples in {extra.get('chunks', '?')} chunks at {root}, tag index read in {time.perf_counter() - started:.1f}s"
+        )
+    return scan
+
+
+def shard_images(cfg: RootConfig, root: str | Path, scan: DatasetScan) -> ShardImages | None:
+    """The reader of a sharded dataset's images (None for a folder); a remote one caches litdata's index under output_root."""
+    if not is_shard_dataset(root):
+        return None
+    return ShardImages(root, as_table(scan.records), Path(cfg.output_root) / "shard_cache" if is_remote(root) else None)
 
 
 def exclude_failed(scan: DatasetScan, failed: dict[str, str], source: str) -> None:
@@ -350,6 +394,7 @@ def _datasets(
     preprocess: PreprocessParams,
     cache: PreparedCache | None = None,
     known_bad: dict[str, str] | None = None,
+    images: ShardImages | None = None,
 ) -> tuple[SidecarJsonDataset | None, SidecarJsonDataset]:
     """Training dataset (augmented; a failing sample is replaced) and validation dataset (a
     failing sample is skipped and reported, never replaced)."""
@@ -366,9 +411,10 @@ def _datasets(
             seed=cfg.training.seed,
             cache=cache,
             known_bad=known_bad,
+            images=images,
         )
     val_ds = SidecarJsonDataset(
-        val, vocab.tag_to_index, preprocess, augment=None, orientation=None, seed=cfg.training.seed, cache=cache, substitute=False
+        val, vocab.tag_to_index, preprocess, augment=None, orientation=None, seed=cfg.training.seed, cache=cache, substitute=False, images=images
     )
     return train_ds, val_ds
 
@@ -443,12 +489,13 @@ def prepare_data(
     run_dir = Path(run_dir)
     apply_init_preprocessing(cfg, log if is_main else None)  # a timm run from a release: its size, mean/std, white pad
     if is_main:
-        root = ensure_dataset(cfg, is_main=True, log=log)  # may generate the demo
+        root = dataset_root(cfg, is_main=True, log=log)  # may generate the demo
         scan = scan_from_config(cfg, root, log=log)  # first, so that the other ranks find its scan index
     _wait_for_rank0(world_size)
     if not is_main:
-        root = ensure_dataset(cfg, is_main=False, log=None)
+        root = dataset_root(cfg, is_main=False, log=None)
         scan = scan_from_config(cfg, root, write_index=False)
+    images = shard_images(cfg, root, scan)  # before any record is dropped: its rows are the chunks' items
     preprocess = preprocess_from_config(cfg)
     if cfg.data.cache_dir and is_main:
         _build_cache(cfg, scan.records, root, preprocess, log)
@@ -522,7 +569,7 @@ def prepare_data(
             _log_split(log, split, report, vocab, dropped_train + dropped_val)
             if listed:
                 log(f"skipped: every one of the {listed} samples left out, with its reason, is listed in {display_path(skip_path)}")
-    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache, known_bad)
+    train_ds, val_ds = _datasets(cfg, train, val, vocab, preprocess, cache, known_bad, images)
     return DataBundle(
         train,
         val,
@@ -547,14 +594,18 @@ def prepare_eval_data(
     log: Callable[[str], None] | None = print,
 ) -> DataBundle:
     """Validation data for a checkpoint: the run's validation split, or every sample of data_root."""
-    if data_root is not None:
+    if data_root is not None and is_shard_dataset(data_root):
+        root: str | Path = str(data_root)
+        scan = load_shard_scan(root)
+        records = scan.records
+    elif data_root is not None:
         root = Path(data_root)
         if not root.is_dir():
             raise FileNotFoundError(f"--data: dataset folder not found: {root}")
         scan = scan_dataset(root, verify=cfg.data.verify, limits=limits_from_config(cfg))
         records = scan.records
     else:
-        root = ensure_dataset(cfg, is_main=False, log=None)
+        root = dataset_root(cfg, is_main=False, log=None)
         # reads a training run's scan index but never writes one: evaluation leaves no files behind
         scan = scan_from_config(cfg, root, write_index=False)
         records = split_records(scan.records, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed, max_val=cfg.data.max_val_samples).val
@@ -568,7 +619,7 @@ def prepare_eval_data(
     skipped = list(
         itertools.chain(scan_rows(scan), record_rows(records, _rows_without_known_tags(records, vocab.tag_to_index), "no_known_tags", "split"))
     )
-    _, val_ds = _datasets(cfg, None, val, vocab, preprocess)
+    _, val_ds = _datasets(cfg, None, val, vocab, preprocess, images=shard_images(cfg, root, scan))
     return DataBundle([], val, vocab, Path(), preprocess, None, val_ds, report, skipped_rows=skipped)
 
 

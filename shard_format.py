@@ -124,6 +124,8 @@ def s3_client() -> Any:
 
 def _storage_error(url: str, exc: BaseException) -> ShardUnavailableError:
     """The error that stops a run when the storage cannot be read, naming the URL and the endpoint variable."""
+    if not is_remote(url):
+        return ShardUnavailableError(f"{url}: the sharded dataset's chunks cannot be read ({type(exc).__name__}: {exc}); prepare it again")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
     return ShardUnavailableError(
         f"{url}: the sharded dataset cannot be read from object storage ({type(exc).__name__}: {exc}); endpoint: {endpoint} "
@@ -246,16 +248,19 @@ class ShardImages:
         return litdata.StreamingDataset(self.root)
 
     def read(self, row: int, sample_id: str) -> bytes:
-        """The encoded image of `row`; ValueError when the chunk's item is another sample (a tag index
-        that does not belong to these chunks), ShardUnavailableError when the storage fails."""
+        """The encoded image of `row`. ShardUnavailableError when the storage fails or the item is
+        another sample (a tag index that does not belong to these chunks): both stop the run, neither
+        is a bad image."""
         if self._dataset is None:
             self._dataset = self._open()
         try:
             item = self._dataset[int(row)]
-        except (IndexError, KeyError, ValueError) as exc:
-            raise ValueError(f"{self.root}: item {row} is unreadable ({type(exc).__name__}: {exc})") from exc
-        except Exception as exc:  # the storage client's errors (botocore, obstore, OSError) all stop the run
+        except Exception as exc:  # litdata and its clients (botocore, obstore, OSError) raise many types: each stops the run
             raise _storage_error(self.root, exc) from exc
-        if item.get("id") != sample_id:
-            raise ValueError(f"{self.root}: item {row} holds sample {item.get('id')!r}, the tag index says {sample_id!r}; prepare the dataset again")
+        if not isinstance(item, dict) or item.get("id") != sample_id:
+            found = item.get("id") if isinstance(item, dict) else type(item).__name__
+            raise ShardUnavailableError(
+                f"{self.root}: item {row} holds sample {found!r}, the tag index says {sample_id!r}: the chunks and "
+                f"{SHARD_INDEX_FILE} do not belong together; prepare the dataset again"
+            )
         return bytes(item["image"])

@@ -37,7 +37,7 @@ from checkpoint_store import (
     snapshot_state,
 )
 from Configuration_System import ConfigError, RootConfig, dump_config, flat_hparams, load_config
-from data_setup import DataBundle, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
+from data_setup import DataBundle, absolute_data_paths, build_eval_loader, build_train_sampler, check_output_locations, prepare_data
 from dataset_scan import DataQualityError, write_data_report
 from file_io import atomic_write_text, display_path, python_command
 from image_preprocess import resize_images
@@ -519,10 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         # --init-from is model.init_from (so the config check and config.yaml see it)
         init_override = [f"model.init_from={args.init_from}"] if args.init_from else []
         cfg = load_config(args.config, [*args.set, *init_override])
-        # Absolute, so the checkpoint's config finds the data from any working directory.
-        for key in ("root", "manifest", "cache_dir"):
-            if getattr(cfg.data, key):
-                setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).absolute()))
+        absolute_data_paths(cfg)  # so the checkpoint's config finds the data from any working directory
         check_output_locations(cfg)  # nothing is ever written inside the dataset
         if args.new_run_folder and args.resume:
             raise ConfigError(f"{NEW_FOLDER_FLAG} starts a fresh run; it cannot be combined with --resume")

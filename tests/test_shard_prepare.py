@@ -13,7 +13,7 @@ import pytest
 from dataset_scan import scan_dataset
 from image_preprocess import PreprocessParams, load_letterboxed
 from scan_limits import ScanLimits
-from shard_format import PREPARE_REPORT_FILE, SHARD_INDEX_FILE, ShardImages, is_shard_dataset, load_tag_index
+from shard_format import PREPARE_REPORT_FILE, SHARD_INDEX_FILE, ShardImages, ShardUnavailableError, is_shard_dataset, load_tag_index
 from shard_helpers import chunk_items, make_tar_set, require
 from shard_prepare import prepare_shards
 from sidecar_format import parse_rating
@@ -68,7 +68,7 @@ def test_folder_round_trip_same_ids_tags_and_pixels(tmp_path: Path, demo_data: P
         from_folder = load_letterboxed(a.image_path(i), params)
         from_shards = load_letterboxed(io.BytesIO(images.read(i, b.sample_id(i))), params)
         assert np.array_equal(from_folder[0], from_shards[0]) and from_folder[1] == from_shards[1]
-    with pytest.raises(ValueError, match="holds sample"):
+    with pytest.raises(ShardUnavailableError, match="holds sample"):
         images.read(0, b.sample_id(1))
 
 
