@@ -44,6 +44,7 @@ __all__ = [
     "PREPARE_REPORT_FILE",
     "SHARD_FORMAT_VERSION",
     "ShardUnavailableError",
+    "short_error",
     "is_remote",
     "is_shard_dataset",
     "storage_options",
@@ -78,6 +79,17 @@ _S3_READ_TIMEOUT_S = 60
 
 class ShardUnavailableError(RuntimeError):
     """The sharded dataset's storage could not be read (not a bad image: the run must stop)."""
+
+
+def short_error(exc: BaseException) -> str:
+    """An error's own message: for one re-raised from a DataLoader worker ("Caught X in DataLoader worker
+    process N. Original Traceback ..."), the original exception's line without the traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    head, found, rest = last.partition(f"{type(exc).__name__}: ")  # "module.Name: message"
+    return rest if found and " " not in head else last
 
 
 def is_remote(root: str | Path) -> bool:

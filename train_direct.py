@@ -48,6 +48,7 @@ from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
 from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
+from shard_format import ShardUnavailableError, short_error
 from tagger_init import init_model_weights
 from timm_tagger import Tagger, build_tagger
 from training_setup import (
@@ -581,7 +582,7 @@ def prepare_run(
         )
         model_cfg = model_config(cfg, data)
         box = [cpu_memory_message(cfg, device, model_cfg, saved) if dist.is_main else None]  # before the model exists
-    except (ConfigError, FileNotFoundError, ValueError, DataQualityError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, DataQualityError, ShardUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if dist.world_size > 1:
@@ -735,9 +736,9 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
         save_checkpoint(run, is_best=False, wait=True)  # the weights are the last good ones: skipped steps changed nothing
         print(f"error: {exc}; saved the last good state to {checkpoints_dir(run.cfg.run_dir)}", file=sys.stderr)
         return 3
-    except DataQualityError as exc:
+    except (DataQualityError, ShardUnavailableError) as exc:  # the data ran out of good samples, or its storage went away
         save_checkpoint(run, is_best=False, wait=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {short_error(exc)}", file=sys.stderr)
         return 3
     finally:
         stopper.uninstall()

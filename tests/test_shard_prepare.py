@@ -91,3 +91,14 @@ def test_refuses_a_non_empty_output(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_shards(tars.root, str(tmp_path / "full"), workers=1, log=None)
     assert not (tmp_path / "full" / SHARD_INDEX_FILE).exists()
+
+
+def test_short_error_keeps_a_worker_error_s_own_line() -> None:
+    from shard_format import short_error
+
+    wrapped = ShardUnavailableError(
+        "Caught ShardUnavailableError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nshard_format.ShardUnavailableError: s3://b/p: cannot be read\n'
+    )
+    assert short_error(wrapped) == "s3://b/p: cannot be read"
+    assert short_error(ValueError("plain")) == "plain"

@@ -70,13 +70,49 @@ def test_s3_run_killed_in_mid_epoch_resumes_exactly(tmp_path: Path, demo_shards:
     assert ref.returncode == 0, ref.stderr[-3000:]
     url = "s3://shards/demo"
     run_dir = tmp_path / "runs" / "killed"
-    proc = start_and_interrupt(tmp_path, train_args(url, "killed"), run_dir, after_step=18, how="kill")  # type: ignore[arg-type]
+    proc = start_and_interrupt(tmp_path, train_args(url, "killed"), run_dir, after_step=18, how="kill")
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    resumed = run_cli(train_args(url, "killed") + ["--resume", "latest"], cwd=tmp_path)  # type: ignore[arg-type]
+    resumed = run_cli(train_args(url, "killed") + ["--resume", "latest"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "runs" / "ref", run_dir)
     config = (run_dir / "config.yaml").read_text(encoding="utf-8")
     assert "s3://shards/demo" in config and "loopback-test-secret" not in config and loopback_s3.endpoint not in config
     for log in (run_dir / "metrics.jsonl",):
         assert "loopback-test-secret" not in log.read_text(encoding="utf-8")
+
+
+def test_s3_server_gone_ends_the_run_clearly_and_it_resumes(tmp_path: Path, demo_shards: Path, loopback_s3: LoopbackS3) -> None:
+    """The S3 server stopped in mid-run: the run ends (exit 3) naming the URL and the endpoint, with a
+    checkpoint; with the server back on the same address, --resume latest finishes the run."""
+    import subprocess
+    import time
+
+    from shard_format import upload_folder
+    from shard_helpers import LoopbackS3 as Server
+
+    upload_folder(demo_shards, "s3://shards/demo")
+    url, name = "s3://shards/demo", "gone"
+    run_dir = tmp_path / "runs" / name
+    proc = subprocess.Popen([sys.executable, *train_args(url, name)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = run_dir / "checkpoints" / "step_6" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "no step-6 checkpoint"
+    loopback_s3.stop()
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 3, err[-3000:]
+    assert f"error: {url}: the sharded dataset cannot be read from object storage" in err and loopback_s3.endpoint in err
+    assert "Traceback" not in err.split(f"error: {url}")[-1]
+    print(f"the run ended {time.monotonic() - started:.1f}s after the server stopped")
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    assert saved and saved[-1] >= 6
+    back = Server(port=loopback_s3.port)  # moto keeps the bucket in this process: the data is back
+    try:
+        resumed = run_cli(train_args(url, name) + ["--resume", "latest"], cwd=tmp_path)
+    finally:
+        back.stop()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip() == "step_36"
