@@ -152,7 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(OUR_CATEGORIES),
         help="tag categories to export (character -> code 4, the others -> general code 0); tags without a category count as general",
     )
-    p.add_argument("--data", default=None, help="calibrate and evaluate on every sample of this dataset folder instead of the run's validation split")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="calibrate and evaluate on every sample of this dataset folder or sharded dataset (chunk folder, s3:// URL) instead of the run's validation split",
+    )
     p.add_argument("--image-size", type=int, default=0, help="input size S of the export (default: the training size)")
     p.add_argument("--general-threshold", type=float, default=DEFAULT_GENERAL_THRESHOLD, help="consumer threshold the general tags are calibrated to")
     p.add_argument(

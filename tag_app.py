@@ -639,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         default=None,
-        help="Validation tab: evaluate every sample of this dataset folder (a model folder needs it; a run uses its validation split)",
+        help="Validation tab: evaluate every sample of this dataset folder or sharded dataset (a model folder needs it; a run uses its validation split)",
     )
     p.add_argument("--eval-dir", default=None, help="Validation tab: where the evaluation is kept (default <run>/eval/<step>; one model only)")
     p.add_argument("--no-validation", action="store_true", help="no Validation tab (no evaluation at start)")

@@ -10,7 +10,8 @@ recipe's pixels), and an exported model folder (model.onnx + selected_tags.csv) 
 as tag_images.py runs it; neither has a run config, so they need `--data DIR`, and their reports
 go to `eval/<folder name>` unless `--out` says otherwise. Without `--data` it evaluates the run's
 validation split (recomputed from the seed and the sample ids, so it is the same split); with
-`--data DIR` every usable sample of DIR. It writes `metrics.json`, `per_tag.csv`,
+`--data DIR` every usable sample of DIR (a dataset folder, or a sharded dataset: a chunk folder or
+an s3:// URL). It writes `metrics.json`, `per_tag.csv`,
 `thresholds.json`, `report.md` and `skipped_samples.csv` (every sample left out, by path) to `--out`, and with `--save-predictions` every sample's
 probabilities and labels (`predictions.npz`, what tag_app.py's validation tab shows).
 
@@ -48,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="a checkpoints/step_N folder, a last/best pointer, a run folder, or (with --data) a WD v3 release or export folder",
     )
-    p.add_argument("--data", default=None, help="evaluate every usable sample of this dataset folder instead of the run's validation split")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="evaluate every usable sample of this dataset folder or sharded dataset (chunk folder, s3:// URL) instead of the run's validation split",
+    )
     p.add_argument("--mode", choices=("full", "fast", "tags", "hierarchical"), default="full")
     p.add_argument("--out", default=None, help="folder for metrics.json, per_tag.csv, thresholds.json, report.md (default: <run>/eval/<step>)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
