@@ -346,6 +346,7 @@ class MonitorConfig:
     pr_curve_tags: int = _opt(
         3, "Tags whose precision-recall curve is logged at each validation (the most frequent, a median and the rarest).", ge=0, le=3
     )
+    sample_log: bool = _opt(False, "Write the ids of the samples every training step trained on to sample_log/rank_<r>.jsonl.")
 
 
 @dataclass

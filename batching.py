@@ -431,11 +431,17 @@ class ShardedEpochSampler(Sampler):
     """Base of the training samplers: one epoch's index sequence over all ranks, padded and sharded like
     DistributedSampler, yielding (index, epoch) keys, resumable at a batch inside the epoch.
 
-    A subclass gives the epoch's sequence (`_epoch_sequence`) and its fixed length; the sharding, the
-    resume position and the checkpoint state live here once."""
+    A subclass gives the epoch's sequence (`_epoch_sequence`, the same for any number of ranks) and
+    its fixed length; the sharding, the resume position and the checkpoint state live here once.
+    Rank r takes every world_size-th item from r, so after k batches the ranks together have taken
+    exactly the first k x batch_size x world_size items of the sequence (`consumed` in the state).
+    That makes a resume elastic: with another world size or batch size (load_state_dict(elastic=True))
+    the rest of the interrupted epoch's sequence, from `offset` = consumed, is sharded over the new
+    ranks, so no sample of the epoch is seen twice or dropped (beyond drop_last's last partial batch)."""
 
-    # State keys that must match on resume; a subclass adds its own.
+    # State keys that must match on resume; a subclass adds its own. LAYOUT_KEYS may change in an elastic resume.
     STATE_KEYS: tuple[str, ...] = ("num_samples", "batch_size", "world_size", "seed", "shuffle", "drop_last")
+    LAYOUT_KEYS: tuple[str, ...] = ("batch_size", "world_size", "drop_last")
 
     def __init__(
         self, num_samples: int, epoch_length: int, *, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int, drop_last: bool
@@ -448,6 +454,7 @@ class ShardedEpochSampler(Sampler):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.num_samples = int(num_samples)
+        self.epoch_length = int(epoch_length)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -456,38 +463,57 @@ class ShardedEpochSampler(Sampler):
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start_batch = 0
+        self.offset = 0  # items of `offset_epoch`'s sequence taken under an earlier layout (elastic resume)
+        self.offset_epoch = -1
         if self.drop_last and epoch_length < self.world_size:
             raise ValueError(f"{epoch_length} samples per epoch cannot be shared by {world_size} ranks with drop_last")
-        self.per_rank = epoch_length // self.world_size if self.drop_last else math.ceil(epoch_length / self.world_size)
-        if self.drop_last and self.per_rank < self.batch_size:
-            raise ValueError(f"{self.per_rank} samples per rank make no full batch of {batch_size}")
+        if self.drop_last and self._per_rank(epoch_length) < self.batch_size:
+            raise ValueError(f"{self._per_rank(epoch_length)} samples per rank make no full batch of {batch_size}")
 
     def _epoch_sequence(self, epoch: int) -> list[int]:
         """All ranks' indices for `epoch`, before padding and sharding (a subclass defines it)."""
         raise NotImplementedError
 
+    def _per_rank(self, length: int) -> int:
+        """Items each rank takes from a sequence of `length` (drop_last trims, else the last ones are padded)."""
+        return length // self.world_size if self.drop_last else math.ceil(length / self.world_size)
+
+    def _offset_of(self, epoch: int) -> int:
+        """Items of `epoch`'s sequence taken before this layout (0 unless an elastic resume landed in it)."""
+        return self.offset if epoch == self.offset_epoch else 0
+
+    @property
+    def per_rank(self) -> int:
+        """Items this rank takes in the current epoch (fewer in an epoch an elastic resume landed in)."""
+        return self._per_rank(self.epoch_length - self._offset_of(self.epoch))
+
     def batches_per_epoch(self) -> int:
-        """Batches each rank runs in one epoch."""
+        """Batches each rank runs in the current epoch."""
         if self.drop_last:
             return self.per_rank // self.batch_size
         return math.ceil(self.per_rank / self.batch_size)
 
+    def full_batches_per_epoch(self) -> int:
+        """Batches each rank runs in a whole epoch (the schedule's epoch)."""
+        per_rank = self._per_rank(self.epoch_length)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
     def _samples_per_epoch(self) -> int:
-        """Samples this rank yields in a full epoch."""
+        """Samples this rank yields in the current epoch."""
         return self.batches_per_epoch() * self.batch_size if self.drop_last else self.per_rank
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; skip this rank's first `start_batch` batches of it (resume)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
         if not 0 <= start_batch <= self.batches_per_epoch():
             raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch()}]")
-        self.epoch = int(epoch)
         self.start_batch = int(start_batch)
 
     def _epoch_order(self) -> list[int]:
-        """This rank's full index list for the current epoch."""
-        order = self._epoch_sequence(self.epoch)
+        """This rank's full index list for the current epoch (after what an earlier layout took of it)."""
+        order = self._epoch_sequence(self.epoch)[self._offset_of(self.epoch) :]
         total = self.per_rank * self.world_size
         if total > len(order):  # pad by repeating from the start, as DistributedSampler does
             order = order * math.ceil(total / len(order))
@@ -508,19 +534,31 @@ class ShardedEpochSampler(Sampler):
         """Keys left to yield in the current epoch (after the resume skip)."""
         return max(0, self._samples_per_epoch() - self.start_batch * self.batch_size)
 
-    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
-        """Plain-typed position: pass the batches the loop has consumed in this epoch."""
-        position = {"epoch": self.epoch, "start_batch": self.start_batch if batches_done is None else int(batches_done)}
+    def state_dict(self, batches_done: int | None = None, epoch: int | None = None) -> dict[str, Any]:
+        """Plain-typed position: pass the batches the loop has consumed in `epoch` (default: the sampler's own)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        done = self.start_batch if batches_done is None else int(batches_done)
+        offset = self._offset_of(epoch)
+        consumed = min(self.epoch_length, offset + done * self.batch_size * self.world_size)
+        position = {"epoch": epoch, "start_batch": done, "offset": offset, "consumed": consumed}
         return {**position, **{key: getattr(self, key) for key in self.STATE_KEYS}}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from state_dict(); ValueError if the data or layout changed since."""
-        for key in self.STATE_KEYS:
-            if key in state and state[key] != getattr(self, key):
+    def load_state_dict(self, state: Mapping[str, Any], elastic: bool = False) -> None:
+        """Resume from state_dict(); ValueError if the data changed since, or the layout (batch size, world size,
+        drop_last) without `elastic`: then the rest of the epoch's sequence is sharded over this layout."""
+        changed = [key for key in self.STATE_KEYS if key in state and state[key] != getattr(self, key)]
+        for key in changed:
+            if not elastic or key not in self.LAYOUT_KEYS:
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {getattr(self, key)!r}; cannot resume inside the epoch")
-        start = int(state.get("start_batch", 0))
         epoch = int(state.get("epoch", 0))
-        if start >= self.batches_per_epoch():  # the stored epoch was finished
+        start = int(state.get("start_batch", 0))
+        offset = int(state.get("offset", 0))
+        if changed:  # another layout: what the old ranks took together is a prefix of the sequence
+            width = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
+            offset, start = int(state.get("consumed", offset + start * width)), 0
+        self.offset, self.offset_epoch = (offset, epoch) if offset else (0, -1)
+        self.epoch = epoch
+        if offset >= self.epoch_length or start >= self.batches_per_epoch():  # the stored epoch was finished
             epoch, start = epoch + 1, 0
         self.set_epoch(epoch, start)
 

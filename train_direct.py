@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ from Monitor_log import ThreadSafeMetricsTracker, TrainingMonitor
 from process_group import Distributed, any_rank, broadcast_from_rank0, exit_process, init_distributed
 from run_folder import NEW_FOLDER_FLAG, RUN_RECORD_NAME, RunClaim, claim_run_folder, is_own_checkpoint, read_run_record, run_record_text
 from run_lock import RunLockError
+from run_state import RunState, SamplerPosition
+from sample_log import SampleLog
+from sample_table import as_table
 from shard_format import ShardUnavailableError, short_error
 from tagger_init import init_model_weights
 from timm_tagger import Tagger, build_tagger
@@ -58,6 +61,7 @@ from training_setup import (
     effective_learning_rate,
     model_config,
     schedule_signature,
+    steps_after_resume,
     steps_per_epoch,
     total_optimizer_steps,
     train_image_size,
@@ -73,52 +77,6 @@ from training_utils import (
     TrainStep,
     seed_everything,
 )
-
-# --------------------------------------------------------------------------------------------
-# Run state
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunState:
-    """Where the run is: the counters a checkpoint carries besides weights, optimizer and RNG."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (this rank)
-    images_seen: int = 0  # all ranks
-    last_val_step: int | None = None
-    last_ckpt_step: int | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-type dict."""
-        return dict(self.__dict__)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore state_dict(). Format-1 checkpoints written before BestMetric also hold
-        best_metric/best_step here; `with_best_entry` hands those to the best record."""
-        missing = [f.name for f in fields(self) if f.name not in state]
-        if missing:
-            raise ValueError(f"run_state lacks {', '.join(missing)}")
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
-
-
-class SamplerPosition:
-    """The sampler's place in the data order, with the loop's own count of consumed micro-batches."""
-
-    def __init__(self, sampler: ShardedEpochSampler, position: RunState) -> None:
-        """Checkpoint `sampler` at the epoch and micro-batch `position` has reached."""
-        self.sampler = sampler
-        self.position = position
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's state at the run's epoch and micro-batch (the sampler's own epoch lags at an epoch end)."""
-        return {**self.sampler.state_dict(batches_done=self.position.batch_in_epoch), "epoch": self.position.epoch}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the position; ValueError when the data or batch layout changed since."""
-        self.sampler.load_state_dict(state)
 
 
 @dataclass
@@ -145,6 +103,7 @@ class TrainingRun:
     flips: list[int] = field(default_factory=lambda: [0, 0])  # flipped, vetoed since the last log line
     state: RunState = field(default_factory=RunState)
     run_record: str = ""  # run.json's text (rank 0), copied into every checkpoint: its lineage
+    sample_log: SampleLog | None = None  # monitor.sample_log: every step's sample ids
 
     @property
     def raw_model(self) -> Tagger:
@@ -362,9 +321,9 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
         else:
             run.step_fn.ema = ModelEma(run.raw_model, run.ema.decay, run.ema.warmup_steps)  # start from the loaded weights
     skip = set()
-    if changes or data_changed:
-        # A changed schedule or data set keeps the weights and the optimizer moments but restarts the
-        # data order at the epoch boundary: the saved position counts batches of the old layout.
+    if data_changed:
+        # Changed data keeps the weights and the optimizer moments but restarts the interrupted epoch: the saved
+        # position points into the old sample list. A changed schedule alone continues the epoch (elastic below).
         skip.add("sampler")
     if state["schedule"].get("world_size") != run.dist.world_size:
         skip.add("rng")  # another number of ranks: each rank keeps its freshly seeded streams
@@ -374,11 +333,18 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
             continue
         if name not in state:
             raise ValueError(f"{folder}: training_state.pt has no '{name}' entry")
-        component.load_state_dict(state[name])
-    if changes or data_changed:
+        if name == "sampler" and changes:
+            component.load_state_dict(state[name], elastic=True)  # another batch layout takes the rest of the epoch
+        else:
+            component.load_state_dict(state[name])
+    if data_changed:
         run.state.batch_in_epoch = 0
+    if changes or data_changed:
+        run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
+        left = run.sampler.batches_per_epoch() - run.state.batch_in_epoch
+        run.total_steps = steps_after_resume(run.cfg, run.state.step, run.state.epoch, left, run.steps_per_epoch)
     if changes:
-        run.monitor.log_event(run.state.step, "schedule_changed", changes=changes)
+        run.monitor.log_event(run.state.step, "schedule_changed", changes=changes, total_steps=run.total_steps)
     if data_changed:
         run.monitor.log_event(run.state.step, "data_changed", split=run.data.report.get("split", {}))
     run.monitor.log_event(run.state.step, "resumed", checkpoint=str(folder))
@@ -418,7 +384,6 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     """Run the loop until done, stopped or early-stopped; returns why it ended."""
     cfg, st = run.cfg, run.state
     accum = cfg.training.grad_accum_steps
-    per_epoch_batches = run.sampler.batches_per_epoch()
     # Throughput counts training time only: validation and checkpoint pauses are subtracted.
     t_log, images_since, wait_since, paused = time.perf_counter(), 0, 0.0, 0.0
     a = cfg.augment
@@ -427,6 +392,10 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
     while st.epoch < cfg.training.epochs and st.step < run.total_steps:
         size = epoch_resolution(run, size)
         batches = epoch_batches(run, st.epoch, st.batch_in_epoch)
+        per_epoch_batches = run.sampler.batches_per_epoch()  # fewer in an epoch an elastic resume landed in
+        if st.batch_in_epoch >= per_epoch_batches:  # such an epoch's rest was less than a batch a rank
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            continue
         while st.batch_in_epoch < per_epoch_batches and st.step < run.total_steps:
             window = min(accum, per_epoch_batches - st.batch_in_epoch)
             run.raw_model.set_body_frozen(body_frozen_at(cfg, st.step))  # a function of the step: exact on resume
@@ -435,6 +404,8 @@ def train(run: TrainingRun, stopper: GracefulStopper) -> str:
                 batch = next(batches)
                 wait_since += time.perf_counter() - t0
                 run.failures.observe(batch)
+                if run.sample_log is not None:
+                    run.sample_log.write(st.step, st.epoch, batch["indices"].tolist())
                 count_flips(run, batch["flip"])
                 images, tag_targets, ratings = step_inputs(run, batch, size, mix)
                 run.step_fn.forward_backward(images, tag_targets, ratings, window, sync=(i == window - 1))
@@ -607,7 +578,7 @@ def prepare_run(
     except ValueError as exc:  # e.g. a batch larger than the training split
         print(f"error: data.batch_size={cfg.data.batch_size}: {exc}; lower it or add data", file=sys.stderr)
         return 2
-    per_epoch = steps_per_epoch(train_sampler.batches_per_epoch(), cfg.training.grad_accum_steps)
+    per_epoch = steps_per_epoch(train_sampler.full_batches_per_epoch(), cfg.training.grad_accum_steps)
     total_steps = total_optimizer_steps(cfg, per_epoch)
     step_fn = build_step(cfg, dist, device, data, raw_model, total_steps)
     try:
@@ -723,6 +694,7 @@ def build_session(
         total_steps=total_steps,
         steps_per_epoch=per_epoch,
         run_record=run_record_text(record) if record is not None else "",
+        sample_log=SampleLog(cfg.run_dir, dist.rank, as_table(data.train_records).sample_id, resume_step) if cfg.monitor.sample_log else None,
     )
 
 
@@ -745,6 +717,8 @@ def run_training(run: TrainingRun, args: argparse.Namespace) -> int:
         run.writer.wait()
         run.monitor.log_event(run.state.step, "end", outcome=outcome, say=end_line(run, outcome))
         run.monitor.close()
+        if run.sample_log is not None:
+            run.sample_log.close()
         if run.dist.world_size > 1:
             tdist.destroy_process_group()
     if run.dist.is_main:

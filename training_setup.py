@@ -90,6 +90,14 @@ def steps_per_epoch(batches_per_epoch: int, accum: int) -> int:
     return math.ceil(batches_per_epoch / accum)
 
 
+def steps_after_resume(cfg: RootConfig, step: int, epoch: int, batches_left: int, per_epoch: int) -> int:
+    """The run's last step after a resume that changed the batch layout or the data: the steps done, the rest of the
+    current epoch (`batches_left` batches in this layout) and the epochs after it, capped by max_steps, so the
+    interrupted epoch is finished whatever the new layout's steps per epoch."""
+    total = step + steps_per_epoch(batches_left, cfg.training.grad_accum_steps) + max(0, cfg.training.epochs - epoch - 1) * per_epoch
+    return min(total, cfg.training.max_steps) if cfg.training.max_steps else total
+
+
 def total_optimizer_steps(cfg: RootConfig, per_epoch: int) -> int:
     """Optimizer steps of the whole run (epochs x steps per epoch, capped by max_steps)."""
     total = cfg.training.epochs * per_epoch

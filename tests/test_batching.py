@@ -289,6 +289,79 @@ def test_sampler_state_dict_without_argument_round_trips() -> None:
     assert (other.epoch, other.start_batch) == (2, 3) and list(other) == list(s)
 
 
+def _ranks(make, world: int) -> list:
+    return [make(rank, world) for rank in range(world)]
+
+
+def _run_ranks(samplers: list, batches: int | None = None) -> list[tuple[int, ...]]:
+    """Every rank's keys for its first `batches` batches (all when None), rank after rank."""
+    out = []
+    for s in samplers:
+        keys = list(s)
+        out += keys if batches is None else keys[: batches * s.batch_size]
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["plain", "repeat"])
+@pytest.mark.parametrize("before, after", [((2, 4), (1, 4)), ((1, 4), (2, 4)), ((2, 3), (3, 2)), ((3, 2), (2, 5))])
+def test_elastic_resume_sees_every_sample_of_the_epoch_once(sampler: str, before: tuple[int, int], after: tuple[int, int]) -> None:
+    """(world size, batch) changes between a checkpoint and the resume: the ranks before and after together take each
+    item of the epoch's sequence once (the sample ids counted), only drop_last's last partial batch left out."""
+    from repeat_factor import RepeatFactorSampler
+
+    n, epoch = 61, 2
+    factors = np.linspace(1.0, 2.5, n)
+
+    def make(world: int, batch: int):
+        def build(rank: int, world: int = world):
+            if sampler == "repeat":
+                return RepeatFactorSampler(factors, batch_size=batch, seed=4, rank=rank, world_size=world)
+            return ResumableSampler(n, batch_size=batch, seed=4, rank=rank, world_size=world)
+
+        return build
+
+    (w0, b0), (w1, b1) = before, after
+    first = _ranks(make(w0, b0), w0)
+    for s in first:
+        s.set_epoch(epoch)
+    done = 3
+    seen = _run_ranks(first, done)
+    state = json.loads(json.dumps(first[0].state_dict(batches_done=done)))
+    assert state["consumed"] == done * b0 * w0
+    second = _ranks(make(w1, b1), w1)
+    with pytest.raises(ValueError, match="cannot resume inside the epoch"):
+        second[0].load_state_dict(state)  # not without elastic
+    for s in second:
+        s.load_state_dict(state, elastic=True)
+    assert all(s.epoch == epoch and s.start_batch == 0 and s.offset == done * b0 * w0 for s in second)
+    seen += _run_ranks(second)
+    sequence = first[0]._epoch_sequence(epoch)
+    expected = [first[0]._key(item, epoch) for item in sequence]
+    assert len(seen) == len(set(seen))  # no sample (or repeat copy) twice
+    assert set(seen) <= set(expected) and len(expected) - len(seen) < w1 * b1  # only the last partial batch left out
+    # the resumed layout's own checkpoint, taken mid-way, resumes in the same layout where it was
+    middle = json.loads(json.dumps(second[-1].state_dict(batches_done=1)))
+    again = make(w1, b1)(w1 - 1)
+    again.load_state_dict(middle)
+    assert list(again) == list(second[-1])[b1:] and again.offset == second[-1].offset
+    # the next epoch is whole again
+    again.set_epoch(epoch + 1)
+    assert again.batches_per_epoch() == again.full_batches_per_epoch()
+
+
+def test_elastic_resume_refuses_changed_data_and_finishes_a_spent_epoch() -> None:
+    s = ResumableSampler(40, batch_size=4, seed=2, world_size=1)
+    s.set_epoch(1)
+    state = s.state_dict(batches_done=9)  # 36 of 40 taken
+    with pytest.raises(ValueError, match="num_samples"):
+        ResumableSampler(41, batch_size=4, seed=2, rank=0, world_size=2).load_state_dict(state, elastic=True)
+    with pytest.raises(ValueError, match="seed"):
+        ResumableSampler(40, batch_size=4, seed=3, rank=0, world_size=2).load_state_dict(state, elastic=True)
+    two = ResumableSampler(40, batch_size=4, seed=2, rank=0, world_size=2)
+    two.load_state_dict(state, elastic=True)  # 4 left: less than a batch on each of 2 ranks
+    assert (two.epoch, two.start_batch) == (2, 0) and two.batches_per_epoch() == two.full_batches_per_epoch() == 5
+
+
 class _KeyEcho(torch.utils.data.Dataset):
     """Returns a minimal sample echoing its key (for loader length checks)."""
 

@@ -1,8 +1,10 @@
 """train_direct.py under torchrun: 2 processes (gloo, CPU) against 1 process at the same global
-batch, and a killed 2-process run resumed exactly."""
+batch, a killed 2-process run resumed exactly, and a run resumed at another world size (2 -> 1 -> 2)
+finishing its epoch with every sample seen once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RUN, read_jsonl, run_cli
+from sample_log import read_sample_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals and process groups")]
 
@@ -114,23 +117,34 @@ def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_at_another_world_size_says_what_changes(demo_data: Path, tmp_path: Path) -> None:
-    first = subprocess.run(
-        torchrun(args_for(demo_data, "ws", 16, ["training.max_steps=6"])),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, **ENV),
-    )
+def test_resume_at_another_world_size_continues_the_epoch_seeing_each_sample_once(demo_data: Path, tmp_path: Path) -> None:
+    """2 processes, resumed as 1, resumed as 2 again (--accept-schedule-change): the interrupted epoch goes on with the
+    samples not yet seen, split over the new ranks; the sample log's ids of that epoch are the training split's, once each."""
+    log = ["monitor.sample_log=true"]
+
+    def two(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        args = torchrun(args_for(demo_data, "ws", 16, [f"training.max_steps={max_steps}", *log]) + list(extra))
+        return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV))
+
+    first = two(6)  # 2 x 16 x 6 = 192 samples of epoch 0
     assert first.returncode == 0, first.stderr[-3000:]
-    refused = run_cli(args_for(demo_data, "ws", 16, ["training.max_steps=6"]) + ["--resume", "latest"], cwd=tmp_path, env=ENV)
+    one = args_for(demo_data, "ws", 16, ["training.max_steps=12", *log]) + ["--resume", "latest"]
+    refused = run_cli(one, cwd=tmp_path, env=ENV)
     assert refused.returncode == 2 and "world_size: 2 -> 1" in refused.stderr
-    accepted = run_cli(
-        args_for(demo_data, "ws", 16, ["training.max_steps=12"]) + ["--resume", "latest", "--accept-schedule-change"], cwd=tmp_path, env=ENV
-    )
+    accepted = run_cli(one + ["--accept-schedule-change"], cwd=tmp_path, env=ENV)  # 1 x 16 x 6 = 96 more
     assert accepted.returncode == 0, accepted.stderr[-3000:]
-    events = read_jsonl(tmp_path / "runs" / "ws" / "metrics.jsonl")
+    back = two(20, "--resume", "latest", "--accept-schedule-change")  # the rest of epoch 0 over 2 ranks, then epoch 1
+    assert back.returncode == 0, back.stderr[-3000:]
+
+    run = tmp_path / "runs" / "ws"
+    events = read_jsonl(run / "metrics.jsonl")
     changed = [e for e in events if e.get("kind") == "schedule_changed"]
-    assert changed and any("world_size: 2 -> 1" in c for c in changed[0]["changes"])
-    assert max(e["step"] for e in events if e["type"] == "train") == 12
+    assert len(changed) == 2 and any("world_size: 2 -> 1" in c for c in changed[0]["changes"])
+    assert any("world_size: 1 -> 2" in c for c in changed[1]["changes"])
+    train_ids = json.loads((run / "split.json").read_text(encoding="utf-8"))["train"]
+    entries = [e for rank in (0, 1) for e in read_sample_log(run / "sample_log" / f"rank_{rank}.jsonl")]
+    epoch0 = [i for e in entries if e["epoch"] == 0 for i in e["ids"]]
+    assert len(epoch0) == len(set(epoch0))  # no sample twice across the three layouts
+    assert set(epoch0) <= set(train_ids) and len(train_ids) - len(epoch0) < 2 * 16  # only the last partial batch left out
+    steps = {e["step"] for e in entries}
+    assert steps == set(range(20)) and {e["epoch"] for e in entries if e["step"] >= 19} == {1}
