@@ -5,8 +5,9 @@ The project modules are the ``*.py`` files at the repository root. Two views of 
 * statically, with ``ast``: the project modules each module imports at its top level form an
   acyclic graph, and no function or class body imports a project module (an import moved into a
   function to dodge a cycle hides the cycle instead of removing it);
-* by running Python: each module is imported first in a fresh interpreter, then all the others
-  after it. A cycle of ``from X import name`` imports fails there for whichever of its modules is
+* by running Python: each module is imported first with no other project module loaded (a child
+  forked from one interpreter that holds only the third-party packages; on Windows a fresh
+  interpreter each), then all the others after it. A cycle of ``from X import name`` imports fails there for whichever of its modules is
   imported first; a module that only works when another was imported before it fails too.
 
 And the top of the graph: the entry points are the modules ARCHITECTURE.md's "Entry points" table
@@ -19,6 +20,7 @@ other modules import).
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -147,13 +149,66 @@ def _import_first(first: str) -> str:
     return "" if proc.returncode == 0 else proc.stderr[-3000:]
 
 
+def _third_party_imports() -> list[str]:
+    """The packages outside the project that project modules import at their top level."""
+    project = set(MODULES)
+    names: set[str] = set()
+    for name in MODULES:
+        names |= _module_level_imports(ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8")).body)
+    return sorted(names - project - {"__future__"})
+
+
+# One interpreter imports the third-party packages once, then forks a child per module: the child starts with no
+# project module loaded and imports `first`, then the others. Third-party packages cannot take part in a cycle of
+# project imports, so this checks what a fresh interpreter per module checks, without torch's seconds of start-up each.
+_FORKED_CHECK = """
+import importlib, json, os, sys, traceback
+for package in PACKAGES:
+    try:
+        importlib.import_module(package)
+    except ImportError:  # an optional dependency: the project module that needs it says so itself
+        pass
+failed = {}
+for first in MODULES:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        code = 0
+        try:
+            for name in [first] + [m for m in MODULES if m != first]:
+                importlib.import_module(name)
+        except BaseException:
+            os.write(write_end, traceback.format_exc()[-3000:].encode("utf-8"))
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    message = b""
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        message += chunk
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        failed[first] = message.decode("utf-8", "replace") or f"exit status {status}"
+print(json.dumps(failed))
+"""
+
+
 @pytest.mark.e2e
 def test_each_module_imports_first_in_a_fresh_interpreter() -> None:
-    """Every project module imports alone in a fresh interpreter, and all the others import after it."""
-    # one interpreter per module (torch makes each start take seconds): run a few at a time
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        errors = dict(zip(MODULES, pool.map(_import_first, MODULES)))
-    failed = {name: error for name, error in errors.items() if error}
+    """Every project module imports alone with no other project module loaded, and all the others import after it."""
+    if hasattr(os, "fork"):
+        code = f"PACKAGES = {_third_party_imports()!r}\nMODULES = {MODULES!r}\n{_FORKED_CHECK}"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:  # Windows: one interpreter per module (torch makes each start take seconds), a few at a time
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            errors = dict(zip(MODULES, pool.map(_import_first, MODULES)))
+        failed = {name: error for name, error in errors.items() if error}
     assert not failed, "\n\n".join(f"importing {name} first:\n{error}" for name, error in failed.items())
 
 
