@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RUN, read_jsonl, run_cli
 from sample_log import read_sample_log
+from shard_helpers import require
+from shard_prepare import prepare_shards
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals and process groups")]
 
@@ -118,17 +120,21 @@ def test_killed_two_process_run_resumes_exactly(demo_data: Path, tmp_path: Path)
 
 
 def test_resume_at_another_world_size_continues_the_epoch_seeing_each_sample_once(demo_data: Path, tmp_path: Path) -> None:
-    """2 processes, resumed as 1, resumed as 2 again (--accept-schedule-change): the interrupted epoch goes on with the
-    samples not yet seen, split over the new ranks; the sample log's ids of that epoch are the training split's, once each."""
+    """A run from the demo as litdata shards: 2 processes, resumed as 1, resumed as 2 again (--accept-schedule-change).
+    The interrupted epoch goes on with the samples not yet seen, split over the new ranks: the sample log's ids of that
+    epoch are the training split's, once each."""
+    require("litdata")
+    shards = tmp_path / "shards"
+    prepare_shards(demo_data, str(shards), workers=1, log=None)
     log = ["monitor.sample_log=true"]
 
     def two(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
-        args = torchrun(args_for(demo_data, "ws", 16, [f"training.max_steps={max_steps}", *log]) + list(extra))
+        args = torchrun(args_for(shards, "ws", 16, [f"training.max_steps={max_steps}", *log]) + list(extra))
         return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV))
 
     first = two(6)  # 2 x 16 x 6 = 192 samples of epoch 0
     assert first.returncode == 0, first.stderr[-3000:]
-    one = args_for(demo_data, "ws", 16, ["training.max_steps=12", *log]) + ["--resume", "latest"]
+    one = args_for(shards, "ws", 16, ["training.max_steps=12", *log]) + ["--resume", "latest"]
     refused = run_cli(one, cwd=tmp_path, env=ENV)
     assert refused.returncode == 2 and "world_size: 2 -> 1" in refused.stderr
     accepted = run_cli(one + ["--accept-schedule-change"], cwd=tmp_path, env=ENV)  # 1 x 16 x 6 = 96 more
