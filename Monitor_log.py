@@ -392,6 +392,12 @@ class TrainingMonitor:
             errors = dict(self.error_counts)
         return {"error_counts": errors, "step_rate": self._console.rate.state_dict(), "starvation": self._starvation.state_dict()}
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's new last step (a resume that changed the schedule): progress lines and the ETA count to it."""
+        if not _is_count(total_steps):
+            raise ValueError(f"total_steps must be an integer >= 0 (0 = unknown), got {total_steps!r}")
+        self.total_steps = self._console.total_steps = self._console.rate.total_steps = int(total_steps)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore state_dict() from a checkpoint; ValueError naming the entry when it is malformed."""
         if not isinstance(state, Mapping) or not all(isinstance(state.get(k), Mapping) for k in _STATE_KEYS):

@@ -343,6 +343,7 @@ def restore_checkpoint(run: TrainingRun, folder: Path, state: Mapping[str, Any],
         run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
         left = run.sampler.batches_per_epoch() - run.state.batch_in_epoch
         run.total_steps = steps_after_resume(run.cfg, run.state.step, run.state.epoch, left, run.steps_per_epoch)
+        run.monitor.set_total_steps(run.total_steps)
     if changes:
         run.monitor.log_event(run.state.step, "schedule_changed", changes=changes, total_steps=run.total_steps)
     if data_changed:

@@ -533,6 +533,19 @@ def test_console_line_format_and_eta(tmp_path: Path) -> None:
     assert lines[1] == "ep 1 step 120/2000 loss 12.345 lr 3.0e-04 412 img/s wait 3% ETA 4m12s"
 
 
+def test_a_new_total_after_a_schedule_change_is_counted_to(tmp_path: Path) -> None:
+    clock, stream = FakeClock(), io.StringIO()
+    with make_monitor(tmp_path / "run", total_steps=2000, console_interval_s=0.0, clock=clock, stream=stream) as mon:
+        mon.log_train(100, 1, {"loss": 13.0}, images_per_s=400.0, data_wait_share=0.05, lr=3e-4)
+        mon.set_total_steps(1100)
+        clock.t += 20 * 0.134
+        mon.log_train(120, 1, {"loss": 12.0}, images_per_s=400.0, data_wait_share=0.05, lr=3e-4)
+        assert mon.eta_seconds() == pytest.approx(980 * 0.134)
+        with pytest.raises(ValueError, match="total_steps"):
+            mon.set_total_steps(-1)
+    assert stream.getvalue().splitlines()[1].startswith("ep 1 step 120/1100 ")
+
+
 def test_eta_smooths_a_changing_rate(tmp_path: Path) -> None:
     """After a slowdown the ETA moves toward the new rate, not jumping and not ignoring it."""
     clock = FakeClock()
