@@ -106,7 +106,9 @@ def test_every_skipped_sample_of_data_is_listed(trained_run: TrainedRun, tmp_pat
     assert metrics["num_skipped"] == 2
 
 
-@pytest.mark.parametrize("args, fragment", [(["--checkpoint", "/nonexistent/step_1"], "not found: /nonexistent/step_1"), (["--ema"], "ema.safetensors")])
+@pytest.mark.parametrize(
+    "args, fragment", [(["--checkpoint", "/nonexistent/step_1"], "not found: /nonexistent/step_1"), (["--ema"], "ema.safetensors")]
+)
 def test_clear_errors(trained_run: TrainedRun, tmp_path: Path, args: list[str], fragment: str) -> None:
     base = ["--checkpoint", str(trained_run.run_dir / "checkpoints" / "last")]
     if args[0] == "--checkpoint":
