@@ -71,7 +71,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> tupl
 
 
 def start_and_interrupt(work: Path, args: list[str], run_dir: Path, after_step: int, how: str) -> subprocess.Popen:
-    """Start training, wait for the checkpoint of `after_step`, then interrupt the process."""
+    """Start training, wait for the checkpoint of `after_step`, then interrupt the process ("kill", "term", "stopfile";
+    "none" leaves it running)."""
     proc = subprocess.Popen(
         [sys.executable, *args], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
     )
@@ -87,8 +88,10 @@ def start_and_interrupt(work: Path, args: list[str], run_dir: Path, after_step: 
         proc.send_signal(signal.SIGKILL)
     elif how == "term":
         proc.send_signal(signal.SIGTERM)
-    else:
+    elif how == "stopfile":
         (run_dir / "STOP").write_text("", encoding="utf-8")
+    elif how != "none":  # "none": the caller interrupts it another way
+        raise ValueError(f"unknown interruption {how!r}")
     return proc
 
 

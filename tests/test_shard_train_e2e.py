@@ -1,12 +1,14 @@
 """Training from a sharded dataset, end to end: the demo as litdata chunks trains as the folder does
 (same split, same validation mAP), and a run from the loopback S3 server killed with SIGKILL in
-mid-epoch (2 workers) resumes to the uninterrupted run's per-step losses and weights."""
+mid-epoch (2 workers), resumed, then cut off from storage and resumed again ends with the
+uninterrupted run's per-step losses and weights."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -59,60 +61,37 @@ def test_shards_train_as_the_folder_does(trained_run: TrainedRun, demo_shards: P
     assert "shards: 600 samples" in proc.stdout + proc.stderr
 
 
-def test_s3_run_killed_in_mid_epoch_resumes_exactly(tmp_path: Path, demo_shards: Path, loopback_s3: LoopbackS3) -> None:
-    """The uninterrupted run reads the local chunks; the same data uploaded to the loopback S3 server,
-    a run from it SIGKILLed after its step-18 checkpoint (2 workers, inside the second epoch) and
-    resumed ends with the same per-step losses and the same weights, bit for bit."""
-    from shard_format import upload_folder
-
-    upload_folder(demo_shards, "s3://shards/demo")
-    ref = run_cli(train_args(demo_shards, "ref"), cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    url = "s3://shards/demo"
-    run_dir = tmp_path / "runs" / "killed"
-    proc = start_and_interrupt(tmp_path, train_args(url, "killed"), run_dir, after_step=18, how="kill")
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    resumed = run_cli(train_args(url, "killed") + ["--resume", "latest"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(tmp_path / "runs" / "ref", run_dir)
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
-    assert "s3://shards/demo" in config and "loopback-test-secret" not in config and loopback_s3.endpoint not in config
-    for log in (run_dir / "metrics.jsonl",):
-        assert "loopback-test-secret" not in log.read_text(encoding="utf-8")
-
-
-def test_s3_server_gone_ends_the_run_clearly_and_it_resumes(tmp_path: Path, demo_shards: Path, loopback_s3: LoopbackS3) -> None:
-    """The S3 server stopped in mid-run: the run ends (exit 3) naming the URL and the endpoint, with a
-    checkpoint; with the server back on the same address, --resume latest finishes the run."""
-    import subprocess
-    import time
-
+def test_s3_run_killed_then_cut_off_from_storage_resumes_exactly(tmp_path: Path, demo_shards: Path, loopback_s3: LoopbackS3) -> None:
+    """The uninterrupted run reads the local chunks. The same data on the loopback S3 server: a run from it is SIGKILLed
+    after its step-12 checkpoint (2 workers), resumed, and cut off from storage (the server stopped) after step 24: it
+    ends (exit 3) naming the URL and the endpoint, with a checkpoint; with the server back on the same address, a second
+    resume finishes the run with the uninterrupted run's per-step losses and weights, bit for bit."""
     from shard_format import upload_folder
     from shard_helpers import LoopbackS3 as Server
 
     upload_folder(demo_shards, "s3://shards/demo")
-    url, name = "s3://shards/demo", "gone"
-    run_dir = tmp_path / "runs" / name
-    proc = subprocess.Popen([sys.executable, *train_args(url, name)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    marker = run_dir / "checkpoints" / "step_6" / "COMPLETE"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "no step-6 checkpoint"
+    ref = run_cli(train_args(demo_shards, "ref"), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    url, run_dir = "s3://shards/demo", tmp_path / "runs" / "s3"
+    proc = start_and_interrupt(tmp_path, train_args(url, "s3"), run_dir, after_step=12, how="kill")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = start_and_interrupt(tmp_path, train_args(url, "s3") + ["--resume", "latest"], run_dir, after_step=24, how="none")
     loopback_s3.stop()
     started = time.monotonic()
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 3, err[-3000:]
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 3, err[-3000:]
     assert f"error: {url}: the sharded dataset cannot be read from object storage" in err and loopback_s3.endpoint in err
     assert "Traceback" not in err.split(f"error: {url}")[-1]
     print(f"the run ended {time.monotonic() - started:.1f}s after the server stopped")
-    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    assert saved and saved[-1] >= 6
     back = Server(port=loopback_s3.port)  # moto keeps the bucket in this process: the data is back
     try:
-        resumed = run_cli(train_args(url, name) + ["--resume", "latest"], cwd=tmp_path)
+        finished = run_cli(train_args(url, "s3") + ["--resume", "latest"], cwd=tmp_path)
     finally:
         back.stop()
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "last").read_text(encoding="utf-8").strip() == "step_36"
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_run(tmp_path / "runs" / "ref", run_dir)
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    assert url in config and "loopback-test-secret" not in config and loopback_s3.endpoint not in config
+    assert "loopback-test-secret" not in (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
