@@ -34,6 +34,9 @@ TINY_RUN = [
     "monitor.log_every_steps=1",
     "monitor.console_interval_s=0",
     "monitor.system_stats_interval_s=0",
+    # The CPU memory check measures a step in a child process (~3 s a start): on for the session's trained_run (the
+    # check wired into a real start), tests/test_machine_fit.py checks its figures; off for the other short runs.
+    "training.memory_check=false",
 ]
 
 
@@ -95,7 +98,7 @@ class TrainedRun:
 def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> TrainedRun:
     """train_direct.py run as a process on the demo data (the end-to-end path of the README)."""
     work = tmp_path_factory.mktemp("work")
-    overrides = TINY_RUN + [f"data.root={demo_data}", "output_root=runs", "experiment_name=e2e"]
+    overrides = TINY_RUN + [f"data.root={demo_data}", "output_root=runs", "experiment_name=e2e", "training.memory_check=true"]
     args = [str(ROOT / "train_direct.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
     for o in overrides:
         args += ["--set", o]
