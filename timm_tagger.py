@@ -24,9 +24,10 @@ every checkpoint before this family) and `build_tagger` builds the right class. 
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -44,6 +45,7 @@ __all__ = [
     "TimmTagger",
     "accepts_argument",
     "build_tagger",
+    "checkpoint_filter",
     "fixed_input_size",
     "input_size_error",
     "tagger_config_from_dict",
@@ -211,6 +213,19 @@ def timm_body(cfg: TimmTaggerConfig, device: Union[str, torch.device, None] = No
             return timm.create_model(cfg.architecture, **cfg.create_kwargs())
     except TypeError as exc:  # an argument the model class does not take
         raise ValueError(f"timm model {cfg.architecture!r} rejects model_args {cfg.model_args}: {exc}") from None
+
+
+def _unchanged(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A checkpoint filter that keeps the state as it is."""
+    return state
+
+
+def checkpoint_filter(body: nn.Module) -> Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]:
+    """timm's own filter for loading a state dict into a model of this body's architecture (`checkpoint_filter_fn`
+    of its module: e.g. position embeddings resampled to the model's img_size), or one that keeps the state."""
+    module = importlib.import_module(type(body).__module__)
+    found = getattr(module, "checkpoint_filter_fn", None)
+    return found if callable(found) else _unchanged
 
 
 def fixed_input_size(body: nn.Module) -> Optional[Tuple[int, int]]:

@@ -7,7 +7,8 @@ the ONNX graph, the timm weights and the PyTorch backend of the tagger compute o
     input  (N, S, S, 3) float32, BGR, 0..255 (the image padded to a square with white, resized to S)
     -> RGB, (x / 255 - mean) / std              the checkpoint's normalisation, done in the graph
     -> the backbone at S                        SimplifiedTagger: position embedding resampled once to S;
-                                                TimmTagger: at its trained size (its own BGR flip inside)
+                                                TimmTagger: built at S, its weights through timm's
+                                                checkpoint filter (its own BGR flip inside)
     -> fused head (C -> 4 + T)                  rating rows, then tag rows in selected_tags.csv order,
                                                 tag biases plus the calibration's per-tag logit shift
     -> softmax over the 4 rating outputs, sigmoid over the T tag outputs
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from model_architecture import SimplifiedTagger, resample_pos_embed
-from timm_tagger import Tagger, TimmTagger
+from timm_tagger import Tagger, TimmTagger, checkpoint_filter, fixed_input_size, input_size_error
 from vocabulary import TagVocabulary
 from wd_format import CATEGORY_CHARACTER, RATING_NAMES, LabelTable, category_code
 
@@ -89,21 +90,32 @@ def plan_outputs(vocab: TagVocabulary, categories: Collection[str] = OUR_CATEGOR
 
 
 def _fixed_timm_tagger(model: TimmTagger, image_size: int) -> TimmTagger:
-    """An inference copy of a timm-family model at its trained size (no drop path, no checkpointing, fixed input size)."""
-    if image_size != model.cfg.image_size:
-        raise ValueError(
-            f"a timm-family model ({model.cfg.architecture}) is exported and run at its trained size {model.cfg.image_size} px, "
-            f"not {image_size} (leave out --image-size)"
-        )
+    """An inference copy of a timm-family model (no drop path, no checkpointing, fixed input size) at `image_size`:
+    at another size than trained, built with that img_size and loaded through timm's own checkpoint filter of the
+    architecture (position embeddings resampled, as timm loads pretrained weights at another size); ValueError
+    when the architecture cannot take that size."""
     cfg = replace(model.cfg, tag_bias_init=None, grad_checkpoint_every=0, drop_path_rate=0.0, dynamic_img_size=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if image_size != model.cfg.image_size:
+        args = dict(cfg.model_args)
+        if "img_size" in args or fixed_input_size(model.body) is not None:
+            args["img_size"] = image_size
+        cfg = replace(cfg, image_size=image_size, model_args=args)
+        problem = input_size_error(cfg, image_size)
+        if problem is not None:
+            raise ValueError(f"a timm-family model ({cfg.architecture}) cannot be exported at {image_size} px: {problem}")
     fixed = TimmTagger(cfg)
-    fixed.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    if image_size != model.cfg.image_size:
+        body = {k[len("body.") :]: v for k, v in state.items() if k.startswith("body.")}
+        fitted = checkpoint_filter(fixed.body)(body, fixed.body)
+        state = {**{k: v for k, v in state.items() if not k.startswith("body.")}, **{f"body.{k}": v for k, v in fitted.items()}}
+    fixed.load_state_dict(state)
     return fixed.to(next(model.parameters()).device).eval()
 
 
 def resized_tagger(model: Tagger, image_size: int) -> Tagger:
-    """A copy of `model` built for a fixed input size, its position embedding resampled once (eval mode);
-    a timm-family model only at its trained size."""
+    """A copy of `model` built for a fixed input size, its position embedding resampled once (eval mode; a
+    timm-family model through timm's own filter)."""
     if isinstance(model, TimmTagger):
         return _fixed_timm_tagger(model, image_size)
     patch = model.cfg.patch_size

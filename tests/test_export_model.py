@@ -419,6 +419,42 @@ def test_every_released_family_exports_to_onnx_and_a_timm_folder_that_agree(tmp_
     assert not ratings_are_softmax(release)
 
 
+@pytest.mark.parametrize("name", list(SHRINK))
+def test_every_released_family_exports_at_another_size_as_timm_loads_it_there(tmp_path: Path, name: str) -> None:
+    """--image-size for a timm-family run: resized_tagger rebuilds the model at the new size through timm's checkpoint
+    filter; timm itself, asked for the trained folder at that size (`img_size=`), gives the same logits, the ONNX graph
+    the same probabilities, and the resized model's own timm folder loads at its size unchanged."""
+    config = release_config(name, 9, shrink=True)
+    size = config["pretrained_cfg"]["input_size"][1]
+    new = size + 32
+    torch.manual_seed(1)
+    model = TimmTagger(TimmTaggerConfig(config["architecture"], config["model_args"], 5, 4, size, "bgr")).eval()
+    plan = plan_outputs(TagVocabulary([f"t{i}" for i in range(5)], tag_categories={"t4": "character"}))
+    trained = tmp_path / "trained"
+    write_timm_folder(
+        trained, timm_family_config(model, plan.labels.names, PreprocessParams(size)), timm_family_state_dict(model, fused_head(model, plan))
+    )
+    resized = resized_tagger(model, new)
+    assert resized.cfg.image_size == new and model.cfg.image_size == size
+    wd = WDTagger(resized, fused_head(resized, plan), (0.5,) * 3, (0.5,) * 3).eval()
+    size_args = {"img_size": new} if "img_size" in config["model_args"] else {}
+    timm_at_new = timm.create_model(f"local-dir:{trained}", pretrained=True, **size_args).eval()
+    rgb = torch.randn(2, 3, new, new)  # normalised RGB
+    with torch.no_grad():
+        ours = wd.logits_from_normalized(rgb)
+        torch.testing.assert_close(timm_at_new(rgb[:, [2, 1, 0]]), ours, rtol=0, atol=1e-5)
+    export_onnx(wd, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(2, new, new, 3) * 255
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], wd(x).numpy(), rtol=0, atol=1e-5)
+    folder = tmp_path / "resized"
+    write_timm_folder(folder, timm_family_config(resized, plan.labels.names, PreprocessParams(new)), timm_family_state_dict(resized, wd.head))
+    assert json.loads((folder / "config.json").read_text(encoding="utf-8"))["pretrained_cfg"]["input_size"] == [3, new, new]
+    with torch.no_grad():
+        torch.testing.assert_close(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(rgb[:, [2, 1, 0]]), ours, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels", ["rgb", "bgr"])
 def test_a_timm_family_model_is_written_as_timm_builds_it_taking_bgr(tmp_path: Path, channels: str) -> None:
     """timm_family_config/state_dict of a TimmTagger (RGB from scratch, or BGR like a release): timm.create_model("local-dir:...")
