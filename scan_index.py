@@ -45,7 +45,7 @@ from folder_walk import Listing, walk_listing
 from sample_table import SampleTable, SkippedSamples, take_ragged
 from scan_limits import LinkPolicy, ScanLimits
 
-__all__ = ["INDEX_VERSION", "Fingerprint", "PathSet", "fingerprint_folder", "index_file", "scan_with_index"]
+__all__ = ["INDEX_VERSION", "Fingerprint", "PathSet", "fingerprint_folder", "index_file", "scan_arrays", "scan_from_arrays", "scan_with_index"]
 
 # bump when what a scan keeps or skips changes, or the file's arrays: older indexes are then scanned again
 # (2: the fingerprint is the scan's own listing, packed; the complete list of skipped samples)
@@ -200,16 +200,35 @@ def index_file(index_dir: str | Path, root: str | Path, *, manifest: str | Path 
     return Path(index_dir) / f"scan-{digest}.npz"
 
 
+def scan_arrays(scan: DatasetScan, version: int, **meta: Any) -> dict[str, np.ndarray]:
+    """A scan as .npz arrays: its table, its skipped samples, a format `version` and, as JSON, its report fields,
+    the seconds it took and `meta` (the scan index's and the sharded dataset's tag index share this layout)."""
+    fields = {k: getattr(scan, k) for k in _SCAN_FIELDS} | {"scan_seconds": scan.seconds, **meta}
+    arrays = {f"table_{k}": v for k, v in scan.records.to_arrays().items()}
+    arrays.update({f"skips_{k}": v for k, v in scan.skips.to_arrays().items()})
+    arrays.update(version=np.asarray([version]), meta=np.frombuffer(json.dumps(fields).encode("utf-8", "surrogatepass"), dtype=np.uint8))
+    return arrays
+
+
+def scan_from_arrays(f: Any, version: int) -> tuple[DatasetScan, dict[str, Any]]:
+    """The scan `scan_arrays` stored in an open .npz (`f`) and its JSON fields; ValueError for another format
+    version or skipped samples that disagree with their counts (KeyError/TypeError for missing or odd arrays)."""
+    if int(f["version"][0]) != version:
+        raise ValueError(f"format {int(f['version'][0])}, expected {version}")
+    meta = json.loads(f["meta"].tobytes().decode("utf-8", "surrogatepass"))
+    table = SampleTable.from_arrays({k[len("table_") :]: f[k] for k in f.files if k.startswith("table_")})
+    skips = SkippedSamples.from_arrays({k[len("skips_") :]: f[k] for k in f.files if k.startswith("skips_")})
+    scan = DatasetScan(records=table, skips=skips, **{k: meta[k] for k in _SCAN_FIELDS})
+    if skips.counts() != {k: v for k, v in scan.skipped.items() if v}:
+        raise ValueError("the skipped samples disagree with their counts")
+    return scan, meta
+
+
 def _save(path: Path, fp: Fingerprint, scan: DatasetScan) -> None:
     """Write the index atomically (a temporary file in the same folder, then os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: getattr(scan, k) for k in _SCAN_FIELDS}
-    meta["scan_seconds"] = scan.seconds
-    meta["fingerprint_extra"] = fp.extra
-    arrays = {f"table_{k}": v for k, v in scan.records.to_arrays().items()}
-    arrays.update({f"skips_{k}": v for k, v in scan.skips.to_arrays().items()})
+    arrays = scan_arrays(scan, INDEX_VERSION, fingerprint_extra=fp.extra)
     arrays.update(fp.to_arrays())
-    arrays.update(version=np.asarray([INDEX_VERSION]), meta=np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8))
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
@@ -225,19 +244,12 @@ def _load(path: Path, with_fingerprint: bool = True) -> tuple[Fingerprint | None
     index file; ValueError when unreadable."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            if int(f["version"][0]) != INDEX_VERSION:
-                raise ValueError(f"index format {int(f['version'][0])}, expected {INDEX_VERSION}")
-            meta = json.loads(f["meta"].tobytes().decode("utf-8", "surrogatepass"))
-            table = SampleTable.from_arrays({k[len("table_") :]: f[k] for k in f.files if k.startswith("table_")})
-            skips = SkippedSamples.from_arrays({k[len("skips_") :]: f[k] for k in f.files if k.startswith("skips_")})
+            scan, meta = scan_from_arrays(f, INDEX_VERSION)
             fp = None
             if with_fingerprint:
                 fp = Fingerprint(*(f[f"fp_{k}"] for k in _FP_ARRAYS), extra=str(meta["fingerprint_extra"]))
                 if len(fp.offsets) != len(fp.sizes) + 1 or not len(fp.sizes) == len(fp.mtimes) == len(fp.flags):
                     raise ValueError("fingerprint arrays of different lengths")
-            scan = DatasetScan(records=table, skips=skips, **{k: meta[k] for k in _SCAN_FIELDS})
-            if skips.counts() != {k: v for k, v in scan.skipped.items() if v}:
-                raise ValueError("the skipped samples disagree with their counts")
             return fp, scan, float(meta["scan_seconds"])
     except (OSError, KeyError, EOFError, IndexError, TypeError, ValueError) as exc:  # ValueError covers JSON and .npz errors
         raise ValueError(f"{path}: unreadable scan index ({type(exc).__name__}: {exc})") from exc

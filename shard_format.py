@@ -19,14 +19,13 @@ come from the usual environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_A
 ``ShardUnavailableError``, never counted as a bad image.
 
 It imports ``dataset_scan`` (``DatasetScan``, ``SKIP_REASONS``), ``sample_table``,
-``scan_index`` (``PathSet``: ids to rows) and ``file_io``; litdata and boto3 are imported only when
+``scan_index`` (``PathSet``: ids to rows; ``scan_arrays``: the tag index is the scan index's layout) and ``file_io``; litdata and boto3 are imported only when
 a sharded dataset is used (``requirements-shards.txt``).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,8 +35,8 @@ import numpy as np
 
 from dataset_scan import DatasetScan
 from file_io import atomic_write_bytes
-from sample_table import SampleTable, SkippedSamples
-from scan_index import PathSet
+from sample_table import SampleTable
+from scan_index import PathSet, scan_arrays, scan_from_arrays
 
 __all__ = [
     "SHARD_INDEX_FILE",
@@ -58,19 +57,6 @@ PREPARE_REPORT_FILE = "prepare_report.json"
 LITDATA_INDEX_FILE = "index.json"
 SHARD_FORMAT_VERSION = 1
 REMOTE_SCHEMES = ("s3://",)
-# the DatasetScan fields kept next to the table in the tag index
-_SCAN_FIELDS = (
-    "skipped",
-    "examples",
-    "unknown_rating",
-    "root",
-    "source",
-    "verify",
-    "max_examples",
-    "dropped_tags",
-    "dropped_tag_examples",
-    "decoder_warnings",
-)
 # a dead endpoint must fail in seconds with a clear message, not after litdata's 1000 adaptive retries
 _S3_RETRIES = 4
 _S3_CONNECT_TIMEOUT_S = 5
@@ -187,10 +173,7 @@ def save_tag_index(path: str | Path, scan: DatasetScan, extra: dict[str, Any]) -
     """Write the tag index (the scan's table, skipped samples and report fields, `extra` metadata) atomically."""
     if not isinstance(scan.records, SampleTable):
         raise TypeError(f"save_tag_index needs a SampleTable, got {type(scan.records).__name__}")
-    meta = {k: getattr(scan, k) for k in _SCAN_FIELDS} | {"scan_seconds": scan.seconds, "extra": extra}
-    arrays = {f"table_{k}": v for k, v in scan.records.to_arrays().items()}
-    arrays.update({f"skips_{k}": v for k, v in scan.skips.to_arrays().items()})
-    arrays.update(version=np.asarray([SHARD_FORMAT_VERSION]), meta=np.frombuffer(json.dumps(meta).encode("utf-8", "surrogatepass"), dtype=np.uint8))
+    arrays = scan_arrays(scan, SHARD_FORMAT_VERSION, extra=extra)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, [buffer.getvalue()])
@@ -200,12 +183,8 @@ def _read_tag_index(data: bytes, where: str) -> tuple[DatasetScan, dict[str, Any
     """(scan, extra metadata) from a tag index's bytes; ValueError naming `where` when malformed."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            if int(f["version"][0]) != SHARD_FORMAT_VERSION:
-                raise ValueError(f"format {int(f['version'][0])}, expected {SHARD_FORMAT_VERSION}")
-            meta = json.loads(f["meta"].tobytes().decode("utf-8", "surrogatepass"))
-            table = SampleTable.from_arrays({k[len("table_") :]: f[k] for k in f.files if k.startswith("table_")})
-            skips = SkippedSamples.from_arrays({k[len("skips_") :]: f[k] for k in f.files if k.startswith("skips_")})
-            scan = DatasetScan(records=table, skips=skips, seconds=float(meta["scan_seconds"]), **{k: meta[k] for k in _SCAN_FIELDS})
+            scan, meta = scan_from_arrays(f, SHARD_FORMAT_VERSION)
+            scan.seconds = float(meta["scan_seconds"])
             return scan, dict(meta["extra"])
     except (OSError, KeyError, EOFError, IndexError, TypeError, ValueError) as exc:  # ValueError covers JSON and .npz errors
         raise ValueError(f"{where}: unreadable tag index ({type(exc).__name__}: {exc})") from exc
