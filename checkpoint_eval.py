@@ -31,14 +31,14 @@ from typing import Any
 import torch
 
 from batching import ImagePreFetcher
-from checkpoint_store import COMPLETE_MARKER, CheckpointContents, read_checkpoint, read_run_config, resolve_checkpoint
+from checkpoint_store import CheckpointContents, is_release_folder, read_checkpoint, read_run_config, resolve_checkpoint
 from Configuration_System import RootConfig
 from evaluation_metrics import MetricComputer
 from image_preprocess import PreprocessParams
 from timm_tagger import Tagger, build_tagger
 from vocabulary import TagVocabulary
 from wd_format import LabelTable
-from wd_release import label_categories, read_release, release_layout, release_problem
+from wd_release import label_categories, read_release, release_problem
 
 # Called with each evaluated batch (as ImagePreFetcher yields it: normalised images, "tag_targets",
 # "ratings") and the model's outputs for it.
@@ -198,7 +198,7 @@ def load_checkpoint_for_eval(path: str | Path, device: torch.device, ema: bool =
     """Model (or its EMA), vocabulary, preprocessing and config from a step folder or pointer file, or a WD release folder
     (ValueError for --ema on one, and naming what a WD v2 / incomplete release lacks)."""
     candidate = Path(path)
-    if candidate.is_dir() and not (candidate / COMPLETE_MARKER).is_file() and release_layout(candidate) is not None:
+    if is_release_folder(candidate):
         problem = release_problem(candidate)
         if problem is not None:
             raise ValueError(problem)

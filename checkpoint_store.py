@@ -291,6 +291,12 @@ def is_checkpoint_reference(path: str | Path) -> bool:
     return p.is_dir() or (p.is_file() and p.name in (LAST_POINTER, BEST_POINTER))
 
 
+def is_release_folder(path: str | Path) -> bool:
+    """Whether `path` is a released WD tagger folder (wd_release's layout, complete or not), not a checkpoint step folder."""
+    path = Path(path)
+    return path.is_dir() and not (path / COMPLETE_MARKER).is_file() and release_layout(path) is not None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step folder, or a `last`/`best` pointer file, to a complete step folder."""
     path = Path(path)
@@ -303,7 +309,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = path.parent / target
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not (path / COMPLETE_MARKER).is_file() and release_layout(path) is not None:
+    if is_release_folder(path):
         # a release folder is not a half-written checkpoint: say what it is (and what a bad one lacks)
         problem = release_problem(path)
         raise ValueError(

@@ -9,7 +9,7 @@ model. Such a folder has no run config: its `LoadedCheckpoint` has kind "export"
 config and no data root, so evaluating it needs a dataset folder (`--data`).
 
 validation_loop.py and tag_app.py call it. It imports checkpoint_eval, Configuration_System,
-checkpoint_store, tagging, wd_format and wd_release.
+checkpoint_store, tagging and wd_format.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from checkpoint_eval import LoadedCheckpoint, denormalize_images, labels_vocabulary, load_checkpoint_for_eval
-from checkpoint_store import COMPLETE_MARKER, resolve_checkpoint
+from checkpoint_store import is_release_folder, resolve_checkpoint
 from Configuration_System import RootConfig
 from tagging import TaggingModel, model_reader, open_model, resolve_model_path
 from wd_format import RATING_NAMES
-from wd_release import release_layout
 
 __all__ = ["ProbabilityOutputs", "load_model_for_eval", "model_folder"]
 
@@ -73,6 +72,6 @@ def model_folder(model: str | Path) -> tuple[Path, bool]:
     path = resolve_model_path(model)
     if model_reader(path) != "torch":
         return path, False
-    if path.is_dir() and not (path / COMPLETE_MARKER).is_file() and release_layout(path) is not None:
+    if is_release_folder(path):
         return path, False
     return resolve_checkpoint(path), True

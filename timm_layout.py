@@ -247,10 +247,8 @@ def write_timm_folder(folder: Path, config: Mapping[str, Any], state: Mapping[st
     atomic_write_text(folder / TIMM_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def is_vit_export(folder: str | Path) -> bool:
-    """Whether a timm-layout folder is one of our ViT's exports (timm_config's pretrained_cfg tag), which
-    read_timm_folder reads into our ViT; any other (a WD release, a timm-family export) is timm's to build.
-    ValueError naming config.json when it is not a JSON object."""
+def _pretrained_tag(folder: str | Path) -> object:
+    """config.json's pretrained_cfg.tag (None when absent); ValueError naming config.json when it is not a JSON object."""
     path = Path(folder) / TIMM_CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -259,17 +257,20 @@ def is_vit_export(folder: str | Path) -> bool:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: the top level must be an object")
     pretrained = config.get("pretrained_cfg")
-    return isinstance(pretrained, dict) and pretrained.get("tag") == _OUR_TAG
+    return pretrained.get("tag") if isinstance(pretrained, dict) else None
+
+
+def is_vit_export(folder: str | Path) -> bool:
+    """Whether a timm-layout folder is one of our ViT's exports (timm_config's pretrained_cfg tag), which
+    read_timm_folder reads into our ViT; any other (a WD release, a timm-family export) is timm's to build.
+    ValueError naming config.json when it is not a JSON object."""
+    return _pretrained_tag(folder) == _OUR_TAG
 
 
 def ratings_are_softmax(folder: str | Path) -> bool:
     """Whether a timm-layout folder's four rating outputs are read with a softmax: our exports (either family) train
     the rating as one choice; a released WD tagger's are sigmoid outputs like its tags (ValueError as is_vit_export)."""
-    if is_vit_export(folder):
-        return True
-    config = json.loads((Path(folder) / TIMM_CONFIG_FILE).read_text(encoding="utf-8"))  # a JSON object: is_vit_export checked
-    pretrained = config.get("pretrained_cfg")
-    return isinstance(pretrained, dict) and pretrained.get("tag") == _FAMILY_TAG
+    return _pretrained_tag(folder) in (_OUR_TAG, _FAMILY_TAG)
 
 
 @dataclass
