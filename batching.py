@@ -434,9 +434,9 @@ class ShardedEpochSampler(Sampler):
     A subclass gives the epoch's sequence (`_epoch_sequence`, the same for any number of ranks) and
     its fixed length; the sharding, the resume position and the checkpoint state live here once.
     Rank r takes every world_size-th item from r, so after k batches the ranks together have taken
-    exactly the first k x batch_size x world_size items of the sequence (`consumed` in the state).
-    That makes a resume elastic: with another world size or batch size (load_state_dict(elastic=True))
-    the rest of the interrupted epoch's sequence, from `offset` = consumed, is sharded over the new
+    exactly the first offset + k x batch_size x world_size items of the sequence (`offset`: what an
+    earlier layout took). That makes a resume elastic: with another world size or batch size
+    (load_state_dict(elastic=True)) the rest of the interrupted epoch's sequence is sharded over the new
     ranks, so no sample of the epoch is seen twice or dropped (beyond drop_last's last partial batch)."""
 
     # State keys that must match on resume; a subclass adds its own. LAYOUT_KEYS may change in an elastic resume.
@@ -538,9 +538,7 @@ class ShardedEpochSampler(Sampler):
         """Plain-typed position: pass the batches the loop has consumed in `epoch` (default: the sampler's own)."""
         epoch = self.epoch if epoch is None else int(epoch)
         done = self.start_batch if batches_done is None else int(batches_done)
-        offset = self._offset_of(epoch)
-        consumed = min(self.epoch_length, offset + done * self.batch_size * self.world_size)
-        position = {"epoch": epoch, "start_batch": done, "offset": offset, "consumed": consumed}
+        position = {"epoch": epoch, "start_batch": done, "offset": self._offset_of(epoch)}
         return {**position, **{key: getattr(self, key) for key in self.STATE_KEYS}}
 
     def load_state_dict(self, state: Mapping[str, Any], elastic: bool = False) -> None:
@@ -555,7 +553,7 @@ class ShardedEpochSampler(Sampler):
         offset = int(state.get("offset", 0))
         if changed:  # another layout: what the old ranks took together is a prefix of the sequence
             width = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
-            offset, start = int(state.get("consumed", offset + start * width)), 0
+            offset, start = min(self.epoch_length, offset + start * width), 0
         self.offset, self.offset_epoch = (offset, epoch) if offset else (0, -1)
         self.epoch = epoch
         if offset >= self.epoch_length or start >= self.batches_per_epoch():  # the stored epoch was finished

@@ -1,9 +1,10 @@
 """Where a training run is: the loop's counters (`RunState`) and the sampler's place in the data order
 (`SamplerPosition`), two components of the checkpoint's training state.
 
-The sampler's position is stored as batches this rank consumed and, for an elastic resume, as the
-items of the epoch all ranks took together (batching.ShardedEpochSampler); loading it sets the
-loop's epoch and batch to where the sampler will go on. It imports batching.
+The sampler's position is stored as the batches each rank consumed in the epoch, with the batch
+layout and what an earlier layout took (batching.ShardedEpochSampler: from these an elastic resume
+knows the items all ranks took together); loading it sets the loop's epoch and batch to where the
+sampler will go on. It imports batching.
 """
 
 from __future__ import annotations
